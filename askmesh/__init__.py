@@ -1,0 +1,1 @@
+"""askmesh: retrieval-augmented question answering as gRPC microservices."""

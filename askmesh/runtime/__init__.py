@@ -1,0 +1,1 @@
+"""Runtime code shared by every service: config, errors, telemetry, channels, server lifecycle."""

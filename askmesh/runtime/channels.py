@@ -1,0 +1,22 @@
+"""Client channels between tiers (and from the CLI)."""
+
+from __future__ import annotations
+
+import grpc
+
+from askmesh.runtime.config import check_address
+
+# Streams of a slow model can be silent for a while: keepalive pings keep idle HTTP/2
+# connections (and Envoy's) from being dropped without cutting anything.
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+]
+
+
+def open_channel(address: str) -> grpc.aio.Channel:
+    """An insecure channel to `host:port`; raises ValueError for a malformed address."""
+    check_address(address)
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)

@@ -1,0 +1,131 @@
+"""Typed errors raised by engines and mapped to gRPC status codes at the servicer edge.
+
+Engines never import grpc.aio or touch a context: they raise one of these, and the
+`unary_rpc` / `streaming_rpc` decorators turn it into the right status (and, for a stream that
+already sent messages, a final StreamError message first, so the client can tell "finished"
+from "cut off").
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from askmesh.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+
+class AskmeshError(Exception):
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidArgument(AskmeshError):
+    """A request field is wrong; the message always starts with the field's name."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class NotFound(AskmeshError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(AskmeshError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(AskmeshError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(AskmeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(AskmeshError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(AskmeshError):
+    code = grpc.StatusCode.INTERNAL
+
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+Servicer = TypeVar("Servicer")
+
+
+def unary_rpc(
+    method: Callable[[Servicer, Request, grpc.aio.ServicerContext], Awaitable[Response]],
+) -> Callable[[Servicer, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
+    """Maps AskmeshError (and unexpected exceptions) of a unary method to a gRPC status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Servicer, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except AskmeshError as error:
+            await context.abort(error.code, error.message)
+        except Exception as error:  # a bug: keep serving, say so, never leak a traceback to clients
+            log.exception("unhandled error in %s", method.__qualname__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
+        raise AssertionError("unreachable: context.abort raises")
+
+    return wrapper
+
+
+def streaming_rpc(
+    error_message: Callable[[common_pb2.StreamError], Any],
+) -> Callable[
+    [Callable[[Servicer, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]],
+    Callable[[Servicer, Request, grpc.aio.ServicerContext], AsyncIterator[Response]],
+]:
+    """Like unary_rpc for a server-streaming method.
+
+    A failure before the first message is a plain status. A failure after it first sends
+    `error_message(StreamError)` as the final message, then ends the call with the same status.
+    """
+
+    def decorate(
+        method: Callable[[Servicer, Request, grpc.aio.ServicerContext], AsyncIterator[Response]],
+    ) -> Callable[[Servicer, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]:
+        @functools.wraps(method)
+        async def wrapper(
+            self: Servicer, request: Request, context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Response]:
+            started = False
+            try:
+                async for message in method(self, request, context):
+                    started = True
+                    yield message
+                return
+            except grpc.aio.AbortError:
+                raise
+            except AskmeshError as error:
+                code, text = error.code, error.message
+            except Exception as error:
+                log.exception("unhandled error in %s", method.__qualname__)
+                code, text = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+            if started:
+                yield error_message(common_pb2.StreamError(code=code.name, message=text))
+            await context.abort(code, text)
+
+        return wrapper
+
+    return decorate

@@ -1,0 +1,68 @@
+"""OpenTelemetry setup: one tracer provider per process, gRPC instrumented both ways.
+
+The gRPC instrumentors must run before any server or channel is created; they put the
+W3C `traceparent` into outgoing metadata and continue it from incoming metadata, so one
+question is one trace across gateway, embedder, retriever and generator.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import IO
+
+from opentelemetry import trace
+from opentelemetry.instrumentation.grpc import GrpcAioInstrumentorClient, GrpcAioInstrumentorServer
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+)
+
+from askmesh.runtime.config import TelemetrySettings
+
+_configured = False
+
+
+def _one_line_json(span: ReadableSpan) -> str:
+    return span.to_json(indent=None) + "\n"
+
+
+def make_exporter(settings: TelemetrySettings) -> SpanExporter | None:
+    if settings.exporter == "none":
+        return None
+    if settings.exporter == "console":
+        return ConsoleSpanExporter(out=sys.stderr, formatter=_one_line_json)
+    if settings.exporter == "file":
+        if settings.file is None:
+            raise ValueError("telemetry.file: required when telemetry.exporter is 'file'")
+        settings.file.parent.mkdir(parents=True, exist_ok=True)
+        out: IO[str] = settings.file.open("a", buffering=1)
+        return ConsoleSpanExporter(out=out, formatter=_one_line_json)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+    return OTLPSpanExporter(endpoint=settings.endpoint, insecure=True)
+
+
+def setup_telemetry(service_name: str, settings: TelemetrySettings | None = None) -> TracerProvider:
+    """Installs the process's tracer provider and instruments gRPC (idempotent)."""
+    global _configured
+    settings = settings or TelemetrySettings()
+    provider = TracerProvider(resource=Resource.create({"service.name": f"askmesh-{service_name}"}))
+    exporter = make_exporter(settings)
+    if exporter is not None:
+        # Local exporters write each span as it ends (so a crash loses nothing); OTLP batches.
+        processor = BatchSpanProcessor(exporter) if settings.exporter == "otlp" else SimpleSpanProcessor(exporter)
+        provider.add_span_processor(processor)
+    if not _configured:
+        trace.set_tracer_provider(provider)
+        GrpcAioInstrumentorServer().instrument()
+        GrpcAioInstrumentorClient().instrument()
+        _configured = True
+    return provider
+
+
+def tracer(name: str) -> trace.Tracer:
+    return trace.get_tracer(name)

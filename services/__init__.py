@@ -1,0 +1,1 @@
+"""askmesh services: each talks to the others only through protos/ (askmesh.v1)."""

@@ -1,0 +1,1 @@
+"""Embedder: texts to normalized vectors with a sentence-transformers model."""

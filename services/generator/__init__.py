@@ -1,0 +1,1 @@
+"""Generator: streams tokens from a local model, TGI, or an OpenAI-compatible server."""

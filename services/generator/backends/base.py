@@ -1,0 +1,91 @@
+"""The interface every generation backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from askmesh.v1 import common_pb2
+
+
+@dataclass(frozen=True)
+class GenerationInput:
+    # {"role": "system" | "user" | "assistant", "content": ...}, oldest first.
+    messages: list[dict[str, str]]
+    max_new_tokens: int
+    temperature: float  # 0: greedy
+    top_p: float
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    text: str
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    reason: common_pb2.FinishReason.ValueType
+    completion_tokens: int
+    prompt_tokens: int = 0  # 0 when the backend does not report it
+
+
+BackendEvent = TokenEvent | FinishEvent
+
+
+class GenerationBackend(Protocol):
+    async def start(self) -> None:
+        """Loads the model or checks the server, then runs one short warm-up generation."""
+
+    def generate(self, request: GenerationInput) -> AsyncIterator[BackendEvent]:
+        """Token events, then exactly one FinishEvent. Raises AskmeshError on failure.
+
+        Closing the iterator early (the caller went away) must stop the generation upstream.
+        """
+        ...
+
+    async def close(self) -> None: ...
+
+
+def chatml_prompt(messages: list[dict[str, str]]) -> str:
+    """ChatML, the template of SmolLM2, Qwen and most small instruct models served by TGI."""
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return turns + "<|im_start|>assistant\n"
+
+
+CHATML_STOP = "<|im_end|>"
+
+
+class StopSequenceMatcher:
+    """Cuts a token stream at the first stop sequence.
+
+    A stop sequence can span tokens, so text that could still be the start of one is held back
+    until the next token settles it.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Returns (text that is safe to emit now, whether a stop sequence was reached)."""
+        self.pending += text
+        found = [index for index in (self.pending.find(s) for s in self.stops) if index >= 0]
+        if found:
+            emitted, self.pending = self.pending[: min(found)], ""
+            return emitted, True
+        hold = 0
+        for stop in self.stops:
+            for length in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if stop.startswith(self.pending[-length:]):
+                    hold = max(hold, length)
+                    break
+        cut = len(self.pending) - hold
+        emitted, self.pending = self.pending[:cut], self.pending[cut:]
+        return emitted, False
+
+    def flush(self) -> str:
+        emitted, self.pending = self.pending, ""
+        return emitted

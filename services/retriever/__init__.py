@@ -1,0 +1,1 @@
+"""Retriever: stores and searches chunks in Milvus (Milvus Lite embedded by default)."""

@@ -1,0 +1,26 @@
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from askmesh.runtime.config import ServiceSettings
+
+
+class RetrieverSettings(ServiceSettings):
+    section = "retriever"
+    model_config = SettingsConfigDict(env_prefix="ASKMESH_RETRIEVER_")
+
+    port: int = Field(default=50062, ge=1, le=65535)
+    # A local path ending in .db runs Milvus Lite embedded in this process; otherwise a Milvus
+    # server or cluster URI such as http://milvus:19530.
+    milvus_uri: str = ".askmesh/data/milvus.db"
+    milvus_token: str = ""
+    default_top_k: int = Field(default=4, ge=1)
+    max_top_k: int = Field(default=50, ge=1)
+    max_filters: int = Field(default=16, ge=1)
+    max_filter_values: int = Field(default=100, ge=1)
+    max_upsert_chunks: int = Field(default=2048, ge=1)
+    # HNSW build and search parameters.
+    hnsw_m: int = Field(default=16, ge=2)
+    hnsw_ef_construction: int = Field(default=200, ge=8)
+    hnsw_ef_search: int = Field(default=64, ge=1)

@@ -1,0 +1,59 @@
+"""gRPC edge of the retriever: validation and status codes."""
+
+from __future__ import annotations
+
+import math
+
+import grpc
+
+from askmesh.runtime.errors import InvalidArgument, unary_rpc
+from askmesh.v1 import retriever_pb2, retriever_pb2_grpc
+from services.retriever.engine import (
+    MAX_DOCUMENT_ID_LENGTH,
+    RetrievalEngine,
+    check_knowledge_base_name,
+    validate_chunks,
+)
+
+
+class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
+    def __init__(self, engine: RetrievalEngine) -> None:
+        self.engine = engine
+        self.settings = engine.settings
+
+    @unary_rpc
+    async def Search(
+        self, request: retriever_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> retriever_pb2.SearchResponse:
+        check_knowledge_base_name(request.knowledge_base)
+        if not request.vector:
+            raise InvalidArgument("vector", "is empty")
+        if not all(math.isfinite(x) for x in request.vector):
+            raise InvalidArgument("vector", "contains NaN or infinity")
+        if request.top_k > self.settings.max_top_k:
+            raise InvalidArgument("top_k", f"{request.top_k} is out of range 1..{self.settings.max_top_k}")
+        if request.HasField("score_threshold") and not -1.0 <= request.score_threshold <= 1.0:
+            raise InvalidArgument("score_threshold", f"{request.score_threshold} is outside [-1, 1]")
+        return await self.engine.search(request)
+
+    @unary_rpc
+    async def Upsert(
+        self, request: retriever_pb2.UpsertRequest, context: grpc.aio.ServicerContext
+    ) -> retriever_pb2.UpsertResponse:
+        check_knowledge_base_name(request.knowledge_base)
+        validate_chunks(request.chunks, self.settings.max_upsert_chunks)
+        upserted = await self.engine.upsert(request)
+        return retriever_pb2.UpsertResponse(upserted=upserted)
+
+    @unary_rpc
+    async def Delete(
+        self, request: retriever_pb2.DeleteRequest, context: grpc.aio.ServicerContext
+    ) -> retriever_pb2.DeleteResponse:
+        check_knowledge_base_name(request.knowledge_base)
+        if not request.document_ids:
+            raise InvalidArgument("document_ids", "must list at least one document id")
+        for index, document_id in enumerate(request.document_ids):
+            if not document_id or len(document_id) > MAX_DOCUMENT_ID_LENGTH:
+                raise InvalidArgument(f"document_ids[{index}]", f"must be 1 to {MAX_DOCUMENT_ID_LENGTH} characters")
+        deleted = await self.engine.delete(request)
+        return retriever_pb2.DeleteResponse(deleted=deleted)
