@@ -212,6 +212,8 @@ def render(layout: EnvoyLayout) -> dict[str, Any]:
 
 def write_config(layout: EnvoyLayout, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
+    if layout.access_log is not None:
+        layout.access_log.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(render(layout), sort_keys=False))
     return path
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -28,11 +27,10 @@ from pymilvus import DataType, MilvusClient, MilvusException
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from askmesh.v1 import common_pb2, retriever_pb2
 from services.retriever.config import RetrieverSettings
-from services.retriever.filters import build_filter
+from services.retriever.filters import build_filter, literal
 
 log = logging.getLogger("askmesh.retriever")
 
-KNOWLEDGE_BASE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 COLLECTION_PREFIX = "kb_"
 OUTPUT_FIELDS = ["id", "document_id", "chunk_index", "title", "text", "metadata"]
 MAX_ID_LENGTH = 128
@@ -41,16 +39,6 @@ MAX_TITLE_LENGTH = 1024
 MAX_TEXT_BYTES = 65_535
 
 T = TypeVar("T")
-
-
-def check_knowledge_base_name(name: str, field: str = "knowledge_base") -> str:
-    if not KNOWLEDGE_BASE_NAME.match(name):
-        raise InvalidArgument(
-            field,
-            f"{name!r} is not a valid knowledge base name "
-            "(lowercase letters, digits and _, starting with a letter, at most 63)",
-        )
-    return name
 
 
 def collection_name(knowledge_base: str) -> str:
@@ -171,7 +159,7 @@ class RetrievalEngine:
     # -- operations ------------------------------------------------------------------------
     async def search(self, request: retriever_pb2.SearchRequest) -> retriever_pb2.SearchResponse:
         top_k = request.top_k or self.settings.default_top_k
-        milvus_filter = build_filter(
+        expression = build_filter(
             request.filters,
             max_filters=self.settings.max_filters,
             max_values=self.settings.max_filter_values,
@@ -189,8 +177,7 @@ class RetrievalEngine:
                 data=[vector],
                 anns_field="vector",
                 limit=top_k,
-                filter=milvus_filter.expression,
-                filter_params=milvus_filter.params,
+                filter=expression,
                 output_fields=OUTPUT_FIELDS,
                 search_params={"metric_type": "COSINE", "params": {"ef": max(self.settings.hnsw_ef_search, top_k)}},
             )
@@ -240,14 +227,13 @@ class RetrievalEngine:
     async def delete(self, request: retriever_pb2.DeleteRequest) -> int:
         def delete() -> int:
             self._require(request.knowledge_base)
-            expression = "document_id in {document_ids}"
-            params: dict[str, Any] = {"document_ids": list(request.document_ids)}
+            ids = ", ".join(literal(d, f"document_ids[{i}]") for i, d in enumerate(request.document_ids))
+            expression = f"document_id in [{ids}]"
             if request.HasField("from_chunk_index"):
-                expression += " and chunk_index >= {from_chunk_index}"
-                params["from_chunk_index"] = request.from_chunk_index
+                expression += f" and chunk_index >= {request.from_chunk_index}"
             name = collection_name(request.knowledge_base)
             # Count first: Milvus Lite's delete result does not report rows removed by a filter.
-            existing = self.client.query(name, filter=expression, filter_params=params, output_fields=["id"])
+            existing = self.client.query(name, filter=expression, output_fields=["id"])
             if existing:
                 self.client.delete(name, ids=[row["id"] for row in existing])
                 self.client.flush(name)

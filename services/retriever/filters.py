@@ -1,16 +1,17 @@
 """Structured metadata filters to Milvus boolean expressions.
 
-Clients never send an expression. Field names are checked against a strict pattern and every
-value travels as a template parameter (`filter_params`), so nothing a client sends is ever
-spliced into the expression text.
+Clients never send an expression. Field names are checked against a strict pattern, and every
+value is rendered here as a typed literal (strings quoted and escaped, numbers checked finite),
+so nothing a client sends can change the expression's structure. Milvus Lite does not accept
+expression templates (`filter_params`), which would otherwise be the tool for this.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
 
 from askmesh.runtime.errors import InvalidArgument
 from askmesh.v1 import common_pb2
@@ -20,23 +21,32 @@ FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 COLUMN_FIELDS = frozenset({"document_id", "title"})
 
 
-@dataclass
-class MilvusFilter:
-    expression: str = ""
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def add_param(self, value: Any) -> str:
-        name = f"p{len(self.params)}"
-        self.params[name] = value
-        return "{" + name + "}"
+MAX_STRING_VALUE = 1024
 
 
-def _python_value(value: common_pb2.FilterValue, where: str) -> str | int | float | bool:
+def literal(value: str | int | float | bool, where: str) -> str:
+    """`value` as a Milvus expression literal."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidArgument(where, "must be a finite number")
+        return repr(value)
+    if len(value) > MAX_STRING_VALUE:
+        raise InvalidArgument(where, f"is longer than {MAX_STRING_VALUE} characters")
+    if any(ord(c) < 0x20 for c in value):
+        raise InvalidArgument(where, "contains control characters")
+    # A double-quoted literal with \ and \" escaped: the value cannot end the string early.
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _value_literal(value: common_pb2.FilterValue, where: str) -> str:
     kind = value.WhichOneof("kind")
     if kind is None:
         raise InvalidArgument(where, "has no value set")
-    result: str | int | float | bool = getattr(value, kind)
-    return result
+    return literal(getattr(value, kind), where)
 
 
 def build_filter(
@@ -45,10 +55,10 @@ def build_filter(
     max_filters: int,
     max_values: int,
     field_prefix: str = "filters",
-) -> MilvusFilter:
+) -> str:
+    """The Milvus expression for `filters` ANDed together ("" for none)."""
     if len(filters) > max_filters:
         raise InvalidArgument(field_prefix, f"{len(filters)} conditions exceed the limit of {max_filters}")
-    result = MilvusFilter()
     clauses: list[str] = []
     for index, condition in enumerate(filters):
         where = f"{field_prefix}[{index}]"
@@ -61,8 +71,7 @@ def build_filter(
         target = condition.field if condition.field in COLUMN_FIELDS else f'metadata["{condition.field}"]'
         kind = condition.WhichOneof("condition")
         if kind == "equals":
-            value = _python_value(condition.equals, f"{where}.equals")
-            clauses.append(f"{target} == {result.add_param(value)}")
+            clauses.append(f"{target} == {_value_literal(condition.equals, f'{where}.equals')}")
         elif kind == "in":
             values = getattr(condition, "in").values  # `in` is a Python keyword
             if not values:
@@ -71,14 +80,14 @@ def build_filter(
                 raise InvalidArgument(f"{where}.in", f"{len(values)} values exceed the limit of {max_values}")
             # Milvus Lite rejects `json_key in [...]`, so a list is a disjunction of equalities.
             options = [
-                f"{target} == {result.add_param(_python_value(v, f'{where}.in.values[{i}]'))}"
+                f"{target} == {_value_literal(v, f'{where}.in.values[{i}]')}"
                 for i, v in enumerate(values)
             ]
             clauses.append("(" + " or ".join(options) + ")")
         elif kind == "range":
             bounds = condition.range
             parts = [
-                f"{target} {operator} {result.add_param(getattr(bounds, name))}"
+                f"{target} {operator} {literal(getattr(bounds, name), f'{where}.range.{name}')}"
                 for name, operator in (("gt", ">"), ("gte", ">="), ("lt", "<"), ("lte", "<="))
                 if bounds.HasField(name)
             ]
@@ -91,5 +100,4 @@ def build_filter(
             clauses.append(f"{target} is not null" if condition.exists else f"{target} is null")
         else:
             raise InvalidArgument(where, "must set one condition: equals, in, range or exists")
-    result.expression = " and ".join(clauses)
-    return result
+    return " and ".join(clauses)

@@ -8,12 +8,8 @@ import grpc
 
 from askmesh.runtime.errors import InvalidArgument, unary_rpc
 from askmesh.v1 import retriever_pb2, retriever_pb2_grpc
-from services.retriever.engine import (
-    MAX_DOCUMENT_ID_LENGTH,
-    RetrievalEngine,
-    check_knowledge_base_name,
-    validate_chunks,
-)
+from askmesh.runtime.validation import check_knowledge_base_name
+from services.retriever.engine import MAX_DOCUMENT_ID_LENGTH, RetrievalEngine, validate_chunks
 
 
 class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):

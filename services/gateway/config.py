@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from pydantic import Field, field_validator
+from pydantic_settings import SettingsConfigDict
+
+from askmesh.runtime.config import ServiceSettings, check_address
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are askmesh, an assistant that answers questions using only the numbered sources below. "
+    "Cite the sources you use as [1], [2], and so on. If the sources do not contain the answer, "
+    "say that you do not know."
+)
+
+
+class GatewaySettings(ServiceSettings):
+    section = "gateway"
+    model_config = SettingsConfigDict(env_prefix="ASKMESH_GATEWAY_")
+
+    port: int = Field(default=50064, ge=1, le=65535)
+    # Where each tier is reached: Envoy's internal listener in the local mesh, a Kubernetes
+    # Service in a cluster. host:port, no scheme.
+    embedder_address: str = "127.0.0.1:50052"
+    retriever_address: str = "127.0.0.1:50052"
+    generator_address: str = "127.0.0.1:50052"
+    # Deadline for each unary upstream call when the caller set none.
+    upstream_timeout_s: float = Field(default=30.0, gt=0)
+
+    default_knowledge_base: str = "default"
+    default_top_k: int = Field(default=4, ge=1)
+    max_top_k: int = Field(default=20, ge=1)
+    max_question_chars: int = Field(default=4000, ge=1)
+    max_history_messages: int = Field(default=20, ge=0)
+    max_history_chars: int = Field(default=8000, ge=0)
+    # Characters of source text put into the prompt, shared among the sources.
+    max_context_chars: int = Field(default=4000, ge=100)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    # AddDocuments
+    chunk_size: int = Field(default=800, ge=50)
+    chunk_overlap: int = Field(default=100, ge=0)
+    max_chunk_size: int = Field(default=8000, ge=50)
+    max_documents: int = Field(default=256, ge=1)
+    max_document_chars: int = Field(default=2_000_000, ge=1)
+    max_chunks_per_request: int = Field(default=20_000, ge=1)
+    embed_batch_size: int = Field(default=64, ge=1)
+    upsert_batch_size: int = Field(default=512, ge=1)
+
+    @field_validator("embedder_address", "retriever_address", "generator_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return check_address(value)

@@ -1,0 +1,63 @@
+"""gRPC edge of the generator: validation and status codes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from askmesh.runtime.errors import InvalidArgument, streaming_rpc
+from askmesh.runtime.validation import check_count
+from askmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
+from services.generator.config import GeneratorSettings
+from services.generator.engine import GenerationEngine
+
+MAX_STOP_CHARS = 64
+MAX_TEMPERATURE = 2.0
+
+
+def validate_messages(messages: list[common_pb2.ChatMessage], settings: GeneratorSettings) -> None:
+    check_count("messages", len(messages), settings.max_messages, minimum=1)
+    total = 0
+    for index, message in enumerate(messages):
+        if message.role == common_pb2.ROLE_UNSPECIFIED or message.role not in common_pb2.Role.values():
+            raise InvalidArgument(f"messages[{index}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+        if not message.content.strip():
+            raise InvalidArgument(f"messages[{index}].content", "is empty")
+        total += len(message.content)
+    if total > settings.max_prompt_chars:
+        raise InvalidArgument("messages", f"{total} characters in all exceed the limit of {settings.max_prompt_chars}")
+
+
+def validate_parameters(
+    parameters: common_pb2.GenerationParameters, settings: GeneratorSettings, field: str = "parameters"
+) -> None:
+    if parameters.HasField("max_new_tokens") and not 1 <= parameters.max_new_tokens <= settings.max_new_tokens_limit:
+        raise InvalidArgument(
+            f"{field}.max_new_tokens", f"{parameters.max_new_tokens} is out of range 1..{settings.max_new_tokens_limit}"
+        )
+    if parameters.HasField("temperature") and not 0.0 <= parameters.temperature <= MAX_TEMPERATURE:
+        raise InvalidArgument(f"{field}.temperature", f"{parameters.temperature:g} is out of range 0..{MAX_TEMPERATURE:g}")
+    if parameters.HasField("top_p") and not 0.0 < parameters.top_p <= 1.0:
+        raise InvalidArgument(f"{field}.top_p", f"{parameters.top_p:g} is out of range (0, 1]")
+    if len(parameters.stop) > settings.max_stop_sequences:
+        raise InvalidArgument(
+            f"{field}.stop", f"{len(parameters.stop)} stop sequences exceed the limit of {settings.max_stop_sequences}"
+        )
+    for index, stop in enumerate(parameters.stop):
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            raise InvalidArgument(f"{field}.stop[{index}]", f"must be 1 to {MAX_STOP_CHARS} characters")
+
+
+class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
+    def __init__(self, engine: GenerationEngine) -> None:
+        self.engine = engine
+
+    @streaming_rpc(lambda error: generator_pb2.GenerateResponse(error=error))
+    async def Generate(
+        self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        validate_messages(list(request.messages), self.engine.settings)
+        validate_parameters(request.parameters, self.engine.settings)
+        async for response in self.engine.generate(request):
+            yield response
