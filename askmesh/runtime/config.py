@@ -54,7 +54,7 @@ class TomlSectionSource(PydanticBaseSettingsSource):
 class AskmeshSettings(BaseSettings):
     """Base of every settings class; subclasses set `section` and an env prefix."""
 
-    section: ClassVar[str]
+    section: ClassVar[str] = ""
     model_config = SettingsConfigDict(extra="ignore")
 
     @classmethod

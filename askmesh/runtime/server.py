@@ -58,27 +58,66 @@ def create_server(settings: ServiceSettings) -> grpc.aio.Server:
     )
 
 
+class ServiceRunner:
+    """One service's gRPC server and its health, from start to stop.
+
+    `serve()` drives it from signals for a real process; tests drive it directly.
+    """
+
+    def __init__(self, definition: ServiceDefinition, settings: ServiceSettings) -> None:
+        self.definition = definition
+        self.settings = settings
+        self.server = create_server(settings)
+        self.health = health.aio.HealthServicer()
+        self._health_names = ["", *definition.grpc_services]
+        self.port = 0
+        self.warm_up: asyncio.Future[None] | None = None
+
+    async def start(self) -> None:
+        """Opens the port NOT_SERVING and begins the warm-up in the background."""
+        name = self.definition.name
+        self.started_at = time.monotonic()
+        log.info("[STARTUP] %s on %s", name, self.settings.listen_address)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.definition.add_to_server(self.server)
+        reflection.enable_server_reflection(
+            [*self.definition.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server
+        )
+        try:
+            self.port = self.server.add_insecure_port(self.settings.listen_address)
+        except RuntimeError as error:
+            raise SystemExit(f"{name}: cannot listen on {self.settings.listen_address}: {error}") from error
+        await self.server.start()
+        self.warm_up = asyncio.ensure_future(self._warm_up())
+
+    async def _set_health(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for service in self._health_names:
+            await self.health.set(service, status)
+
+    async def _warm_up(self) -> None:
+        await self.definition.start()
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("[READY] %s (load took %.1f s)", self.definition.name, time.monotonic() - self.started_at)
+
+    async def stop(self) -> None:
+        """NOT_SERVING at once, refuse new calls, let calls in flight finish within the grace period."""
+        name = self.definition.name
+        if self.warm_up is not None and not self.warm_up.done():
+            self.warm_up.cancel()
+        await self.health.enter_graceful_shutdown()
+        drain_started = time.monotonic()
+        log.info("[DRAINING] %s: up to %.0f s for calls in flight", name, self.settings.grace_period_s)
+        await self.server.stop(self.settings.grace_period_s)
+        log.info("[CLEANUP] %s (drained in %.1f s)", name, time.monotonic() - drain_started)
+        await self.definition.close()
+
+
 async def serve(definition: ServiceDefinition, settings: ServiceSettings) -> None:
-    name = definition.name
-    started_at = time.monotonic()
-    log.info("[STARTUP] %s on %s", name, settings.listen_address)
-
-    server = create_server(settings)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    all_names = ["", *definition.grpc_services]
-    for service in all_names:
-        await health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    definition.add_to_server(server)
-    reflection.enable_server_reflection(
-        [*definition.grpc_services, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-    )
-    try:
-        server.add_insecure_port(settings.listen_address)
-    except RuntimeError as error:
-        raise SystemExit(f"{name}: cannot listen on {settings.listen_address}: {error}") from error
-    await server.start()
-
+    """Serves until SIGTERM or SIGINT; a second signal stops at once. Exits 1 if warm-up fails."""
+    runner = ServiceRunner(definition, settings)
+    await runner.start()
+    assert runner.warm_up is not None
     stop_requested = asyncio.Event()
     signals_seen = 0
 
@@ -86,37 +125,25 @@ async def serve(definition: ServiceDefinition, settings: ServiceSettings) -> Non
         nonlocal signals_seen
         signals_seen += 1
         if signals_seen == 1:
-            log.info("[SHUTDOWN] %s received %s", name, signal.Signals(signum).name)
+            log.info("[SHUTDOWN] %s received %s", definition.name, signal.Signals(signum).name)
             stop_requested.set()
         else:
-            log.warning("[SHUTDOWN] second signal: stopping %s at once", name)
-            asyncio.get_running_loop().create_task(server.stop(0))
+            log.warning("[SHUTDOWN] second signal: stopping %s at once", definition.name)
+            asyncio.get_running_loop().create_task(runner.server.stop(0))
 
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
 
-    warm_up = asyncio.ensure_future(definition.start())
     stopping = asyncio.ensure_future(stop_requested.wait())
-    await asyncio.wait({warm_up, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    if warm_up.done() and warm_up.exception() is None:
-        for service in all_names:
-            await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("[READY] %s (load took %.1f s)", name, time.monotonic() - started_at)
-        await stopping
-    elif warm_up.done():
-        log.error("[SHUTDOWN] %s failed to start: %r", name, warm_up.exception())
-        stop_requested.set()
+    await asyncio.wait({runner.warm_up, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    failed = runner.warm_up.done() and not runner.warm_up.cancelled() and runner.warm_up.exception() is not None
+    if failed:
+        log.error("[SHUTDOWN] %s failed to start: %r", definition.name, runner.warm_up.exception())
     else:
-        warm_up.cancel()
-
-    await health_servicer.enter_graceful_shutdown()
-    drain_started = time.monotonic()
-    log.info("[DRAINING] %s: up to %.0f s for calls in flight", name, settings.grace_period_s)
-    await server.stop(settings.grace_period_s)
-    log.info("[CLEANUP] %s (drained in %.1f s)", name, time.monotonic() - drain_started)
-    await definition.close()
-    if warm_up.done() and not warm_up.cancelled() and warm_up.exception() is not None:
+        await stopping
+    await runner.stop()
+    if failed:
         raise SystemExit(1)
 
 

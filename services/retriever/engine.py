@@ -11,7 +11,6 @@ pymilvus is blocking, so every call runs on a small thread pool off the event lo
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -33,6 +32,7 @@ log = logging.getLogger("askmesh.retriever")
 
 COLLECTION_PREFIX = "kb_"
 OUTPUT_FIELDS = ["id", "document_id", "chunk_index", "title", "text", "metadata"]
+EMBEDDING_MODEL_PROPERTY = "askmesh.embedding_model"
 MAX_ID_LENGTH = 128
 MAX_DOCUMENT_ID_LENGTH = 256
 MAX_TITLE_LENGTH = 1024
@@ -110,10 +110,7 @@ class RetrievalEngine:
         dimension = next(
             int(f["params"]["dim"]) for f in description["fields"] if f["name"] == "vector"
         )
-        try:
-            model = json.loads(description.get("description") or "{}").get("embedding_model", "")
-        except json.JSONDecodeError:
-            model = ""
+        model = (description.get("properties") or {}).get(EMBEDDING_MODEL_PROPERTY, "")
         info = CollectionInfo(dimension=dimension, embedding_model=model)
         self._collections[knowledge_base] = info
         return info
@@ -150,7 +147,8 @@ class RetrievalEngine:
                 schema=schema,
                 index_params=index_params,
                 consistency_level="Strong",
-                description=json.dumps({"embedding_model": embedding_model, "dimension": dimension}),
+                # Collection properties survive restarts (Milvus Lite drops the description).
+                properties={EMBEDDING_MODEL_PROPERTY: embedding_model},
             )
             self.client.load_collection(name)
             log.info("created knowledge base %s (dimension %d, model %s)", knowledge_base, dimension, embedding_model)

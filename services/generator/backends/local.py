@@ -41,8 +41,9 @@ class LlamaCppBackend:
         self._llama: Llama | None = None
         self._formatter: Jinja2ChatFormatter | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="generator-llama")
-        # Tokens produced by the last generation that ran (tests use it to see cancellation).
+        # How the last generation went, and how many stopped because their caller left.
         self.last_completion_tokens = 0
+        self.stopped_early_count = 0
 
     def _load(self) -> None:
         from llama_cpp import Llama
@@ -120,6 +121,7 @@ class LlamaCppBackend:
             try:
                 for chunk in stream:
                     if cancelled.is_set():
+                        self.stopped_early_count += 1
                         break
                     choice = chunk["choices"][0]
                     if choice["text"]:
@@ -136,11 +138,13 @@ class LlamaCppBackend:
                         reason = common_pb2.FINISH_REASON_LENGTH
             finally:
                 stream.close()  # stops llama.cpp at once when we broke out early
+            self.last_completion_tokens = completion_tokens
+            if cancelled.is_set():
+                return
             if reason != common_pb2.FINISH_REASON_STOP_SEQUENCE:
                 rest = matcher.flush()
                 if rest:
                     emit(TokenEvent(rest))
-            self.last_completion_tokens = completion_tokens
             emit(FinishEvent(reason=reason, completion_tokens=completion_tokens, prompt_tokens=len(tokens)))
         except Exception as error:  # reported to the caller as a stream error
             emit(error)
