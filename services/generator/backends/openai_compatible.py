@@ -1,0 +1,128 @@
+"""Any OpenAI-compatible `/v1/chat/completions` server (vLLM, llama.cpp server, TGI's Messages API).
+
+The server applies the model's chat template and trims stop sequences itself, so messages go
+as they are and deltas come back ready to show.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import openai
+from openai.types.chat import ChatCompletionChunk
+
+from askmesh.runtime.errors import AskmeshError, InvalidArgument, ResourceExhausted, Unavailable
+from askmesh.v1 import common_pb2
+from services.generator.backends.base import BackendEvent, FinishEvent, GenerationInput, TokenEvent
+from services.generator.config import GeneratorSettings
+
+
+class OpenAICompatibleBackend:
+    def __init__(self, settings: GeneratorSettings) -> None:
+        self.settings = settings
+        self._client = openai.AsyncOpenAI(
+            base_url=settings.url.rstrip("/") + "/v1",
+            api_key=settings.api_key or "not-needed",  # the client insists on one; local servers ignore it
+            timeout=settings.request_timeout_s,
+            max_retries=0,  # the caller (and Envoy) decide about retries, not a hidden loop here
+        )
+
+    async def start(self) -> None:
+        warm_up = GenerationInput(
+            messages=[{"role": "user", "content": "Say OK."}], max_new_tokens=1, temperature=0.0, top_p=1.0
+        )
+        async with contextlib.aclosing(self.generate(warm_up)) as events:
+            async for _ in events:
+                pass
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def generate(self, request: GenerationInput) -> AsyncIterator[BackendEvent]:
+        deltas, reason, usage = 0, None, None
+        async with contextlib.aclosing(self._chunks(request)) as chunks:
+            async for chunk in chunks:
+                usage = chunk.usage or usage
+                if not chunk.choices:  # the usage chunk of stream_options.include_usage
+                    continue
+                choice = chunk.choices[0]
+                if choice.delta and choice.delta.content:
+                    deltas += 1
+                    yield TokenEvent(choice.delta.content)
+                if choice.finish_reason is not None:
+                    reason = self._finish_reason(choice)
+        if reason is None:
+            raise Unavailable(f"generator: {self.settings.url} ended the stream without a finish reason")
+        yield FinishEvent(
+            reason=reason,
+            # Without usage (a server that ignores include_usage) deltas are the best estimate.
+            completion_tokens=usage.completion_tokens if usage else deltas,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+        )
+
+    def _finish_reason(self, choice: Any) -> common_pb2.FinishReason.ValueType:
+        if choice.finish_reason == "length":
+            return common_pb2.FINISH_REASON_LENGTH
+        if choice.finish_reason == "abort":  # vLLM gave up on the request (e.g. it is shutting down)
+            raise Unavailable(f"generator: {self.settings.url} aborted the generation")
+        # vLLM says which stop ended it: a string is one of our stop sequences, a token id (or
+        # nothing) is the model's end of turn. Servers without stop_reason report EOS.
+        if isinstance(getattr(choice, "stop_reason", None), str):
+            return common_pb2.FINISH_REASON_STOP_SEQUENCE
+        return common_pb2.FINISH_REASON_EOS
+
+    def _arguments(self, request: GenerationInput) -> dict[str, Any]:
+        arguments: dict[str, Any] = {
+            "model": self.settings.remote_model or "default",
+            "messages": request.messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": request.max_new_tokens,
+            "temperature": request.temperature,  # 0 is greedy on vLLM and llama.cpp
+            "top_p": request.top_p,
+        }
+        if request.stop:
+            arguments["stop"] = request.stop
+        if request.seed is not None:
+            arguments["seed"] = request.seed
+        return arguments
+
+    async def _chunks(self, request: GenerationInput) -> AsyncIterator[ChatCompletionChunk]:
+        """The stream's chunks, with openai's errors turned into ours.
+
+        Leaving early closes the stream, which closes the connection: the server notices and
+        stops generating.
+        """
+        try:
+            stream = await self._client.chat.completions.create(**self._arguments(request))
+            async with stream:
+                async for chunk in stream:
+                    yield chunk
+        except openai.APIError as error:
+            raise self._error(error) from error
+
+    def _error(self, error: openai.APIError) -> AskmeshError:
+        server = self.settings.url
+        detail = _detail(error)
+        if isinstance(error, openai.RateLimitError):
+            return ResourceExhausted(f"generator: {server} is overloaded: {detail}")
+        if isinstance(error, (openai.BadRequestError, openai.UnprocessableEntityError)):
+            return InvalidArgument("parameters", f"{server} rejected the request: {detail}")
+        if isinstance(error, openai.APITimeoutError):
+            return Unavailable(f"generator: {server} timed out")
+        if isinstance(error, openai.APIConnectionError):
+            cause = error.__cause__  # the httpx error says what actually failed
+            return Unavailable(f"generator: {server} is unreachable: {cause!r}")
+        if isinstance(error, openai.APIStatusError):
+            return Unavailable(f"generator: {server} answered HTTP {error.status_code}: {detail}")
+        return Unavailable(f"generator: {server} failed during generation: {detail}")
+
+
+def _detail(error: openai.APIError) -> str:
+    """The server's own message (openai's str() wraps it in "Error code: ... - {body}")."""
+    body = error.body
+    if isinstance(body, dict) and isinstance(body.get("message"), str):
+        return body["message"]
+    return error.message

@@ -1,0 +1,1 @@
+"""Loopback stand-ins for servers that cannot run in the test environment."""

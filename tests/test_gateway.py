@@ -1,0 +1,309 @@
+"""The gateway over real gRPC, in front of real embedder, retriever and generator servers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from askmesh.runtime.errors import Unavailable, streaming_rpc
+from askmesh.runtime.server import ServiceRunner
+from askmesh.v1 import (
+    common_pb2,
+    embedder_pb2_grpc,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    generator_pb2,
+    generator_pb2_grpc,
+    retriever_pb2_grpc,
+)
+from services.embedder.engine import EmbeddingEngine
+from services.embedder.servicer import EmbedderServicer
+from services.gateway.config import GatewaySettings
+from services.gateway.engine import GatewayEngine, chunk_id_for
+from services.gateway.servicer import GatewayServicer
+from services.generator.engine import GenerationEngine
+from services.generator.servicer import GeneratorServicer
+from services.retriever.config import RetrieverSettings
+from services.retriever.engine import RetrievalEngine
+from services.retriever.servicer import RetrieverServicer
+from tests.conftest import REPO_ROOT, start_in_process
+
+SHORT = common_pb2.GenerationParameters(max_new_tokens=8, temperature=0)
+
+
+def document(doc_id: str, text: str, **metadata: object) -> gateway_pb2.Document:
+    meta = struct_pb2.Struct()
+    meta.update(metadata)
+    return gateway_pb2.Document(id=doc_id, title=f"{doc_id} title", text=text, metadata=meta)
+
+
+TRAVEL = (REPO_ROOT / "samples" / "travel-policy.md").read_text()
+REMOTE = (REPO_ROOT / "samples" / "remote-work-policy.md").read_text()
+
+
+class Mesh:
+    def __init__(self) -> None:
+        self.runners: list[ServiceRunner] = []
+        self.addresses: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+async def upstreams(
+    embedding_engine: EmbeddingEngine, generation_engine: GenerationEngine, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Mesh]:
+    mesh = Mesh()
+    retrieval = RetrievalEngine(RetrieverSettings(milvus_uri=str(tmp_path_factory.mktemp("gw") / "milvus.db")))
+    await retrieval.start()
+    servers = {
+        "embedder": ("askmesh.v1.Embedder", embedder_pb2_grpc.add_EmbedderServicer_to_server, EmbedderServicer(embedding_engine)),
+        "retriever": ("askmesh.v1.Retriever", retriever_pb2_grpc.add_RetrieverServicer_to_server, RetrieverServicer(retrieval)),
+        "generator": ("askmesh.v1.Generator", generator_pb2_grpc.add_GeneratorServicer_to_server, GeneratorServicer(generation_engine)),
+    }
+    for name, (service, add, servicer) in servers.items():
+        runner = await start_in_process(name, service, lambda s, add=add, servicer=servicer: add(servicer, s))
+        mesh.runners.append(runner)
+        mesh.addresses[name] = f"127.0.0.1:{runner.port}"
+    yield mesh
+    for runner in mesh.runners:
+        await runner.stop()
+    await retrieval.close()
+
+
+async def start_gateway(addresses: dict[str, str]) -> tuple[ServiceRunner, gateway_pb2_grpc.GatewayStub, grpc.aio.Channel]:
+    settings = GatewaySettings(
+        embedder_address=addresses["embedder"],
+        retriever_address=addresses["retriever"],
+        generator_address=addresses["generator"],
+        upstream_timeout_s=5,
+    )
+    engine = GatewayEngine(settings)
+    servicer = GatewayServicer(engine)
+    runner = await start_in_process("gateway", "askmesh.v1.Gateway", lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s))
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}")
+    return runner, gateway_pb2_grpc.GatewayStub(channel), channel
+
+
+@pytest.fixture(scope="module")
+async def gateway(upstreams: Mesh) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+    runner, stub, channel = await start_gateway(upstreams.addresses)
+    added = await stub.AddDocuments(
+        gateway_pb2.AddDocumentsRequest(
+            knowledge_base="policies",
+            documents=[document("travel", TRAVEL, dept="finance"), document("remote", REMOTE, dept="people")],
+        )
+    )
+    assert [d.id for d in added.documents] == ["travel", "remote"]
+    assert added.chunk_count == sum(d.chunk_count for d in added.documents) >= 4
+    yield stub
+    await channel.close()
+    await runner.stop()
+
+
+async def ask(stub: gateway_pb2_grpc.GatewayStub, **fields: object) -> list[gateway_pb2.AskResponse]:
+    fields.setdefault("parameters", SHORT)
+    return [message async for message in stub.Ask(gateway_pb2.AskRequest(**fields))]  # type: ignore[arg-type]
+
+
+async def test_ask_streams_sources_then_tokens_then_done(gateway: gateway_pb2_grpc.GatewayStub) -> None:
+    messages = await ask(gateway, question="How much may a hotel room in Paris cost per night?", knowledge_base="policies")
+    kinds = [m.WhichOneof("event") for m in messages]
+    assert kinds[0] == "sources" and kinds[-1] == "done"
+    assert set(kinds[1:-1]) == {"delta"}
+    citations = messages[0].sources.citations
+    assert citations[0].document_id == "travel" and "260 euros" in citations[0].text
+    assert [c.number for c in citations] == list(range(1, len(citations) + 1))
+    assert citations[0].metadata["dept"] == "finance"
+    assert citations[0].chunk_id == chunk_id_for("policies", "travel", citations[0].chunk_index)
+    done = messages[-1].done
+    assert done.usage.completion_tokens >= len(kinds) - 2  # a delta carries one token or more
+    timings = done.timings
+    assert min(timings.embed_ms, timings.search_ms, timings.time_to_first_token_ms) > 0
+    assert timings.total_ms >= timings.embed_ms + timings.search_ms
+
+
+async def test_filters_and_history_reach_the_right_tiers(gateway: gateway_pb2_grpc.GatewayStub) -> None:
+    only_people = common_pb2.MetadataFilter(field="dept", equals=common_pb2.FilterValue(string_value="people"))
+    messages = await ask(
+        gateway,
+        question="How much is the hotel allowance?",
+        knowledge_base="policies",
+        filters=[only_people],
+        history=[
+            common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="Hi"),
+            common_pb2.ChatMessage(role=common_pb2.ROLE_ASSISTANT, content="Hello! Ask me about our policies."),
+        ],
+    )
+    assert {c.document_id for c in messages[0].sources.citations} == {"remote"}
+    assert messages[-1].HasField("done")
+
+
+async def test_adding_a_document_twice_stores_it_once_and_a_shorter_version_trims_it(
+    gateway: gateway_pb2_grpc.GatewayStub,
+) -> None:
+    long_text = " ".join(f"Rule {i}: keep the office tidy on day {i}." for i in range(60))
+    request = gateway_pb2.AddDocumentsRequest(
+        knowledge_base="scratch", documents=[document("rules", long_text)], chunking=gateway_pb2.ChunkingOptions(chunk_size=200, chunk_overlap=0)
+    )
+    first = await gateway.AddDocuments(request)
+    again = await gateway.AddDocuments(request)
+    assert first.chunk_count == again.chunk_count > 5
+
+    async def stored() -> int:
+        messages = await ask(gateway, question="office rules", knowledge_base="scratch", top_k=20, parameters=common_pb2.GenerationParameters(max_new_tokens=1))
+        return len(messages[0].sources.citations)
+
+    assert await stored() == min(first.chunk_count, 20)
+    shorter = gateway_pb2.AddDocumentsRequest(
+        knowledge_base="scratch", documents=[document("rules", "Rule 1: keep the office tidy.")]
+    )
+    assert (await gateway.AddDocuments(shorter)).chunk_count == 1
+    assert await stored() == 1
+
+
+BAD_ASKS = [
+    ({"question": ""}, grpc.StatusCode.INVALID_ARGUMENT, "question: is empty"),
+    ({"question": "q" * 4001}, grpc.StatusCode.INVALID_ARGUMENT, "question: has 4001 characters; the limit is 4000"),
+    ({"question": "q", "knowledge_base": "No Such!"}, grpc.StatusCode.INVALID_ARGUMENT, "knowledge_base: 'No Such!' is not a valid"),
+    ({"question": "q", "knowledge_base": "missing"}, grpc.StatusCode.NOT_FOUND, "knowledge_base: 'missing' does not exist"),
+    ({"question": "q", "knowledge_base": "policies", "top_k": 21}, grpc.StatusCode.INVALID_ARGUMENT, "top_k: 21 is out of range 1..20"),
+    (
+        {"question": "q", "knowledge_base": "policies", "filters": [common_pb2.MetadataFilter(field="dept")]},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "filters[0]: must set one condition",
+    ),
+    (
+        {"question": "q", "knowledge_base": "policies", "history": [common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content="x")]},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "history[0].role: must be ROLE_USER or ROLE_ASSISTANT",
+    ),
+    (
+        {"question": "q", "knowledge_base": "policies", "parameters": common_pb2.GenerationParameters(temperature=9)},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "parameters.temperature: 9 is out of range",
+    ),
+]
+
+
+@pytest.mark.parametrize(("fields", "code", "message"), BAD_ASKS)
+async def test_bad_questions_answer_the_right_status(
+    gateway: gateway_pb2_grpc.GatewayStub, fields: dict[str, object], code: grpc.StatusCode, message: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await ask(gateway, **fields)
+    assert raised.value.code() == code
+    assert raised.value.details().startswith(message), raised.value.details()
+
+
+BAD_ADDS = [
+    (gateway_pb2.AddDocumentsRequest(), "documents: must contain at least 1"),
+    (gateway_pb2.AddDocumentsRequest(documents=[gateway_pb2.Document(id="x", text=" ")]), "documents[0].text: is empty"),
+    (gateway_pb2.AddDocumentsRequest(knowledge_base="-", documents=[document("x", "t")]), "knowledge_base: '-' is not a valid"),
+    (gateway_pb2.AddDocumentsRequest(documents=[document("x", "t"), document("x", "u")]), "documents[1].id: 'x' appears twice"),
+    (
+        gateway_pb2.AddDocumentsRequest(documents=[document("x", "t")], chunking=gateway_pb2.ChunkingOptions(chunk_size=100, chunk_overlap=100)),
+        "chunking.chunk_overlap: 100 must be smaller than chunk_size 100",
+    ),
+    (
+        gateway_pb2.AddDocumentsRequest(documents=[document("x", "t")], chunking=gateway_pb2.ChunkingOptions(chunk_size=9000)),
+        "chunking.chunk_size: 9000 is out of range 50..8000",
+    ),
+]
+
+
+@pytest.mark.parametrize(("request_message", "message"), BAD_ADDS)
+async def test_bad_documents_are_refused_and_nothing_is_stored(
+    gateway: gateway_pb2_grpc.GatewayStub, request_message: gateway_pb2.AddDocumentsRequest, message: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await gateway.AddDocuments(request_message)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith(message), raised.value.details()
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await ask(gateway, question="anything", knowledge_base="default")
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # no "default" knowledge base was created
+
+
+async def test_a_dead_embedder_is_unavailable_naming_the_tier(upstreams: Mesh) -> None:
+    from askmesh.mesh import free_port
+
+    runner, stub, channel = await start_gateway({**upstreams.addresses, "embedder": f"127.0.0.1:{free_port()}"})
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await ask(stub, question="Hello?", knowledge_base="policies")
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert raised.value.details().startswith("embedder tier unavailable")
+    finally:
+        await channel.close()
+        await runner.stop()
+
+
+class SlowGenerator(generator_pb2_grpc.GeneratorServicer):
+    """Streams a token every 50 ms until cancelled; records the deadline it was given."""
+
+    def __init__(self) -> None:
+        self.time_remaining: float | None = None
+        self.cancelled = asyncio.Event()
+
+    async def Generate(self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        self.time_remaining = context.time_remaining()
+        try:
+            for _ in range(10_000):
+                yield generator_pb2.GenerateResponse(delta=common_pb2.TokenDelta(text="la "))
+                await asyncio.sleep(0.05)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+async def test_the_callers_deadline_reaches_the_generator_and_stops_it(upstreams: Mesh) -> None:
+    slow = SlowGenerator()
+    generator = await start_in_process(
+        "generator", "askmesh.v1.Generator", lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(slow, s)
+    )
+    runner, stub, channel = await start_gateway({**upstreams.addresses, "generator": f"127.0.0.1:{generator.port}"})
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for _ in stub.Ask(gateway_pb2.AskRequest(question="Sing", knowledge_base="policies"), timeout=3):
+                pass
+        assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert slow.time_remaining is not None and slow.time_remaining < 3
+        await asyncio.wait_for(slow.cancelled.wait(), timeout=10)
+    finally:
+        await channel.close()
+        await runner.stop()
+        await generator.stop()
+
+
+class FailingGenerator(generator_pb2_grpc.GeneratorServicer):
+    """A generator whose model fails after two tokens (as a backend that loses its server)."""
+
+    @streaming_rpc(lambda error: generator_pb2.GenerateResponse(error=error))
+    async def Generate(self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        for text in ("Hotels ", "cost "):
+            yield generator_pb2.GenerateResponse(delta=common_pb2.TokenDelta(text=text))
+        raise Unavailable("generator: TGI connection lost")
+
+
+async def test_a_generator_failing_mid_stream_ends_the_answer_with_an_error_message(upstreams: Mesh) -> None:
+    failing = await start_in_process(
+        "generator", "askmesh.v1.Generator", lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(FailingGenerator(), s)
+    )
+    runner, stub, channel = await start_gateway({**upstreams.addresses, "generator": f"127.0.0.1:{failing.port}"})
+    received: list[gateway_pb2.AskResponse] = []
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for message in stub.Ask(gateway_pb2.AskRequest(question="Hotel cost?", knowledge_base="policies")):
+                received.append(message)
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert [m.WhichOneof("event") for m in received] == ["sources", "delta", "delta", "error"]
+        assert received[-1].error.code == "UNAVAILABLE"
+        assert "TGI connection lost" in received[-1].error.message
+    finally:
+        await channel.close()
+        await runner.stop()
+        await failing.stop()
