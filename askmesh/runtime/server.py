@@ -14,6 +14,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -34,6 +35,29 @@ class ServiceDefinition:
     # Loads the model or connection and makes one warm-up call; raises when it cannot.
     start: Callable[[], Awaitable[None]]
     close: Callable[[], Awaitable[None]]
+
+
+class Engine(Protocol):
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+def define_service(
+    name: str,
+    service: Any,  # the ServiceDescriptor, e.g. embedder_pb2.DESCRIPTOR.services_by_name["Embedder"]
+    add_servicer: Callable[[Any, grpc.aio.Server], None],
+    servicer: object,
+    engine: Engine,
+) -> ServiceDefinition:
+    """A service whose engine loads on start and whose servicer is its only gRPC service."""
+    return ServiceDefinition(
+        name=name,
+        grpc_services=[service.full_name],
+        add_to_server=lambda server: add_servicer(servicer, server),
+        start=engine.start,
+        close=engine.close,
+    )
 
 
 def configure_logging(level: str) -> None:
@@ -147,17 +171,16 @@ async def serve(definition: ServiceDefinition, settings: ServiceSettings) -> Non
         raise SystemExit(1)
 
 
-def run(
-    name: str,
-    settings: ServiceSettings,
-    build: Callable[[], ServiceDefinition],
-) -> None:
+Settings = TypeVar("Settings", bound=ServiceSettings)
+
+
+def run(name: str, settings: Settings, build: Callable[[Settings], ServiceDefinition]) -> None:
     """Entry point of `askmesh serve <name>`: logging, telemetry, then serve until stopped."""
     configure_logging(settings.log_level)
     setup_telemetry(name, TelemetrySettings())
 
     async def build_and_serve() -> None:
         # Built inside the event loop: grpc.aio channels and locks bind to the running loop.
-        await serve(build(), settings)
+        await serve(build(settings), settings)
 
     asyncio.run(build_and_serve())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from askmesh.runtime.server import ServiceDefinition, run
+from askmesh.runtime.server import ServiceDefinition, define_service, run
 from askmesh.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder.config import EmbedderSettings
 from services.embedder.engine import EmbeddingEngine
@@ -11,19 +11,17 @@ from services.embedder.servicer import EmbedderServicer
 
 def build(settings: EmbedderSettings) -> ServiceDefinition:
     engine = EmbeddingEngine(settings)
-    servicer = EmbedderServicer(engine)
-    return ServiceDefinition(
-        name="embedder",
-        grpc_services=[embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name],
-        add_to_server=lambda server: embedder_pb2_grpc.add_EmbedderServicer_to_server(servicer, server),
-        start=engine.start,
-        close=engine.close,
+    return define_service(
+        "embedder",
+        embedder_pb2.DESCRIPTOR.services_by_name["Embedder"],
+        embedder_pb2_grpc.add_EmbedderServicer_to_server,
+        EmbedderServicer(engine),
+        engine,
     )
 
 
 def main() -> None:
-    settings = EmbedderSettings()
-    run("embedder", settings, lambda: build(settings))
+    run("embedder", EmbedderSettings(), build)
 
 
 if __name__ == "__main__":

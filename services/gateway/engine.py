@@ -181,14 +181,18 @@ class GatewayEngine:
                             ),
                         )
                     )
+                    # Let the call end with the generator's own OK status: cancelling it now
+                    # would reset a stream that finished well.
+                    await call.code()
                     return
                 elif event == "error":
                     raise stream_error("generator", message.error)
         except grpc.aio.AioRpcError as error:
             raise upstream_error("generator", error) from error
         finally:
-            # The caller went away or we failed: stop the generation upstream too.
-            call.cancel()
+            if not call.done():
+                # The caller went away or we failed: stop the generation upstream too.
+                call.cancel()
         raise Unavailable("generator tier unavailable: the stream ended without a final message")
 
     def build_messages(

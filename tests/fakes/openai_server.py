@@ -22,11 +22,12 @@ A test sets `script` (what to answer), then reads `requests` (what the client se
 from __future__ import annotations
 
 import json
-import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.fakes.http_fake import FakeHandler, FakeServer, paced
 
 _ERROR_TYPES = {400: "BadRequestError", 422: "UnprocessableEntityError", 429: "RateLimitError"}
 
@@ -44,38 +45,9 @@ class OpenAIScript:
     send_usage: bool = True  # False: ignore stream_options.include_usage, as some servers do
 
 
-@dataclass
-class RecordedRequest:
-    method: str
-    path: str
-    headers: dict[str, str]  # names in lower case
-    body: dict[str, Any] | None
-
-
-class FakeOpenAIServer:
+class FakeOpenAIServer(FakeServer[OpenAIScript]):
     def __init__(self) -> None:
-        self.script = OpenAIScript()
-        self.requests: list[RecordedRequest] = []
-        self.disconnected = threading.Event()
-        self.tokens_sent = 0  # content chunks written by the last stream
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, args=(0.05,), name="fake-openai", daemon=True
-        )
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> FakeOpenAIServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        super().__init__(OpenAIScript(), _Handler, name="fake-openai")
 
 
 def _chunks(script: OpenAIScript, body: dict[str, Any]) -> list[dict[str, Any]]:
@@ -113,68 +85,29 @@ def _encode(event: dict[str, Any]) -> bytes:
     return json.dumps(event, separators=None if "error" in event else (",", ":")).encode()
 
 
-def _handler_for(fake: FakeOpenAIServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive and chunked bodies, like uvicorn
+def _sse(events: list[dict[str, Any]], delay_s: float) -> Iterator[tuple[bytes, bool]]:
+    """The stream's `(data, is_token)` events; a token is a chunk with content."""
+    for event in paced(events, delay_s):
+        is_token = bool(event.get("choices") and event["choices"][0]["delta"].get("content"))
+        yield b"data: " + _encode(event) + b"\n\n", is_token
+    yield b"data: [DONE]\n\n", False
 
-        def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
-            pass
 
-        def handle(self) -> None:
-            try:
-                super().handle()
-            except ConnectionResetError:  # the client hung up between requests: nothing to answer
-                self.close_connection = True
-
-        def _send_json(self, status: int, payload: Any) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _write_chunk(self, data: bytes) -> None:
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-
-        def do_POST(self) -> None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length)) if length else {}
-            headers = {name.lower(): value for name, value in self.headers.items()}
-            fake.requests.append(RecordedRequest(self.command, self.path, headers, body))
-            if self.path != "/v1/chat/completions" or not body.get("stream"):
-                error = {"message": "this fake only streams chat completions", "type": "NotFoundError"}
-                self._send_json(404, {"error": {**error, "param": None, "code": 404}})
-                return
-            script = fake.script
-            if script.http_status is not None:
-                error_type = _ERROR_TYPES.get(script.http_status, "InternalServerError")
-                error = {"message": script.error_message, "type": error_type}
-                self._send_json(script.http_status, {"error": {**error, "param": None, "code": script.http_status}})
-                return
-            self._stream(script, body)
-
-        def _stream(self, script: OpenAIScript, body: dict[str, Any]) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            fake.tokens_sent = 0
-            events: list[Any] = _chunks(script, body)
-            if script.error_after_tokens is not None:
-                error = {"object": "error", "message": script.error_message, "type": "InternalServerError"}
-                events = events[: 1 + script.error_after_tokens] + [{"error": {**error, "param": None, "code": 500}}]
-            try:
-                for event in events:
-                    if script.token_delay_s:
-                        time.sleep(script.token_delay_s)
-                    self._write_chunk(b"data: " + _encode(event) + b"\n\n")
-                    if event.get("choices") and event["choices"][0]["delta"].get("content"):
-                        fake.tokens_sent += 1
-                self._write_chunk(b"data: [DONE]\n\n")
-                self._write_chunk(b"")
-            except (BrokenPipeError, ConnectionResetError):
-                fake.disconnected.set()
-                self.close_connection = True
-
-    return Handler
+class _Handler(FakeHandler[OpenAIScript]):
+    def do_POST(self) -> None:
+        body = self.record() or {}
+        if self.path != "/v1/chat/completions" or not body.get("stream"):
+            error = {"message": "this fake only streams chat completions", "type": "NotFoundError"}
+            self.send_json(404, {"error": {**error, "param": None, "code": 404}})
+            return
+        script = self.fake.script
+        if script.http_status is not None:
+            error_type = _ERROR_TYPES.get(script.http_status, "InternalServerError")
+            error = {"message": script.error_message, "type": error_type}
+            self.send_json(script.http_status, {"error": {**error, "param": None, "code": script.http_status}})
+            return
+        events = _chunks(script, body)
+        if script.error_after_tokens is not None:
+            error = {"object": "error", "message": script.error_message, "type": "InternalServerError"}
+            events = events[: 1 + script.error_after_tokens] + [{"error": {**error, "param": None, "code": 500}}]
+        self.send_event_stream({"Content-Type": "text/event-stream; charset=utf-8"}, _sse(events, script.token_delay_s))

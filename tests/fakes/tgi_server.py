@@ -23,11 +23,10 @@ A test sets `script` (what to answer), then reads `requests` (what the client se
 from __future__ import annotations
 
 import json
-import threading
-import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from tests.fakes.http_fake import FakeHandler, FakeServer, paced
 
 EOS_TEXT = "<|im_end|>"
 _ERROR_TYPES = {422: "validation", 424: "generation", 429: "overloaded", 500: "incomplete_generation"}
@@ -46,36 +45,9 @@ class TgiScript:
     input_length: int = 12
 
 
-@dataclass
-class RecordedRequest:
-    method: str
-    path: str
-    headers: dict[str, str]  # names in lower case
-    body: dict[str, Any] | None
-
-
-class FakeTgiServer:
+class FakeTgiServer(FakeServer[TgiScript]):
     def __init__(self) -> None:
-        self.script = TgiScript()
-        self.requests: list[RecordedRequest] = []
-        self.disconnected = threading.Event()
-        self.tokens_sent = 0  # token events written by the last stream
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
-        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-tgi", daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> FakeTgiServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
+        super().__init__(TgiScript(), _Handler, name="fake-tgi")
 
 
 def _token(index: int, text: str, special: bool) -> dict[str, Any]:
@@ -104,89 +76,37 @@ def _stream_events(script: TgiScript, max_new_tokens: int | None) -> list[dict[s
     return events
 
 
-def _handler_for(fake: FakeTgiServer) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive and chunked bodies, like TGI's axum server
+def _sse(event: dict[str, Any]) -> bytes:
+    data = json.dumps(event, separators=(",", ":"))  # compact, as serde_json writes it
+    return b"data:" + data.encode() + b"\n\n"
 
-        def log_message(self, format: str, *args: Any) -> None:  # keep pytest output clean
-            pass
 
-        def handle(self) -> None:
-            try:
-                super().handle()
-            except ConnectionResetError:  # the client hung up between requests: nothing to answer
-                self.close_connection = True
+class _Handler(FakeHandler[TgiScript]):
+    def do_GET(self) -> None:
+        self.record()
+        if self.path == "/health":
+            self.send_bytes(200, b"")
+        elif self.path == "/info":
+            self.send_json(200, {"model_id": "fake/SmolLM2-135M-Instruct", "max_stop_sequences": 4})
+        else:
+            self.send_json(404, {"error": "not found", "error_type": "not_found"})
 
-        def _record(self) -> dict[str, Any] | None:
-            length = int(self.headers.get("Content-Length") or 0)
-            body = json.loads(self.rfile.read(length)) if length else None
-            headers = {name.lower(): value for name, value in self.headers.items()}
-            fake.requests.append(RecordedRequest(self.command, self.path, headers, body))
-            return body
-
-        def _send_json(self, status: int, payload: Any) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _write_chunk(self, data: bytes) -> None:
-            self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
-
-        def do_GET(self) -> None:
-            self._record()
-            if self.path == "/health":
-                self.send_response(200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-            elif self.path == "/info":
-                self._send_json(200, {"model_id": "fake/SmolLM2-135M-Instruct", "max_stop_sequences": 4})
-            else:
-                self._send_json(404, {"error": "not found", "error_type": "not_found"})
-
-        def do_POST(self) -> None:
-            body = self._record() or {}
-            if self.path not in ("/generate_stream", "/") or (self.path == "/" and not body.get("stream")):
-                self._send_json(404, {"error": "this fake only streams", "error_type": "not_found"})
-                return
-            script = fake.script
-            if script.http_status is not None and script.http_body is not None:
-                self.send_response(script.http_status)
-                self.send_header("Content-Type", "text/plain")
-                self.send_header("Content-Length", str(len(script.http_body)))
-                self.end_headers()
-                self.wfile.write(script.http_body)
-                return
-            if script.http_status is not None:
-                error_type = _ERROR_TYPES.get(script.http_status, "generation")
-                self._send_json(script.http_status, {"error": script.error_message, "error_type": error_type})
-                return
-            self._stream(script, body.get("parameters") or {})
-
-        def _stream(self, script: TgiScript, parameters: dict[str, Any]) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", "text/event-stream")
-            self.send_header("Cache-Control", "no-cache")
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            fake.tokens_sent = 0
-            events = _stream_events(script, parameters.get("max_new_tokens"))
-            if script.error_after_tokens is not None:
-                error = {"error": script.error_message, "error_type": script.error_type}
-                events = events[: script.error_after_tokens] + [error]
-            try:
-                for event in events:
-                    if script.token_delay_s:
-                        time.sleep(script.token_delay_s)
-                    data = json.dumps(event, separators=(",", ":"))  # compact, as serde_json writes it
-                    self._write_chunk(b"data:" + data.encode() + b"\n\n")
-                    if "token" in event:
-                        fake.tokens_sent += 1
-                self._write_chunk(b"")
-            except (BrokenPipeError, ConnectionResetError):
-                fake.disconnected.set()
-                self.close_connection = True
-
-    return Handler
+    def do_POST(self) -> None:
+        body = self.record() or {}
+        if self.path not in ("/generate_stream", "/") or (self.path == "/" and not body.get("stream")):
+            self.send_json(404, {"error": "this fake only streams", "error_type": "not_found"})
+            return
+        script = self.fake.script
+        if script.http_status is not None and script.http_body is not None:
+            self.send_bytes(script.http_status, script.http_body, "text/plain")
+            return
+        if script.http_status is not None:
+            error_type = _ERROR_TYPES.get(script.http_status, "generation")
+            self.send_json(script.http_status, {"error": script.error_message, "error_type": error_type})
+            return
+        events = _stream_events(script, (body.get("parameters") or {}).get("max_new_tokens"))
+        if script.error_after_tokens is not None:
+            error = {"error": script.error_message, "error_type": script.error_type}
+            events = events[: script.error_after_tokens] + [error]
+        sse = ((_sse(event), "token" in event) for event in paced(events, script.token_delay_s))
+        self.send_event_stream({"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}, sse)
