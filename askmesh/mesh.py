@@ -135,6 +135,8 @@ class LocalMesh:
             prefix + "HOST": layout.host,
             prefix + "PORT": str(port),
             "ASKMESH_RETRIEVER_MILVUS_URI": str(layout.data_dir / "data" / "milvus.db"),
+            "ASKMESH_GATEWAY_STORE_PATH": str(layout.data_dir / "data" / "gateway.sqlite3"),
+            "ASKMESH_GATEWAY_SPOOL_DIR": str(layout.data_dir / "data" / "uploads"),
             "ASKMESH_GATEWAY_EMBEDDER_ADDRESS": layout.internal_address,
             "ASKMESH_GATEWAY_RETRIEVER_ADDRESS": layout.internal_address,
             "ASKMESH_GATEWAY_GENERATOR_ADDRESS": layout.internal_address,

@@ -24,8 +24,9 @@ from askmesh.v1 import (
 from services.embedder.engine import EmbeddingEngine
 from services.embedder.servicer import EmbedderServicer
 from services.gateway.config import GatewaySettings
-from services.gateway.engine import GatewayEngine, chunk_id_for
-from services.gateway.servicer import GatewayServicer
+from askmesh.runtime.config import ServiceSettings
+from services.gateway.knowledge import chunk_id_for
+from services.gateway.main import build as build_gateway
 from services.generator.engine import GenerationEngine
 from services.generator.servicer import GeneratorServicer
 from services.retriever.config import RetrieverSettings
@@ -57,7 +58,9 @@ async def upstreams(
     embedding_engine: EmbeddingEngine, generation_engine: GenerationEngine, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Mesh]:
     mesh = Mesh()
-    retrieval = RetrievalEngine(RetrieverSettings(milvus_uri=str(tmp_path_factory.mktemp("gw") / "milvus.db")))
+    data = tmp_path_factory.mktemp("gw")
+    mesh.addresses["data"] = str(data)
+    retrieval = RetrievalEngine(RetrieverSettings(milvus_uri=str(data / "milvus.db")))
     await retrieval.start()
     servers = {
         "embedder": ("askmesh.v1.Embedder", embedder_pb2_grpc.add_EmbedderServicer_to_server, EmbedderServicer(embedding_engine)),
@@ -80,10 +83,15 @@ async def start_gateway(addresses: dict[str, str]) -> tuple[ServiceRunner, gatew
         retriever_address=addresses["retriever"],
         generator_address=addresses["generator"],
         upstream_timeout_s=5,
+        store_path=addresses["data"] + "/gateway.sqlite3",
+        spool_dir=addresses["data"] + "/uploads",
     )
-    engine = GatewayEngine(settings)
-    servicer = GatewayServicer(engine)
-    runner = await start_in_process("gateway", "askmesh.v1.Gateway", lambda s: gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, s))
+    definition = build_gateway(settings)
+    runner = ServiceRunner(definition, ServiceSettings(port=1, grace_period_s=1))
+    runner.settings.port = 0
+    await runner.start()
+    assert runner.warm_up is not None
+    await runner.warm_up
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}")
     return runner, gateway_pb2_grpc.GatewayStub(channel), channel
 
@@ -118,7 +126,7 @@ async def test_ask_streams_sources_then_tokens_then_done(gateway: gateway_pb2_gr
     assert citations[0].document_id == "travel" and "260 euros" in citations[0].text
     assert [c.number for c in citations] == list(range(1, len(citations) + 1))
     assert citations[0].metadata["dept"] == "finance"
-    assert citations[0].chunk_id == chunk_id_for("policies", "travel", citations[0].chunk_index)
+    assert citations[0].chunk_id == chunk_id_for("policies", "travel", 1, citations[0].chunk_index)
     done = messages[-1].done
     assert done.usage.completion_tokens >= len(kinds) - 2  # a delta carries one token or more
     timings = done.timings
@@ -147,7 +155,7 @@ async def test_adding_a_document_twice_stores_it_once_and_a_shorter_version_trim
 ) -> None:
     long_text = " ".join(f"Rule {i}: keep the office tidy on day {i}." for i in range(60))
     request = gateway_pb2.AddDocumentsRequest(
-        knowledge_base="scratch", documents=[document("rules", long_text)], chunking=gateway_pb2.ChunkingOptions(chunk_size=200, chunk_overlap=0)
+        knowledge_base="scratch", documents=[document("rules", long_text)], chunking=common_pb2.ChunkingOptions(chunk_size=200, chunk_overlap=0)
     )
     first = await gateway.AddDocuments(request)
     again = await gateway.AddDocuments(request)
@@ -205,11 +213,11 @@ BAD_ADDS = [
     (gateway_pb2.AddDocumentsRequest(knowledge_base="-", documents=[document("x", "t")]), "knowledge_base: '-' is not a valid"),
     (gateway_pb2.AddDocumentsRequest(documents=[document("x", "t"), document("x", "u")]), "documents[1].id: 'x' appears twice"),
     (
-        gateway_pb2.AddDocumentsRequest(documents=[document("x", "t")], chunking=gateway_pb2.ChunkingOptions(chunk_size=100, chunk_overlap=100)),
+        gateway_pb2.AddDocumentsRequest(documents=[document("x", "t")], chunking=common_pb2.ChunkingOptions(chunk_size=100, chunk_overlap=100)),
         "chunking.chunk_overlap: 100 must be smaller than chunk_size 100",
     ),
     (
-        gateway_pb2.AddDocumentsRequest(documents=[document("x", "t")], chunking=gateway_pb2.ChunkingOptions(chunk_size=9000)),
+        gateway_pb2.AddDocumentsRequest(documents=[document("x", "t")], chunking=common_pb2.ChunkingOptions(chunk_size=9000)),
         "chunking.chunk_size: 9000 is out of range 50..8000",
     ),
 ]

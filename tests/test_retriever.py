@@ -191,3 +191,72 @@ async def test_bad_input_answers_the_right_status_and_changes_nothing(
     assert raised.value.details().startswith(message), raised.value.details()
     everything = await retriever.Search(retriever_pb2.SearchRequest(knowledge_base="kb", vector=unit(0), top_k=10))
     assert sorted(r.chunk.id for r in everything.results) == sorted(c.chunk.id for c in CORPUS)
+
+
+# -- knowledge bases as generations behind an alias, typed metadata, document versions ---------
+
+
+SCHEMA = [
+    common_pb2.MetadataField(name="dept", type=common_pb2.METADATA_TYPE_STRING),
+    common_pb2.MetadataField(name="year", type=common_pb2.METADATA_TYPE_INT),
+]
+
+
+async def create(engine: RetrievalEngine, generation: int = 1) -> retriever_pb2.CollectionInfo:
+    return await engine.create_collection(
+        retriever_pb2.CreateCollectionRequest(
+            knowledge_base="kb", generation=generation, dimension=DIM, embedding_model="m", metadata_schema=SCHEMA
+        )
+    )
+
+
+async def test_declared_metadata_is_typed_and_filterable(retrieval_engine: RetrievalEngine) -> None:
+    info = await create(retrieval_engine)
+    assert info.active_generation == 1 and [f.name for f in info.metadata_schema] == ["dept", "year"]
+    await retrieval_engine.upsert(retriever_pb2.UpsertRequest(knowledge_base="kb", chunks=CORPUS))
+    year_in = common_pb2.MetadataFilter(field="year", **{"in": common_pb2.FilterValueList(values=[V(int_value=2021), V(int_value=2025)])})
+    assert {r.chunk.id for r in await search(retrieval_engine, filters=[year_in])} == {"a-0", "c-0"}
+    ops = common_pb2.MetadataFilter(field="dept", equals=V(string_value="ops"))
+    assert {r.chunk.id for r in await search(retrieval_engine, filters=[ops])} == {"b-0", "b-1"}
+    tagged = common_pb2.MetadataFilter(field="tag", exists=True)  # undeclared: read from the JSON
+    assert {r.chunk.id for r in await search(retrieval_engine, filters=[tagged])} == {"a-0", "b-0"}
+    with pytest.raises(InvalidArgument, match=r"^filters\[0\]\.equals: is a string, but the field is declared int"):
+        await search(retrieval_engine, filters=[common_pb2.MetadataFilter(field="year", equals=V(string_value="2021"))])
+    with pytest.raises(InvalidArgument, match=r"^chunks\[0\]\.chunk\.metadata\.year: 'soon' is not a valid int"):
+        await retrieval_engine.upsert(retriever_pb2.UpsertRequest(knowledge_base="kb", chunks=[chunk("z", 0, 9, year="soon")]))
+    assert (await retrieval_engine.describe("kb")).chunk_count == len(CORPUS)
+
+
+async def test_pins_show_one_version_of_a_document_being_changed(retrieval_engine: RetrievalEngine) -> None:
+    await create(retrieval_engine)
+    old = chunk("a", 0, 0)
+    new = chunk("a", 0, 0)
+    new.chunk.id, new.chunk.document_version, new.chunk.text = "a-0-v2", 2, "new text"
+    old.chunk.document_version = 1
+    await retrieval_engine.upsert(retriever_pb2.UpsertRequest(knowledge_base="kb", chunks=[old, new]))
+    pin_old = [retriever_pb2.DocumentVersionPin(document_id="a", version=1)]
+    assert [r.chunk.text for r in await search(retrieval_engine, pins=pin_old)] == ["text of a #0"]
+    # Unpinned, both versions are stored, and only the newest is returned.
+    assert [r.chunk.text for r in await search(retrieval_engine)] == ["new text"]
+    hidden = [retriever_pb2.DocumentVersionPin(document_id="a", version=0)]
+    assert await search(retrieval_engine, pins=hidden) == []
+    removed = await retrieval_engine.delete(retriever_pb2.DeleteRequest(knowledge_base="kb", document_ids=["a"], except_version=2))
+    assert removed == 1
+
+
+async def test_a_new_generation_is_built_beside_the_old_and_switched_atomically(retrieval_engine: RetrievalEngine) -> None:
+    await create(retrieval_engine, generation=1)
+    await retrieval_engine.upsert(retriever_pb2.UpsertRequest(knowledge_base="kb", chunks=CORPUS[:2]))
+    info = await create(retrieval_engine, generation=2)
+    assert info.active_generation == 1  # the alias still points at generation 1
+    await retrieval_engine.upsert(retriever_pb2.UpsertRequest(knowledge_base="kb", chunks=CORPUS, generation=2))
+    assert len(await search(retrieval_engine)) == 2
+    switched = await retrieval_engine.switch_generation("kb", 2)
+    assert switched.active_generation == 2 and switched.chunk_count == len(CORPUS)
+    assert len(await search(retrieval_engine)) == len(CORPUS)
+    with pytest.raises(NotFound, match="has no generation 1"):
+        await retrieval_engine.describe("kb", generation=1)
+    assert await retrieval_engine.drop("kb") is True
+    assert await retrieval_engine.drop("kb") is False
+    with pytest.raises(NotFound):
+        await search(retrieval_engine)

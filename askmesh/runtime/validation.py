@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
+from typing import Any
 
 from askmesh.runtime.errors import InvalidArgument
+from askmesh.v1 import common_pb2
 
 KNOWLEDGE_BASE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+DECLARED_FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
+DECLARABLE_TYPES = frozenset(
+    {common_pb2.METADATA_TYPE_STRING, common_pb2.METADATA_TYPE_INT, common_pb2.METADATA_TYPE_FLOAT, common_pb2.METADATA_TYPE_BOOL}
+)
 
 
 def check_knowledge_base_name(name: str, field: str = "knowledge_base") -> str:
@@ -32,3 +40,41 @@ def check_count(field: str, count: int, maximum: int, *, minimum: int = 0) -> No
         raise InvalidArgument(field, f"must contain at least {minimum}")
     if count > maximum:
         raise InvalidArgument(field, f"{count} items exceed the limit of {maximum}")
+
+
+MAX_DECLARED_STRING = 1024
+
+
+def typed_value(value: Any, declared: int, where: str) -> Any:
+    """A metadata value checked against the type its knowledge base declares (None: absent)."""
+    if value is None:
+        return None
+    if declared == common_pb2.METADATA_TYPE_STRING and isinstance(value, str):
+        if len(value) > MAX_DECLARED_STRING:
+            raise InvalidArgument(where, f"is longer than {MAX_DECLARED_STRING} characters")
+        return value
+    if declared == common_pb2.METADATA_TYPE_BOOL and isinstance(value, bool):
+        return value
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if declared == common_pb2.METADATA_TYPE_INT and is_number and float(value).is_integer():
+        return int(value)  # protobuf Struct numbers are doubles
+    if declared == common_pb2.METADATA_TYPE_FLOAT and is_number and math.isfinite(value):
+        return float(value)
+    expected = common_pb2.MetadataType.Name(declared).removeprefix("METADATA_TYPE_").lower()
+    raise InvalidArgument(where, f"{value!r} is not a valid {expected}")
+
+
+def check_schema(schema: Sequence[common_pb2.MetadataField], where: str = "metadata_schema") -> dict[str, int]:
+    """A knowledge base's declared metadata fields, checked: name -> MetadataType."""
+    declared: dict[str, int] = {}
+    for index, item in enumerate(schema):
+        if not DECLARED_FIELD_NAME.match(item.name):
+            raise InvalidArgument(
+                f"{where}[{index}].name", f"{item.name!r} must be letters, digits and _, starting with a letter, at most 48"
+            )
+        if item.type not in DECLARABLE_TYPES:
+            raise InvalidArgument(f"{where}[{index}].type", "must be STRING, INT, FLOAT or BOOL")
+        if item.name in declared:
+            raise InvalidArgument(f"{where}[{index}].name", f"{item.name!r} is declared twice")
+        declared[item.name] = item.type
+    return declared

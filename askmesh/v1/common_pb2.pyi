@@ -21,6 +21,14 @@ class FinishReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FINISH_REASON_EOS: _ClassVar[FinishReason]
     FINISH_REASON_LENGTH: _ClassVar[FinishReason]
     FINISH_REASON_STOP_SEQUENCE: _ClassVar[FinishReason]
+
+class MetadataType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    METADATA_TYPE_UNSPECIFIED: _ClassVar[MetadataType]
+    METADATA_TYPE_STRING: _ClassVar[MetadataType]
+    METADATA_TYPE_INT: _ClassVar[MetadataType]
+    METADATA_TYPE_FLOAT: _ClassVar[MetadataType]
+    METADATA_TYPE_BOOL: _ClassVar[MetadataType]
 ROLE_UNSPECIFIED: Role
 ROLE_SYSTEM: Role
 ROLE_USER: Role
@@ -29,6 +37,11 @@ FINISH_REASON_UNSPECIFIED: FinishReason
 FINISH_REASON_EOS: FinishReason
 FINISH_REASON_LENGTH: FinishReason
 FINISH_REASON_STOP_SEQUENCE: FinishReason
+METADATA_TYPE_UNSPECIFIED: MetadataType
+METADATA_TYPE_STRING: MetadataType
+METADATA_TYPE_INT: MetadataType
+METADATA_TYPE_FLOAT: MetadataType
+METADATA_TYPE_BOOL: MetadataType
 
 class FilterValue(_message.Message):
     __slots__ = ("string_value", "int_value", "double_value", "bool_value")
@@ -117,18 +130,36 @@ class StreamError(_message.Message):
     message: str
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
+class ChunkingOptions(_message.Message):
+    __slots__ = ("chunk_size", "chunk_overlap")
+    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
+    chunk_size: int
+    chunk_overlap: int
+    def __init__(self, chunk_size: _Optional[int] = ..., chunk_overlap: _Optional[int] = ...) -> None: ...
+
+class MetadataField(_message.Message):
+    __slots__ = ("name", "type")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: MetadataType
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[MetadataType, str]] = ...) -> None: ...
+
 class Chunk(_message.Message):
-    __slots__ = ("id", "document_id", "chunk_index", "title", "text", "metadata")
+    __slots__ = ("id", "document_id", "chunk_index", "title", "text", "metadata", "document_version")
     ID_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_VERSION_FIELD_NUMBER: _ClassVar[int]
     id: str
     document_id: str
     chunk_index: int
     title: str
     text: str
     metadata: _struct_pb2.Struct
-    def __init__(self, id: _Optional[str] = ..., document_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
+    document_version: int
+    def __init__(self, id: _Optional[str] = ..., document_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., document_version: _Optional[int] = ...) -> None: ...

@@ -102,14 +102,6 @@ class Document(_message.Message):
     metadata: _struct_pb2.Struct
     def __init__(self, id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ...) -> None: ...
 
-class ChunkingOptions(_message.Message):
-    __slots__ = ("chunk_size", "chunk_overlap")
-    CHUNK_SIZE_FIELD_NUMBER: _ClassVar[int]
-    CHUNK_OVERLAP_FIELD_NUMBER: _ClassVar[int]
-    chunk_size: int
-    chunk_overlap: int
-    def __init__(self, chunk_size: _Optional[int] = ..., chunk_overlap: _Optional[int] = ...) -> None: ...
-
 class AddDocumentsRequest(_message.Message):
     __slots__ = ("knowledge_base", "documents", "chunking")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
@@ -117,8 +109,8 @@ class AddDocumentsRequest(_message.Message):
     CHUNKING_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
     documents: _containers.RepeatedCompositeFieldContainer[Document]
-    chunking: ChunkingOptions
-    def __init__(self, knowledge_base: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., chunking: _Optional[_Union[ChunkingOptions, _Mapping]] = ...) -> None: ...
+    chunking: _common_pb2.ChunkingOptions
+    def __init__(self, knowledge_base: _Optional[str] = ..., documents: _Optional[_Iterable[_Union[Document, _Mapping]]] = ..., chunking: _Optional[_Union[_common_pb2.ChunkingOptions, _Mapping]] = ...) -> None: ...
 
 class DocumentResult(_message.Message):
     __slots__ = ("id", "chunk_count")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from askmesh.v1 import common_pb2 as askmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/retriever.proto\x12\naskmesh.v1\x1a\x17\x61skmesh/v1/common.proto\"\xa5\x01\n\rSearchRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12+\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x1a.askmesh.v1.MetadataFilterB\x12\n\x10_score_threshold\">\n\x0bScoredChunk\x12 \n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.askmesh.v1.Chunk\x12\r\n\x05score\x18\x02 \x01(\x02\"\"\n\rSearchTimings\x12\x11\n\tsearch_ms\x18\x01 \x01(\x01\"f\n\x0eSearchResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.askmesh.v1.ScoredChunk\x12*\n\x07timings\x18\x02 \x01(\x0b\x32\x19.askmesh.v1.SearchTimings\"?\n\x0bVectorChunk\x12 \n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.askmesh.v1.Chunk\x12\x0e\n\x06vector\x18\x02 \x03(\x02\"\x84\x01\n\rUpsertRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.askmesh.v1.VectorChunk\x12\x19\n\x11\x63reate_if_missing\x18\x03 \x01(\x08\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\"\"\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\"q\n\rDeleteRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\t\x12\x1d\n\x10\x66rom_chunk_index\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x13\n\x11_from_chunk_index\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r2\xce\x01\n\tRetriever\x12?\n\x06Search\x12\x19.askmesh.v1.SearchRequest\x1a\x1a.askmesh.v1.SearchResponse\x12?\n\x06Upsert\x12\x19.askmesh.v1.UpsertRequest\x1a\x1a.askmesh.v1.UpsertResponse\x12?\n\x06\x44\x65lete\x12\x19.askmesh.v1.DeleteRequest\x1a\x1a.askmesh.v1.DeleteResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/retriever.proto\x12\naskmesh.v1\x1a\x17\x61skmesh/v1/common.proto\"\xd3\x01\n\rSearchRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12+\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x1a.askmesh.v1.MetadataFilter\x12,\n\x04pins\x18\x06 \x03(\x0b\x32\x1e.askmesh.v1.DocumentVersionPinB\x12\n\x10_score_threshold\":\n\x12\x44ocumentVersionPin\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\">\n\x0bScoredChunk\x12 \n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.askmesh.v1.Chunk\x12\r\n\x05score\x18\x02 \x01(\x02\"\"\n\rSearchTimings\x12\x11\n\tsearch_ms\x18\x01 \x01(\x01\"f\n\x0eSearchResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.askmesh.v1.ScoredChunk\x12*\n\x07timings\x18\x02 \x01(\x0b\x32\x19.askmesh.v1.SearchTimings\"?\n\x0bVectorChunk\x12 \n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.askmesh.v1.Chunk\x12\x0e\n\x06vector\x18\x02 \x03(\x02\"\xac\x01\n\rUpsertRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.askmesh.v1.VectorChunk\x12\x19\n\x11\x63reate_if_missing\x18\x03 \x01(\x08\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x17\n\ngeneration\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_generation\"\"\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\"\xc9\x01\n\rDeleteRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\t\x12\x1d\n\x10\x66rom_chunk_index\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0e\x65xcept_version\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x17\n\ngeneration\x18\x05 \x01(\rH\x02\x88\x01\x01\x42\x13\n\x11_from_chunk_indexB\x11\n\x0f_except_versionB\r\n\x0b_generation\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\xa5\x01\n\x17\x43reateCollectionRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\r\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x32\n\x0fmetadata_schema\x18\x05 \x03(\x0b\x32\x19.askmesh.v1.MetadataField\"\xb8\x01\n\x0e\x43ollectionInfo\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x19\n\x11\x61\x63tive_generation\x18\x02 \x01(\r\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x32\n\x0fmetadata_schema\x18\x05 \x03(\x0b\x32\x19.askmesh.v1.MetadataField\x12\x13\n\x0b\x63hunk_count\x18\x06 \x01(\x04\"E\n\x17SwitchGenerationRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\r\"2\n\x18\x44ropKnowledgeBaseRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\",\n\x19\x44ropKnowledgeBaseResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"[\n\x19\x44\x65scribeCollectionRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x17\n\ngeneration\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_generation2\xb3\x04\n\tRetriever\x12?\n\x06Search\x12\x19.askmesh.v1.SearchRequest\x1a\x1a.askmesh.v1.SearchResponse\x12?\n\x06Upsert\x12\x19.askmesh.v1.UpsertRequest\x1a\x1a.askmesh.v1.UpsertResponse\x12?\n\x06\x44\x65lete\x12\x19.askmesh.v1.DeleteRequest\x1a\x1a.askmesh.v1.DeleteResponse\x12S\n\x10\x43reateCollection\x12#.askmesh.v1.CreateCollectionRequest\x1a\x1a.askmesh.v1.CollectionInfo\x12S\n\x10SwitchGeneration\x12#.askmesh.v1.SwitchGenerationRequest\x1a\x1a.askmesh.v1.CollectionInfo\x12`\n\x11\x44ropKnowledgeBase\x12$.askmesh.v1.DropKnowledgeBaseRequest\x1a%.askmesh.v1.DropKnowledgeBaseResponse\x12W\n\x12\x44\x65scribeCollection\x12%.askmesh.v1.DescribeCollectionRequest\x1a\x1a.askmesh.v1.CollectionInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'askmesh.v1.retriever_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEARCHREQUEST']._serialized_start=68
-  _globals['_SEARCHREQUEST']._serialized_end=233
-  _globals['_SCOREDCHUNK']._serialized_start=235
-  _globals['_SCOREDCHUNK']._serialized_end=297
-  _globals['_SEARCHTIMINGS']._serialized_start=299
-  _globals['_SEARCHTIMINGS']._serialized_end=333
-  _globals['_SEARCHRESPONSE']._serialized_start=335
-  _globals['_SEARCHRESPONSE']._serialized_end=437
-  _globals['_VECTORCHUNK']._serialized_start=439
-  _globals['_VECTORCHUNK']._serialized_end=502
-  _globals['_UPSERTREQUEST']._serialized_start=505
-  _globals['_UPSERTREQUEST']._serialized_end=637
-  _globals['_UPSERTRESPONSE']._serialized_start=639
-  _globals['_UPSERTRESPONSE']._serialized_end=673
-  _globals['_DELETEREQUEST']._serialized_start=675
-  _globals['_DELETEREQUEST']._serialized_end=788
-  _globals['_DELETERESPONSE']._serialized_start=790
-  _globals['_DELETERESPONSE']._serialized_end=823
-  _globals['_RETRIEVER']._serialized_start=826
-  _globals['_RETRIEVER']._serialized_end=1032
+  _globals['_SEARCHREQUEST']._serialized_end=279
+  _globals['_DOCUMENTVERSIONPIN']._serialized_start=281
+  _globals['_DOCUMENTVERSIONPIN']._serialized_end=339
+  _globals['_SCOREDCHUNK']._serialized_start=341
+  _globals['_SCOREDCHUNK']._serialized_end=403
+  _globals['_SEARCHTIMINGS']._serialized_start=405
+  _globals['_SEARCHTIMINGS']._serialized_end=439
+  _globals['_SEARCHRESPONSE']._serialized_start=441
+  _globals['_SEARCHRESPONSE']._serialized_end=543
+  _globals['_VECTORCHUNK']._serialized_start=545
+  _globals['_VECTORCHUNK']._serialized_end=608
+  _globals['_UPSERTREQUEST']._serialized_start=611
+  _globals['_UPSERTREQUEST']._serialized_end=783
+  _globals['_UPSERTRESPONSE']._serialized_start=785
+  _globals['_UPSERTRESPONSE']._serialized_end=819
+  _globals['_DELETEREQUEST']._serialized_start=822
+  _globals['_DELETEREQUEST']._serialized_end=1023
+  _globals['_DELETERESPONSE']._serialized_start=1025
+  _globals['_DELETERESPONSE']._serialized_end=1058
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=1061
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=1226
+  _globals['_COLLECTIONINFO']._serialized_start=1229
+  _globals['_COLLECTIONINFO']._serialized_end=1413
+  _globals['_SWITCHGENERATIONREQUEST']._serialized_start=1415
+  _globals['_SWITCHGENERATIONREQUEST']._serialized_end=1484
+  _globals['_DROPKNOWLEDGEBASEREQUEST']._serialized_start=1486
+  _globals['_DROPKNOWLEDGEBASEREQUEST']._serialized_end=1536
+  _globals['_DROPKNOWLEDGEBASERESPONSE']._serialized_start=1538
+  _globals['_DROPKNOWLEDGEBASERESPONSE']._serialized_end=1582
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_start=1584
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_end=1675
+  _globals['_RETRIEVER']._serialized_start=1678
+  _globals['_RETRIEVER']._serialized_end=2241
 # @@protoc_insertion_point(module_scope)

@@ -8,18 +8,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("knowledge_base", "vector", "top_k", "score_threshold", "filters")
+    __slots__ = ("knowledge_base", "vector", "top_k", "score_threshold", "filters", "pins")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
+    PINS_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
     vector: _containers.RepeatedScalarFieldContainer[float]
     top_k: int
     score_threshold: float
     filters: _containers.RepeatedCompositeFieldContainer[_common_pb2.MetadataFilter]
-    def __init__(self, knowledge_base: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ...) -> None: ...
+    pins: _containers.RepeatedCompositeFieldContainer[DocumentVersionPin]
+    def __init__(self, knowledge_base: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., pins: _Optional[_Iterable[_Union[DocumentVersionPin, _Mapping]]] = ...) -> None: ...
+
+class DocumentVersionPin(_message.Message):
+    __slots__ = ("document_id", "version")
+    DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    document_id: str
+    version: int
+    def __init__(self, document_id: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ScoredChunk(_message.Message):
     __slots__ = ("chunk", "score")
@@ -52,16 +62,18 @@ class VectorChunk(_message.Message):
     def __init__(self, chunk: _Optional[_Union[_common_pb2.Chunk, _Mapping]] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class UpsertRequest(_message.Message):
-    __slots__ = ("knowledge_base", "chunks", "create_if_missing", "embedding_model")
+    __slots__ = ("knowledge_base", "chunks", "create_if_missing", "embedding_model", "generation")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     CREATE_IF_MISSING_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
     chunks: _containers.RepeatedCompositeFieldContainer[VectorChunk]
     create_if_missing: bool
     embedding_model: str
-    def __init__(self, knowledge_base: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[VectorChunk, _Mapping]]] = ..., create_if_missing: _Optional[bool] = ..., embedding_model: _Optional[str] = ...) -> None: ...
+    generation: int
+    def __init__(self, knowledge_base: _Optional[str] = ..., chunks: _Optional[_Iterable[_Union[VectorChunk, _Mapping]]] = ..., create_if_missing: _Optional[bool] = ..., embedding_model: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class UpsertResponse(_message.Message):
     __slots__ = ("upserted",)
@@ -70,17 +82,79 @@ class UpsertResponse(_message.Message):
     def __init__(self, upserted: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("knowledge_base", "document_ids", "from_chunk_index")
+    __slots__ = ("knowledge_base", "document_ids", "from_chunk_index", "except_version", "generation")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     FROM_CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    EXCEPT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
     document_ids: _containers.RepeatedScalarFieldContainer[str]
     from_chunk_index: int
-    def __init__(self, knowledge_base: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., from_chunk_index: _Optional[int] = ...) -> None: ...
+    except_version: int
+    generation: int
+    def __init__(self, knowledge_base: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., from_chunk_index: _Optional[int] = ..., except_version: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted",)
     DELETED_FIELD_NUMBER: _ClassVar[int]
     deleted: int
     def __init__(self, deleted: _Optional[int] = ...) -> None: ...
+
+class CreateCollectionRequest(_message.Message):
+    __slots__ = ("knowledge_base", "generation", "dimension", "embedding_model", "metadata_schema")
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
+    METADATA_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    generation: int
+    dimension: int
+    embedding_model: str
+    metadata_schema: _containers.RepeatedCompositeFieldContainer[_common_pb2.MetadataField]
+    def __init__(self, knowledge_base: _Optional[str] = ..., generation: _Optional[int] = ..., dimension: _Optional[int] = ..., embedding_model: _Optional[str] = ..., metadata_schema: _Optional[_Iterable[_Union[_common_pb2.MetadataField, _Mapping]]] = ...) -> None: ...
+
+class CollectionInfo(_message.Message):
+    __slots__ = ("knowledge_base", "active_generation", "dimension", "embedding_model", "metadata_schema", "chunk_count")
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
+    METADATA_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    active_generation: int
+    dimension: int
+    embedding_model: str
+    metadata_schema: _containers.RepeatedCompositeFieldContainer[_common_pb2.MetadataField]
+    chunk_count: int
+    def __init__(self, knowledge_base: _Optional[str] = ..., active_generation: _Optional[int] = ..., dimension: _Optional[int] = ..., embedding_model: _Optional[str] = ..., metadata_schema: _Optional[_Iterable[_Union[_common_pb2.MetadataField, _Mapping]]] = ..., chunk_count: _Optional[int] = ...) -> None: ...
+
+class SwitchGenerationRequest(_message.Message):
+    __slots__ = ("knowledge_base", "generation")
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    generation: int
+    def __init__(self, knowledge_base: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+
+class DropKnowledgeBaseRequest(_message.Message):
+    __slots__ = ("knowledge_base",)
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    def __init__(self, knowledge_base: _Optional[str] = ...) -> None: ...
+
+class DropKnowledgeBaseResponse(_message.Message):
+    __slots__ = ("existed",)
+    EXISTED_FIELD_NUMBER: _ClassVar[int]
+    existed: bool
+    def __init__(self, existed: _Optional[bool] = ...) -> None: ...
+
+class DescribeCollectionRequest(_message.Message):
+    __slots__ = ("knowledge_base", "generation")
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    generation: int
+    def __init__(self, knowledge_base: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...

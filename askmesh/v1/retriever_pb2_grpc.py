@@ -49,6 +49,26 @@ class RetrieverStub:
                 request_serializer=askmesh_dot_v1_dot_retriever__pb2.DeleteRequest.SerializeToString,
                 response_deserializer=askmesh_dot_v1_dot_retriever__pb2.DeleteResponse.FromString,
                 _registered_method=True)
+        self.CreateCollection = channel.unary_unary(
+                '/askmesh.v1.Retriever/CreateCollection',
+                request_serializer=askmesh_dot_v1_dot_retriever__pb2.CreateCollectionRequest.SerializeToString,
+                response_deserializer=askmesh_dot_v1_dot_retriever__pb2.CollectionInfo.FromString,
+                _registered_method=True)
+        self.SwitchGeneration = channel.unary_unary(
+                '/askmesh.v1.Retriever/SwitchGeneration',
+                request_serializer=askmesh_dot_v1_dot_retriever__pb2.SwitchGenerationRequest.SerializeToString,
+                response_deserializer=askmesh_dot_v1_dot_retriever__pb2.CollectionInfo.FromString,
+                _registered_method=True)
+        self.DropKnowledgeBase = channel.unary_unary(
+                '/askmesh.v1.Retriever/DropKnowledgeBase',
+                request_serializer=askmesh_dot_v1_dot_retriever__pb2.DropKnowledgeBaseRequest.SerializeToString,
+                response_deserializer=askmesh_dot_v1_dot_retriever__pb2.DropKnowledgeBaseResponse.FromString,
+                _registered_method=True)
+        self.DescribeCollection = channel.unary_unary(
+                '/askmesh.v1.Retriever/DescribeCollection',
+                request_serializer=askmesh_dot_v1_dot_retriever__pb2.DescribeCollectionRequest.SerializeToString,
+                response_deserializer=askmesh_dot_v1_dot_retriever__pb2.CollectionInfo.FromString,
+                _registered_method=True)
 
 
 class RetrieverServicer:
@@ -69,8 +89,38 @@ class RetrieverServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Deletes chunks by document id (optionally only those at or past a chunk index).
+        """Deletes chunks by document id (optionally only those at or past a chunk index, or only
+        the versions other than one).
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCollection(self, request, context):
+        """Creates a knowledge base's collection for one generation. Generation 1 (or the first one)
+        also becomes what the knowledge base's name points to; later ones are for rebuilds and are
+        switched to by SwitchGeneration. Idempotent for the same arguments.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwitchGeneration(self, request, context):
+        """Points the knowledge base at `generation` atomically (a Milvus alias), then drops the others.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DropKnowledgeBase(self, request, context):
+        """Drops a knowledge base with every generation. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DescribeCollection(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -92,6 +142,26 @@ def add_RetrieverServicer_to_server(servicer, server):
                     servicer.Delete,
                     request_deserializer=askmesh_dot_v1_dot_retriever__pb2.DeleteRequest.FromString,
                     response_serializer=askmesh_dot_v1_dot_retriever__pb2.DeleteResponse.SerializeToString,
+            ),
+            'CreateCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCollection,
+                    request_deserializer=askmesh_dot_v1_dot_retriever__pb2.CreateCollectionRequest.FromString,
+                    response_serializer=askmesh_dot_v1_dot_retriever__pb2.CollectionInfo.SerializeToString,
+            ),
+            'SwitchGeneration': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchGeneration,
+                    request_deserializer=askmesh_dot_v1_dot_retriever__pb2.SwitchGenerationRequest.FromString,
+                    response_serializer=askmesh_dot_v1_dot_retriever__pb2.CollectionInfo.SerializeToString,
+            ),
+            'DropKnowledgeBase': grpc.unary_unary_rpc_method_handler(
+                    servicer.DropKnowledgeBase,
+                    request_deserializer=askmesh_dot_v1_dot_retriever__pb2.DropKnowledgeBaseRequest.FromString,
+                    response_serializer=askmesh_dot_v1_dot_retriever__pb2.DropKnowledgeBaseResponse.SerializeToString,
+            ),
+            'DescribeCollection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DescribeCollection,
+                    request_deserializer=askmesh_dot_v1_dot_retriever__pb2.DescribeCollectionRequest.FromString,
+                    response_serializer=askmesh_dot_v1_dot_retriever__pb2.CollectionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -175,6 +245,114 @@ class Retriever:
             '/askmesh.v1.Retriever/Delete',
             askmesh_dot_v1_dot_retriever__pb2.DeleteRequest.SerializeToString,
             askmesh_dot_v1_dot_retriever__pb2.DeleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/askmesh.v1.Retriever/CreateCollection',
+            askmesh_dot_v1_dot_retriever__pb2.CreateCollectionRequest.SerializeToString,
+            askmesh_dot_v1_dot_retriever__pb2.CollectionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchGeneration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/askmesh.v1.Retriever/SwitchGeneration',
+            askmesh_dot_v1_dot_retriever__pb2.SwitchGenerationRequest.SerializeToString,
+            askmesh_dot_v1_dot_retriever__pb2.CollectionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DropKnowledgeBase(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/askmesh.v1.Retriever/DropKnowledgeBase',
+            askmesh_dot_v1_dot_retriever__pb2.DropKnowledgeBaseRequest.SerializeToString,
+            askmesh_dot_v1_dot_retriever__pb2.DropKnowledgeBaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DescribeCollection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/askmesh.v1.Retriever/DescribeCollection',
+            askmesh_dot_v1_dot_retriever__pb2.DescribeCollectionRequest.SerializeToString,
+            askmesh_dot_v1_dot_retriever__pb2.CollectionInfo.FromString,
             options,
             channel_credentials,
             insecure,

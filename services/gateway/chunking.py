@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
@@ -101,3 +103,34 @@ def chunk_text(text: str, size: int, overlap: int) -> list[str]:
     if current:
         chunks.append(_join(current))
     return chunks
+
+
+class _SectionLike(Protocol):
+    """What chunk_sections needs; services.gateway.parsing.Section fits."""
+
+    @property
+    def text(self) -> str: ...
+    @property
+    def page(self) -> int | None: ...
+    @property
+    def heading(self) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class SectionChunk:
+    text: str
+    page: int | None
+    heading: str | None
+
+
+def chunk_sections(sections: Sequence[_SectionLike], size: int, overlap: int) -> list[SectionChunk]:
+    """Chunks each section on its own with chunk_text: sections are never merged, so every chunk
+    has exactly one page and one heading path (those of its section)."""
+    if overlap >= size:
+        raise ValueError("overlap must be smaller than size")
+    return [
+        SectionChunk(text, section.page, section.heading)
+        for section in sections
+        for text in chunk_text(section.text, size, overlap)
+        if text.strip()
+    ]

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -44,6 +46,24 @@ class GatewaySettings(ServiceSettings):
     max_chunks_per_request: int = Field(default=20_000, ge=1)
     embed_batch_size: int = Field(default=64, ge=1)
     upsert_batch_size: int = Field(default=512, ge=1)
+
+    # Knowledge-base records, documents and ingestion tasks. A SQLite file may be shared by the
+    # gateway replicas of one machine; the Store protocol is where a shared server store plugs in.
+    store_path: Path = Path(".askmesh/data/gateway.sqlite3")
+    # Uploaded files wait here until their task has stored them (shared by replicas that share
+    # the store, e.g. a ReadWriteMany volume).
+    spool_dir: Path = Path(".askmesh/data/uploads")
+    # Ingestion tasks run at once on this replica; small, so ingestion cannot starve Ask.
+    ingest_workers: int = Field(default=1, ge=0)
+    # Chunks embedded and stored per checkpoint of an ingestion task.
+    ingest_batch_size: int = Field(default=32, ge=1)
+    # A worker that stops renewing its lease (crashed) loses its task to another after this.
+    task_lease_s: float = Field(default=30.0, gt=0)
+    task_poll_interval_s: float = Field(default=0.5, gt=0)
+    max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
+    max_chunks_per_task: int = Field(default=50_000, ge=1)
+    # Attempts of a task whose upstream tier is unavailable before it fails.
+    task_max_attempts: int = Field(default=5, ge=1)
 
     @field_validator("embedder_address", "retriever_address", "generator_address")
     @classmethod

@@ -6,11 +6,22 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from askmesh.runtime.errors import InvalidArgument, streaming_rpc, unary_rpc
-from askmesh.runtime.validation import check_count, check_knowledge_base_name, check_text
-from askmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from askmesh.runtime.errors import InvalidArgument, NotFound, streaming_rpc, unary_rpc
+from askmesh.runtime.validation import check_count, check_knowledge_base_name, check_schema, check_text
+from askmesh.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    ingestion_pb2,
+    ingestion_pb2_grpc,
+    knowledge_pb2,
+    knowledge_pb2_grpc,
+)
 from services.gateway.config import GatewaySettings
-from services.gateway.engine import Deadline, GatewayEngine
+from services.gateway.engine import GatewayEngine
+from services.gateway.ingestion import STATE_NAMES, task_message
+from services.gateway.knowledge import document_info
+from services.gateway.upstreams import Deadline
 
 MAX_TITLE_CHARS = 1024
 MAX_DOCUMENT_ID_CHARS = 256
@@ -37,8 +48,23 @@ def validate_ask(request: gateway_pb2.AskRequest, settings: GatewaySettings) -> 
     # messages name the same fields (filters[i]..., parameters....).
 
 
-def validate_add_documents(request: gateway_pb2.AddDocumentsRequest, settings: GatewaySettings) -> tuple[int, int]:
-    """Checks the request; returns the (chunk size, overlap) to use."""
+def validate_chunking(
+    chunking: common_pb2.ChunkingOptions, settings: GatewaySettings, field: str = "chunking"
+) -> tuple[int | None, int | None]:
+    """The requested (chunk size, overlap); None where the knowledge base's default applies."""
+    size = chunking.chunk_size or None
+    if size is not None and not 50 <= size <= settings.max_chunk_size:
+        raise InvalidArgument(f"{field}.chunk_size", f"{size} is out of range 50..{settings.max_chunk_size}")
+    overlap = chunking.chunk_overlap if chunking.HasField("chunk_overlap") else None
+    if overlap is not None and overlap >= (size or settings.chunk_size):
+        raise InvalidArgument(f"{field}.chunk_overlap", f"{overlap} must be smaller than chunk_size {size or settings.chunk_size}")
+    return size, overlap
+
+
+def validate_add_documents(
+    request: gateway_pb2.AddDocumentsRequest, settings: GatewaySettings
+) -> tuple[int | None, int | None]:
+    """Checks the request; returns the (chunk size, overlap) asked for."""
     if request.knowledge_base:
         check_knowledge_base_name(request.knowledge_base)
     check_count("documents", len(request.documents), settings.max_documents, minimum=1)
@@ -52,13 +78,7 @@ def validate_add_documents(request: gateway_pb2.AddDocumentsRequest, settings: G
         if document.id and document.id in seen:
             raise InvalidArgument(f"{where}.id", f"{document.id!r} appears twice in one request")
         seen.add(document.id)
-    size = request.chunking.chunk_size or settings.chunk_size
-    if not 50 <= size <= settings.max_chunk_size:
-        raise InvalidArgument("chunking.chunk_size", f"{size} is out of range 50..{settings.max_chunk_size}")
-    overlap = request.chunking.chunk_overlap if request.chunking.HasField("chunk_overlap") else min(settings.chunk_overlap, size // 2)
-    if overlap >= size:
-        raise InvalidArgument("chunking.chunk_overlap", f"{overlap} must be smaller than chunk_size {size}")
-    return size, overlap
+    return validate_chunking(request.chunking, settings)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -83,3 +103,192 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> gateway_pb2.AddDocumentsResponse:
         size, overlap = validate_add_documents(request, self.settings)
         return await self.engine.add_documents(request, size, overlap, self._deadline(context))
+
+
+PAGE_SIZE_DEFAULT = 100
+PAGE_SIZE_MAX = 1000
+
+
+def page_size(requested: int) -> int:
+    if requested > PAGE_SIZE_MAX:
+        raise InvalidArgument("page_size", f"{requested} is out of range 1..{PAGE_SIZE_MAX}")
+    return requested or PAGE_SIZE_DEFAULT
+
+
+def check_document_id(document_id: str, field: str = "id") -> None:
+    if not document_id or len(document_id) > MAX_DOCUMENT_ID_CHARS or any(ord(c) < 0x20 for c in document_id):
+        raise InvalidArgument(field, f"must be 1 to {MAX_DOCUMENT_ID_CHARS} printable characters")
+
+
+class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
+    def __init__(self, engine: GatewayEngine) -> None:
+        self.engine = engine
+        self.knowledge = engine.knowledge
+        self.settings = engine.settings
+
+    def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
+        return Deadline(remaining_s=context.time_remaining(), default_s=self.settings.upstream_timeout_s)
+
+    @unary_rpc
+    async def CreateKnowledgeBase(
+        self, request: knowledge_pb2.CreateKnowledgeBaseRequest, context: grpc.aio.ServicerContext
+    ) -> knowledge_pb2.KnowledgeBase:
+        check_knowledge_base_name(request.name, "name")
+        check_text("description", request.description, 2000, required=False)
+        check_schema(request.metadata_schema)
+        size, overlap = validate_chunking(request.chunking, self.settings)
+        record = await self.knowledge.create(
+            request.name, self._deadline(context), description=request.description,
+            schema=request.metadata_schema, chunk_size=size, chunk_overlap=overlap,
+        )
+        return await self.knowledge.describe(record)
+
+    @unary_rpc
+    async def ListKnowledgeBases(
+        self, request: knowledge_pb2.ListKnowledgeBasesRequest, context: grpc.aio.ServicerContext
+    ) -> knowledge_pb2.ListKnowledgeBasesResponse:
+        records = await self.engine.store(self.engine.store.store.list_knowledge_bases)
+        return knowledge_pb2.ListKnowledgeBasesResponse(
+            knowledge_bases=[await self.knowledge.describe(r) for r in records]
+        )
+
+    @unary_rpc
+    async def GetKnowledgeBase(
+        self, request: knowledge_pb2.GetKnowledgeBaseRequest, context: grpc.aio.ServicerContext
+    ) -> knowledge_pb2.KnowledgeBase:
+        check_knowledge_base_name(request.name, "name")
+        return await self.knowledge.describe(await self.knowledge.require(request.name))
+
+    @unary_rpc
+    async def DeleteKnowledgeBase(
+        self, request: knowledge_pb2.DeleteKnowledgeBaseRequest, context: grpc.aio.ServicerContext
+    ) -> knowledge_pb2.DeleteKnowledgeBaseResponse:
+        check_knowledge_base_name(request.name, "name")
+        deleted = await self.knowledge.delete(request.name, self._deadline(context))
+        return knowledge_pb2.DeleteKnowledgeBaseResponse(deleted_documents=deleted)
+
+    @unary_rpc
+    async def RebuildKnowledgeBase(
+        self, request: knowledge_pb2.RebuildKnowledgeBaseRequest, context: grpc.aio.ServicerContext
+    ) -> ingestion_pb2.Task:
+        check_knowledge_base_name(request.name, "name")
+        validate_chunking(request.chunking, self.settings)
+        return task_message(await self.engine.ingestion.queue_rebuild(request.name, request.chunking))
+
+    @unary_rpc
+    async def ListDocuments(
+        self, request: knowledge_pb2.ListDocumentsRequest, context: grpc.aio.ServicerContext
+    ) -> knowledge_pb2.ListDocumentsResponse:
+        check_knowledge_base_name(request.knowledge_base)
+        limit = page_size(request.page_size)
+        await self.knowledge.require(request.knowledge_base)
+        records = await self.engine.store(
+            self.engine.store.store.list_documents, request.knowledge_base, after_id=request.page_token, limit=limit + 1
+        )
+        more = len(records) > limit
+        records = records[:limit]
+        return knowledge_pb2.ListDocumentsResponse(
+            documents=[document_info(r) for r in records], next_page_token=records[-1].id if more else ""
+        )
+
+    @unary_rpc
+    async def GetDocument(
+        self, request: knowledge_pb2.GetDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> knowledge_pb2.DocumentInfo:
+        check_knowledge_base_name(request.knowledge_base)
+        check_document_id(request.id)
+        await self.knowledge.require(request.knowledge_base)
+        record = await self.engine.store(self.engine.store.store.get_document, request.knowledge_base, request.id)
+        if record is None or not record.visible:
+            raise NotFound(f"id: document {request.id!r} does not exist in {request.knowledge_base!r}")
+        return document_info(record)
+
+    @unary_rpc
+    async def DeleteDocument(
+        self, request: knowledge_pb2.DeleteDocumentRequest, context: grpc.aio.ServicerContext
+    ) -> knowledge_pb2.DeleteDocumentResponse:
+        check_knowledge_base_name(request.knowledge_base)
+        check_document_id(request.id)
+        deleted = await self.knowledge.delete_document(request.knowledge_base, request.id, self._deadline(context))
+        return knowledge_pb2.DeleteDocumentResponse(deleted_chunks=deleted)
+
+
+class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
+    def __init__(self, engine: GatewayEngine) -> None:
+        self.engine = engine
+        self.ingestion = engine.ingestion
+        self.settings = engine.settings
+
+    @unary_rpc
+    async def UploadFile(
+        self, request_iterator: AsyncIterator[ingestion_pb2.UploadFileRequest], context: grpc.aio.ServicerContext
+    ) -> ingestion_pb2.Task:
+        messages = request_iterator.__aiter__()
+        try:
+            first = await messages.__anext__()
+        except StopAsyncIteration:
+            raise InvalidArgument("header", "the first message must be the header") from None
+        if first.WhichOneof("part") != "header":
+            raise InvalidArgument("header", "the first message must be the header")
+        header = first.header
+        check_knowledge_base_name(header.knowledge_base, "header.knowledge_base")
+        if header.document_id:
+            check_document_id(header.document_id, "header.document_id")
+        check_text("header.title", header.title, MAX_TITLE_CHARS, required=False)
+
+        async def data() -> AsyncIterator[bytes]:
+            async for message in messages:
+                if message.WhichOneof("part") != "data":
+                    raise InvalidArgument("header", "only the first message may be a header")
+                yield message.data
+
+        deadline = Deadline(remaining_s=context.time_remaining(), default_s=self.settings.upstream_timeout_s)
+        return task_message(await self.ingestion.receive_upload(header, data(), deadline))
+
+    async def _task(self, task_id: str) -> ingestion_pb2.Task:
+        if not task_id or len(task_id) > 64:
+            raise InvalidArgument("id", "must be a task id")
+        record = await self.engine.store(self.engine.store.store.get_task, task_id)
+        if record is None:
+            raise NotFound(f"id: task {task_id!r} does not exist")
+        return task_message(record)
+
+    @unary_rpc
+    async def GetTask(self, request: ingestion_pb2.GetTaskRequest, context: grpc.aio.ServicerContext) -> ingestion_pb2.Task:
+        return await self._task(request.id)
+
+    @streaming_rpc(lambda error: ingestion_pb2.Task(error=f"{error.code}: {error.message}"))
+    async def WatchTask(
+        self, request: ingestion_pb2.WatchTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ingestion_pb2.Task]:
+        await self._task(request.id)
+        async for record in self.ingestion.watch(request.id):
+            yield task_message(record)
+
+    @unary_rpc
+    async def ListTasks(
+        self, request: ingestion_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> ingestion_pb2.ListTasksResponse:
+        if request.knowledge_base:
+            check_knowledge_base_name(request.knowledge_base)
+        limit = page_size(request.page_size)
+        before = None
+        if request.page_token:
+            created, _, task_id = request.page_token.partition("/")
+            try:
+                before = (float(created), task_id)
+            except ValueError:
+                raise InvalidArgument("page_token", "is not a token this server gave") from None
+        states = [STATE_NAMES[s] for s in request.states if s in STATE_NAMES]
+        records = await self.engine.store(
+            self.engine.store.store.list_tasks, knowledge_base=request.knowledge_base, states=states, limit=limit + 1, before=before
+        )
+        more = len(records) > limit
+        records = records[:limit]
+        token = f"{records[-1].created_at!r}/{records[-1].id}" if more else ""
+        return ingestion_pb2.ListTasksResponse(tasks=[task_message(r) for r in records], next_page_token=token)
+
+    @unary_rpc
+    async def CancelTask(self, request: ingestion_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext) -> ingestion_pb2.Task:
+        await self._task(request.id)
+        return task_message(await self.engine.store(self.engine.store.store.request_cancel, request.id))

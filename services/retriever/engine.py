@@ -1,9 +1,14 @@
 """Chunk storage and vector search in Milvus, without gRPC.
 
-One collection per knowledge base (`kb_<name>`): primary key `id` (deterministic chunk id, so an
-upsert of the same chunk replaces it), document id and chunk index as scalar fields, title and
-text, metadata as JSON, and the vector with an HNSW index on cosine similarity. Every write is
-flushed: Milvus Lite searches unflushed rows about 50x slower.
+A knowledge base `x` is a Milvus alias `kb_x` pointing at one physical collection per
+generation, `kb_x__g1`, `kb_x__g2`, ... A rebuild writes the next generation while the alias keeps
+serving the current one, then switches the alias atomically and drops the old collection.
+
+Each collection holds chunks: primary key `id` (deterministic, so re-upserting replaces), the
+document id, version and chunk index as scalar fields, title, text, all metadata as JSON, one
+typed nullable column `m_<key>` per metadata key the knowledge base declares (fast, type-checked
+filters), and the vector with an HNSW index on cosine similarity. Every write is flushed: Milvus
+Lite searches unflushed rows about 50x slower.
 
 pymilvus is blocking, so every call runs on a small thread pool off the event loop.
 """
@@ -11,12 +16,14 @@ pymilvus is blocking, so every call runs on a small thread pool off the event lo
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,31 +31,47 @@ from google.protobuf import json_format, struct_pb2
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from askmesh.runtime.validation import MAX_DECLARED_STRING, check_schema, typed_value
 from askmesh.v1 import common_pb2, retriever_pb2
 from services.retriever.config import RetrieverSettings
-from services.retriever.filters import build_filter, literal
+from services.retriever.filters import DECLARED_PREFIX, build_filter, literal
 
 log = logging.getLogger("askmesh.retriever")
 
-COLLECTION_PREFIX = "kb_"
-OUTPUT_FIELDS = ["id", "document_id", "chunk_index", "title", "text", "metadata"]
+ALIAS_PREFIX = "kb_"
 EMBEDDING_MODEL_PROPERTY = "askmesh.embedding_model"
+SCHEMA_PROPERTY = "askmesh.metadata_schema"
+OUTPUT_FIELDS = ["id", "document_id", "document_version", "chunk_index", "title", "text", "metadata"]
 MAX_ID_LENGTH = 128
 MAX_DOCUMENT_ID_LENGTH = 256
 MAX_TITLE_LENGTH = 1024
 MAX_TEXT_BYTES = 65_535
+_GENERATION = re.compile(r"^(?P<alias>kb_[a-z][a-z0-9_]*)__g(?P<generation>\d+)$")
+_COLUMN_TYPES = {
+    common_pb2.METADATA_TYPE_STRING: DataType.VARCHAR,
+    common_pb2.METADATA_TYPE_INT: DataType.INT64,
+    common_pb2.METADATA_TYPE_FLOAT: DataType.DOUBLE,
+    common_pb2.METADATA_TYPE_BOOL: DataType.BOOL,
+}
 
 T = TypeVar("T")
 
 
-def collection_name(knowledge_base: str) -> str:
-    return COLLECTION_PREFIX + knowledge_base
+def alias_name(knowledge_base: str) -> str:
+    return ALIAS_PREFIX + knowledge_base
+
+
+def collection_name(knowledge_base: str, generation: int) -> str:
+    return f"{ALIAS_PREFIX}{knowledge_base}__g{generation}"
 
 
 @dataclass(frozen=True)
-class CollectionInfo:
+class CollectionState:
+    name: str  # the physical collection
+    generation: int
     dimension: int
     embedding_model: str
+    schema: dict[str, int] = field(default_factory=dict)
 
 
 class RetrievalEngine:
@@ -56,9 +79,8 @@ class RetrievalEngine:
         self.settings = settings
         self._client: MilvusClient | None = None
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="retriever-milvus")
-        self._collections: dict[str, CollectionInfo] = {}
-        # Creating a collection is check-then-act: serialize it within this replica.
-        self._create_lock = threading.Lock()
+        # Creating and switching collections is check-then-act: serialize it within this replica.
+        self._admin_lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------
     def _connect(self) -> MilvusClient:
@@ -68,13 +90,12 @@ class RetrievalEngine:
         client = MilvusClient(uri=uri, token=self.settings.milvus_token)
         # After a restart collections are "released" until loaded again.
         for name in client.list_collections():
-            if name.startswith(COLLECTION_PREFIX):
+            if _GENERATION.match(name):
                 client.load_collection(name)
         return client
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._client = await loop.run_in_executor(self._executor, self._connect)
+        self._client = await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
         log.info("connected to Milvus at %s", self.settings.milvus_uri)
 
     async def close(self) -> None:
@@ -99,158 +120,263 @@ class RetrievalEngine:
         return self._client
 
     # -- collections -----------------------------------------------------------------------
-    def _describe(self, knowledge_base: str) -> CollectionInfo | None:
-        cached = self._collections.get(knowledge_base)
-        if cached is not None:
-            return cached
-        name = collection_name(knowledge_base)
-        if not self.client.has_collection(name):
-            return None
-        description = self.client.describe_collection(name)
-        dimension = next(
-            int(f["params"]["dim"]) for f in description["fields"] if f["name"] == "vector"
+    def _state(self, physical: str) -> CollectionState:
+        description = self.client.describe_collection(physical)
+        dimension = next(int(f["params"]["dim"]) for f in description["fields"] if f["name"] == "vector")
+        properties = description.get("properties") or {}
+        schema = {name: int(kind) for name, kind in json.loads(properties.get(SCHEMA_PROPERTY) or "{}").items()}
+        match = _GENERATION.match(description["collection_name"])
+        return CollectionState(
+            name=description["collection_name"],
+            generation=int(match["generation"]) if match else 0,
+            dimension=dimension,
+            embedding_model=properties.get(EMBEDDING_MODEL_PROPERTY, ""),
+            schema=schema,
         )
-        model = (description.get("properties") or {}).get(EMBEDDING_MODEL_PROPERTY, "")
-        info = CollectionInfo(dimension=dimension, embedding_model=model)
-        self._collections[knowledge_base] = info
-        return info
 
-    def _require(self, knowledge_base: str) -> CollectionInfo:
-        info = self._describe(knowledge_base)
-        if info is None:
-            raise NotFound(f"knowledge_base: {knowledge_base!r} does not exist")
-        return info
+    def _resolve(self, knowledge_base: str, generation: int | None = None) -> CollectionState:
+        """The active collection (through the alias), or a given generation."""
+        name = alias_name(knowledge_base) if generation is None else collection_name(knowledge_base, generation)
+        if not self.client.has_collection(name):
+            what = f"knowledge_base: {knowledge_base!r}"
+            raise NotFound(f"{what} does not exist" if generation is None else f"{what} has no generation {generation}")
+        return self._state(name)
 
-    def _create(self, knowledge_base: str, dimension: int, embedding_model: str) -> CollectionInfo:
-        with self._create_lock:
-            existing = self._describe(knowledge_base)
-            if existing is not None:
-                return existing
-            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
-            schema.add_field("document_id", DataType.VARCHAR, max_length=MAX_DOCUMENT_ID_LENGTH)
-            schema.add_field("chunk_index", DataType.INT64)
-            schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE_LENGTH)
-            schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
-            schema.add_field("metadata", DataType.JSON)
-            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
-            index_params = MilvusClient.prepare_index_params()
-            index_params.add_index(
-                field_name="vector",
-                index_type="HNSW",
-                metric_type="COSINE",
-                params={"M": self.settings.hnsw_m, "efConstruction": self.settings.hnsw_ef_construction},
+    def _generations(self, knowledge_base: str) -> list[str]:
+        prefix = alias_name(knowledge_base) + "__g"
+        return [n for n in self.client.list_collections() if n.startswith(prefix) and _GENERATION.match(n)]
+
+    def _create(self, knowledge_base: str, generation: int, dimension: int, model: str, schema: dict[str, int]) -> CollectionState:
+        with self._admin_lock:
+            name = collection_name(knowledge_base, generation)
+            if self.client.has_collection(name):
+                existing = self._state(name)
+                if (existing.dimension, existing.embedding_model, existing.schema) != (dimension, model, schema):
+                    raise FailedPrecondition(
+                        f"knowledge_base: {knowledge_base!r} generation {generation} exists with another dimension, model or schema"
+                    )
+            else:
+                collection_schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+                collection_schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
+                collection_schema.add_field("document_id", DataType.VARCHAR, max_length=MAX_DOCUMENT_ID_LENGTH)
+                collection_schema.add_field("document_version", DataType.INT64)
+                collection_schema.add_field("chunk_index", DataType.INT64)
+                collection_schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE_LENGTH)
+                collection_schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+                collection_schema.add_field("metadata", DataType.JSON)
+                for key, kind in schema.items():
+                    extra = {"max_length": MAX_DECLARED_STRING} if kind == common_pb2.METADATA_TYPE_STRING else {}
+                    collection_schema.add_field(DECLARED_PREFIX + key, _COLUMN_TYPES[kind], nullable=True, **extra)
+                collection_schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
+                index_params = MilvusClient.prepare_index_params()
+                index_params.add_index(
+                    field_name="vector",
+                    index_type="HNSW",
+                    metric_type="COSINE",
+                    params={"M": self.settings.hnsw_m, "efConstruction": self.settings.hnsw_ef_construction},
+                )
+                self.client.create_collection(
+                    name,
+                    schema=collection_schema,
+                    index_params=index_params,
+                    consistency_level="Strong",
+                    # Collection properties survive restarts (Milvus Lite drops the description).
+                    properties={EMBEDDING_MODEL_PROPERTY: model, SCHEMA_PROPERTY: json.dumps(schema)},
+                )
+                self.client.load_collection(name)
+                log.info("created %s (dimension %d, model %s, schema %s)", name, dimension, model, schema)
+            alias = alias_name(knowledge_base)
+            if not self.client.has_collection(alias):
+                self.client.create_alias(name, alias)
+            return self._state(name)
+
+    async def create_collection(self, request: retriever_pb2.CreateCollectionRequest) -> retriever_pb2.CollectionInfo:
+        schema = check_schema(request.metadata_schema)
+        generation = request.generation or 1
+        await self._run(self._create, request.knowledge_base, generation, request.dimension, request.embedding_model, schema)
+        return await self.describe(request.knowledge_base)
+
+    async def switch_generation(self, knowledge_base: str, generation: int) -> retriever_pb2.CollectionInfo:
+        def switch() -> None:
+            with self._admin_lock:
+                target = self._resolve(knowledge_base, generation)
+                self.client.alter_alias(target.name, alias_name(knowledge_base))
+                for name in self._generations(knowledge_base):
+                    if name != target.name:
+                        self.client.drop_collection(name)
+                log.info("knowledge base %s now serves generation %d", knowledge_base, generation)
+
+        await self._run(switch)
+        return await self.describe(knowledge_base)
+
+    async def drop(self, knowledge_base: str) -> bool:
+        def drop() -> bool:
+            with self._admin_lock:
+                alias = alias_name(knowledge_base)
+                existed = self.client.has_collection(alias)
+                if existed:
+                    self.client.drop_alias(alias)
+                for name in self._generations(knowledge_base):
+                    self.client.drop_collection(name)
+                    existed = True
+                return existed
+
+        return await self._run(drop)
+
+    async def describe(self, knowledge_base: str, generation: int | None = None) -> retriever_pb2.CollectionInfo:
+        def describe() -> retriever_pb2.CollectionInfo:
+            state = self._resolve(knowledge_base, generation)
+            active = self._state(alias_name(knowledge_base)).generation if self.client.has_collection(alias_name(knowledge_base)) else 0
+            rows = self.client.query(state.name, filter="", output_fields=["count(*)"])
+            return retriever_pb2.CollectionInfo(
+                knowledge_base=knowledge_base,
+                active_generation=active,
+                dimension=state.dimension,
+                embedding_model=state.embedding_model,
+                metadata_schema=[common_pb2.MetadataField(name=k, type=v) for k, v in state.schema.items()],
+                chunk_count=int(rows[0]["count(*)"]) if rows else 0,
             )
-            name = collection_name(knowledge_base)
-            self.client.create_collection(
-                name,
-                schema=schema,
-                index_params=index_params,
-                consistency_level="Strong",
-                # Collection properties survive restarts (Milvus Lite drops the description).
-                properties={EMBEDDING_MODEL_PROPERTY: embedding_model},
-            )
-            self.client.load_collection(name)
-            log.info("created knowledge base %s (dimension %d, model %s)", knowledge_base, dimension, embedding_model)
-            return self._require(knowledge_base)
+
+        return await self._run(describe)
 
     # -- operations ------------------------------------------------------------------------
     async def search(self, request: retriever_pb2.SearchRequest) -> retriever_pb2.SearchResponse:
         top_k = request.top_k or self.settings.default_top_k
-        expression = build_filter(
-            request.filters,
-            max_filters=self.settings.max_filters,
-            max_values=self.settings.max_filter_values,
-        )
         vector = list(request.vector)
 
-        def search() -> list[Any]:
-            info = self._require(request.knowledge_base)
-            if len(vector) != info.dimension:
+        def search() -> tuple[CollectionState, list[Any]]:
+            state = self._resolve(request.knowledge_base)
+            if len(vector) != state.dimension:
                 raise InvalidArgument(
-                    "vector", f"has {len(vector)} dimensions; knowledge base {request.knowledge_base!r} has {info.dimension}"
+                    "vector", f"has {len(vector)} dimensions; knowledge base {request.knowledge_base!r} has {state.dimension}"
                 )
+            expression = _and(
+                build_filter(
+                    request.filters,
+                    max_filters=self.settings.max_filters,
+                    max_values=self.settings.max_filter_values,
+                    schema=state.schema,
+                ),
+                _pins_expression(request.pins),
+            )
+            # Fetch more than asked: right after a document update its old version may still be
+            # stored for a moment, and only the newest version of each document is returned.
+            limit = min(top_k * 2, 16_384)
             hits = self.client.search(
-                collection_name(request.knowledge_base),
+                alias_name(request.knowledge_base),
                 data=[vector],
                 anns_field="vector",
-                limit=top_k,
+                limit=limit,
                 filter=expression,
                 output_fields=OUTPUT_FIELDS,
-                search_params={"metric_type": "COSINE", "params": {"ef": max(self.settings.hnsw_ef_search, top_k)}},
+                search_params={"metric_type": "COSINE", "params": {"ef": max(self.settings.hnsw_ef_search, limit)}},
             )
-            return list(hits[0])
+            return state, list(hits[0])
 
         started = time.perf_counter()
-        hits = await self._run(search)
+        _, hits = await self._run(search)
         search_ms = (time.perf_counter() - started) * 1000
+        newest: dict[str, int] = {}
+        for hit in hits:
+            entity = hit["entity"]
+            newest[entity["document_id"]] = max(newest.get(entity["document_id"], 0), int(entity["document_version"]))
         results = []
         for hit in hits:
-            score = float(hit["distance"])
+            entity, score = hit["entity"], float(hit["distance"])
+            if int(entity["document_version"]) != newest[entity["document_id"]]:
+                continue
             if request.HasField("score_threshold") and score < request.score_threshold:
                 continue
-            results.append(retriever_pb2.ScoredChunk(chunk=_chunk_from_row(hit["entity"]), score=score))
-        return retriever_pb2.SearchResponse(
-            results=results, timings=retriever_pb2.SearchTimings(search_ms=search_ms)
-        )
+            results.append(retriever_pb2.ScoredChunk(chunk=_chunk_from_row(entity), score=score))
+            if len(results) == top_k:
+                break
+        return retriever_pb2.SearchResponse(results=results, timings=retriever_pb2.SearchTimings(search_ms=search_ms))
 
     async def upsert(self, request: retriever_pb2.UpsertRequest) -> int:
-        rows = [_row_from_chunk(item) for item in request.chunks]
         dimension = len(request.chunks[0].vector)
+        generation = request.generation if request.HasField("generation") else None
 
         def upsert() -> int:
-            info = self._describe(request.knowledge_base)
-            if info is None:
+            try:
+                state = self._resolve(request.knowledge_base, generation)
+            except NotFound:
                 if not request.create_if_missing:
-                    raise NotFound(f"knowledge_base: {request.knowledge_base!r} does not exist")
-                info = self._create(request.knowledge_base, dimension, request.embedding_model)
-            if request.embedding_model and info.embedding_model and request.embedding_model != info.embedding_model:
+                    raise
+                state = self._create(request.knowledge_base, generation or 1, dimension, request.embedding_model, {})
+            if request.embedding_model and state.embedding_model and request.embedding_model != state.embedding_model:
                 raise FailedPrecondition(
                     f"embedding_model: knowledge base {request.knowledge_base!r} was built with "
-                    f"{info.embedding_model!r}, not {request.embedding_model!r}; rebuild it to change models"
+                    f"{state.embedding_model!r}, not {request.embedding_model!r}; rebuild it to change models"
                 )
+            rows = []
             for index, item in enumerate(request.chunks):
-                if len(item.vector) != info.dimension:
+                if len(item.vector) != state.dimension:
                     raise InvalidArgument(
                         f"chunks[{index}].vector",
-                        f"has {len(item.vector)} dimensions; knowledge base {request.knowledge_base!r} has {info.dimension}",
+                        f"has {len(item.vector)} dimensions; knowledge base {request.knowledge_base!r} has {state.dimension}",
                     )
-            name = collection_name(request.knowledge_base)
-            self.client.upsert(name, rows)
-            self.client.flush(name)
+                rows.append(_row_from_chunk(item, state.schema, f"chunks[{index}].chunk.metadata"))
+            self.client.upsert(state.name, rows)
+            self.client.flush(state.name)
             return len(rows)
 
         return await self._run(upsert)
 
     async def delete(self, request: retriever_pb2.DeleteRequest) -> int:
+        generation = request.generation if request.HasField("generation") else None
+
         def delete() -> int:
-            self._require(request.knowledge_base)
+            state = self._resolve(request.knowledge_base, generation)
             ids = ", ".join(literal(d, f"document_ids[{i}]") for i, d in enumerate(request.document_ids))
             expression = f"document_id in [{ids}]"
             if request.HasField("from_chunk_index"):
                 expression += f" and chunk_index >= {request.from_chunk_index}"
-            name = collection_name(request.knowledge_base)
+            if request.HasField("except_version"):
+                expression += f" and document_version != {request.except_version}"
             # Count first: Milvus Lite's delete result does not report rows removed by a filter.
-            existing = self.client.query(name, filter=expression, output_fields=["id"])
+            existing = self.client.query(state.name, filter=expression, output_fields=["id"])
             if existing:
-                self.client.delete(name, ids=[row["id"] for row in existing])
-                self.client.flush(name)
+                self.client.delete(state.name, ids=[row["id"] for row in existing])
+                self.client.flush(state.name)
             return len(existing)
 
         return await self._run(delete)
 
 
-def _row_from_chunk(item: retriever_pb2.VectorChunk) -> dict[str, Any]:
+def _and(*expressions: str) -> str:
+    parts = [e for e in expressions if e]
+    return " and ".join(f"({e})" for e in parts) if len(parts) > 1 else "".join(parts)
+
+
+def _pins_expression(pins: Sequence[retriever_pb2.DocumentVersionPin]) -> str:
+    """Documents being changed: only their pinned version is visible (none for version 0)."""
+    clauses = []
+    for index, pin in enumerate(pins):
+        document = literal(pin.document_id, f"pins[{index}].document_id")
+        clauses.append(
+            f"document_id != {document}"
+            if pin.version == 0
+            else f"(document_id != {document} or document_version == {pin.version})"
+        )
+    return " and ".join(clauses)
+
+
+def _row_from_chunk(item: retriever_pb2.VectorChunk, schema: dict[str, int], where: str) -> dict[str, Any]:
     chunk = item.chunk
-    return {
+    metadata = json_format.MessageToDict(chunk.metadata)
+    row: dict[str, Any] = {
         "id": chunk.id,
         "document_id": chunk.document_id,
+        "document_version": chunk.document_version,
         "chunk_index": chunk.chunk_index,
         "title": chunk.title,
         "text": chunk.text,
-        "metadata": json_format.MessageToDict(chunk.metadata),
+        "metadata": metadata,
         "vector": list(item.vector),
     }
+    for key, kind in schema.items():
+        row[DECLARED_PREFIX + key] = typed_value(metadata.get(key), kind, f"{where}.{key}")
+    return row
 
 
 def _chunk_from_row(row: dict[str, Any]) -> common_pb2.Chunk:
@@ -259,6 +385,7 @@ def _chunk_from_row(row: dict[str, Any]) -> common_pb2.Chunk:
     return common_pb2.Chunk(
         id=row["id"],
         document_id=row["document_id"],
+        document_version=int(row["document_version"]),
         chunk_index=int(row["chunk_index"]),
         title=row["title"],
         text=row["text"],

@@ -11,6 +11,8 @@ from askmesh.v1 import retriever_pb2, retriever_pb2_grpc
 from askmesh.runtime.validation import check_knowledge_base_name
 from services.retriever.engine import MAX_DOCUMENT_ID_LENGTH, RetrievalEngine, validate_chunks
 
+MAX_DIMENSION = 32_768
+
 
 class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
     def __init__(self, engine: RetrievalEngine) -> None:
@@ -30,6 +32,8 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
             raise InvalidArgument("top_k", f"{request.top_k} is out of range 1..{self.settings.max_top_k}")
         if request.HasField("score_threshold") and not -1.0 <= request.score_threshold <= 1.0:
             raise InvalidArgument("score_threshold", f"{request.score_threshold} is outside [-1, 1]")
+        for index, pin in enumerate(request.pins):
+            check_document_id(pin.document_id, f"pins[{index}].document_id")
         return await self.engine.search(request)
 
     @unary_rpc
@@ -49,7 +53,44 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
         if not request.document_ids:
             raise InvalidArgument("document_ids", "must list at least one document id")
         for index, document_id in enumerate(request.document_ids):
-            if not document_id or len(document_id) > MAX_DOCUMENT_ID_LENGTH:
-                raise InvalidArgument(f"document_ids[{index}]", f"must be 1 to {MAX_DOCUMENT_ID_LENGTH} characters")
+            check_document_id(document_id, f"document_ids[{index}]")
         deleted = await self.engine.delete(request)
         return retriever_pb2.DeleteResponse(deleted=deleted)
+
+    @unary_rpc
+    async def CreateCollection(
+        self, request: retriever_pb2.CreateCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> retriever_pb2.CollectionInfo:
+        check_knowledge_base_name(request.knowledge_base)
+        if not 1 <= request.dimension <= MAX_DIMENSION:
+            raise InvalidArgument("dimension", f"{request.dimension} is out of range 1..{MAX_DIMENSION}")
+        return await self.engine.create_collection(request)
+
+    @unary_rpc
+    async def SwitchGeneration(
+        self, request: retriever_pb2.SwitchGenerationRequest, context: grpc.aio.ServicerContext
+    ) -> retriever_pb2.CollectionInfo:
+        check_knowledge_base_name(request.knowledge_base)
+        if request.generation < 1:
+            raise InvalidArgument("generation", "must be at least 1")
+        return await self.engine.switch_generation(request.knowledge_base, request.generation)
+
+    @unary_rpc
+    async def DropKnowledgeBase(
+        self, request: retriever_pb2.DropKnowledgeBaseRequest, context: grpc.aio.ServicerContext
+    ) -> retriever_pb2.DropKnowledgeBaseResponse:
+        check_knowledge_base_name(request.knowledge_base)
+        return retriever_pb2.DropKnowledgeBaseResponse(existed=await self.engine.drop(request.knowledge_base))
+
+    @unary_rpc
+    async def DescribeCollection(
+        self, request: retriever_pb2.DescribeCollectionRequest, context: grpc.aio.ServicerContext
+    ) -> retriever_pb2.CollectionInfo:
+        check_knowledge_base_name(request.knowledge_base)
+        generation = request.generation if request.HasField("generation") else None
+        return await self.engine.describe(request.knowledge_base, generation)
+
+
+def check_document_id(document_id: str, field: str) -> None:
+    if not document_id or len(document_id) > MAX_DOCUMENT_ID_LENGTH:
+        raise InvalidArgument(field, f"must be 1 to {MAX_DOCUMENT_ID_LENGTH} characters")

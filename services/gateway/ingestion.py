@@ -1,0 +1,463 @@
+"""Uploads and the background workers that turn them (and rebuilds) into stored chunks.
+
+A task's record lives in the store, so any gateway replica can report it, and a worker that
+dies (kill -9) leaves a lease that expires: the next worker to claim the task resumes it from its
+last checkpoint (the parsed text is saved after parsing; every embedded batch is recorded),
+and deterministic chunk ids make the re-upsert of a half-done batch harmless.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Any
+
+from google.protobuf import json_format
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from askmesh.v1 import common_pb2, ingestion_pb2, retriever_pb2
+from services.gateway.config import GatewaySettings
+from services.gateway.knowledge import (
+    AsyncStore,
+    DocumentWrite,
+    KnowledgeEngine,
+    sections_from_json,
+    sections_to_json,
+    timestamp,
+)
+from services.gateway.parsing import ParseError, detect_format, parse_document
+from services.gateway.store import (
+    KIND_INGEST_FILE,
+    KIND_REBUILD,
+    TASK_CANCELLED,
+    TASK_FAILED,
+    TASK_QUEUED,
+    TASK_RUNNING,
+    TASK_SUCCEEDED,
+    TERMINAL_STATES,
+    Conflict,
+    TaskRecord,
+)
+from services.gateway.upstreams import Deadline
+
+log = logging.getLogger("askmesh.gateway.ingestion")
+
+STATES = {
+    TASK_QUEUED: ingestion_pb2.TASK_STATE_QUEUED,
+    TASK_RUNNING: ingestion_pb2.TASK_STATE_RUNNING,
+    TASK_SUCCEEDED: ingestion_pb2.TASK_STATE_SUCCEEDED,
+    TASK_FAILED: ingestion_pb2.TASK_STATE_FAILED,
+    TASK_CANCELLED: ingestion_pb2.TASK_STATE_CANCELLED,
+}
+STATE_NAMES = {value: key for key, value in STATES.items()}
+STAGES = {
+    "received": ingestion_pb2.TASK_STAGE_RECEIVED,
+    "parsing": ingestion_pb2.TASK_STAGE_PARSING,
+    "chunking": ingestion_pb2.TASK_STAGE_CHUNKING,
+    "embedding": ingestion_pb2.TASK_STAGE_EMBEDDING,
+    "finalizing": ingestion_pb2.TASK_STAGE_FINALIZING,
+    "done": ingestion_pb2.TASK_STAGE_DONE,
+}
+KINDS = {KIND_INGEST_FILE: ingestion_pb2.TASK_KIND_INGEST_FILE, KIND_REBUILD: ingestion_pb2.TASK_KIND_REBUILD}
+MAX_FILE_NAME = 255
+
+
+class TaskCancelled(Exception):
+    pass
+
+
+class LostLease(Exception):
+    pass
+
+
+class WaitForOtherWrite(Exception):
+    """The document is being written by another task (or a rebuild runs): try again later."""
+
+
+def task_message(task: TaskRecord) -> ingestion_pb2.Task:
+    return ingestion_pb2.Task(
+        id=task.id,
+        kind=KINDS.get(task.kind, ingestion_pb2.TASK_KIND_UNSPECIFIED),
+        knowledge_base=task.knowledge_base,
+        document_id=task.document_id,
+        file_name=task.file_name,
+        state=STATES.get(task.state, ingestion_pb2.TASK_STATE_UNSPECIFIED),
+        stage=STAGES.get(task.stage, ingestion_pb2.TASK_STAGE_UNSPECIFIED),
+        progress=ingestion_pb2.TaskProgress(
+            bytes=task.bytes,
+            documents_total=task.documents_total,
+            documents_done=task.documents_done,
+            chunks_total=task.chunks_total,
+            chunks_stored=task.chunks_stored,
+        ),
+        error=task.error,
+        cancel_requested=task.cancel_requested,
+        created_at=timestamp(task.created_at),
+        updated_at=timestamp(task.updated_at),
+    )
+
+
+def file_label(file_name: str) -> str:
+    """A client's file name is only a label: its last path part, printable, never a path we open."""
+    base = PureWindowsPath(PurePosixPath(file_name).name).name
+    cleaned = "".join(c for c in base if c.isprintable()).strip()
+    if not cleaned or cleaned in (".", ".."):
+        raise InvalidArgument("header.file_name", f"{file_name!r} does not name a file")
+    return cleaned[:MAX_FILE_NAME]
+
+
+def document_id_from_file(label: str) -> str:
+    stem = label.rsplit(".", 1)[0] if "." in label.strip(".") else label
+    return stem or label
+
+
+class Ingestion:
+    def __init__(self, settings: GatewaySettings, store: AsyncStore, knowledge: KnowledgeEngine) -> None:
+        self.settings = settings
+        self.store = store
+        self.knowledge = knowledge
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._workers: list[asyncio.Task[None]] = []
+        self._current: dict[str, str] = {}  # worker name -> task id it holds
+        self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- uploads ---------------------------------------------------------------------------
+    def spool_path(self, task_id: str) -> Path:
+        return self.settings.spool_dir / f"{task_id}.upload"
+
+    async def receive_upload(
+        self, header: ingestion_pb2.UploadFileHeader, parts: AsyncIterator[bytes], deadline: Deadline
+    ) -> TaskRecord:
+        """Spools the bytes to disk (never the client's path), then queues the task."""
+        record = await self.knowledge.require(header.knowledge_base)
+        label = file_label(header.file_name)
+        document_id = header.document_id or document_id_from_file(label)
+        metadata = dict(_struct_dict(header.metadata))
+        self.knowledge.check_metadata(record, metadata, "header.metadata")
+        chunk_size = header.chunking.chunk_size or record.chunk_size
+        chunk_overlap = header.chunking.chunk_overlap if header.chunking.HasField("chunk_overlap") else min(record.chunk_overlap, chunk_size // 2)
+        if not 50 <= chunk_size <= self.settings.max_chunk_size:
+            raise InvalidArgument("header.chunking.chunk_size", f"{chunk_size} is out of range 50..{self.settings.max_chunk_size}")
+        if chunk_overlap >= chunk_size:
+            raise InvalidArgument("header.chunking.chunk_overlap", f"{chunk_overlap} must be smaller than chunk_size {chunk_size}")
+        task_id = uuid.uuid4().hex
+        path = self.spool_path(task_id)
+        size = 0
+        try:
+            with path.open("wb") as spool:
+                async for data in parts:
+                    size += len(data)
+                    if size > self.settings.max_upload_bytes:
+                        raise InvalidArgument("data", f"the file is larger than the limit of {self.settings.max_upload_bytes} bytes")
+                    spool.write(data)
+            if size == 0:
+                raise InvalidArgument("data", "the file is empty")
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        task = TaskRecord(
+            id=task_id,
+            kind=KIND_INGEST_FILE,
+            knowledge_base=record.name,
+            document_id=document_id,
+            file_name=label,
+            bytes=size,
+            documents_total=1,
+            spec={
+                "title": header.title,
+                "metadata": metadata,
+                "content_type": header.content_type,
+                "chunk_size": chunk_size,
+                "chunk_overlap": chunk_overlap,
+            },
+        )
+        created = await self.store(self.store.store.create_task, task)
+        log.info("task %s: %s (%d bytes) queued for %s", task_id, label, size, record.name)
+        return created
+
+    async def queue_rebuild(self, name: str, chunking: common_pb2.ChunkingOptions) -> TaskRecord:
+        record = await self.knowledge.require(name)
+        chunk_size = chunking.chunk_size or record.chunk_size
+        overlap = chunking.chunk_overlap if chunking.HasField("chunk_overlap") else min(record.chunk_overlap, chunk_size // 2)
+        if not 50 <= chunk_size <= self.settings.max_chunk_size:
+            raise InvalidArgument("chunking.chunk_size", f"{chunk_size} is out of range 50..{self.settings.max_chunk_size}")
+        if overlap >= chunk_size:
+            raise InvalidArgument("chunking.chunk_overlap", f"{overlap} must be smaller than chunk_size {chunk_size}")
+        task = TaskRecord(
+            id=uuid.uuid4().hex,
+            kind=KIND_REBUILD,
+            knowledge_base=name,
+            spec={"chunk_size": chunk_size, "chunk_overlap": overlap},
+        )
+        return await self.store(self.store.store.create_task, task)
+
+    # -- workers ---------------------------------------------------------------------------
+    def start(self) -> None:
+        for index in range(self.settings.ingest_workers):
+            self._workers.append(asyncio.create_task(self._work(f"worker-{index}"), name=f"ingest-{index}"))
+
+    async def stop(self) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        # Hand unfinished tasks back at once, so another replica resumes them without waiting
+        # for the lease to expire.
+        for task_id in list(self._current.values()):
+            await self.store(self.store.store.release_task, task_id, self.worker_id)
+        self._workers.clear()
+
+    async def _work(self, name: str) -> None:
+        while True:
+            try:
+                task = await self.store(
+                    self.store.store.claim_next_task, self.worker_id, lease_s=self.settings.task_lease_s, now=time.time()
+                )
+            except Exception:
+                log.exception("claiming a task failed")
+                task = None
+            if task is None:
+                await asyncio.sleep(self.settings.task_poll_interval_s)
+                continue
+            self._current[name] = task.id
+            try:
+                await self.run_task(task)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("task %s crashed its worker", task.id)
+            finally:
+                self._current.pop(name, None)
+
+    async def _update(self, task: TaskRecord, **changes: Any) -> TaskRecord:
+        try:
+            return await self.store(self.store.store.update_task, task.id, owner=self.worker_id, **changes)
+        except AskmeshError as error:  # the store's Conflict: another worker owns it now
+            raise LostLease(str(error)) from error
+
+    async def _checkpoint(self, task: TaskRecord, **changes: Any) -> TaskRecord:
+        """Records progress, renews the lease, and stops here if a cancel was asked for."""
+        renewed = await self.store(
+            self.store.store.renew_lease, task.id, self.worker_id, lease_s=self.settings.task_lease_s, now=time.time()
+        )
+        if not renewed:
+            raise LostLease(f"task {task.id} is held by another worker now")
+        updated = await self._update(task, **changes)
+        if updated.cancel_requested:
+            raise TaskCancelled()
+        return updated
+
+    async def run_task(self, task: TaskRecord) -> None:
+        log.info("task %s (%s) %s at stage %s", task.id, task.kind, "resumed" if task.checkpoint else "started", task.stage)
+        try:
+            if task.cancel_requested:
+                raise TaskCancelled()
+            if task.kind == KIND_REBUILD:
+                await self._rebuild(task)
+            else:
+                await self._ingest(task)
+        except TaskCancelled:
+            await self._cancelled(task)
+        except LostLease as error:
+            log.warning("task %s: %s; leaving it to its new owner", task.id, error)
+        except WaitForOtherWrite as error:
+            log.info("task %s waits: %s", task.id, error)
+            await asyncio.sleep(self.settings.task_poll_interval_s * 4)
+            await self._update(task, state=TASK_QUEUED, stage="received")
+            await self.store(self.store.store.release_task, task.id, self.worker_id)
+        except ParseError as error:
+            await self._failed(task, str(error))
+        except AskmeshError as error:
+            await self._failed(task, error.message)
+
+    async def _failed(self, task: TaskRecord, reason: str) -> None:
+        await self._clean_up(task)
+        log.warning("task %s failed: %s", task.id, reason)
+        await self._update(task, state=TASK_FAILED, error=reason)
+
+    async def _cancelled(self, task: TaskRecord) -> None:
+        await self._clean_up(task)
+        log.info("task %s cancelled", task.id)
+        await self._update(task, state=TASK_CANCELLED, error="cancelled")
+
+    async def _clean_up(self, task: TaskRecord) -> None:
+        """Removes what an unfinished task stored; what was visible before stays visible."""
+        latest = await self.store(self.store.store.get_task, task.id) or task
+        deadline = Deadline(None, self.settings.upstream_timeout_s)
+        if latest.kind == KIND_INGEST_FILE:
+            version = int(latest.checkpoint.get("version", 0))
+            record = await self.store(self.store.store.get_knowledge_base, latest.knowledge_base)
+            if version and record is not None and latest.stage != "done":
+                write = self._write_for(latest, record, [])
+                await self.knowledge.abandon_version(write, version, deadline)
+            self.spool_path(task.id).unlink(missing_ok=True)
+        elif latest.kind == KIND_REBUILD:
+            generation = int(latest.checkpoint.get("generation", 0))
+            record = await self.store(self.store.store.get_knowledge_base, latest.knowledge_base)
+            if record is not None and generation and record.rebuilding_generation == generation:
+                await self.store(self.store.store.update_knowledge_base, record.name, rebuilding_generation=0)
+
+    def _write_for(self, task: TaskRecord, record: Any, sections: list[Any]) -> DocumentWrite:
+        spec = task.spec
+        return DocumentWrite(
+            knowledge_base=record,
+            document_id=task.document_id,
+            title=spec.get("title") or task.checkpoint.get("title") or task.file_name,
+            metadata=spec.get("metadata", {}),
+            sections=sections,
+            chunk_size=int(spec["chunk_size"]),
+            chunk_overlap=int(spec["chunk_overlap"]),
+            file_name=task.file_name,
+            content_type=task.checkpoint.get("content_type", spec.get("content_type", "")),
+        )
+
+    async def _retrying(self, work: Any) -> Any:
+        """Retries work that failed because a tier was briefly unavailable (a restart, a swap)."""
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(Unavailable),
+            stop=stop_after_attempt(self.settings.task_max_attempts),
+            wait=wait_exponential(multiplier=0.5, max=10),
+            reraise=True,
+        ):
+            with attempt:
+                return await work()
+
+    async def _ingest(self, task: TaskRecord) -> None:
+        record = await self.knowledge.require(task.knowledge_base)
+        deadline = Deadline(None, self.settings.upstream_timeout_s)
+        checkpoint = dict(task.checkpoint)
+        version = int(checkpoint.get("version", 0))
+        saved = await self.store(self.store.store.load_source, record.name, task.document_id, version) if version else None
+
+        if saved is None:
+            task = await self._checkpoint(task, stage="parsing")
+            data = await asyncio.to_thread(self.spool_path(task.id).read_bytes)
+            content_type = task.spec.get("content_type", "")
+            parsed = await asyncio.to_thread(parse_document, data, task.file_name, content_type)
+            checkpoint["title"] = parsed.title or ""
+            checkpoint["content_type"] = content_type or detect_format(task.file_name, content_type)
+            sections = parsed.sections
+            task.checkpoint = checkpoint
+            write = self._write_for(task, record, sections)
+            try:
+                version = await self.knowledge.begin_version(write)
+            except FailedPrecondition as error:  # another write of this document is under way
+                raise WaitForOtherWrite(error.message) from error
+            checkpoint["version"] = version
+            await self.store(self.store.store.save_source, record.name, task.document_id, version, sections_to_json(sections))
+            task = await self._checkpoint(task, checkpoint=checkpoint, stage="chunking")
+        else:
+            sections = sections_from_json(saved)
+            task.checkpoint = checkpoint
+            write = self._write_for(task, record, sections)
+
+        chunks = self.knowledge.plan_chunks(write, version)
+        if len(chunks) > self.settings.max_chunks_per_task:
+            raise AskmeshError(
+                f"{task.file_name!r} makes {len(chunks)} chunks; the limit is {self.settings.max_chunks_per_task} per task"
+            )
+        task = await self._checkpoint(task, stage="embedding", chunks_total=len(chunks))
+
+        async def after_batch(batches_done: int, chunks_stored: int) -> None:
+            nonlocal task
+            checkpoint["batches_done"] = batches_done
+            task = await self._checkpoint(task, checkpoint=checkpoint, chunks_stored=chunks_stored)
+
+        await self._retrying(
+            lambda: self.knowledge.store_chunks(
+                record, chunks, deadline, start_batch=int(checkpoint.get("batches_done", 0)), after_batch=after_batch
+            )
+        )
+        task = await self._checkpoint(task, stage="finalizing", chunks_stored=len(chunks))
+        await self._retrying(lambda: self.knowledge.finish_version(write, version, len(chunks), deadline))
+        self.spool_path(task.id).unlink(missing_ok=True)
+        await self._update(task, state=TASK_SUCCEEDED, stage="done", documents_done=1)
+        log.info("task %s stored %s: %d chunks (version %d)", task.id, task.document_id, len(chunks), version)
+
+    async def _rebuild(self, task: TaskRecord) -> None:
+        record = await self.knowledge.require(task.knowledge_base)
+        deadline = Deadline(None, self.settings.upstream_timeout_s)
+        checkpoint = dict(task.checkpoint)
+        generation = int(checkpoint.get("generation", 0))
+        if not generation:
+            generation = record.generation + 1
+            model, dimension = await self.knowledge.probe_embedder(deadline)
+            checkpoint.update(generation=generation, embedding_model=model, dimension=dimension, done=[])
+            record = await self.store(self.store.store.update_knowledge_base, record.name, rebuilding_generation=generation)
+            task = await self._checkpoint(task, checkpoint=checkpoint, stage="embedding")
+        schema = [common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema]  # type: ignore[arg-type]
+        await self.knowledge.upstreams.call(
+            "retriever",
+            self.knowledge.upstreams.retriever.CreateCollection(
+                retriever_pb2.CreateCollectionRequest(
+                    knowledge_base=record.name, generation=generation, dimension=int(checkpoint["dimension"]),
+                    embedding_model=checkpoint["embedding_model"], metadata_schema=schema,
+                ),
+                timeout=deadline.unary_timeout(),
+            ),
+        )
+        documents = await self.store(self.store.store.all_documents_for_rebuild, record.name)
+        done: list[str] = list(checkpoint.get("done", []))
+        task = await self._checkpoint(task, documents_total=len(documents), documents_done=len(done))
+        for document in documents:
+            if document.id in done:
+                continue
+            saved = await self.store(self.store.store.load_source, record.name, document.id, document.version)
+            if saved is None:
+                raise AskmeshError(f"document {document.id!r} has no saved source to rebuild from")
+            write = DocumentWrite(
+                knowledge_base=record, document_id=document.id, title=document.title, metadata=document.metadata,
+                sections=sections_from_json(saved), chunk_size=int(task.spec["chunk_size"]),
+                chunk_overlap=int(task.spec["chunk_overlap"]),
+            )
+            chunks = self.knowledge.plan_chunks(write, document.version)
+            await self._retrying(lambda: self.knowledge.store_chunks(record, chunks, deadline, generation=generation))
+            done.append(document.id)
+            checkpoint["done"] = done
+            task = await self._checkpoint(
+                task, checkpoint=checkpoint, documents_done=len(done), chunks_stored=task.chunks_stored + len(chunks)
+            )
+        task = await self._checkpoint(task, stage="finalizing")
+        await self.knowledge.upstreams.call(
+            "retriever",
+            self.knowledge.upstreams.retriever.SwitchGeneration(
+                retriever_pb2.SwitchGenerationRequest(knowledge_base=record.name, generation=generation),
+                timeout=deadline.unary_timeout(),
+            ),
+        )
+        await self.store(
+            self.store.store.update_knowledge_base,
+            record.name,
+            generation=generation,
+            rebuilding_generation=0,
+            chunk_size=int(task.spec["chunk_size"]),
+            chunk_overlap=int(task.spec["chunk_overlap"]),
+            embedding_model=checkpoint["embedding_model"],
+            dimension=int(checkpoint["dimension"]),
+        )
+        await self._update(task, state=TASK_SUCCEEDED, stage="done")
+        log.info("task %s rebuilt %s into generation %d", task.id, record.name, generation)
+
+    async def watch(self, task_id: str) -> AsyncIterator[TaskRecord]:
+        """The task now, then each change, until it ends (polled: the store may be shared)."""
+        last = None
+        while True:
+            task = await self.store(self.store.store.get_task, task_id)
+            if task is None:
+                raise NotFound(f"id: task {task_id!r} does not exist")
+            if last is None or task.updated_at != last:
+                last = task.updated_at
+                yield task
+            if task.state in TERMINAL_STATES:
+                return
+            await asyncio.sleep(min(self.settings.task_poll_interval_s, 0.25))
+
+
+def _struct_dict(value: Any) -> dict[str, Any]:
+    return json_format.MessageToDict(value)

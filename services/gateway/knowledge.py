@@ -1,0 +1,374 @@
+"""Knowledge bases and documents: records in the durable store, chunks in the retriever tier.
+
+A document update is atomic for readers: the new version's chunks are written while the store
+pins the document to its old version (searches pass the pins to the retriever), then one store
+commit makes the new version the visible one, and the old chunks are removed after.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import grpc
+from google.protobuf import struct_pb2, timestamp_pb2
+
+from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound
+from askmesh.runtime.validation import typed_value
+from askmesh.v1 import (
+    common_pb2,
+    embedder_pb2,
+    knowledge_pb2,
+    retriever_pb2,
+)
+from services.gateway.chunking import chunk_sections
+from services.gateway.config import GatewaySettings
+from services.gateway.parsing import Section
+from services.gateway.store import (
+    AlreadyExists,
+    Conflict,
+    DocumentRecord,
+    KnowledgeBaseRecord,
+    NotFoundError,
+    Store,
+)
+from services.gateway.upstreams import Deadline, Upstreams
+
+T = TypeVar("T")
+PROBE_TEXT = "askmesh dimension probe"
+
+
+class AsyncStore:
+    """Runs the blocking store on one thread, off the event loop."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-store")
+
+    async def __call__(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._executor, functools.partial(method, *args, **kwargs)
+            )
+        except AlreadyExists as error:
+            raise AskmeshError(str(error), code=grpc.StatusCode.ALREADY_EXISTS) from error
+        except NotFoundError as error:
+            raise NotFound(str(error)) from error
+        except Conflict as error:
+            raise FailedPrecondition(str(error)) from error
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
+
+
+def chunk_id_for(knowledge_base: str, document_id: str, version: int, index: int) -> str:
+    """Deterministic: writing the same version again (a resumed task) overwrites, never duplicates."""
+    return hashlib.sha256(f"{knowledge_base}\0{document_id}\0{version}\0{index}".encode()).hexdigest()[:40]
+
+
+def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def struct(values: dict[str, Any]) -> struct_pb2.Struct:
+    result = struct_pb2.Struct()
+    result.update(values)
+    return result
+
+
+@dataclass
+class DocumentWrite:
+    """One document to store: where it goes, what it says and how to cut it."""
+
+    knowledge_base: KnowledgeBaseRecord
+    document_id: str
+    title: str
+    metadata: dict[str, Any]
+    sections: list[Section]
+    chunk_size: int
+    chunk_overlap: int
+    file_name: str = ""
+    content_type: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(len(s.text.encode()) for s in self.sections)
+
+
+def sections_to_json(sections: Sequence[Section]) -> list[dict[str, Any]]:
+    return [{"text": s.text, "page": s.page, "heading": s.heading} for s in sections]
+
+
+def sections_from_json(items: Sequence[dict[str, Any]]) -> list[Section]:
+    return [Section(text=i["text"], page=i.get("page"), heading=i.get("heading")) for i in items]
+
+
+class KnowledgeEngine:
+    def __init__(self, settings: GatewaySettings, store: AsyncStore, upstreams: Upstreams) -> None:
+        self.settings = settings
+        self.store = store
+        self.upstreams = upstreams
+
+    # -- knowledge bases -------------------------------------------------------------------
+    async def probe_embedder(self, deadline: Deadline) -> tuple[str, int]:
+        """The embedding model the embedder tier serves now, and its dimension."""
+        reply = await self.upstreams.call(
+            "embedder",
+            self.upstreams.embedder.Embed(embedder_pb2.EmbedRequest(texts=[PROBE_TEXT]), timeout=deadline.unary_timeout()),
+        )
+        return reply.model, reply.dimension
+
+    async def create(
+        self,
+        name: str,
+        deadline: Deadline,
+        *,
+        description: str = "",
+        schema: Sequence[common_pb2.MetadataField] = (),
+        chunk_size: int | None = None,
+        chunk_overlap: int | None = None,
+    ) -> KnowledgeBaseRecord:
+        model, dimension = await self.probe_embedder(deadline)
+        record = KnowledgeBaseRecord(
+            name=name,
+            description=description,
+            metadata_schema=[(f.name, int(f.type)) for f in schema],
+            chunk_size=chunk_size or self.settings.chunk_size,
+            chunk_overlap=self.settings.chunk_overlap if chunk_overlap is None else chunk_overlap,
+            embedding_model=model,
+            dimension=dimension,
+            generation=1,
+        )
+        created = await self.store(self.store.store.create_knowledge_base, record)
+        try:
+            await self.upstreams.call(
+                "retriever",
+                self.upstreams.retriever.CreateCollection(
+                    retriever_pb2.CreateCollectionRequest(
+                        knowledge_base=name, generation=1, dimension=dimension, embedding_model=model,
+                        metadata_schema=list(schema),
+                    ),
+                    timeout=deadline.unary_timeout(),
+                ),
+            )
+        except AskmeshError:
+            await self.store(self.store.store.delete_knowledge_base, name)
+            raise
+        return created
+
+    async def require(self, name: str) -> KnowledgeBaseRecord:
+        record = await self.store(self.store.store.get_knowledge_base, name)
+        if record is None:
+            raise NotFound(f"knowledge_base: {name!r} does not exist")
+        return record
+
+    async def describe(self, record: KnowledgeBaseRecord) -> knowledge_pb2.KnowledgeBase:
+        documents, chunks, size = await self.store(self.store.store.knowledge_base_stats, record.name)
+        return knowledge_pb2.KnowledgeBase(
+            name=record.name,
+            description=record.description,
+            metadata_schema=[common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema],  # type: ignore[arg-type]
+            chunking=common_pb2.ChunkingOptions(chunk_size=record.chunk_size, chunk_overlap=record.chunk_overlap),
+            embedding_model=record.embedding_model,
+            dimension=record.dimension,
+            document_count=documents,
+            chunk_count=chunks,
+            size_bytes=size,
+            generation=record.generation,
+            state=(
+                knowledge_pb2.KNOWLEDGE_BASE_STATE_REBUILDING
+                if record.rebuilding_generation
+                else knowledge_pb2.KNOWLEDGE_BASE_STATE_READY
+            ),
+            created_at=timestamp(record.created_at),
+            updated_at=timestamp(record.updated_at),
+        )
+
+    async def delete(self, name: str, deadline: Deadline) -> int:
+        await self.require(name)
+        deleted = await self.store(self.store.store.delete_knowledge_base, name)
+        await self.upstreams.call(
+            "retriever",
+            self.upstreams.retriever.DropKnowledgeBase(
+                retriever_pb2.DropKnowledgeBaseRequest(knowledge_base=name), timeout=deadline.unary_timeout()
+            ),
+        )
+        return deleted
+
+    def check_metadata(self, record: KnowledgeBaseRecord, metadata: dict[str, Any], where: str) -> None:
+        for name, declared in record.metadata_schema:
+            typed_value(metadata.get(name), declared, f"{where}.{name}")
+
+    # -- documents -------------------------------------------------------------------------
+    def plan_chunks(self, write: DocumentWrite, version: int) -> list[common_pb2.Chunk]:
+        pieces = chunk_sections(write.sections, write.chunk_size, write.chunk_overlap)
+        chunks = []
+        for index, piece in enumerate(pieces):
+            metadata = dict(write.metadata)
+            text = piece.text
+            if piece.page is not None:
+                metadata["page"] = piece.page
+            if piece.heading:
+                metadata["section"] = piece.heading
+                # The heading says what the chunk is about: it helps the embedding find it.
+                text = f"{piece.heading}\n\n{text}"
+            chunks.append(
+                common_pb2.Chunk(
+                    id=chunk_id_for(write.knowledge_base.name, write.document_id, version, index),
+                    document_id=write.document_id,
+                    document_version=version,
+                    chunk_index=index,
+                    title=write.title,
+                    text=text,
+                    metadata=struct(metadata),
+                )
+            )
+        return chunks
+
+    async def store_chunks(
+        self,
+        knowledge_base: KnowledgeBaseRecord,
+        chunks: Sequence[common_pb2.Chunk],
+        deadline: Deadline,
+        *,
+        generation: int | None = None,
+        start_batch: int = 0,
+        after_batch: Callable[[int, int], Awaitable[None]] | None = None,
+    ) -> None:
+        """Embeds and upserts chunks batch by batch; `after_batch(batches_done, chunks_stored)`
+        is the checkpoint a task records (and where it notices a cancel)."""
+        batch_size = self.settings.ingest_batch_size
+        for batch_index, start in enumerate(range(0, len(chunks), batch_size)):
+            if batch_index < start_batch:
+                continue
+            batch = chunks[start : start + batch_size]
+            vectors: list[embedder_pb2.Embedding] = []
+            model = ""
+            for offset in range(0, len(batch), self.settings.embed_batch_size):
+                reply = await self.upstreams.call(
+                    "embedder",
+                    self.upstreams.embedder.Embed(
+                        embedder_pb2.EmbedRequest(texts=[c.text for c in batch[offset : offset + self.settings.embed_batch_size]]),
+                        timeout=deadline.unary_timeout(),
+                    ),
+                )
+                vectors.extend(reply.embeddings)
+                model = reply.model
+            upsert = retriever_pb2.UpsertRequest(
+                knowledge_base=knowledge_base.name,
+                chunks=[retriever_pb2.VectorChunk(chunk=c, vector=v.values) for c, v in zip(batch, vectors)],
+                embedding_model=model,
+            )
+            if generation is not None:
+                upsert.generation = generation
+            await self.upstreams.call("retriever", self.upstreams.retriever.Upsert(upsert, timeout=deadline.unary_timeout()))
+            if after_batch is not None:
+                await after_batch(batch_index + 1, start + len(batch))
+
+    async def remove_versions(
+        self, knowledge_base: str, document_id: str, keep_version: int, deadline: Deadline, generation: int | None = None
+    ) -> int:
+        """Removes every stored version of a document but `keep_version` (0: all of it)."""
+        request = retriever_pb2.DeleteRequest(knowledge_base=knowledge_base, document_ids=[document_id])
+        if keep_version:
+            request.except_version = keep_version
+        if generation is not None:
+            request.generation = generation
+        reply = await self.upstreams.call("retriever", self.upstreams.retriever.Delete(request, timeout=deadline.unary_timeout()))
+        return reply.deleted
+
+    async def begin_version(self, write: DocumentWrite) -> int:
+        if write.knowledge_base.rebuilding_generation:
+            raise FailedPrecondition(
+                f"knowledge_base: {write.knowledge_base.name!r} is being rebuilt; documents can change after the rebuild"
+            )
+        return await self.store(
+            self.store.store.begin_document_version,
+            write.knowledge_base.name,
+            write.document_id,
+            title=write.title,
+            metadata=write.metadata,
+            file_name=write.file_name,
+            content_type=write.content_type,
+            now=time.time(),
+        )
+
+    async def finish_version(self, write: DocumentWrite, version: int, chunk_count: int, deadline: Deadline) -> DocumentRecord:
+        """Makes `version` the visible one (one store commit), then removes the older chunks."""
+        name = write.knowledge_base.name
+        current = await self.store(self.store.store.get_document, name, write.document_id)
+        if current is None or current.version != version:
+            current = await self.store(
+                self.store.store.commit_document_version,
+                name,
+                write.document_id,
+                version,
+                chunk_count=chunk_count,
+                size_bytes=write.size_bytes,
+                now=time.time(),
+            )
+        await self.remove_versions(name, write.document_id, version, deadline)
+        await self.store(self.store.store.delete_sources, name, write.document_id, except_version=version)
+        return current
+
+    async def abandon_version(self, write: DocumentWrite, version: int, deadline: Deadline) -> None:
+        """Removes what a failed or cancelled write stored; the visible version stays as it was."""
+        name = write.knowledge_base.name
+        current = await self.store(self.store.store.get_document, name, write.document_id)
+        visible = current.version if current is not None and current.version != version else 0
+        await self.remove_versions(name, write.document_id, visible, deadline)
+        await self.store(self.store.store.abort_document_version, name, write.document_id, version)
+        await self.store(self.store.store.delete_sources, name, write.document_id, except_version=visible or None)
+
+    async def write_document(self, write: DocumentWrite, deadline: Deadline) -> DocumentRecord:
+        """The whole write of one document, inline (AddDocuments)."""
+        version = await self.begin_version(write)
+        try:
+            chunks = self.plan_chunks(write, version)
+            if len(chunks) > self.settings.max_chunks_per_task:
+                raise InvalidArgument(
+                    "documents", f"{write.document_id!r} makes {len(chunks)} chunks; the limit is {self.settings.max_chunks_per_task}"
+                )
+            await self.store(self.store.store.save_source, write.knowledge_base.name, write.document_id, version, sections_to_json(write.sections))
+            await self.store_chunks(write.knowledge_base, chunks, deadline)
+        except BaseException:
+            await asyncio.shield(self.abandon_version(write, version, deadline))
+            raise
+        return await self.finish_version(write, version, len(chunks), deadline)
+
+    async def delete_document(self, knowledge_base: str, document_id: str, deadline: Deadline) -> int:
+        record = await self.require(knowledge_base)
+        if record.rebuilding_generation:
+            raise FailedPrecondition(f"knowledge_base: {knowledge_base!r} is being rebuilt; documents can change after the rebuild")
+        await self.store(self.store.store.begin_document_delete, knowledge_base, document_id)
+        deleted = await self.remove_versions(knowledge_base, document_id, 0, deadline)
+        await self.store(self.store.store.finish_document_delete, knowledge_base, document_id)
+        return deleted
+
+    async def pins(self, knowledge_base: str) -> list[retriever_pb2.DocumentVersionPin]:
+        pins = await self.store(self.store.store.visibility_pins, knowledge_base)
+        return [retriever_pb2.DocumentVersionPin(document_id=d, version=v) for d, v in pins]
+
+
+def document_info(record: DocumentRecord) -> knowledge_pb2.DocumentInfo:
+    return knowledge_pb2.DocumentInfo(
+        id=record.id,
+        knowledge_base=record.knowledge_base,
+        title=record.title,
+        metadata=struct(record.metadata),
+        version=record.version,
+        chunk_count=record.chunk_count,
+        size_bytes=record.size_bytes,
+        file_name=record.file_name,
+        content_type=record.content_type,
+        updated_at=timestamp(record.updated_at),
+    )

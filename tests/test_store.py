@@ -1,0 +1,843 @@
+"""The gateway's durable store: every method, its transactions, lease-based claiming, and
+several SqliteStore objects / processes on one file."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+
+from services.gateway.store import (
+    KIND_INGEST_FILE,
+    KIND_REBUILD,
+    SCHEMA_VERSION,
+    TASK_CANCELLED,
+    TASK_FAILED,
+    TASK_QUEUED,
+    TASK_RUNNING,
+    TASK_SUCCEEDED,
+    AlreadyExists,
+    Conflict,
+    DocumentRecord,
+    KnowledgeBaseRecord,
+    NotFoundError,
+    SqliteStore,
+    Store,
+    StoreError,
+    TaskRecord,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "gateway.db"
+
+
+@pytest.fixture
+def store(db_path: Path):
+    s = SqliteStore(db_path)
+    yield s
+    s.close()
+
+
+def _kb(store: SqliteStore, name: str = "kb", **kw) -> KnowledgeBaseRecord:
+    return store.create_knowledge_base(KnowledgeBaseRecord(name=name, **kw))
+
+
+def _begin(store: SqliteStore, doc: str, kb: str = "kb", *, title: str = "", now: float = 1.0, **meta) -> int:
+    return store.begin_document_version(
+        kb, doc, title=title or doc, metadata=meta, file_name=f"{doc}.md",
+        content_type="text/markdown", now=now,
+    )  # fmt: skip
+
+
+def _add_doc(store: SqliteStore, doc: str, kb: str = "kb", *, chunks: int = 3, size: int = 100, **kw) -> DocumentRecord:
+    version = _begin(store, doc, kb, **kw)
+    return store.commit_document_version(kb, doc, version, chunk_count=chunks, size_bytes=size, now=2.0)
+
+
+def _task(store: SqliteStore, task_id: str, *, kb: str = "kb", kind: str = KIND_INGEST_FILE, created: float = 0.0, **kw) -> TaskRecord:
+    return store.create_task(TaskRecord(id=task_id, kind=kind, knowledge_base=kb, created_at=created, **kw))
+
+
+# -- opening ---------------------------------------------------------------------------------
+
+
+def test_open_sets_wal_foreign_keys_busy_timeout_and_schema_version(store: SqliteStore, db_path: Path) -> None:
+    conn = store._conn
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+    raw = sqlite3.connect(db_path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    tables = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"knowledge_bases", "documents", "document_versions", "sources", "tasks"} <= tables
+    indexes = {r[0] for r in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"documents_in_flight", "tasks_by_state", "tasks_by_knowledge_base"} <= indexes
+    raw.close()
+
+
+def test_data_survives_reopen(db_path: Path) -> None:
+    s = SqliteStore(db_path)
+    _kb(s, description="d")
+    _add_doc(s, "a")
+    _task(s, "t1")
+    s.close()
+    s = SqliteStore(db_path)  # reopening must not recreate or wipe anything
+    assert s.get_knowledge_base("kb").description == "d"
+    assert s.get_document("kb", "a").version == 1
+    assert s.get_task("t1") is not None
+    s.close()
+
+
+def test_refuses_a_newer_schema(db_path: Path) -> None:
+    SqliteStore(db_path).close()
+    raw = sqlite3.connect(db_path)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(StoreError, match="newer"):
+        SqliteStore(db_path)
+
+
+def test_sqlite_store_implements_every_protocol_method() -> None:
+    members = [n for n, v in vars(Store).items() if callable(v) and not n.startswith("_")]
+    assert len(members) >= 25
+    for name in members:
+        impl = getattr(SqliteStore, name, None)
+        assert impl is not None, name
+        assert inspect.signature(impl) == inspect.signature(getattr(Store, name)), name
+
+
+# -- knowledge bases ---------------------------------------------------------------------------
+
+
+def test_create_and_get_knowledge_base(store: SqliteStore) -> None:
+    before = time.time()
+    created = _kb(store, description="team notes", metadata_schema=[("source", 1), ("year", 2)],
+                  chunk_size=500, chunk_overlap=50, embedding_model="m", dimension=384)  # fmt: skip
+    assert before <= created.created_at <= time.time()
+    assert created.updated_at == created.created_at
+    got = store.get_knowledge_base("kb")
+    assert got == created
+    assert got.metadata_schema == [("source", 1), ("year", 2)]
+    assert isinstance(got.metadata_schema[0], tuple)
+    assert (got.generation, got.rebuilding_generation) == (1, 0)
+    assert store.get_knowledge_base("other") is None
+
+
+def test_create_keeps_given_timestamps(store: SqliteStore) -> None:
+    created = store.create_knowledge_base(KnowledgeBaseRecord(name="kb", created_at=10.0, updated_at=11.0))
+    assert (created.created_at, created.updated_at) == (10.0, 11.0)
+    assert store.get_knowledge_base("kb").created_at == 10.0
+
+
+def test_create_duplicate_knowledge_base_fails(store: SqliteStore) -> None:
+    _kb(store, description="first")
+    with pytest.raises(AlreadyExists, match="knowledge base 'kb' already exists"):
+        _kb(store, description="second")
+    assert store.get_knowledge_base("kb").description == "first"
+
+
+def test_list_knowledge_bases_by_name(store: SqliteStore) -> None:
+    assert store.list_knowledge_bases() == []
+    for name in ("zeta", "alpha", "mid"):
+        _kb(store, name)
+    assert [kb.name for kb in store.list_knowledge_bases()] == ["alpha", "mid", "zeta"]
+
+
+def test_update_knowledge_base(store: SqliteStore) -> None:
+    _kb(store, created_at=5.0, updated_at=5.0)
+    updated = store.update_knowledge_base("kb", generation=2, rebuilding_generation=0,
+                                          metadata_schema=[("lang", 3)], description="x")  # fmt: skip
+    assert (updated.generation, updated.description, updated.metadata_schema) == (2, "x", [("lang", 3)])
+    assert updated.updated_at > 5.0 and updated.created_at == 5.0
+    assert store.get_knowledge_base("kb") == updated
+    assert store.update_knowledge_base("kb", updated_at=42.0).updated_at == 42.0
+
+
+def test_update_knowledge_base_rejects_bad_fields_and_missing(store: SqliteStore) -> None:
+    _kb(store)
+    with pytest.raises(ValueError, match="bogus"):
+        store.update_knowledge_base("kb", bogus=1)
+    with pytest.raises(ValueError, match="name"):
+        store.update_knowledge_base("kb", name="renamed")
+    with pytest.raises(NotFoundError, match="knowledge base 'nope'"):
+        store.update_knowledge_base("nope", description="x")
+
+
+def test_delete_knowledge_base_removes_documents_and_sources_and_cancels_tasks(store: SqliteStore) -> None:
+    _kb(store)
+    _kb(store, "other")
+    _add_doc(store, "a")
+    _add_doc(store, "b")
+    _begin(store, "new")  # being written, no visible version: not counted
+    store.save_source("kb", "a", 1, [{"text": "a"}])
+    _add_doc(store, "keep", "other")
+    store.save_source("other", "keep", 1, [{"text": "k"}])
+    _task(store, "queued", created=1.0)
+    _task(store, "running", created=2.0)
+    _task(store, "done", created=3.0, state=TASK_SUCCEEDED)
+    _task(store, "other-task", kb="other", created=4.0)
+    assert store.claim_next_task("w1", lease_s=30, now=100.0).id == "queued"
+    assert store.claim_next_task("w1", lease_s=30, now=100.0).id == "running"
+
+    assert store.delete_knowledge_base("kb") == 2
+
+    assert store.get_knowledge_base("kb") is None
+    assert store.get_document("kb", "a") is None and store.get_document("kb", "new") is None
+    assert store.load_source("kb", "a", 1) is None
+    for task_id in ("queued", "running"):
+        task = store.get_task(task_id)
+        assert (task.state, task.error) == (TASK_CANCELLED, "knowledge base deleted")
+    assert store.get_task("done").state == TASK_SUCCEEDED
+    # The worker of the running task lost it: it cannot write progress or renew.
+    with pytest.raises(Conflict, match="lost the lease"):
+        store.update_task("queued", owner="w1", state=TASK_SUCCEEDED)
+    assert not store.renew_lease("running", "w1", lease_s=30, now=101.0)
+    # The other knowledge base is untouched.
+    assert store.get_document("other", "keep").version == 1
+    assert store.load_source("other", "keep", 1) == [{"text": "k"}]
+    assert store.get_task("other-task").state == TASK_QUEUED
+    with pytest.raises(NotFoundError, match="knowledge base 'kb'"):
+        store.delete_knowledge_base("kb")
+
+
+def test_delete_knowledge_base_is_one_transaction(store: SqliteStore) -> None:
+    _kb(store)
+    _add_doc(store, "a")
+    store.save_source("kb", "a", 1, [{"text": "a"}])
+    _task(store, "t")
+    # Make the last step of the delete fail: nothing of the earlier steps may remain.
+    store._conn.execute(
+        "CREATE TRIGGER no_kb_delete BEFORE DELETE ON knowledge_bases"
+        " BEGIN SELECT RAISE(ABORT, 'boom'); END"
+    )
+    with pytest.raises(sqlite3.DatabaseError, match="boom"):
+        store.delete_knowledge_base("kb")
+    assert not store._conn.in_transaction
+    assert store.get_knowledge_base("kb") is not None
+    assert store.get_document("kb", "a").version == 1
+    assert store.load_source("kb", "a", 1) == [{"text": "a"}]
+    assert store.get_task("t").state == TASK_QUEUED
+    store._conn.execute("DROP TRIGGER no_kb_delete")
+    assert store.delete_knowledge_base("kb") == 1
+
+
+def test_knowledge_base_stats_counts_visible_documents_only(store: SqliteStore) -> None:
+    _kb(store)
+    assert store.knowledge_base_stats("kb") == (0, 0, 0)
+    _add_doc(store, "a", chunks=3, size=100)
+    _add_doc(store, "b", chunks=5, size=40)
+    _add_doc(store, "c", chunks=7, size=1)
+    _begin(store, "new")  # invisible: not counted
+    store.begin_document_delete("kb", "c")  # deleting: not counted
+    _begin(store, "a")  # pending update: the visible version still counts
+    assert store.knowledge_base_stats("kb") == (2, 8, 140)
+    with pytest.raises(NotFoundError, match="knowledge base 'nope'"):
+        store.knowledge_base_stats("nope")
+
+
+# -- documents -------------------------------------------------------------------------------
+
+
+def test_new_document_is_invisible_until_commit(store: SqliteStore) -> None:
+    _kb(store)
+    version = _begin(store, "doc", title="Title", now=5.0, lang="en")
+    assert version == 1
+    doc = store.get_document("kb", "doc")
+    assert (doc.version, doc.pending_version, doc.title, doc.metadata) == (0, 1, "", {})
+    assert not doc.visible
+    assert store.list_documents("kb") == []
+    assert store.all_documents_for_rebuild("kb") == []
+
+    committed = store.commit_document_version("kb", "doc", 1, chunk_count=4, size_bytes=99, now=7.0)
+    assert committed == DocumentRecord(
+        knowledge_base="kb", id="doc", title="Title", metadata={"lang": "en"}, version=1,
+        pending_version=0, deleting=False, chunk_count=4, size_bytes=99, file_name="doc.md",
+        content_type="text/markdown", updated_at=7.0,
+    )  # fmt: skip
+    assert store.get_document("kb", "doc") == committed
+    assert store.list_documents("kb") == [committed]
+
+
+def test_update_shows_old_version_until_commit(store: SqliteStore) -> None:
+    _kb(store)
+    _add_doc(store, "doc", title="Old", chunks=2, lang="en")
+    version = store.begin_document_version(
+        "kb", "doc", title="New", metadata={"lang": "de"}, file_name="new.txt",
+        content_type="text/plain", now=9.0,
+    )  # fmt: skip
+    assert version == 2
+    doc = store.get_document("kb", "doc")
+    assert (doc.title, doc.metadata, doc.file_name, doc.version, doc.pending_version) == (
+        "Old", {"lang": "en"}, "doc.md", 1, 2)  # fmt: skip
+    assert doc.visible and store.list_documents("kb")[0].title == "Old"
+
+    committed = store.commit_document_version("kb", "doc", 2, chunk_count=9, size_bytes=10, now=11.0)
+    assert (committed.title, committed.metadata, committed.file_name, committed.content_type) == (
+        "New", {"lang": "de"}, "new.txt", "text/plain")  # fmt: skip
+    assert (committed.version, committed.pending_version, committed.chunk_count) == (2, 0, 9)
+
+
+def test_begin_refuses_concurrent_write_or_delete(store: SqliteStore) -> None:
+    _kb(store)
+    _begin(store, "doc")
+    with pytest.raises(Conflict, match="document 'doc'"):
+        _begin(store, "doc")
+    store.commit_document_version("kb", "doc", 1, chunk_count=1, size_bytes=1, now=2.0)
+    store.begin_document_delete("kb", "doc")
+    with pytest.raises(Conflict, match="document 'doc'.*deleted"):
+        _begin(store, "doc")
+
+
+def test_refused_begin_changes_nothing(store: SqliteStore) -> None:
+    _kb(store)
+    assert _begin(store, "doc") == 1
+    with pytest.raises(Conflict):
+        _begin(store, "doc", title="other")
+    doc = store.get_document("kb", "doc")
+    assert doc.pending_version == 1
+    store.commit_document_version("kb", "doc", 1, chunk_count=1, size_bytes=1, now=2.0)
+    assert store.get_document("kb", "doc").title == "doc"  # not the refused "other"
+    assert _begin(store, "doc") == 2  # the refused attempt consumed no number
+
+
+def test_begin_needs_the_knowledge_base(store: SqliteStore) -> None:
+    with pytest.raises(NotFoundError, match="knowledge base 'nope'"):
+        _begin(store, "doc", "nope")
+
+
+def test_commit_requires_the_pending_version(store: SqliteStore) -> None:
+    _kb(store)
+    with pytest.raises(NotFoundError, match="document 'doc'"):
+        store.commit_document_version("kb", "doc", 1, chunk_count=1, size_bytes=1, now=1.0)
+    version = _begin(store, "doc")
+    with pytest.raises(Conflict, match="document 'doc'"):
+        store.commit_document_version("kb", "doc", version + 1, chunk_count=1, size_bytes=1, now=1.0)
+    store.commit_document_version("kb", "doc", version, chunk_count=1, size_bytes=1, now=1.0)
+    with pytest.raises(Conflict):  # committing twice
+        store.commit_document_version("kb", "doc", version, chunk_count=1, size_bytes=1, now=1.0)
+
+
+def test_abort_of_a_new_document_removes_it(store: SqliteStore) -> None:
+    _kb(store)
+    version = _begin(store, "doc")
+    store.save_source("kb", "doc", version, [{"text": "x"}])
+    store.abort_document_version("kb", "doc", version)
+    assert store.get_document("kb", "doc") is None
+    assert store.load_source("kb", "doc", version) is None
+    store.abort_document_version("kb", "doc", version)  # again: no error
+    assert _begin(store, "doc") == 2  # the aborted number is not reused
+
+
+def test_abort_of_an_update_keeps_the_visible_version(store: SqliteStore) -> None:
+    _kb(store)
+    _add_doc(store, "doc", title="Old")
+    store.save_source("kb", "doc", 1, [{"text": "v1"}])
+    version = _begin(store, "doc", title="New")
+    store.save_source("kb", "doc", version, [{"text": "v2"}])
+    store.abort_document_version("kb", "doc", version - 1)  # not the pending one: ignored
+    assert store.get_document("kb", "doc").pending_version == version
+    store.abort_document_version("kb", "doc", version)
+    doc = store.get_document("kb", "doc")
+    assert (doc.version, doc.pending_version, doc.title) == (1, 0, "Old")
+    assert store.load_source("kb", "doc", 1) == [{"text": "v1"}]
+    assert store.load_source("kb", "doc", version) is None
+    assert store.visibility_pins("kb") == []
+    assert _begin(store, "doc") == 3
+
+
+def test_version_numbers_are_never_reused_after_delete(store: SqliteStore) -> None:
+    _kb(store)
+    _add_doc(store, "doc")
+    v2 = _begin(store, "doc")
+    store.commit_document_version("kb", "doc", v2, chunk_count=1, size_bytes=1, now=3.0)
+    store.begin_document_delete("kb", "doc")
+    store.finish_document_delete("kb", "doc")
+    assert store.get_document("kb", "doc") is None
+    assert _begin(store, "doc") == 3
+    # Even a re-created knowledge base continues the numbering.
+    store.delete_knowledge_base("kb")
+    _kb(store)
+    assert _begin(store, "doc") == 4
+    # Numbering is per document and per knowledge base.
+    assert _begin(store, "other") == 1
+    _kb(store, "kb2")
+    assert _begin(store, "doc", "kb2") == 1
+
+
+def test_document_delete(store: SqliteStore) -> None:
+    _kb(store)
+    with pytest.raises(NotFoundError, match="document 'doc'"):
+        store.begin_document_delete("kb", "doc")
+    _begin(store, "doc")
+    with pytest.raises(NotFoundError, match="document 'doc'"):  # no visible version yet
+        store.begin_document_delete("kb", "doc")
+    store.commit_document_version("kb", "doc", 1, chunk_count=1, size_bytes=1, now=2.0)
+    _begin(store, "doc")
+    with pytest.raises(Conflict, match="document 'doc'"):  # an update is under way
+        store.begin_document_delete("kb", "doc")
+    store.abort_document_version("kb", "doc", 2)
+    store.save_source("kb", "doc", 1, [{"text": "x"}])
+
+    doc = store.begin_document_delete("kb", "doc")
+    assert doc.deleting and doc.version == 1 and not doc.visible
+    assert store.get_document("kb", "doc").deleting
+    with pytest.raises(Conflict, match="document 'doc'"):
+        store.begin_document_delete("kb", "doc")
+    assert store.list_documents("kb") == []
+    assert store.all_documents_for_rebuild("kb") == []
+
+    store.finish_document_delete("kb", "doc")
+    assert store.get_document("kb", "doc") is None
+    assert store.load_source("kb", "doc", 1) is None
+    store.finish_document_delete("kb", "doc")  # idempotent
+
+
+def test_visibility_pins(store: SqliteStore) -> None:
+    _kb(store)
+    _kb(store, "other")
+    _add_doc(store, "stable")
+    _add_doc(store, "updating")
+    _add_doc(store, "going")
+    _begin(store, "updating")  # readers keep seeing version 1
+    _begin(store, "brand-new")  # readers see nothing
+    store.begin_document_delete("kb", "going")  # readers see nothing
+    _begin(store, "elsewhere", "other")
+    assert sorted(store.visibility_pins("kb")) == [("brand-new", 0), ("going", 0), ("updating", 1)]
+    assert store.visibility_pins("other") == [("elsewhere", 0)]
+    store.commit_document_version("kb", "updating", 2, chunk_count=1, size_bytes=1, now=3.0)
+    store.commit_document_version("kb", "brand-new", 1, chunk_count=1, size_bytes=1, now=3.0)
+    store.finish_document_delete("kb", "going")
+    assert store.visibility_pins("kb") == []
+
+
+def test_visibility_pins_uses_the_in_flight_index(store: SqliteStore) -> None:
+    from services.gateway.store import _PINS_QUERY
+
+    _kb(store)
+    for i in range(50):
+        _add_doc(store, f"d{i}")
+    _begin(store, "d7")
+    store._conn.execute("ANALYZE")
+    plan = " ".join(row[3] for row in store._conn.execute(f"EXPLAIN QUERY PLAN {_PINS_QUERY}", ("kb",)))
+    assert "COVERING INDEX documents_in_flight" in plan and "SCAN" not in plan
+    assert store.visibility_pins("kb") == [("d7", 1)]
+
+
+def test_list_documents_paginates_by_id(store: SqliteStore) -> None:
+    _kb(store)
+    ids = [f"doc-{i:02d}" for i in range(7)]
+    for doc_id in reversed(ids):
+        _add_doc(store, doc_id)
+    _begin(store, "doc-00a")  # invisible: never listed
+    page1 = store.list_documents("kb", limit=3)
+    assert [d.id for d in page1] == ids[:3]
+    page2 = store.list_documents("kb", after_id=page1[-1].id, limit=3)
+    assert [d.id for d in page2] == ids[3:6]
+    page3 = store.list_documents("kb", after_id=page2[-1].id, limit=3)
+    assert [d.id for d in page3] == ids[6:]
+    assert store.list_documents("kb", after_id=ids[-1]) == []
+    assert store.list_documents("other") == []
+    with pytest.raises(ValueError):
+        store.list_documents("kb", limit=0)
+
+
+def test_arbitrary_ids_and_names(store: SqliteStore) -> None:
+    kb = "team's \"kb\"; DROP TABLE documents; --"
+    doc_id = "../a/b/'q\"uote'/" + "x" * 230 + " ünï"
+    _kb(store, kb)
+    _add_doc(store, doc_id, kb)
+    store.save_source(kb, doc_id, 1, [{"text": "ok"}])
+    assert store.get_document(kb, doc_id).id == doc_id
+    assert [d.id for d in store.list_documents(kb)] == [doc_id]
+    assert store.load_source(kb, doc_id, 1) == [{"text": "ok"}]
+    assert store.get_knowledge_base(kb).name == kb
+    assert store.delete_knowledge_base(kb) == 1
+
+
+def test_all_documents_for_rebuild(store: SqliteStore) -> None:
+    _kb(store)
+    _add_doc(store, "b")
+    _add_doc(store, "a")
+    _add_doc(store, "updating")
+    _add_doc(store, "gone")
+    _begin(store, "updating", title="newer")
+    _begin(store, "new")
+    store.begin_document_delete("kb", "gone")
+    docs = store.all_documents_for_rebuild("kb")
+    assert [(d.id, d.version, d.title) for d in docs] == [("a", 1, "a"), ("b", 1, "b"), ("updating", 1, "updating")]
+
+
+# -- sources ---------------------------------------------------------------------------------
+
+
+def test_sources_round_trip_compressed_and_replace(store: SqliteStore) -> None:
+    _kb(store)
+    sections = [{"heading": "Intro", "text": "hello " * 500, "page": 1}, {"text": "ünïcödé"}]
+    store.save_source("kb", "doc", 1, sections)
+    assert store.load_source("kb", "doc", 1) == sections
+    blob = store._conn.execute("SELECT data FROM sources").fetchone()[0]
+    assert json.loads(zlib.decompress(blob)) == sections
+    assert len(blob) < len(json.dumps(sections)) / 5
+    store.save_source("kb", "doc", 1, [{"text": "replaced"}])
+    assert store.load_source("kb", "doc", 1) == [{"text": "replaced"}]
+    assert store.load_source("kb", "doc", 2) is None
+    assert store.load_source("kb", "other", 1) is None
+    with pytest.raises(NotFoundError, match="knowledge base 'nope'"):
+        store.save_source("nope", "doc", 1, [])
+
+
+def test_delete_sources(store: SqliteStore) -> None:
+    _kb(store)
+    for version in (1, 2, 3):
+        store.save_source("kb", "doc", version, [{"v": version}])
+    store.save_source("kb", "other", 1, [{"v": 1}])
+    store.delete_sources("kb", "doc", except_version=3)
+    assert [store.load_source("kb", "doc", v) for v in (1, 2, 3)] == [None, None, [{"v": 3}]]
+    store.delete_sources("kb", "doc")
+    assert store.load_source("kb", "doc", 3) is None
+    assert store.load_source("kb", "other", 1) == [{"v": 1}]
+
+
+# -- tasks -----------------------------------------------------------------------------------
+
+
+def test_create_and_get_task(store: SqliteStore) -> None:
+    before = time.time()
+    created = store.create_task(TaskRecord(
+        id="t1", kind=KIND_INGEST_FILE, knowledge_base="kb", document_id="d", file_name="f.md",
+        bytes=12, spec={"upload": "blob-1", "metadata": {"a": [1, 2]}}, checkpoint={"step": 0},
+    ))  # fmt: skip
+    assert before <= created.created_at == created.updated_at <= time.time()
+    got = store.get_task("t1")
+    assert got == created
+    assert (got.state, got.stage, got.cancel_requested) == (TASK_QUEUED, "received", False)
+    assert got.spec == {"upload": "blob-1", "metadata": {"a": [1, 2]}}
+    assert store.get_task("missing") is None
+    with pytest.raises(AlreadyExists, match="task 't1'"):
+        _task(store, "t1")
+
+
+def test_list_tasks_newest_first_with_filters_and_cursor(store: SqliteStore) -> None:
+    _task(store, "a", created=1.0)
+    _task(store, "b", created=2.0, kb="other")
+    _task(store, "c", created=2.0, state=TASK_FAILED)  # same time as b: id breaks the tie
+    _task(store, "d", created=3.0, state=TASK_SUCCEEDED)
+    _task(store, "e", created=4.0)
+    assert [t.id for t in store.list_tasks()] == ["e", "d", "c", "b", "a"]
+    assert [t.id for t in store.list_tasks(knowledge_base="kb")] == ["e", "d", "c", "a"]
+    assert [t.id for t in store.list_tasks(states=[TASK_FAILED, TASK_SUCCEEDED])] == ["d", "c"]
+    assert [t.id for t in store.list_tasks(knowledge_base="kb", states=[TASK_QUEUED])] == ["e", "a"]
+
+    pages, before = [], None
+    while True:
+        page = store.list_tasks(limit=2, before=before)
+        if not page:
+            break
+        pages.append([t.id for t in page])
+        before = (page[-1].created_at, page[-1].id)
+    assert pages == [["e", "d"], ["c", "b"], ["a"]]
+    with pytest.raises(ValueError):
+        store.list_tasks(limit=0)
+
+
+def test_update_task(store: SqliteStore) -> None:
+    _task(store, "t", created=1.0, updated_at=1.0)
+    updated = store.update_task("t", stage="embedding", chunks_total=10, chunks_stored=4,
+                                checkpoint={"batch": 2}, cancel_requested=True)  # fmt: skip
+    assert (updated.stage, updated.chunks_total, updated.chunks_stored) == ("embedding", 10, 4)
+    assert updated.checkpoint == {"batch": 2} and updated.cancel_requested is True
+    assert updated.updated_at > 1.0
+    assert store.get_task("t") == updated
+    with pytest.raises(ValueError, match="bogus"):
+        store.update_task("t", bogus=1)
+    with pytest.raises(ValueError, match="id"):
+        store.update_task("t", id="x")
+    with pytest.raises(NotFoundError, match="task 'missing'"):
+        store.update_task("missing", stage="done")
+
+
+def test_update_task_with_owner_requires_the_lease(store: SqliteStore) -> None:
+    _task(store, "t")
+    store.claim_next_task("w1", lease_s=10, now=100.0)
+    store.update_task("t", owner="w1", stage="parsing")
+    # w1's lease expires; w2 resumes the task; w1 must not overwrite w2's progress.
+    assert store.claim_next_task("w2", lease_s=10, now=111.0).id == "t"
+    with pytest.raises(Conflict, match="task 't'.*lost the lease"):
+        store.update_task("t", owner="w1", stage="done", state=TASK_SUCCEEDED)
+    task = store.get_task("t")
+    assert (task.state, task.stage, task.owner) == (TASK_RUNNING, "parsing", "w2")
+    assert store.update_task("t", owner="w2", stage="chunking").stage == "chunking"
+
+
+def test_request_cancel(store: SqliteStore) -> None:
+    _task(store, "queued", created=1.0)
+    _task(store, "running", created=2.0)
+    _task(store, "done", created=3.0, state=TASK_SUCCEEDED, stage="done")
+    store.update_task("queued", stage="parsing")
+    assert store.claim_next_task("w", lease_s=10, now=100.0).id == "queued"
+    # "queued" is now running; make a fresh queued one to cancel at once
+    _task(store, "fresh", created=4.0, stage="received")
+
+    fresh = store.request_cancel("fresh")
+    assert (fresh.state, fresh.error, fresh.stage) == (TASK_CANCELLED, "cancelled", "received")
+    running = store.request_cancel("queued")
+    assert running.state == TASK_RUNNING and running.cancel_requested and running.stage == "parsing"
+    done = store.request_cancel("done")
+    assert done.state == TASK_SUCCEEDED and not done.cancel_requested
+    assert store.get_task("done") == done
+    with pytest.raises(NotFoundError, match="task 'missing'"):
+        store.request_cancel("missing")
+    # A cancelled task is never claimed.
+    assert store.claim_next_task("w", lease_s=10, now=100.0).id == "running"
+    assert store.claim_next_task("w", lease_s=10, now=100.0) is None
+
+
+def test_claim_takes_oldest_queued_and_sets_the_lease(store: SqliteStore) -> None:
+    assert store.claim_next_task("w", lease_s=30, now=100.0) is None
+    _task(store, "newer", created=2.0)
+    _task(store, "older", created=1.0)
+    _task(store, "finished", created=0.5, state=TASK_SUCCEEDED)
+    _task(store, "failed", created=0.6, state=TASK_FAILED)
+    claimed = store.claim_next_task("w", lease_s=30, now=100.0)
+    assert (claimed.id, claimed.state, claimed.owner, claimed.lease_until) == ("older", TASK_RUNNING, "w", 130.0)
+    assert claimed.updated_at == 100.0
+    assert store.get_task("older") == claimed
+    assert store.claim_next_task("w2", lease_s=30, now=100.0).id == "newer"
+    assert store.claim_next_task("w3", lease_s=30, now=129.0) is None  # both leases live
+    with pytest.raises(ValueError):
+        store.claim_next_task("", lease_s=30, now=100.0)
+
+
+def test_claim_resumes_a_task_whose_worker_died(store: SqliteStore) -> None:
+    _task(store, "t", spec={"file": "x"})
+    store.claim_next_task("dead", lease_s=10, now=100.0)
+    store.update_task("t", owner="dead", stage="embedding", chunks_stored=7, checkpoint={"batch": 3})
+    assert store.claim_next_task("w2", lease_s=10, now=110.0) is None  # lease_until == now: alive
+    resumed = store.claim_next_task("w2", lease_s=10, now=110.5)
+    assert (resumed.id, resumed.owner, resumed.lease_until) == ("t", "w2", 120.5)
+    assert (resumed.stage, resumed.chunks_stored, resumed.checkpoint, resumed.spec) == (
+        "embedding", 7, {"batch": 3}, {"file": "x"})  # fmt: skip
+
+
+def test_claim_filters_by_kind(store: SqliteStore) -> None:
+    _task(store, "rebuild", kind=KIND_REBUILD, kb="a", created=1.0)
+    _task(store, "ingest", kind=KIND_INGEST_FILE, kb="b", created=2.0)
+    assert store.claim_next_task("w", lease_s=10, now=100.0, kinds=[KIND_INGEST_FILE]).id == "ingest"
+    assert store.claim_next_task("w", lease_s=10, now=100.0, kinds=["other"]) is None
+    assert store.claim_next_task("w", lease_s=10, now=100.0, kinds=[KIND_REBUILD, "x"]).id == "rebuild"
+
+
+def test_no_document_work_while_a_rebuild_runs(store: SqliteStore) -> None:
+    _task(store, "rebuild", kind=KIND_REBUILD, created=1.0)
+    _task(store, "ingest", created=2.0)
+    _task(store, "ingest-other-kb", kb="other", created=3.0)
+    assert store.claim_next_task("w1", lease_s=10, now=100.0).id == "rebuild"
+    # The ingest of the same knowledge base waits; another knowledge base's does not.
+    assert store.claim_next_task("w2", lease_s=10, now=105.0).id == "ingest-other-kb"
+    assert store.claim_next_task("w2", lease_s=10, now=105.0) is None
+    # Once the rebuild's lease expires, it (oldest) is resumed first, which blocks the ingest again.
+    resumed = store.claim_next_task("w2", lease_s=10, now=111.0)
+    assert resumed.id == "rebuild" and resumed.owner == "w2"
+    assert store.claim_next_task("w3", lease_s=10, now=112.0) is None
+    store.update_task("rebuild", owner="w2", state=TASK_SUCCEEDED, stage="done")
+    assert store.claim_next_task("w3", lease_s=10, now=113.0).id == "ingest"
+
+
+def test_ingest_blocked_by_running_rebuild_also_when_resuming(store: SqliteStore) -> None:
+    _task(store, "ingest", created=1.0)
+    _task(store, "rebuild", kind=KIND_REBUILD, created=2.0)
+    assert store.claim_next_task("w1", lease_s=10, now=100.0).id == "ingest"
+    store.release_task("ingest", "w1")  # its worker shut down: running, but no live lease
+    # A rebuild is not blocked by a task without a live lease (a worker asking for rebuilds).
+    assert store.claim_next_task("w2", lease_s=10, now=101.0, kinds=[KIND_REBUILD]).id == "rebuild"
+    # Now the released ingest must not be resumed under the running rebuild.
+    assert store.claim_next_task("w3", lease_s=10, now=102.0) is None
+
+
+def test_rebuild_waits_for_running_work_of_its_knowledge_base(store: SqliteStore) -> None:
+    _task(store, "ingest", created=1.0)
+    _task(store, "rebuild", kind=KIND_REBUILD, created=2.0)
+    _task(store, "rebuild-other", kind=KIND_REBUILD, kb="other", created=3.0)
+    assert store.claim_next_task("w1", lease_s=10, now=100.0).id == "ingest"
+    # The rebuild of kb waits while the ingest runs; the other knowledge base's does not.
+    assert store.claim_next_task("w2", lease_s=10, now=101.0).id == "rebuild-other"
+    assert store.claim_next_task("w2", lease_s=10, now=101.0) is None
+    store.update_task("ingest", owner="w1", state=TASK_SUCCEEDED, stage="done")
+    assert store.claim_next_task("w2", lease_s=10, now=102.0).id == "rebuild"
+
+
+def test_renew_lease(store: SqliteStore) -> None:
+    _task(store, "t")
+    store.claim_next_task("w1", lease_s=10, now=100.0)
+    assert store.renew_lease("t", "w1", lease_s=10, now=105.0)
+    assert store.get_task("t").lease_until == 115.0
+    assert store.claim_next_task("w2", lease_s=10, now=112.0) is None  # renewed: still alive
+    assert not store.renew_lease("t", "w2", lease_s=10, now=105.0)
+    assert not store.renew_lease("missing", "w1", lease_s=10, now=105.0)
+    assert store.get_task("t").lease_until == 115.0
+    store.update_task("t", owner="w1", state=TASK_SUCCEEDED)
+    assert not store.renew_lease("t", "w1", lease_s=10, now=106.0)  # finished tasks have no lease
+
+
+def test_release_task_lets_another_worker_resume_at_once(store: SqliteStore) -> None:
+    _task(store, "t")
+    store.claim_next_task("w1", lease_s=60, now=100.0)
+    store.release_task("t", "w2")  # not the owner: nothing happens
+    assert store.get_task("t").owner == "w1"
+    store.release_task("t", "w1")
+    task = store.get_task("t")
+    assert (task.owner, task.lease_until, task.state) == ("", 0.0, TASK_RUNNING)
+    assert store.claim_next_task("w2", lease_s=60, now=101.0).owner == "w2"  # long before 160
+
+
+# -- several threads, several stores, several processes -------------------------------------
+
+
+def test_two_stores_on_one_file_see_each_others_writes(db_path: Path) -> None:
+    a, b = SqliteStore(db_path), SqliteStore(db_path)
+    try:
+        _kb(a)
+        assert b.get_knowledge_base("kb") is not None
+        version = _begin(b, "doc")
+        with pytest.raises(Conflict):
+            _begin(a, "doc")
+        a.commit_document_version("kb", "doc", version, chunk_count=1, size_bytes=1, now=2.0)
+        assert b.get_document("kb", "doc").version == 1
+        _task(a, "t")
+        assert b.claim_next_task("wb", lease_s=10, now=100.0).id == "t"
+        assert a.claim_next_task("wa", lease_s=10, now=100.0) is None
+        assert not a.renew_lease("t", "wa", lease_s=10, now=101.0)
+        assert a.get_task("t").owner == "wb"
+    finally:
+        a.close()
+        b.close()
+
+
+def test_racing_stores_never_claim_one_task_twice(db_path: Path) -> None:
+    stores = [SqliteStore(db_path), SqliteStore(db_path)]
+    total = 120
+    for i in range(total):
+        _task(stores[0], f"t{i:03d}", kb=f"kb{i % 7}", created=float(i))
+    claims: list[tuple[str, str]] = []
+    guard = threading.Lock()
+    start = threading.Barrier(6)
+
+    def worker(store: SqliteStore, name: str) -> None:
+        start.wait()
+        while (task := store.claim_next_task(name, lease_s=1000, now=100.0)) is not None:
+            with guard:
+                claims.append((task.id, name))
+
+    threads = [threading.Thread(target=worker, args=(stores[i % 2], f"w{i}")) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    try:
+        ids = [task_id for task_id, _ in claims]
+        assert len(ids) == len(set(ids)) == total
+        for task_id, name in claims:  # the store agrees with every claimant
+            assert stores[1].get_task(task_id).owner == name
+        assert len({name for _, name in claims}) > 1
+    finally:
+        for s in stores:
+            s.close()
+
+
+_CLAIMER = """
+import json, sys, time
+from pathlib import Path
+from services.gateway.store import SqliteStore
+path, go, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+store = SqliteStore(path)
+while not go.exists():
+    time.sleep(0.005)
+claimed = []
+while (task := store.claim_next_task(name, lease_s=1000, now=100.0)) is not None:
+    claimed.append(task.id)
+    store.update_task(task.id, owner=name, state="succeeded", stage="done")
+print(json.dumps(claimed))
+"""
+
+
+def test_racing_processes_never_claim_one_task_twice(db_path: Path, tmp_path: Path) -> None:
+    store = SqliteStore(db_path)
+    total = 150
+    for i in range(total):
+        _task(store, f"t{i:03d}", kb=f"kb{i % 5}", created=float(i))
+    go = tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CLAIMER, str(db_path), str(go), f"p{i}"],
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    time.sleep(0.3)
+    go.touch()
+    results = {}
+    for i, proc in enumerate(procs):
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        results[f"p{i}"] = json.loads(out)
+    ids = [task_id for claimed in results.values() for task_id in claimed]
+    assert len(ids) == len(set(ids)) == total
+    for name, claimed in results.items():
+        for task_id in claimed:
+            task = store.get_task(task_id)
+            assert (task.owner, task.state) == (name, TASK_SUCCEEDED)
+    store.close()
+
+
+def test_one_store_is_safe_from_many_threads(store: SqliteStore) -> None:
+    _kb(store)
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for i in range(20):
+                doc = f"d{n}-{i}"
+                version = _begin(store, doc)
+                store.save_source("kb", doc, version, [{"text": doc}])
+                store.commit_document_version("kb", doc, version, chunk_count=1, size_bytes=2, now=3.0)
+                _task(store, doc)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert store.knowledge_base_stats("kb") == (160, 160, 320)
+    assert len(store.list_tasks(limit=1000)) == 160
+
+
+def test_writes_wait_for_another_process_holding_the_lock(store: SqliteStore, db_path: Path) -> None:
+    _kb(store)
+    other = sqlite3.connect(db_path, isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("UPDATE knowledge_bases SET description = 'from other' WHERE name = 'kb'")
+    timer = threading.Timer(0.4, lambda: other.execute("COMMIT"))
+    timer.start()
+    started = time.monotonic()
+    # Blocked by the other writer, the store waits (busy timeout) instead of failing.
+    updated = store.update_knowledge_base("kb", generation=5)
+    waited = time.monotonic() - started
+    timer.join()
+    other.close()
+    assert waited >= 0.3
+    assert (updated.description, updated.generation) == ("from other", 5)
