@@ -1,4 +1,5 @@
-"""The `askmesh` command: run services, the local mesh, and ask questions."""
+"""The `askmesh` command: run services and the local mesh, ask questions, manage knowledge bases,
+ingest files and follow ingestion tasks."""
 
 from __future__ import annotations
 
@@ -6,17 +7,25 @@ import importlib
 import signal
 import sys
 import threading
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from datetime import datetime
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
 import grpc
 import typer
+from google.protobuf import timestamp_pb2
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from askmesh import client
-from askmesh.v1 import common_pb2, gateway_pb2
+from askmesh.v1 import common_pb2, gateway_pb2, ingestion_pb2, knowledge_pb2
 
 app = typer.Typer(help="askmesh: question answering over private documents, as gRPC microservices.", no_args_is_help=True)
 console = Console()
@@ -163,6 +172,386 @@ def add(
         raise typer.Exit(1) from error
     for document in result.documents:
         console.print(f"{document.id}: {document.chunk_count} chunks")
+
+
+# -- shared helpers -----------------------------------------------------------------------------
+Address = Annotated[str, typer.Option(help="The gateway (Envoy's front door).")]
+ChunkSize = Annotated[Optional[int], typer.Option(help="Target chunk size in characters.")]
+ChunkOverlap = Annotated[Optional[int], typer.Option(help="Characters shared by consecutive chunks.")]
+
+
+def _print_rpc_error(error: grpc.RpcError, prefix: str = "") -> None:
+    errors.print(f"{prefix}error: {error.code().name}: {error.details()}", markup=False, highlight=False, soft_wrap=True)  # type: ignore[attr-defined]
+
+
+@contextmanager
+def _reported_errors() -> Iterator[None]:
+    """gRPC errors: `error: CODE: details`, exit 1. Bad local input: `error: ...`, exit 2."""
+    try:
+        yield
+    except grpc.RpcError as error:
+        _print_rpc_error(error)
+        raise typer.Exit(1) from error
+    except (OSError, ValueError) as error:
+        errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from error
+
+
+def _add_row(table: Table, *cells: str) -> None:
+    """Cells as plain text: names, titles and errors never read as Rich markup."""
+    table.add_row(*(Text(cell) for cell in cells))
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # unreachable
+
+
+def _time(stamp: timestamp_pb2.Timestamp) -> str:
+    if not stamp.seconds and not stamp.nanos:
+        return ""
+    return datetime.fromtimestamp(stamp.seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _name(enum: object, value: int, prefix: str) -> str:
+    return enum.Name(value).removeprefix(prefix).lower()  # type: ignore[attr-defined, no-any-return]
+
+
+def _kb_state(kb: knowledge_pb2.KnowledgeBase) -> str:
+    return _name(knowledge_pb2.KnowledgeBaseState, kb.state, "KNOWLEDGE_BASE_STATE_")
+
+
+def _task_state(task: ingestion_pb2.Task) -> str:
+    return _name(ingestion_pb2.TaskState, task.state, "TASK_STATE_")
+
+
+def _task_stage(task: ingestion_pb2.Task) -> str:
+    return _name(ingestion_pb2.TaskStage, task.stage, "TASK_STAGE_")
+
+
+def _task_counts(task: ingestion_pb2.Task) -> tuple[int, int, str]:
+    """(total, done, unit) of a task's progress: documents for a rebuild, chunks for a file."""
+    p = task.progress
+    if task.kind == ingestion_pb2.TASK_KIND_REBUILD:
+        return p.documents_total, p.documents_done, "documents"
+    return p.chunks_total, p.chunks_stored, "chunks"
+
+
+def _plural(count: int, unit: str) -> str:
+    return f"{count} {unit.removesuffix('s') if count == 1 else unit}"
+
+
+class _TaskMarkColumn(SpinnerColumn):
+    """A spinner while a task runs, then a mark for how it ended."""
+
+    def render(self, task):  # type: ignore[no-untyped-def]
+        mark = task.fields.get("mark")
+        return Text(mark, style=task.fields.get("mark_style", "")) if mark else super().render(task)
+
+
+MARKS = {
+    ingestion_pb2.TASK_STATE_SUCCEEDED: ("✓", "green"),
+    ingestion_pb2.TASK_STATE_FAILED: ("✗", "red"),
+    ingestion_pb2.TASK_STATE_CANCELLED: ("-", "yellow"),
+}
+
+
+def _follow_tasks(channel: grpc.Channel, tasks: Sequence[tuple[str, ingestion_pb2.Task]]) -> list[ingestion_pb2.Task | grpc.RpcError]:
+    """One progress bar per task, driven by WatchTask, until every task ends; the final task (or
+    the error that cut its watch) for each, in order."""
+    progress = Progress(
+        _TaskMarkColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+    )
+
+    def show(bar: int, label: str, task: ingestion_pb2.Task) -> None:
+        total, done, _ = _task_counts(task)
+        state = task.state
+        phase = _task_stage(task) if state == ingestion_pb2.TASK_STATE_RUNNING else _task_state(task)
+        mark, mark_style = MARKS.get(state, ("", ""))
+        if state == ingestion_pb2.TASK_STATE_SUCCEEDED:
+            total = done = max(total, done)
+        progress.update(
+            bar, description=f"{escape(label)} ({phase})", total=total or None, completed=done, mark=mark, mark_style=mark_style
+        )
+        if mark:
+            progress.stop_task(bar)
+
+    def follow(bar: int, label: str, task: ingestion_pb2.Task) -> ingestion_pb2.Task | grpc.RpcError:
+        try:
+            for task in client.watch_task(channel, task.id):
+                show(bar, label, task)
+        except grpc.RpcError as error:
+            progress.update(bar, mark="?", mark_style="red")
+            progress.stop_task(bar)
+            return error
+        return task
+
+    with progress:
+        bars = [progress.add_task(escape(label), total=None, mark="", mark_style="") for label, _ in tasks]
+        for bar, (label, task) in zip(bars, tasks):
+            show(bar, label, task)
+        pool = ThreadPoolExecutor(max_workers=min(len(tasks), 8) or 1)
+        futures = [pool.submit(follow, bar, label, task) for bar, (label, task) in zip(bars, tasks)]
+        try:
+            results = [future.result() for future in futures]
+        except KeyboardInterrupt:
+            channel.close()  # ends every watch; the tasks themselves keep running on the server
+            pool.shutdown(wait=True)
+            progress.stop()
+            errors.print("Stopped watching; the tasks keep running (see `askmesh tasks`, `askmesh cancel`).")
+            raise typer.Exit(130) from None
+        pool.shutdown(wait=True)
+    return results
+
+
+def _report_outcomes(labels: Sequence[str], results: Sequence[ingestion_pb2.Task | grpc.RpcError]) -> bool:
+    """A final line per task; True when every one succeeded."""
+    all_succeeded = True
+    for label, result in zip(labels, results):
+        if isinstance(result, grpc.RpcError):
+            all_succeeded = False
+            _print_rpc_error(result, prefix=f"{label}: ")
+            continue
+        _, done, unit = _task_counts(result)
+        if result.state == ingestion_pb2.TASK_STATE_SUCCEEDED:
+            console.print(f"{escape(label)}: [green]succeeded[/green] ({_plural(done, unit)})", highlight=False, soft_wrap=True)
+        elif result.state == ingestion_pb2.TASK_STATE_CANCELLED:
+            all_succeeded = False
+            console.print(f"{escape(label)}: [yellow]cancelled[/yellow]", highlight=False, soft_wrap=True)
+        elif result.state != ingestion_pb2.TASK_STATE_FAILED:  # a watch that ended before the task did
+            all_succeeded = False
+            console.print(f"{escape(label)}: still {_task_state(result)} (task {result.id})", highlight=False, soft_wrap=True)
+        else:
+            all_succeeded = False
+            reason = escape(result.error or "no reason given")
+            console.print(f"{escape(label)}: [red]failed[/red] ({reason})", highlight=False, soft_wrap=True)
+    return all_succeeded
+
+
+# -- knowledge bases ------------------------------------------------------------------------------
+kb_app = typer.Typer(help="Create, list, inspect, rebuild and delete knowledge bases.", no_args_is_help=True)
+app.add_typer(kb_app, name="kb")
+
+
+@kb_app.command("create")
+def kb_create(
+    name: str,
+    description: Annotated[str, typer.Option(help="What the knowledge base holds.")] = "",
+    field: Annotated[
+        Optional[list[str]],
+        typer.Option(help="Declared metadata field name:type, type string|int|float|bool (repeatable)."),
+    ] = None,
+    chunk_size: ChunkSize = None,
+    chunk_overlap: ChunkOverlap = None,
+    address: Address = "127.0.0.1:50051",
+) -> None:
+    """Create a knowledge base, with typed metadata fields (fast filters) and default chunking."""
+    with _reported_errors():
+        fields = [client.parse_field(f) for f in field or []]
+        options = client.chunking(chunk_size, chunk_overlap)
+        with client.connect(address) as channel:
+            kb = client.create_knowledge_base(channel, name, description=description, fields=fields, chunking_options=options)
+    console.print(f"Created knowledge base {kb.name!r} ({kb.embedding_model}, {kb.dimension} dimensions).", highlight=False)
+
+
+@kb_app.command("list")
+def kb_list(address: Address = "127.0.0.1:50051") -> None:
+    """List the knowledge bases."""
+    with _reported_errors(), client.connect(address) as channel:
+        kbs = client.list_knowledge_bases(channel)
+    table = Table(title="Knowledge bases")
+    for column in ("name", "documents", "chunks", "size", "model", "dimension", "generation", "state"):
+        table.add_column(column, overflow="fold", justify="right" if column in ("documents", "chunks", "size", "dimension", "generation") else "left")
+    for kb in kbs:
+        _add_row(
+            table, kb.name, str(kb.document_count), str(kb.chunk_count), _size(kb.size_bytes), kb.embedding_model,
+            str(kb.dimension), str(kb.generation), _kb_state(kb),
+        )
+    console.print(table)
+
+
+@kb_app.command("show")
+def kb_show(name: str, address: Address = "127.0.0.1:50051") -> None:
+    """Show one knowledge base: its counts, model, chunking and metadata fields."""
+    with _reported_errors(), client.connect(address) as channel:
+        kb = client.get_knowledge_base(channel, name)
+    grid = Table(show_header=False, box=None, padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column(overflow="fold")
+    fields = ", ".join(f"{f.name}:{_name(common_pb2.MetadataType, f.type, 'METADATA_TYPE_')}" for f in kb.metadata_schema)
+    chunking = f"{kb.chunking.chunk_size} characters, overlap {kb.chunking.chunk_overlap}"
+    for key, value in (
+        ("name", kb.name),
+        ("description", kb.description),
+        ("state", _kb_state(kb)),
+        ("documents", str(kb.document_count)),
+        ("chunks", str(kb.chunk_count)),
+        ("size", _size(kb.size_bytes)),
+        ("model", kb.embedding_model),
+        ("dimension", str(kb.dimension)),
+        ("generation", str(kb.generation)),
+        ("chunking", chunking),
+        ("metadata fields", fields or "(none)"),
+        ("created", _time(kb.created_at)),
+        ("updated", _time(kb.updated_at)),
+    ):
+        _add_row(grid, key, value)
+    console.print(grid, highlight=False)
+
+
+@kb_app.command("delete")
+def kb_delete(
+    name: str,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    address: Address = "127.0.0.1:50051",
+) -> None:
+    """Delete a knowledge base with its documents and their chunks."""
+    with _reported_errors(), client.connect(address) as channel:
+        if not yes:
+            kb = client.get_knowledge_base(channel, name)
+            typer.confirm(
+                f"Delete knowledge base {name!r} with {kb.document_count} documents ({kb.chunk_count} chunks)?", abort=True
+            )
+        deleted = client.delete_knowledge_base(channel, name)
+    console.print(f"Deleted knowledge base {name!r} ({deleted.deleted_documents} documents).", highlight=False)
+
+
+@kb_app.command("rebuild")
+def kb_rebuild(
+    name: str,
+    chunk_size: ChunkSize = None,
+    chunk_overlap: ChunkOverlap = None,
+    wait: Annotated[bool, typer.Option(help="Follow the rebuild until it ends.")] = False,
+    address: Address = "127.0.0.1:50051",
+) -> None:
+    """Re-chunk and re-embed every document into a new generation (the current one keeps serving)."""
+    with _reported_errors():
+        options = client.chunking(chunk_size, chunk_overlap)
+        channel = client.connect(address)
+    with _reported_errors(), channel:
+        task = client.rebuild_knowledge_base(channel, name, options)
+        console.print(f"Rebuild of {name!r} queued as task {task.id}.", highlight=False)
+        if not wait:
+            return
+        results = _follow_tasks(channel, [(name, task)])
+        succeeded = _report_outcomes([name], results)
+        if succeeded:
+            kb = client.get_knowledge_base(channel, name)
+            console.print(f"{name!r} now serves generation {kb.generation} ({kb.chunk_count} chunks).", highlight=False)
+    if not succeeded:
+        raise typer.Exit(1)
+
+
+@kb_app.command("docs")
+def kb_docs(name: str, address: Address = "127.0.0.1:50051") -> None:
+    """List the documents of a knowledge base."""
+    with _reported_errors(), client.connect(address) as channel:
+        documents = list(client.list_documents(channel, name))
+    table = Table(title=f"Documents in {name}")
+    for column in ("id", "title", "version", "chunks", "size", "file name"):
+        table.add_column(column, overflow="fold", justify="right" if column in ("version", "chunks", "size") else "left")
+    for d in documents:
+        _add_row(table, d.id, d.title, str(d.version), str(d.chunk_count), _size(d.size_bytes), d.file_name)
+    console.print(table)
+
+
+# -- ingestion ------------------------------------------------------------------------------------
+@app.command()
+def ingest(
+    paths: Annotated[list[Path], typer.Argument(help="Files, or directories whose supported files (not in subdirectories) are ingested.")],
+    kb: Annotated[str, typer.Option(help="Knowledge base (must exist: `askmesh kb create`).")],
+    metadata: Annotated[
+        Optional[list[str]], typer.Option(help="Metadata key=value for every file; typed bool/int/float/string (repeatable).")
+    ] = None,
+    wait: Annotated[bool, typer.Option(help="Follow each file's task until it ends.")] = True,
+    address: Address = "127.0.0.1:50051",
+) -> None:
+    """Upload files (PDF, Word .docx, Markdown, HTML, plain text) to a knowledge base.
+
+    Each file becomes a background task on the server; with --wait (the default) a progress bar follows each one, and the command exits 1 unless every file succeeded.
+    """
+    with _reported_errors():
+        files = client.files_to_ingest(paths)
+        for path in files:
+            if path.stat().st_size == 0:
+                raise ValueError(f"{path}: the file is empty")
+        meta = client.parse_metadata(metadata or [])
+        channel = client.connect(address)
+    queued: list[tuple[str, ingestion_pb2.Task]] = []
+    with channel:
+        for path in files:
+            try:
+                task = client.upload_file(channel, path, client.upload_header(path, kb, metadata=meta))
+            except (grpc.RpcError, OSError) as error:
+                if isinstance(error, grpc.RpcError):
+                    _print_rpc_error(error, prefix=f"{path.name}: ")
+                else:
+                    errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+                if queued:
+                    errors.print(
+                        f"{len(queued)} file(s) already uploaded keep going: see `askmesh tasks --kb {kb}`.",
+                        markup=False, highlight=False,
+                    )
+                raise typer.Exit(1 if isinstance(error, grpc.RpcError) else 2) from error
+            queued.append((path.name, task))
+            console.print(f"[dim]{escape(path.name)}: uploaded, task {task.id}[/dim]", highlight=False, soft_wrap=True)
+        if not wait:
+            return
+        results = _follow_tasks(channel, queued)
+    if not _report_outcomes([label for label, _ in queued], results):
+        raise typer.Exit(1)
+
+
+class TaskStateChoice(str, Enum):
+    queued = "queued"
+    running = "running"
+    succeeded = "succeeded"
+    failed = "failed"
+    cancelled = "cancelled"
+
+
+@app.command("tasks")
+def tasks_command(
+    kb: Annotated[Optional[str], typer.Option(help="Only this knowledge base's tasks.")] = None,
+    state: Annotated[Optional[list[TaskStateChoice]], typer.Option(help="Only tasks in this state (repeatable).")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Most tasks to show, newest first.")] = 20,
+    address: Address = "127.0.0.1:50051",
+) -> None:
+    """List ingestion and rebuild tasks, newest first."""
+    states = [ingestion_pb2.TaskState.Value(f"TASK_STATE_{s.value.upper()}") for s in state or []]
+    with _reported_errors(), client.connect(address) as channel:
+        found = client.list_tasks(channel, knowledge_base=kb or "", states=states, limit=limit)
+    table = Table(title="Tasks")
+    table.add_column("id", no_wrap=True, min_width=32)
+    for column in ("kind", "kb", "document", "file", "state", "stage", "progress", "error", "updated"):
+        table.add_column(column, overflow="fold")
+    for task in found:
+        total, done, unit = _task_counts(task)
+        _add_row(
+            table, task.id, _name(ingestion_pb2.TaskKind, task.kind, "TASK_KIND_"), task.knowledge_base, task.document_id,
+            task.file_name, _task_state(task), _task_stage(task), f"{done}/{total} {unit}" if total else "",
+            task.error, _time(task.updated_at),
+        )
+    console.print(table)
+
+
+@app.command()
+def cancel(task_id: str, address: Address = "127.0.0.1:50051") -> None:
+    """Cancel a queued or running task; what it stored so far is removed."""
+    with _reported_errors(), client.connect(address) as channel:
+        task = client.cancel_task(channel, task_id)
+    state = _task_state(task)
+    pending = " (cancel requested)" if task.cancel_requested and task.state not in client.TERMINAL_TASK_STATES else ""
+    console.print(f"task {task.id}: {state}{pending}", highlight=False)
 
 
 def main() -> None:

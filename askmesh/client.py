@@ -1,16 +1,27 @@
-"""A small synchronous client of the gateway, used by the CLI, `askmesh up` and the tests."""
+"""A small synchronous client of the gateway tier (Gateway, KnowledgeBases, Ingestion), used by
+the CLI, `askmesh up` and the tests."""
 
 from __future__ import annotations
 
+import mimetypes
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 import grpc
 from google.protobuf import struct_pb2
 
 from askmesh.runtime.channels import CHANNEL_OPTIONS
 from askmesh.runtime.config import check_address
-from askmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from askmesh.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    ingestion_pb2,
+    ingestion_pb2_grpc,
+    knowledge_pb2,
+    knowledge_pb2_grpc,
+)
 
 TEXT_SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text"}
 
@@ -53,16 +64,15 @@ def parse_filter(text: str) -> common_pb2.MetadataFilter:
     if not sep or not key:
         raise ValueError(f"--filter: {text!r} is not key=value")
     value = common_pb2.FilterValue()
-    if raw.lower() in ("true", "false"):
-        value.bool_value = raw.lower() == "true"
+    typed = typed_value(raw)
+    if isinstance(typed, bool):
+        value.bool_value = typed
+    elif isinstance(typed, int):
+        value.int_value = typed
+    elif isinstance(typed, float):
+        value.double_value = typed
     else:
-        try:
-            value.int_value = int(raw)
-        except ValueError:
-            try:
-                value.double_value = float(raw)
-            except ValueError:
-                value.string_value = raw
+        value.string_value = typed
     return common_pb2.MetadataFilter(field=key, equals=value)
 
 
@@ -71,3 +81,226 @@ def ask(
 ) -> Iterator[gateway_pb2.AskResponse]:
     stub = gateway_pb2_grpc.GatewayStub(channel)
     yield from stub.Ask(request, timeout=timeout_s)
+
+
+# -- typed values from the command line ---------------------------------------------------------
+def typed_value(raw: str) -> bool | int | float | str:
+    """A command-line value typed as bool (true/false), int, float, or else string."""
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)  # type: ignore[no-any-return]
+        except ValueError:
+            pass
+    return raw
+
+
+def parse_metadata(items: Sequence[str], option: str = "--metadata") -> struct_pb2.Struct:
+    """`key=value` pairs as a Struct; values typed like `parse_filter` types them."""
+    metadata = struct_pb2.Struct()
+    for text in items:
+        key, sep, raw = text.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{option}: {text!r} is not key=value")
+        metadata.update({key.strip(): typed_value(raw)})
+    return metadata
+
+
+METADATA_TYPES = {
+    "string": common_pb2.METADATA_TYPE_STRING,
+    "int": common_pb2.METADATA_TYPE_INT,
+    "float": common_pb2.METADATA_TYPE_FLOAT,
+    "bool": common_pb2.METADATA_TYPE_BOOL,
+}
+
+
+def parse_field(text: str) -> common_pb2.MetadataField:
+    """`name:type` (type: string, int, float or bool) as a declared metadata field."""
+    name, sep, kind = text.partition(":")
+    if not sep or not name.strip():
+        raise ValueError(f"--field: {text!r} is not name:type")
+    if kind.strip().lower() not in METADATA_TYPES:
+        raise ValueError(f"--field: {text!r}: the type must be one of {', '.join(METADATA_TYPES)}")
+    return common_pb2.MetadataField(name=name.strip(), type=METADATA_TYPES[kind.strip().lower()])
+
+
+def chunking(chunk_size: int | None = None, chunk_overlap: int | None = None) -> common_pb2.ChunkingOptions:
+    """Chunking options; what is None is left unset (the server's or knowledge base's default)."""
+    options = common_pb2.ChunkingOptions(chunk_size=chunk_size or 0)
+    if chunk_overlap is not None:
+        options.chunk_overlap = chunk_overlap
+    return options
+
+
+# -- knowledge bases ------------------------------------------------------------------------------
+def create_knowledge_base(
+    channel: grpc.Channel,
+    name: str,
+    *,
+    description: str = "",
+    fields: Sequence[common_pb2.MetadataField] = (),
+    chunking_options: common_pb2.ChunkingOptions | None = None,
+    timeout_s: float = 60,
+) -> knowledge_pb2.KnowledgeBase:
+    request = knowledge_pb2.CreateKnowledgeBaseRequest(
+        name=name, description=description, metadata_schema=fields, chunking=chunking_options
+    )
+    return knowledge_pb2_grpc.KnowledgeBasesStub(channel).CreateKnowledgeBase(request, timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+def list_knowledge_bases(channel: grpc.Channel, timeout_s: float = 30) -> list[knowledge_pb2.KnowledgeBase]:
+    stub = knowledge_pb2_grpc.KnowledgeBasesStub(channel)
+    return list(stub.ListKnowledgeBases(knowledge_pb2.ListKnowledgeBasesRequest(), timeout=timeout_s).knowledge_bases)
+
+
+def get_knowledge_base(channel: grpc.Channel, name: str, timeout_s: float = 30) -> knowledge_pb2.KnowledgeBase:
+    stub = knowledge_pb2_grpc.KnowledgeBasesStub(channel)
+    return stub.GetKnowledgeBase(knowledge_pb2.GetKnowledgeBaseRequest(name=name), timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+def delete_knowledge_base(channel: grpc.Channel, name: str, timeout_s: float = 120) -> knowledge_pb2.DeleteKnowledgeBaseResponse:
+    stub = knowledge_pb2_grpc.KnowledgeBasesStub(channel)
+    return stub.DeleteKnowledgeBase(knowledge_pb2.DeleteKnowledgeBaseRequest(name=name), timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+def rebuild_knowledge_base(
+    channel: grpc.Channel, name: str, chunking_options: common_pb2.ChunkingOptions | None = None, timeout_s: float = 60
+) -> ingestion_pb2.Task:
+    stub = knowledge_pb2_grpc.KnowledgeBasesStub(channel)
+    request = knowledge_pb2.RebuildKnowledgeBaseRequest(name=name, chunking=chunking_options)
+    return stub.RebuildKnowledgeBase(request, timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+def list_documents(
+    channel: grpc.Channel, knowledge_base: str, page_size: int = 1000, timeout_s: float = 30
+) -> Iterator[knowledge_pb2.DocumentInfo]:
+    """Every document of a knowledge base, page after page."""
+    stub = knowledge_pb2_grpc.KnowledgeBasesStub(channel)
+    token = ""
+    while True:
+        request = knowledge_pb2.ListDocumentsRequest(knowledge_base=knowledge_base, page_size=page_size, page_token=token)
+        page = stub.ListDocuments(request, timeout=timeout_s)
+        yield from page.documents
+        token = page.next_page_token
+        if not token:
+            return
+
+
+# -- files and tasks ------------------------------------------------------------------------------
+SUPPORTED_FILE_SUFFIXES = (".pdf", ".docx", ".md", ".markdown", ".html", ".htm", ".txt")
+UPLOAD_PART_BYTES = 256 * 1024
+TERMINAL_TASK_STATES = frozenset(
+    {ingestion_pb2.TASK_STATE_SUCCEEDED, ingestion_pb2.TASK_STATE_FAILED, ingestion_pb2.TASK_STATE_CANCELLED}
+)
+
+
+def files_to_ingest(paths: Sequence[Path]) -> list[Path]:
+    """Files as named (whatever their type: the server judges it), and the supported files
+    directly inside each directory (not its subdirectories)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in SUPPORTED_FILE_SUFFIXES)
+            if not inside:
+                raise ValueError(f"{path}: no supported files in this directory ({' '.join(SUPPORTED_FILE_SUFFIXES)})")
+            files.extend(inside)
+        elif path.is_file():
+            files.append(path)
+        elif path.exists():
+            raise ValueError(f"{path}: not a regular file")
+        else:
+            raise ValueError(f"{path}: no such file or directory")
+    return files
+
+
+def upload_header(
+    path: Path,
+    knowledge_base: str,
+    *,
+    metadata: struct_pb2.Struct | None = None,
+    document_id: str = "",
+    title: str = "",
+    chunking_options: common_pb2.ChunkingOptions | None = None,
+) -> ingestion_pb2.UploadFileHeader:
+    return ingestion_pb2.UploadFileHeader(
+        knowledge_base=knowledge_base,
+        file_name=path.name,
+        content_type=mimetypes.guess_type(path.name)[0] or "",
+        document_id=document_id,
+        title=title,
+        metadata=metadata,
+        chunking=chunking_options,
+    )
+
+
+def upload_requests(
+    header: ingestion_pb2.UploadFileHeader, stream: BinaryIO, part_bytes: int = UPLOAD_PART_BYTES
+) -> Iterator[ingestion_pb2.UploadFileRequest]:
+    """The header, then the stream's bytes in `data` messages of at most `part_bytes`."""
+    yield ingestion_pb2.UploadFileRequest(header=header)
+    while data := stream.read(part_bytes):
+        yield ingestion_pb2.UploadFileRequest(data=data)
+
+
+def upload_file(
+    channel: grpc.Channel, path: Path, header: ingestion_pb2.UploadFileHeader, timeout_s: float | None = None
+) -> ingestion_pb2.Task:
+    """Streams a file to the Ingestion service; returns the queued task at once.
+    The file is opened before the call, so a local read problem is an OSError, not a gRPC error."""
+    stub = ingestion_pb2_grpc.IngestionStub(channel)
+    with path.open("rb") as stream:
+        return stub.UploadFile(upload_requests(header, stream), timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+def get_task(channel: grpc.Channel, task_id: str, timeout_s: float = 30) -> ingestion_pb2.Task:
+    stub = ingestion_pb2_grpc.IngestionStub(channel)
+    return stub.GetTask(ingestion_pb2.GetTaskRequest(id=task_id), timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+def cancel_task(channel: grpc.Channel, task_id: str, timeout_s: float = 30) -> ingestion_pb2.Task:
+    stub = ingestion_pb2_grpc.IngestionStub(channel)
+    return stub.CancelTask(ingestion_pb2.CancelTaskRequest(id=task_id), timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+def watch_task(channel: grpc.Channel, task_id: str, reconnects: int = 3) -> Iterator[ingestion_pb2.Task]:
+    """The task now, then each time it changes, until it ends. A stream cut with UNAVAILABLE
+    (a proxy's idle timeout, a gateway restart) is opened again, up to `reconnects` times."""
+    stub = ingestion_pb2_grpc.IngestionStub(channel)
+    while True:
+        try:
+            for task in stub.WatchTask(ingestion_pb2.WatchTaskRequest(id=task_id)):
+                if not task.id:  # the error message a failing stream ends with; its status follows
+                    continue
+                yield task
+                if task.state in TERMINAL_TASK_STATES:
+                    return
+            return
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or reconnects <= 0:  # type: ignore[attr-defined]
+                raise
+            reconnects -= 1
+
+
+def list_tasks(
+    channel: grpc.Channel,
+    *,
+    knowledge_base: str = "",
+    states: Sequence[int] = (),
+    limit: int = 100,
+    timeout_s: float = 30,
+) -> list[ingestion_pb2.Task]:
+    """The newest `limit` tasks (newest first), following pages as needed."""
+    stub = ingestion_pb2_grpc.IngestionStub(channel)
+    tasks: list[ingestion_pb2.Task] = []
+    token = ""
+    while len(tasks) < limit:
+        request = ingestion_pb2.ListTasksRequest(
+            knowledge_base=knowledge_base, states=states, page_size=min(limit - len(tasks), 1000), page_token=token
+        )
+        page = stub.ListTasks(request, timeout=timeout_s)
+        tasks.extend(page.tasks)
+        token = page.next_page_token
+        if not token:
+            break
+    return tasks[:limit]

@@ -20,6 +20,12 @@ from services.generator.config import GeneratorSettings  # noqa: E402
 from services.generator.engine import GenerationEngine  # noqa: E402
 from services.retriever.config import RetrieverSettings  # noqa: E402
 from services.retriever.engine import RetrievalEngine  # noqa: E402
+from services.retriever.servicer import RetrieverServicer  # noqa: E402
+from services.embedder.servicer import EmbedderServicer  # noqa: E402
+from services.generator.servicer import GeneratorServicer  # noqa: E402
+from services.gateway.config import GatewaySettings  # noqa: E402
+from services.gateway.main import build as build_gateway  # noqa: E402
+from askmesh.v1 import embedder_pb2_grpc, generator_pb2_grpc, retriever_pb2_grpc  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,3 +72,59 @@ async def retrieval_engine(tmp_path: Path) -> AsyncIterator[RetrievalEngine]:
     await engine.start()
     yield engine
     await engine.close()
+
+
+class InProcessTiers:
+    """Real embedder, retriever and generator servers on loopback ports in this process."""
+
+    def __init__(self) -> None:
+        self.runners: list[ServiceRunner] = []
+        self.addresses: dict[str, str] = {}
+
+
+@pytest.fixture(scope="module")
+async def upstreams(
+    embedding_engine: EmbeddingEngine, generation_engine: GenerationEngine, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[InProcessTiers]:
+    tiers = InProcessTiers()
+    data = tmp_path_factory.mktemp("tiers")
+    tiers.addresses["data"] = str(data)
+    retrieval = RetrievalEngine(RetrieverSettings(milvus_uri=str(data / "milvus.db")))
+    await retrieval.start()
+    servers = {
+        "embedder": ("askmesh.v1.Embedder", embedder_pb2_grpc.add_EmbedderServicer_to_server, EmbedderServicer(embedding_engine)),
+        "retriever": ("askmesh.v1.Retriever", retriever_pb2_grpc.add_RetrieverServicer_to_server, RetrieverServicer(retrieval)),
+        "generator": ("askmesh.v1.Generator", generator_pb2_grpc.add_GeneratorServicer_to_server, GeneratorServicer(generation_engine)),
+    }
+    for name, (service, add, servicer) in servers.items():
+        runner = await start_in_process(name, service, lambda s, add=add, servicer=servicer: add(servicer, s))
+        tiers.runners.append(runner)
+        tiers.addresses[name] = f"127.0.0.1:{runner.port}"
+    yield tiers
+    for runner in tiers.runners:
+        await runner.stop()
+    await retrieval.close()
+
+
+def gateway_settings(addresses: dict[str, str], **overrides: object) -> GatewaySettings:
+    values: dict[str, object] = dict(
+        embedder_address=addresses["embedder"],
+        retriever_address=addresses["retriever"],
+        generator_address=addresses["generator"],
+        upstream_timeout_s=5,
+        store_path=addresses["data"] + "/gateway.sqlite3",
+        spool_dir=addresses["data"] + "/uploads",
+        task_poll_interval_s=0.1,
+    )
+    values.update(overrides)
+    return GatewaySettings(**values)  # type: ignore[arg-type]
+
+
+async def start_gateway(addresses: dict[str, str], **overrides: object) -> tuple[ServiceRunner, grpc.aio.Channel]:
+    """The whole gateway process's services (Gateway, KnowledgeBases, Ingestion) in this process."""
+    runner = ServiceRunner(build_gateway(gateway_settings(addresses, **overrides)), ServiceSettings(port=1, grace_period_s=1))
+    runner.settings.port = 0
+    await runner.start()
+    assert runner.warm_up is not None
+    await runner.warm_up
+    return runner, grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import grpc
 import pytest
@@ -12,27 +11,9 @@ from google.protobuf import struct_pb2
 
 from askmesh.runtime.errors import Unavailable, streaming_rpc
 from askmesh.runtime.server import ServiceRunner
-from askmesh.v1 import (
-    common_pb2,
-    embedder_pb2_grpc,
-    gateway_pb2,
-    gateway_pb2_grpc,
-    generator_pb2,
-    generator_pb2_grpc,
-    retriever_pb2_grpc,
-)
-from services.embedder.engine import EmbeddingEngine
-from services.embedder.servicer import EmbedderServicer
-from services.gateway.config import GatewaySettings
-from askmesh.runtime.config import ServiceSettings
+from askmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc
 from services.gateway.knowledge import chunk_id_for
-from services.gateway.main import build as build_gateway
-from services.generator.engine import GenerationEngine
-from services.generator.servicer import GeneratorServicer
-from services.retriever.config import RetrieverSettings
-from services.retriever.engine import RetrievalEngine
-from services.retriever.servicer import RetrieverServicer
-from tests.conftest import REPO_ROOT, start_in_process
+from tests.conftest import REPO_ROOT, InProcessTiers, start_gateway, start_in_process
 
 SHORT = common_pb2.GenerationParameters(max_new_tokens=8, temperature=0)
 
@@ -47,58 +28,14 @@ TRAVEL = (REPO_ROOT / "samples" / "travel-policy.md").read_text()
 REMOTE = (REPO_ROOT / "samples" / "remote-work-policy.md").read_text()
 
 
-class Mesh:
-    def __init__(self) -> None:
-        self.runners: list[ServiceRunner] = []
-        self.addresses: dict[str, str] = {}
-
-
-@pytest.fixture(scope="module")
-async def upstreams(
-    embedding_engine: EmbeddingEngine, generation_engine: GenerationEngine, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Mesh]:
-    mesh = Mesh()
-    data = tmp_path_factory.mktemp("gw")
-    mesh.addresses["data"] = str(data)
-    retrieval = RetrievalEngine(RetrieverSettings(milvus_uri=str(data / "milvus.db")))
-    await retrieval.start()
-    servers = {
-        "embedder": ("askmesh.v1.Embedder", embedder_pb2_grpc.add_EmbedderServicer_to_server, EmbedderServicer(embedding_engine)),
-        "retriever": ("askmesh.v1.Retriever", retriever_pb2_grpc.add_RetrieverServicer_to_server, RetrieverServicer(retrieval)),
-        "generator": ("askmesh.v1.Generator", generator_pb2_grpc.add_GeneratorServicer_to_server, GeneratorServicer(generation_engine)),
-    }
-    for name, (service, add, servicer) in servers.items():
-        runner = await start_in_process(name, service, lambda s, add=add, servicer=servicer: add(servicer, s))
-        mesh.runners.append(runner)
-        mesh.addresses[name] = f"127.0.0.1:{runner.port}"
-    yield mesh
-    for runner in mesh.runners:
-        await runner.stop()
-    await retrieval.close()
-
-
-async def start_gateway(addresses: dict[str, str]) -> tuple[ServiceRunner, gateway_pb2_grpc.GatewayStub, grpc.aio.Channel]:
-    settings = GatewaySettings(
-        embedder_address=addresses["embedder"],
-        retriever_address=addresses["retriever"],
-        generator_address=addresses["generator"],
-        upstream_timeout_s=5,
-        store_path=addresses["data"] + "/gateway.sqlite3",
-        spool_dir=addresses["data"] + "/uploads",
-    )
-    definition = build_gateway(settings)
-    runner = ServiceRunner(definition, ServiceSettings(port=1, grace_period_s=1))
-    runner.settings.port = 0
-    await runner.start()
-    assert runner.warm_up is not None
-    await runner.warm_up
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}")
+async def start_gateway_stub(addresses: dict[str, str]) -> tuple[ServiceRunner, gateway_pb2_grpc.GatewayStub, grpc.aio.Channel]:
+    runner, channel = await start_gateway(addresses)
     return runner, gateway_pb2_grpc.GatewayStub(channel), channel
 
 
 @pytest.fixture(scope="module")
-async def gateway(upstreams: Mesh) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
-    runner, stub, channel = await start_gateway(upstreams.addresses)
+async def gateway(upstreams: InProcessTiers) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+    runner, stub, channel = await start_gateway_stub(upstreams.addresses)
     added = await stub.AddDocuments(
         gateway_pb2.AddDocumentsRequest(
             knowledge_base="policies",
@@ -236,10 +173,10 @@ async def test_bad_documents_are_refused_and_nothing_is_stored(
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # no "default" knowledge base was created
 
 
-async def test_a_dead_embedder_is_unavailable_naming_the_tier(upstreams: Mesh) -> None:
+async def test_a_dead_embedder_is_unavailable_naming_the_tier(upstreams: InProcessTiers) -> None:
     from askmesh.mesh import free_port
 
-    runner, stub, channel = await start_gateway({**upstreams.addresses, "embedder": f"127.0.0.1:{free_port()}"})
+    runner, stub, channel = await start_gateway_stub({**upstreams.addresses, "embedder": f"127.0.0.1:{free_port()}"})
     try:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await ask(stub, question="Hello?", knowledge_base="policies")
@@ -268,12 +205,12 @@ class SlowGenerator(generator_pb2_grpc.GeneratorServicer):
             raise
 
 
-async def test_the_callers_deadline_reaches_the_generator_and_stops_it(upstreams: Mesh) -> None:
+async def test_the_callers_deadline_reaches_the_generator_and_stops_it(upstreams: InProcessTiers) -> None:
     slow = SlowGenerator()
     generator = await start_in_process(
         "generator", "askmesh.v1.Generator", lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(slow, s)
     )
-    runner, stub, channel = await start_gateway({**upstreams.addresses, "generator": f"127.0.0.1:{generator.port}"})
+    runner, stub, channel = await start_gateway_stub({**upstreams.addresses, "generator": f"127.0.0.1:{generator.port}"})
     try:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for _ in stub.Ask(gateway_pb2.AskRequest(question="Sing", knowledge_base="policies"), timeout=3):
@@ -297,11 +234,11 @@ class FailingGenerator(generator_pb2_grpc.GeneratorServicer):
         raise Unavailable("generator: TGI connection lost")
 
 
-async def test_a_generator_failing_mid_stream_ends_the_answer_with_an_error_message(upstreams: Mesh) -> None:
+async def test_a_generator_failing_mid_stream_ends_the_answer_with_an_error_message(upstreams: InProcessTiers) -> None:
     failing = await start_in_process(
         "generator", "askmesh.v1.Generator", lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(FailingGenerator(), s)
     )
-    runner, stub, channel = await start_gateway({**upstreams.addresses, "generator": f"127.0.0.1:{failing.port}"})
+    runner, stub, channel = await start_gateway_stub({**upstreams.addresses, "generator": f"127.0.0.1:{failing.port}"})
     received: list[gateway_pb2.AskResponse] = []
     try:
         with pytest.raises(grpc.aio.AioRpcError) as raised:

@@ -62,8 +62,11 @@ def _begin(store: SqliteStore, doc: str, kb: str = "kb", *, title: str = "", now
 
 
 def _add_doc(store: SqliteStore, doc: str, kb: str = "kb", *, chunks: int = 3, size: int = 100, **kw) -> DocumentRecord:
+    """A document written as a writer does: begin, commit, then (old chunks removed) settled."""
     version = _begin(store, doc, kb, **kw)
-    return store.commit_document_version(kb, doc, version, chunk_count=chunks, size_bytes=size, now=2.0)
+    committed = store.commit_document_version(kb, doc, version, chunk_count=chunks, size_bytes=size, now=2.0)
+    store.finish_settling(kb, doc)
+    return committed
 
 
 def _task(store: SqliteStore, task_id: str, *, kb: str = "kb", kind: str = KIND_INGEST_FILE, created: float = 0.0, **kw) -> TaskRecord:
@@ -419,6 +422,10 @@ def test_visibility_pins(store: SqliteStore) -> None:
     store.commit_document_version("kb", "updating", 2, chunk_count=1, size_bytes=1, now=3.0)
     store.commit_document_version("kb", "brand-new", 1, chunk_count=1, size_bytes=1, now=3.0)
     store.finish_document_delete("kb", "going")
+    # Committed, old chunks not yet removed: pinned to the new version.
+    assert sorted(store.visibility_pins("kb")) == [("brand-new", 1), ("updating", 2)]
+    store.finish_settling("kb", "updating")
+    store.finish_settling("kb", "brand-new")
     assert store.visibility_pins("kb") == []
 
 
@@ -841,3 +848,30 @@ def test_writes_wait_for_another_process_holding_the_lock(store: SqliteStore, db
     other.close()
     assert waited >= 0.3
     assert (updated.description, updated.generation) == ("from other", 5)
+
+
+def test_a_commit_keeps_readers_pinned_until_old_versions_are_gone_and_moves_the_epoch(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    store.create_knowledge_base(KnowledgeBaseRecord(name="kb"))
+    epochs = [store.visibility_epoch("kb")]
+
+    def write(version_expected: int) -> None:
+        version = store.begin_document_version("kb", "d", title="t", metadata={}, file_name="", content_type="", now=1.0)
+        assert version == version_expected
+        epochs.append(store.visibility_epoch("kb"))
+        store.commit_document_version("kb", "d", version, chunk_count=1, size_bytes=1, now=2.0)
+        epochs.append(store.visibility_epoch("kb"))
+
+    write(1)
+    assert store.visibility("kb") == (epochs[-1], [("d", 1)])  # settling: pinned to the new version
+    store.finish_settling("kb", "d")
+    epochs.append(store.visibility_epoch("kb"))
+    assert store.visibility("kb") == (epochs[-1], [])
+    write(2)
+    assert store.visibility_pins("kb") == [("d", 2)]
+    store.finish_settling("kb", "d")
+    store.finish_settling("kb", "d")  # idempotent, and it does not move the epoch again
+    epochs.append(store.visibility_epoch("kb"))
+    assert epochs == sorted(set(epochs)), f"every change moves the epoch once: {epochs}"
+    store.begin_document_delete("kb", "d")
+    assert store.visibility_pins("kb") == [("d", 0)] and store.visibility_epoch("kb") > epochs[-1]

@@ -26,6 +26,11 @@ from services.gateway.ingestion import Ingestion
 from services.gateway.upstreams import Deadline, Upstreams, stream_error, upstream_error
 
 
+# A search that keeps racing document changes is returned as the last one found: by then the
+# knowledge base is changing faster than questions are asked, and one more try would not help.
+MAX_SEARCH_ATTEMPTS = 3
+
+
 def document_id_for(document: gateway_pb2.Document) -> str:
     return document.id or "sha256-" + hashlib.sha256(document.text.encode()).hexdigest()[:32]
 
@@ -54,7 +59,6 @@ class GatewayEngine:
         started = time.perf_counter()
         knowledge_base = request.knowledge_base or self.settings.default_knowledge_base
         await self.knowledge.require(knowledge_base)
-        pins = await self.knowledge.pins(knowledge_base)
 
         embedded = await self.upstreams.call(
             "embedder",
@@ -66,11 +70,10 @@ class GatewayEngine:
             vector=embedded.embeddings[0].values,
             top_k=request.top_k or self.settings.default_top_k,
             filters=request.filters,
-            pins=pins,
         )
         if request.HasField("score_threshold"):
             search.score_threshold = request.score_threshold
-        found = await self.upstreams.call("retriever", self.upstreams.retriever.Search(search, timeout=deadline.unary_timeout()))
+        found = await self.search_consistently(search, deadline)
         searched_at = time.perf_counter()
 
         citations = [
@@ -129,6 +132,20 @@ class GatewayEngine:
                 # The caller went away or we failed: stop the generation upstream too.
                 call.cancel()
         raise Unavailable("generator tier unavailable: the stream ended without a final message")
+
+    async def search_consistently(
+        self, search: retriever_pb2.SearchRequest, deadline: Deadline
+    ) -> retriever_pb2.SearchResponse:
+        """Searches with the store's pins; if a document changed while the search ran (the
+        visibility epoch moved), searches again with fresh pins, so no answer mixes versions."""
+        for _ in range(MAX_SEARCH_ATTEMPTS):
+            epoch, pins = await self.knowledge.visibility(search.knowledge_base)
+            del search.pins[:]
+            search.pins.extend(pins)
+            found = await self.upstreams.call("retriever", self.upstreams.retriever.Search(search, timeout=deadline.unary_timeout()))
+            if await self.knowledge.visibility_epoch(search.knowledge_base) == epoch:
+                return found
+        return found
 
     def build_messages(
         self, request: gateway_pb2.AskRequest, citations: list[gateway_pb2.Citation]

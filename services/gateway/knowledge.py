@@ -287,6 +287,7 @@ class KnowledgeEngine:
         return reply.deleted
 
     async def begin_version(self, write: DocumentWrite) -> int:
+        """Starts writing a new version, invisible until finish_version."""
         if write.knowledge_base.rebuilding_generation:
             raise FailedPrecondition(
                 f"knowledge_base: {write.knowledge_base.name!r} is being rebuilt; documents can change after the rebuild"
@@ -303,7 +304,11 @@ class KnowledgeEngine:
         )
 
     async def finish_version(self, write: DocumentWrite, version: int, chunk_count: int, deadline: Deadline) -> DocumentRecord:
-        """Makes `version` the visible one (one store commit), then removes the older chunks."""
+        """Makes `version` the visible one with one store commit, then removes the older chunks.
+
+        Until they are gone the document stays pinned to `version` (the store's "settling"), so
+        a search never sees two versions; a question that read the pins just before the commit
+        notices the epoch moved and searches again."""
         name = write.knowledge_base.name
         current = await self.store(self.store.store.get_document, name, write.document_id)
         if current is None or current.version != version:
@@ -317,6 +322,7 @@ class KnowledgeEngine:
                 now=time.time(),
             )
         await self.remove_versions(name, write.document_id, version, deadline)
+        await self.store(self.store.store.finish_settling, name, write.document_id)
         await self.store(self.store.store.delete_sources, name, write.document_id, except_version=version)
         return current
 
@@ -354,9 +360,12 @@ class KnowledgeEngine:
         await self.store(self.store.store.finish_document_delete, knowledge_base, document_id)
         return deleted
 
-    async def pins(self, knowledge_base: str) -> list[retriever_pb2.DocumentVersionPin]:
-        pins = await self.store(self.store.store.visibility_pins, knowledge_base)
-        return [retriever_pb2.DocumentVersionPin(document_id=d, version=v) for d, v in pins]
+    async def visibility(self, knowledge_base: str) -> tuple[int, list[retriever_pb2.DocumentVersionPin]]:
+        epoch, pins = await self.store(self.store.store.visibility, knowledge_base)
+        return epoch, [retriever_pb2.DocumentVersionPin(document_id=d, version=v) for d, v in pins]
+
+    async def visibility_epoch(self, knowledge_base: str) -> int:
+        return await self.store(self.store.store.visibility_epoch, knowledge_base)
 
 
 def document_info(record: DocumentRecord) -> knowledge_pb2.DocumentInfo:

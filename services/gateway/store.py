@@ -48,7 +48,7 @@ STAGE_FINALIZING = "finalizing"
 STAGE_DONE = "done"
 STAGES = (STAGE_RECEIVED, STAGE_PARSING, STAGE_CHUNKING, STAGE_EMBEDDING, STAGE_FINALIZING, STAGE_DONE)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 5.0
 
 
@@ -221,8 +221,20 @@ class Store(Protocol):
         ...
 
     def visibility_pins(self, knowledge_base: str) -> list[tuple[str, int]]:
-        """(document id, version readers may see; 0 = none) for every document with a write
-        or a delete under way. Cheap: it runs on every question."""
+        """(document id, version readers may see; 0 = none) for every document with a write,
+        a delete or the removal of old versions under way. Cheap: it runs on every question."""
+        ...
+
+    def visibility(self, knowledge_base: str) -> tuple[int, list[tuple[str, int]]]:
+        """The visibility epoch and the pins, read together."""
+        ...
+
+    def visibility_epoch(self, knowledge_base: str) -> int:
+        """Bumped by every change of what readers may see in the knowledge base."""
+        ...
+
+    def finish_settling(self, knowledge_base: str, document_id: str) -> None:
+        """The document's older versions are gone: readers need no pin for it any more."""
         ...
 
     def all_documents_for_rebuild(self, knowledge_base: str) -> list[DocumentRecord]:
@@ -304,6 +316,9 @@ CREATE TABLE IF NOT EXISTS documents (
     version INTEGER NOT NULL DEFAULT 0,
     pending_version INTEGER NOT NULL DEFAULT 0,
     deleting INTEGER NOT NULL DEFAULT 0,
+    -- committed, but older versions' chunks may still be stored: readers stay pinned to
+    -- `version` until they are removed (finish_settling)
+    settling INTEGER NOT NULL DEFAULT 0,
     chunk_count INTEGER NOT NULL DEFAULT 0,
     size_bytes INTEGER NOT NULL DEFAULT 0,
     file_name TEXT NOT NULL DEFAULT '',
@@ -321,8 +336,16 @@ CREATE TABLE IF NOT EXISTS documents (
 -- O(documents). It covers _PINS_QUERY (version included) so the planner never prefers the
 -- primary key; the WHERE must match _PINS_QUERY's exactly for SQLite to use it.
 CREATE INDEX IF NOT EXISTS documents_in_flight
-    ON documents (knowledge_base, pending_version, deleting, version)
-    WHERE pending_version > 0 OR deleting <> 0;
+    ON documents (knowledge_base, pending_version, deleting, settling, version)
+    WHERE pending_version > 0 OR deleting <> 0 OR settling <> 0;
+
+-- Bumped by every change of what readers may see in a knowledge base. A question reads it
+-- with the pins and again after its search: if it moved, the search may have raced a change
+-- (a purge of the version it was pinned to) and is made again with fresh pins.
+CREATE TABLE IF NOT EXISTS visibility_epochs (
+    knowledge_base TEXT PRIMARY KEY,
+    epoch INTEGER NOT NULL
+) WITHOUT ROWID;
 
 -- Highest version number ever handed out per document. Kept apart from `documents` because
 -- it must outlive the document row (delete, abort of a new document, even deletion of the
@@ -372,8 +395,17 @@ CREATE INDEX IF NOT EXISTS tasks_by_knowledge_base ON tasks (knowledge_base, cre
 
 _PINS_QUERY = (
     "SELECT id, CASE WHEN deleting <> 0 THEN 0 ELSE version END FROM documents"
-    " WHERE knowledge_base = ? AND (pending_version > 0 OR deleting <> 0)"
+    " WHERE knowledge_base = ? AND (pending_version > 0 OR deleting <> 0 OR settling <> 0)"
 )
+_EPOCH_QUERY = "SELECT epoch FROM visibility_epochs WHERE knowledge_base = ?"
+
+
+def _bump_epoch(conn: sqlite3.Connection, knowledge_base: str) -> None:
+    conn.execute(
+        "INSERT INTO visibility_epochs (knowledge_base, epoch) VALUES (?, 1)"
+        " ON CONFLICT (knowledge_base) DO UPDATE SET epoch = epoch + 1",
+        (knowledge_base,),
+    )
 
 
 
@@ -481,6 +513,9 @@ class SqliteStore:
                     f"store {str(self.path)!r} has schema version {found}, newer than "
                     f"{SCHEMA_VERSION} which this askmesh understands"
                 )
+            if found == 1:  # version 2 added `settling` and the epochs (the index covers it)
+                conn.execute("ALTER TABLE documents ADD COLUMN settling INTEGER NOT NULL DEFAULT 0")
+                conn.execute("DROP INDEX IF EXISTS documents_in_flight")
             for statement in _schema_statements():
                 conn.execute(statement)
             if found < SCHEMA_VERSION:
@@ -650,6 +685,7 @@ class SqliteStore:
                     " WHERE knowledge_base = ? AND id = ?",
                     (version, *pending, knowledge_base, document_id),
                 )
+            _bump_epoch(conn, knowledge_base)
         return version
 
     def commit_document_version(
@@ -673,8 +709,9 @@ class SqliteStore:
                     f"document {document_id!r} in knowledge base {knowledge_base!r}: version "
                     f"{version} is not pending (pending: {row['pending_version']})"
                 )
+            _bump_epoch(conn, knowledge_base)
             conn.execute(
-                "UPDATE documents SET version = pending_version, pending_version = 0,"
+                "UPDATE documents SET version = pending_version, pending_version = 0, settling = 1,"
                 " title = pending_title, metadata = pending_metadata, file_name = pending_file_name,"
                 " content_type = pending_content_type, chunk_count = ?, size_bytes = ?,"
                 " updated_at = ?, pending_title = '', pending_metadata = '{}',"
@@ -696,6 +733,7 @@ class SqliteStore:
                 "DELETE FROM sources WHERE knowledge_base = ? AND document_id = ? AND version = ?",
                 (knowledge_base, document_id, version),
             )
+            _bump_epoch(conn, knowledge_base)
             if row["version"] == 0:
                 conn.execute(
                     "DELETE FROM documents WHERE knowledge_base = ? AND id = ?",
@@ -725,6 +763,7 @@ class SqliteStore:
                 "UPDATE documents SET deleting = 1 WHERE knowledge_base = ? AND id = ?",
                 (knowledge_base, document_id),
             )
+            _bump_epoch(conn, knowledge_base)
             row = self._doc_row(conn, knowledge_base, document_id)
         return _doc_from_row(row)
 
@@ -737,6 +776,16 @@ class SqliteStore:
             conn.execute(
                 "DELETE FROM documents WHERE knowledge_base = ? AND id = ?", (knowledge_base, document_id)
             )
+            _bump_epoch(conn, knowledge_base)
+
+    def finish_settling(self, knowledge_base: str, document_id: str) -> None:
+        with self._write() as conn:
+            changed = conn.execute(
+                "UPDATE documents SET settling = 0 WHERE knowledge_base = ? AND id = ? AND settling <> 0",
+                (knowledge_base, document_id),
+            ).rowcount
+            if changed:
+                _bump_epoch(conn, knowledge_base)
 
     def get_document(self, knowledge_base: str, document_id: str) -> DocumentRecord | None:
         with self._lock:
@@ -759,6 +808,17 @@ class SqliteStore:
         with self._lock:
             rows = self._conn.execute(_PINS_QUERY, (knowledge_base,)).fetchall()
         return [(row[0], int(row[1])) for row in rows]
+
+    def visibility(self, knowledge_base: str) -> tuple[int, list[tuple[str, int]]]:
+        with self._read() as conn:
+            row = conn.execute(_EPOCH_QUERY, (knowledge_base,)).fetchone()
+            pins = conn.execute(_PINS_QUERY, (knowledge_base,)).fetchall()
+        return (int(row[0]) if row else 0), [(p[0], int(p[1])) for p in pins]
+
+    def visibility_epoch(self, knowledge_base: str) -> int:
+        with self._lock:
+            row = self._conn.execute(_EPOCH_QUERY, (knowledge_base,)).fetchone()
+        return int(row[0]) if row else 0
 
     def all_documents_for_rebuild(self, knowledge_base: str) -> list[DocumentRecord]:
         with self._lock:

@@ -259,37 +259,25 @@ class RetrievalEngine:
                 ),
                 _pins_expression(request.pins),
             )
-            # Fetch more than asked: right after a document update its old version may still be
-            # stored for a moment, and only the newest version of each document is returned.
-            limit = min(top_k * 2, 16_384)
             hits = self.client.search(
                 alias_name(request.knowledge_base),
                 data=[vector],
                 anns_field="vector",
-                limit=limit,
+                limit=top_k,
                 filter=expression,
                 output_fields=OUTPUT_FIELDS,
-                search_params={"metric_type": "COSINE", "params": {"ef": max(self.settings.hnsw_ef_search, limit)}},
+                search_params={"metric_type": "COSINE", "params": {"ef": max(self.settings.hnsw_ef_search, top_k)}},
             )
             return state, list(hits[0])
 
         started = time.perf_counter()
         _, hits = await self._run(search)
         search_ms = (time.perf_counter() - started) * 1000
-        newest: dict[str, int] = {}
-        for hit in hits:
-            entity = hit["entity"]
-            newest[entity["document_id"]] = max(newest.get(entity["document_id"], 0), int(entity["document_version"]))
-        results = []
-        for hit in hits:
-            entity, score = hit["entity"], float(hit["distance"])
-            if int(entity["document_version"]) != newest[entity["document_id"]]:
-                continue
-            if request.HasField("score_threshold") and score < request.score_threshold:
-                continue
-            results.append(retriever_pb2.ScoredChunk(chunk=_chunk_from_row(entity), score=score))
-            if len(results) == top_k:
-                break
+        results = [
+            retriever_pb2.ScoredChunk(chunk=_chunk_from_row(hit["entity"]), score=float(hit["distance"]))
+            for hit in hits
+            if not request.HasField("score_threshold") or float(hit["distance"]) >= request.score_threshold
+        ]
         return retriever_pb2.SearchResponse(results=results, timings=retriever_pb2.SearchTimings(search_ms=search_ms))
 
     async def upsert(self, request: retriever_pb2.UpsertRequest) -> int:
@@ -333,6 +321,7 @@ class RetrievalEngine:
                 expression += f" and chunk_index >= {request.from_chunk_index}"
             if request.HasField("except_version"):
                 expression += f" and document_version != {request.except_version}"
+
             # Count first: Milvus Lite's delete result does not report rows removed by a filter.
             existing = self.client.query(state.name, filter=expression, output_fields=["id"])
             if existing:

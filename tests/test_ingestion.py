@@ -1,0 +1,359 @@
+"""Knowledge bases, documents and ingestion tasks through the gateway's gRPC API, with the real
+embedder, retriever (Milvus Lite) and generator behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from askmesh.runtime.server import ServiceRunner
+from askmesh.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    ingestion_pb2,
+    ingestion_pb2_grpc,
+    knowledge_pb2,
+    knowledge_pb2_grpc,
+)
+from tests.conftest import InProcessTiers, start_gateway
+
+STRING, INT = common_pb2.METADATA_TYPE_STRING, common_pb2.METADATA_TYPE_INT
+ONE_TOKEN = common_pb2.GenerationParameters(max_new_tokens=1, temperature=0)
+
+
+class Api:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.kb = knowledge_pb2_grpc.KnowledgeBasesStub(channel)
+        self.ingest = ingestion_pb2_grpc.IngestionStub(channel)
+        self.gateway = gateway_pb2_grpc.GatewayStub(channel)
+
+    async def upload(self, kb: str, file_name: str, data: bytes, piece: int = 4096, **header: object) -> ingestion_pb2.Task:
+        async def parts() -> AsyncIterator[ingestion_pb2.UploadFileRequest]:
+            yield ingestion_pb2.UploadFileRequest(
+                header=ingestion_pb2.UploadFileHeader(knowledge_base=kb, file_name=file_name, **header)  # type: ignore[arg-type]
+            )
+            for start in range(0, len(data), piece):
+                yield ingestion_pb2.UploadFileRequest(data=data[start : start + piece])
+
+        return await self.ingest.UploadFile(parts())
+
+    async def watch(self, task_id: str) -> list[ingestion_pb2.Task]:
+        return [task async for task in self.ingest.WatchTask(ingestion_pb2.WatchTaskRequest(id=task_id), timeout=120)]
+
+    async def sources(self, kb: str, question: str, **fields: object) -> list[gateway_pb2.Citation]:
+        request = gateway_pb2.AskRequest(question=question, knowledge_base=kb, parameters=ONE_TOKEN, **fields)  # type: ignore[arg-type]
+        async for message in self.gateway.Ask(request):
+            return list(message.sources.citations)
+        raise AssertionError("no sources message")
+
+
+@pytest.fixture(scope="module")
+async def gateway(upstreams: InProcessTiers) -> AsyncIterator[tuple[ServiceRunner, Api]]:
+    runner, channel = await start_gateway(upstreams.addresses, ingest_batch_size=8, max_upload_bytes=2_000_000)
+    yield runner, Api(channel)
+    await channel.close()
+    await runner.stop()
+
+
+@pytest.fixture
+def api(gateway: tuple[ServiceRunner, Api]) -> Api:
+    return gateway[1]
+
+
+async def create_kb(api: Api, name: str, schema: Sequence[tuple[str, int]] = (), **chunking: int) -> knowledge_pb2.KnowledgeBase:
+    return await api.kb.CreateKnowledgeBase(
+        knowledge_pb2.CreateKnowledgeBaseRequest(
+            name=name,
+            metadata_schema=[common_pb2.MetadataField(name=n, type=t) for n, t in schema],  # type: ignore[arg-type]
+            chunking=common_pb2.ChunkingOptions(**chunking),
+        )
+    )
+
+
+def struct(**values: object) -> struct_pb2.Struct:
+    result = struct_pb2.Struct()
+    result.update(values)
+    return result
+
+
+# -- files of every format, made here --------------------------------------------------------
+
+
+def pdf(pages: list[str]) -> bytes:
+    from reportlab.pdfgen import canvas
+
+    buffer = io.BytesIO()
+    document = canvas.Canvas(buffer)
+    document.setTitle("Fleet handbook")
+    for page in pages:
+        document.drawString(72, 720, page)
+        document.showPage()
+    document.save()
+    return buffer.getvalue()
+
+
+def docx(heading: str, paragraph: str) -> bytes:
+    import docx as python_docx
+
+    document = python_docx.Document()
+    document.add_heading("Canteen guide", level=1)
+    document.add_heading(heading, level=2)
+    document.add_paragraph(paragraph)
+    buffer = io.BytesIO()
+    document.save(buffer)
+    return buffer.getvalue()
+
+
+FILES = {
+    "handbook.pdf": (pdf(["The fleet has twelve electric vans.", "Vans are charged overnight at depot Zeta."]), "depot Zeta", 2),
+    "canteen.docx": (docx("Opening hours", "The canteen opens at half past seven and serves kumquat jam."), "kumquat jam", None),
+    "wiki.md": (b"# Parking\n\n## Bicycles\n\nBicycles park in the basement cage near door Q7.\n", "door Q7", None),
+    "page.html": (b"<html><head><title>Gym</title></head><body><h1>Gym</h1><p>The gym rents yellow kettlebells.</p>"
+                  b"<script>var secret = 'never indexed';</script></body></html>", "yellow kettlebells", None),
+    "notes.txt": ("Le café du troisième étage sert du thé matcha.".encode(), "thé matcha", None),
+}
+
+
+async def test_knowledge_base_lifecycle(api: Api) -> None:
+    created = await create_kb(api, "lifecycle", [("dept", STRING)], chunk_size=300, chunk_overlap=30)
+    assert (created.name, created.embedding_model, created.dimension, created.generation) == ("lifecycle", "all-MiniLM-L6-v2", 384, 1)
+    assert created.state == knowledge_pb2.KNOWLEDGE_BASE_STATE_READY and created.chunking.chunk_size == 300
+    with pytest.raises(grpc.aio.AioRpcError) as duplicate:
+        await create_kb(api, "lifecycle")
+    assert duplicate.value.code() == grpc.StatusCode.ALREADY_EXISTS
+    listed = await api.kb.ListKnowledgeBases(knowledge_pb2.ListKnowledgeBasesRequest())
+    assert "lifecycle" in [k.name for k in listed.knowledge_bases]
+    deleted = await api.kb.DeleteKnowledgeBase(knowledge_pb2.DeleteKnowledgeBaseRequest(name="lifecycle"))
+    assert deleted.deleted_documents == 0
+    for call in (
+        api.kb.GetKnowledgeBase(knowledge_pb2.GetKnowledgeBaseRequest(name="lifecycle")),
+        api.sources("lifecycle", "anything"),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await call
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "message"),
+    [
+        ({"name": "Bad-Name"}, "name: 'Bad-Name' is not a valid knowledge base name"),
+        ({"name": "ok", "metadata_schema": [common_pb2.MetadataField(name="1x", type=STRING)]}, "metadata_schema[0].name"),
+        ({"name": "ok", "metadata_schema": [common_pb2.MetadataField(name="x")]}, "metadata_schema[0].type: must be STRING, INT, FLOAT or BOOL"),
+        ({"name": "ok", "chunking": common_pb2.ChunkingOptions(chunk_size=10)}, "chunking.chunk_size: 10 is out of range"),
+    ],
+)
+async def test_bad_knowledge_bases_are_refused(api: Api, request_fields: dict[str, object], message: str) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await api.kb.CreateKnowledgeBase(knowledge_pb2.CreateKnowledgeBaseRequest(**request_fields))  # type: ignore[arg-type]
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith(message), raised.value.details()
+
+
+async def test_every_format_is_ingested_with_progress_and_citable(api: Api) -> None:
+    await create_kb(api, "formats", [("team", STRING)])
+    tasks = {name: await api.upload("formats", name, data, metadata=struct(team="ops")) for name, (data, _, _) in FILES.items()}
+    for name, task in tasks.items():
+        assert task.state == ingestion_pb2.TASK_STATE_QUEUED and task.progress.bytes == len(FILES[name][0])
+        updates = await api.watch(task.id)
+        final = updates[-1]
+        assert final.state == ingestion_pb2.TASK_STATE_SUCCEEDED, (name, final.error)
+        assert final.stage == ingestion_pb2.TASK_STAGE_DONE
+        assert [u.stage for u in updates] == sorted(u.stage for u in updates), "stages only move forward"
+        assert 0 < final.progress.chunks_stored == final.progress.chunks_total
+        assert [u.progress.chunks_stored for u in updates] == sorted(u.progress.chunks_stored for u in updates)
+    listed = await api.kb.ListDocuments(knowledge_pb2.ListDocumentsRequest(knowledge_base="formats"))
+    assert {d.id for d in listed.documents} == {"handbook", "canteen", "wiki", "page", "notes"}
+    assert {d.file_name for d in listed.documents} == set(FILES)
+    for name, (_, phrase, page) in FILES.items():
+        citations = await api.sources("formats", f"Where is {phrase}?", top_k=3)
+        best = citations[0]
+        assert best.document_id == name.rsplit(".", 1)[0] and phrase in best.text, (name, [c.text for c in citations])
+        assert best.metadata["team"] == "ops"
+        if page is not None:
+            assert best.metadata["page"] == page
+    html = next(c for c in await api.sources("formats", "gym kettlebells") if c.document_id == "page")
+    assert "never indexed" not in html.text
+    wiki = next(c for c in await api.sources("formats", "Bicycles basement cage") if c.document_id == "wiki")
+    assert wiki.metadata["section"] == "Parking > Bicycles"
+    described = await api.kb.GetKnowledgeBase(knowledge_pb2.GetKnowledgeBaseRequest(name="formats"))
+    assert described.document_count == 5 and described.chunk_count >= 5 and described.size_bytes > 0
+
+
+async def test_a_bad_file_fails_its_own_task_and_harms_nothing_else(api: Api) -> None:
+    await create_kb(api, "mixed")
+    bad = {
+        "broken.pdf": b"%PDF-1.7 this is not really a pdf",
+        "archive.xyz": b"some bytes of an unknown kind",
+        "binary.txt": b"\x00\x01\x02 binary",
+    }
+    tasks = {name: await api.upload("mixed", name, data) for name, data in bad.items()}
+    good = await api.upload("mixed", "wiki.md", FILES["wiki.md"][0])
+    for name, task in tasks.items():
+        final = (await api.watch(task.id))[-1]
+        assert final.state == ingestion_pb2.TASK_STATE_FAILED, name
+        assert name in final.error or "unsupported" in final.error, final.error
+    assert (await api.watch(good.id))[-1].state == ingestion_pb2.TASK_STATE_SUCCEEDED
+    listed = await api.kb.ListDocuments(knowledge_pb2.ListDocumentsRequest(knowledge_base="mixed"))
+    assert [d.id for d in listed.documents] == ["wiki"]
+
+
+async def test_upload_input_is_checked(api: Api, gateway: tuple[ServiceRunner, Api], upstreams: InProcessTiers) -> None:
+    await create_kb(api, "checked", [("year", INT)])
+    cases = [
+        (api.upload("nowhere", "a.txt", b"text"), grpc.StatusCode.NOT_FOUND, "knowledge_base: 'nowhere' does not exist"),
+        (api.upload("checked", "a.txt", b""), grpc.StatusCode.INVALID_ARGUMENT, "data: the file is empty"),
+        (api.upload("checked", "a.txt", b"x" * 2_000_001), grpc.StatusCode.INVALID_ARGUMENT, "data: the file is larger than the limit"),
+        (api.upload("checked", "a.txt", b"t", metadata=struct(year="soon")), grpc.StatusCode.INVALID_ARGUMENT, "header.metadata.year: 'soon' is not a valid int"),
+        (api.upload("checked", "/", b"t"), grpc.StatusCode.INVALID_ARGUMENT, "header.file_name"),
+    ]
+    for call, code, message in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await call
+        assert raised.value.code() == code
+        assert raised.value.details().startswith(message), raised.value.details()
+    listed = await api.ingest.ListTasks(ingestion_pb2.ListTasksRequest(knowledge_base="checked"))
+    assert list(listed.tasks) == []  # no refused upload left a task
+    spool = Path(upstreams.addresses["data"]) / "uploads"
+    assert not list(spool.glob("*.upload"))  # nor a spooled file
+
+
+async def test_a_file_name_is_only_a_label(api: Api, upstreams: InProcessTiers) -> None:
+    await create_kb(api, "labels")
+    task = await api.upload("labels", "../../../../tmp/evil/passwd.txt", b"Root passwords are never shared.")
+    assert task.file_name == "passwd.txt" and task.document_id == "passwd"
+    assert (await api.watch(task.id))[-1].state == ingestion_pb2.TASK_STATE_SUCCEEDED
+    assert not Path("/tmp/evil").exists()
+    windows = await api.upload("labels", "..\\..\\boot.ini", b"Windows path names are labels too.")
+    assert windows.file_name == "boot.ini"
+
+
+async def test_cancel_stops_a_task_and_removes_what_it_stored(api: Api) -> None:
+    await create_kb(api, "cancels", chunk_size=100, chunk_overlap=0)
+    long_text = " ".join(f"Paragraph {i} describes the warehouse shelf number {i} in detail." for i in range(600)).encode()
+    task = await api.upload("cancels", "long.txt", long_text)
+    async for update in api.ingest.WatchTask(ingestion_pb2.WatchTaskRequest(id=task.id)):
+        if update.progress.chunks_stored > 0:
+            break
+    cancelled = await api.ingest.CancelTask(ingestion_pb2.CancelTaskRequest(id=task.id))
+    assert cancelled.cancel_requested or cancelled.state == ingestion_pb2.TASK_STATE_CANCELLED
+    final = (await api.watch(task.id))[-1]
+    assert final.state == ingestion_pb2.TASK_STATE_CANCELLED
+    assert final.progress.chunks_stored < final.progress.chunks_total
+    described = await api.kb.GetKnowledgeBase(knowledge_pb2.GetKnowledgeBaseRequest(name="cancels"))
+    assert described.document_count == 0
+    assert await api.sources("cancels", "warehouse shelf") == []  # nothing of it is searchable
+    again = await api.ingest.CancelTask(ingestion_pb2.CancelTaskRequest(id=task.id))
+    assert again.state == ingestion_pb2.TASK_STATE_CANCELLED  # idempotent
+
+
+async def test_an_update_is_atomic_while_questions_are_asked(api: Api) -> None:
+    await create_kb(api, "atomic", chunk_size=120, chunk_overlap=0)
+
+    def version_text(marker: str) -> bytes:
+        return " ".join(f"The {marker} policy rule {i} applies to the harbour office." for i in range(40)).encode()
+
+    first = await api.upload("atomic", "policy.txt", version_text("ALPHA"))
+    assert (await api.watch(first.id))[-1].state == ingestion_pb2.TASK_STATE_SUCCEEDED
+    update = await api.upload("atomic", "policy.txt", version_text("BRAVO"))
+    seen: list[set[str]] = []
+    while True:
+        citations = await api.sources("atomic", "harbour office policy rule", top_k=6)
+        seen.append({"ALPHA" if "ALPHA" in c.text else "BRAVO" for c in citations})
+        status = await api.ingest.GetTask(ingestion_pb2.GetTaskRequest(id=update.id))
+        if status.state != ingestion_pb2.TASK_STATE_RUNNING and status.state != ingestion_pb2.TASK_STATE_QUEUED:
+            break
+    assert status.state == ingestion_pb2.TASK_STATE_SUCCEEDED
+    assert all(len(versions) == 1 for versions in seen), "a search saw both versions (or none) of the document"
+    after = await api.sources("atomic", "harbour office policy rule", top_k=6)
+    assert after and all("BRAVO" in c.text for c in after)
+    document = await api.kb.GetDocument(knowledge_pb2.GetDocumentRequest(knowledge_base="atomic", id="policy"))
+    assert document.version == 2
+    stored = await api.kb.GetKnowledgeBase(knowledge_pb2.GetKnowledgeBaseRequest(name="atomic"))
+    assert stored.chunk_count == document.chunk_count  # only the visible version counts
+
+
+async def test_a_rebuild_switches_atomically_while_questions_are_asked(api: Api) -> None:
+    await create_kb(api, "rebuilt", chunk_size=1000, chunk_overlap=0)
+    for topic in ("lighthouse", "orchard", "glacier"):
+        text = " ".join(f"The {topic} note number {i} is short." for i in range(20))  # ~600 characters: one chunk
+        task = await api.upload("rebuilt", f"{topic}.txt", text.encode())
+        assert (await api.watch(task.id))[-1].state == ingestion_pb2.TASK_STATE_SUCCEEDED
+    rebuild = await api.kb.RebuildKnowledgeBase(
+        knowledge_pb2.RebuildKnowledgeBaseRequest(name="rebuilt", chunking=common_pb2.ChunkingOptions(chunk_size=200, chunk_overlap=0))
+    )
+    assert rebuild.kind == ingestion_pb2.TASK_KIND_REBUILD
+    mixed, empty, rounds = 0, 0, 0
+    while True:
+        citations = await api.sources("rebuilt", "lighthouse note", top_k=4)
+        rounds += 1
+        sizes = {len(c.text) > 200 for c in citations}
+        mixed += len(sizes) > 1
+        empty += not citations
+        status = await api.ingest.GetTask(ingestion_pb2.GetTaskRequest(id=rebuild.id))
+        if status.state not in (ingestion_pb2.TASK_STATE_RUNNING, ingestion_pb2.TASK_STATE_QUEUED):
+            break
+    assert status.state == ingestion_pb2.TASK_STATE_SUCCEEDED, status.error
+    assert (mixed, empty) == (0, 0), f"{mixed} mixed and {empty} empty answers in {rounds}"
+    described = await api.kb.GetKnowledgeBase(knowledge_pb2.GetKnowledgeBaseRequest(name="rebuilt"))
+    assert described.generation == 2 and described.chunking.chunk_size == 200
+    assert all(len(c.text) <= 200 for c in await api.sources("rebuilt", "orchard note"))
+
+
+async def test_typed_filters_in_ask(api: Api) -> None:
+    await create_kb(api, "typed", [("dept", STRING), ("year", INT)])
+    for name, dept, year in (("a.txt", "eng", 2021), ("b.txt", "ops", 2023), ("c.txt", "eng", 2025)):
+        task = await api.upload("typed", name, f"Budget notes of {dept} for {year}.".encode(), metadata=struct(dept=dept, year=year))
+        assert (await api.watch(task.id))[-1].state == ingestion_pb2.TASK_STATE_SUCCEEDED
+    recent_eng = [
+        common_pb2.MetadataFilter(field="dept", equals=common_pb2.FilterValue(string_value="eng")),
+        common_pb2.MetadataFilter(field="year", range=common_pb2.FilterRange(gte=2022)),
+    ]
+    assert [c.document_id for c in await api.sources("typed", "budget notes", filters=recent_eng)] == ["c"]
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await api.sources("typed", "budget", filters=[common_pb2.MetadataFilter(field="year", equals=common_pb2.FilterValue(string_value="x"))])
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details().startswith("filters[0].equals: is a string, but the field is declared int")
+
+
+async def test_documents_list_get_delete(api: Api) -> None:
+    await create_kb(api, "docs")
+    for index in range(5):
+        task = await api.upload("docs", f"doc{index}.txt", f"Document number {index} about lanterns.".encode())
+        assert (await api.watch(task.id))[-1].state == ingestion_pb2.TASK_STATE_SUCCEEDED
+    first = await api.kb.ListDocuments(knowledge_pb2.ListDocumentsRequest(knowledge_base="docs", page_size=3))
+    rest = await api.kb.ListDocuments(knowledge_pb2.ListDocumentsRequest(knowledge_base="docs", page_size=3, page_token=first.next_page_token))
+    assert [d.id for d in first.documents] + [d.id for d in rest.documents] == [f"doc{i}" for i in range(5)]
+    assert rest.next_page_token == ""
+    got = await api.kb.GetDocument(knowledge_pb2.GetDocumentRequest(knowledge_base="docs", id="doc2"))
+    assert (got.version, got.file_name, got.chunk_count) == (1, "doc2.txt", 1)
+    deleted = await api.kb.DeleteDocument(knowledge_pb2.DeleteDocumentRequest(knowledge_base="docs", id="doc2"))
+    assert deleted.deleted_chunks == 1
+    assert "doc2" not in {c.document_id for c in await api.sources("docs", "Document number 2 about lanterns", top_k=5)}
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await api.kb.GetDocument(knowledge_pb2.GetDocumentRequest(knowledge_base="docs", id="doc2"))
+    assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_changes_are_visible_to_every_gateway_replica_at_once(api: Api, upstreams: InProcessTiers) -> None:
+    other_runner, other_channel = await start_gateway(upstreams.addresses, ingest_workers=0)
+    other = Api(other_channel)
+    try:
+        await create_kb(api, "shared")
+        added = await api.gateway.AddDocuments(
+            gateway_pb2.AddDocumentsRequest(knowledge_base="shared", documents=[gateway_pb2.Document(id="memo", text="The vault code changes every Friday.")])
+        )
+        assert added.chunk_count == 1
+        assert [c.document_id for c in await other.sources("shared", "vault code")] == ["memo"]
+        await other.kb.DeleteDocument(knowledge_pb2.DeleteDocumentRequest(knowledge_base="shared", id="memo"))
+        assert await api.sources("shared", "vault code") == []
+    finally:
+        await other_channel.close()
+        await other_runner.stop()
