@@ -55,8 +55,12 @@ class GatewaySettings(ServiceSettings):
     spool_dir: Path = Path(".askmesh/data/uploads")
     # Ingestion tasks run at once on this replica; small, so ingestion cannot starve Ask.
     ingest_workers: int = Field(default=1, ge=0)
-    # Chunks embedded and stored per checkpoint of an ingestion task.
-    ingest_batch_size: int = Field(default=32, ge=1)
+    # Chunks embedded and stored per checkpoint of an ingestion task: small batches let a
+    # question's own embedding go through quickly.
+    ingest_batch_size: int = Field(default=16, ge=1)
+    # Between batches, ingestion waits while questions are being answered on this replica (the
+    # tiers share the machine's cores), but never longer than this, so it always progresses.
+    ingest_yield_to_questions_s: float = Field(default=5.0, ge=0)
     # A worker that stops renewing its lease (crashed) loses its task to another after this.
     task_lease_s: float = Field(default=30.0, gt=0)
     task_poll_interval_s: float = Field(default=0.5, gt=0)

@@ -18,6 +18,7 @@ from google.protobuf import json_format
 
 from askmesh.runtime.errors import Unavailable
 from askmesh.v1 import common_pb2, embedder_pb2, gateway_pb2, generator_pb2, retriever_pb2
+from askmesh.runtime.inflight import InFlight
 from services.gateway.config import GatewaySettings
 from services.gateway.knowledge import AsyncStore, DocumentWrite, KnowledgeEngine
 from services.gateway.parsing import Section
@@ -42,7 +43,8 @@ class GatewayEngine:
         settings.store_path.parent.mkdir(parents=True, exist_ok=True)
         self.store = AsyncStore(SqliteStore(settings.store_path))
         self.knowledge = KnowledgeEngine(settings, self.store, self.upstreams)
-        self.ingestion = Ingestion(settings, self.store, self.knowledge)
+        self.questions = InFlight()
+        self.ingestion = Ingestion(settings, self.store, self.knowledge, self.questions)
 
     async def start(self) -> None:
         """The gateway holds no model: it is ready once its store is open and its workers run."""
@@ -56,6 +58,11 @@ class GatewayEngine:
     # -- Ask ---------------------------------------------------------------------------------
     async def ask(self, request: gateway_pb2.AskRequest, deadline: Deadline) -> AsyncIterator[gateway_pb2.AskResponse]:
         """Sources, token deltas, then done. Raises AskmeshError (after validation by the servicer)."""
+        with self.questions.track():
+            async for response in self._ask(request, deadline):
+                yield response
+
+    async def _ask(self, request: gateway_pb2.AskRequest, deadline: Deadline) -> AsyncIterator[gateway_pb2.AskResponse]:
         started = time.perf_counter()
         knowledge_base = request.knowledge_base or self.settings.default_knowledge_base
         await self.knowledge.require(knowledge_base)

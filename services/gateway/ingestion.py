@@ -21,6 +21,7 @@ from typing import Any
 from google.protobuf import json_format
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from askmesh.runtime.inflight import InFlight
 from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from askmesh.v1 import common_pb2, ingestion_pb2, retriever_pb2
 from services.gateway.config import GatewaySettings
@@ -119,10 +120,11 @@ def document_id_from_file(label: str) -> str:
 
 
 class Ingestion:
-    def __init__(self, settings: GatewaySettings, store: AsyncStore, knowledge: KnowledgeEngine) -> None:
+    def __init__(self, settings: GatewaySettings, store: AsyncStore, knowledge: KnowledgeEngine, questions: InFlight) -> None:
         self.settings = settings
         self.store = store
         self.knowledge = knowledge
+        self.questions = questions
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._workers: list[asyncio.Task[None]] = []
         self._current: dict[str, str] = {}  # worker name -> task id it holds
@@ -242,7 +244,9 @@ class Ingestion:
             raise LostLease(str(error)) from error
 
     async def _checkpoint(self, task: TaskRecord, **changes: Any) -> TaskRecord:
-        """Records progress, renews the lease, and stops here if a cancel was asked for."""
+        """Records progress, renews the lease, stops here if a cancel was asked for, and lets
+        questions being answered go first."""
+        await self.questions.wait_idle(self.settings.ingest_yield_to_questions_s)
         renewed = await self.store(
             self.store.store.renew_lease, task.id, self.worker_id, lease_s=self.settings.task_lease_s, now=time.time()
         )
@@ -254,7 +258,13 @@ class Ingestion:
         return updated
 
     async def run_task(self, task: TaskRecord) -> None:
-        log.info("task %s (%s) %s at stage %s", task.id, task.kind, "resumed" if task.checkpoint else "started", task.stage)
+        if task.checkpoint:
+            log.info(
+                "task %s (%s) resumed at stage %s after batch %s",
+                task.id, task.kind, task.stage, task.checkpoint.get("batches_done", 0),
+            )
+        else:
+            log.info("task %s (%s) started", task.id, task.kind)
         try:
             if task.cancel_requested:
                 raise TaskCancelled()
