@@ -357,3 +357,21 @@ async def test_changes_are_visible_to_every_gateway_replica_at_once(api: Api, up
     finally:
         await other_channel.close()
         await other_runner.stop()
+
+
+async def test_a_file_over_the_chunk_limit_fails_its_task(upstreams: InProcessTiers, tmp_path: Path) -> None:
+    # Its own store, so only this gateway's worker (with the low limit) can take the task.
+    runner, channel = await start_gateway(
+        upstreams.addresses, max_chunks_per_task=5, store_path=tmp_path / "limited.sqlite3", spool_dir=tmp_path / "uploads"
+    )
+    limited = Api(channel)
+    try:
+        await create_kb(limited, "limited", chunk_size=100, chunk_overlap=0)
+        text = " ".join(f"Sentence {i} is about the limit." for i in range(40)).encode()
+        final = (await limited.watch((await limited.upload("limited", "big.txt", text)).id))[-1]
+        assert final.state == ingestion_pb2.TASK_STATE_FAILED
+        assert "makes" in final.error and "the limit is 5 per task" in final.error, final.error
+        assert (await limited.kb.ListDocuments(knowledge_pb2.ListDocumentsRequest(knowledge_base="limited"))).documents == []
+    finally:
+        await channel.close()
+        await runner.stop()

@@ -218,6 +218,8 @@ async def test_declared_metadata_is_typed_and_filterable(retrieval_engine: Retri
     assert {r.chunk.id for r in await search(retrieval_engine, filters=[year_in])} == {"a-0", "c-0"}
     ops = common_pb2.MetadataFilter(field="dept", equals=V(string_value="ops"))
     assert {r.chunk.id for r in await search(retrieval_engine, filters=[ops])} == {"b-0", "b-1"}
+    declared_absent = common_pb2.MetadataFilter(field="year", exists=False)
+    assert await search(retrieval_engine, filters=[declared_absent]) == []
     tagged = common_pb2.MetadataFilter(field="tag", exists=True)  # undeclared: read from the JSON
     assert {r.chunk.id for r in await search(retrieval_engine, filters=[tagged])} == {"a-0", "b-0"}
     with pytest.raises(InvalidArgument, match=r"^filters\[0\]\.equals: is a string, but the field is declared int"):
