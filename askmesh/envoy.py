@@ -6,7 +6,8 @@ cluster speaks HTTP/2 to its replicas with LEAST_REQUEST balancing and active gR
 Routes have no overall timeout (Envoy's 15 s default would cut long LLM streams); an idle timeout
 ends streams that go silent instead. Only idempotent unary calls are retried on UNAVAILABLE /
 RESOURCE_EXHAUSTED; a stream is retried only when it failed before its first response byte
-(connection refused or reset), which is when Envoy can retry it at all.
+(connection refused or reset, or a replica refusing it at once with RESOURCE_EXHAUSTED because
+its slots and queue are full), which is when Envoy can retry it at all.
 
 Envoy's HTTP compressor is deliberately absent: the services compress gRPC messages themselves
 (grpc-encoding: gzip) and Envoy passes them through untouched.
@@ -78,24 +79,32 @@ def _address(host: str, port: int) -> dict[str, Any]:
 
 
 def _routes(tier: Tier, idle_timeout: str) -> list[dict[str, Any]]:
+    previous_hosts = [
+        {
+            "name": "envoy.retry_host_predicates.previous_hosts",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+            },
+        }
+    ]
     stream_route = {
         "cluster": tier.name,
         "timeout": "0s",
         "idle_timeout": idle_timeout,
-        # Failed before any response byte: nothing reached the client, another replica may answer.
-        "retry_policy": {"retry_on": "connect-failure,refused-stream,reset-before-request", "num_retries": 2},
+        # Failed before any response byte (a replica refusing at once because it is full, or a
+        # connection that never carried the call): nothing reached the client, so another
+        # replica may answer it.
+        "retry_policy": {
+            "retry_on": "connect-failure,refused-stream,reset-before-request,resource-exhausted",
+            "num_retries": 2,
+            "retry_host_predicate": previous_hosts,
+            "host_selection_retry_max_attempts": 3,
+        },
     }
     unary_retry = {
         "retry_on": "unavailable,resource-exhausted,connect-failure,refused-stream,reset",
         "num_retries": 2,
-        "retry_host_predicate": [
-            {
-                "name": "envoy.retry_host_predicates.previous_hosts",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                },
-            }
-        ],
+        "retry_host_predicate": previous_hosts,
         "host_selection_retry_max_attempts": 3,
     }
     routes = [

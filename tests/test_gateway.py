@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 import pytest
@@ -252,3 +256,84 @@ async def test_a_generator_failing_mid_stream_ends_the_answer_with_an_error_mess
         await channel.close()
         await runner.stop()
         await failing.stop()
+
+
+# -- answer cache and the gateway's own overhead -----------------------------------------------
+
+
+async def ask_all(stub: gateway_pb2_grpc.GatewayStub, question: str) -> list[gateway_pb2.AskResponse]:
+    request = gateway_pb2.AskRequest(question=question, knowledge_base="policies", parameters=SHORT)
+    return [m async for m in stub.Ask(request)]
+
+
+def text_of(messages: list[gateway_pb2.AskResponse]) -> str:
+    return "".join(m.delta.text for m in messages if m.HasField("delta"))
+
+
+async def test_the_done_message_reports_the_gateways_own_overhead(gateway: gateway_pb2_grpc.GatewayStub) -> None:
+    timings = (await ask_all(gateway, "What is the meal allowance?"))[-1].done.timings
+    assert 0 < timings.gateway_overhead_ms < timings.total_ms
+    assert timings.gateway_overhead_ms < timings.total_ms - timings.embed_ms - timings.search_ms
+
+
+async def test_a_repeated_question_is_answered_from_the_memory_cache_until_the_knowledge_base_changes(
+    upstreams: InProcessTiers, gateway: gateway_pb2_grpc.GatewayStub
+) -> None:
+    runner, channel = await start_gateway(upstreams.addresses, answer_cache="memory", ingest_workers=0)
+    stub = gateway_pb2_grpc.GatewayStub(channel)
+    try:
+        first = await ask_all(stub, "How are expense reports filed?")
+        second = await ask_all(stub, "How are expense reports filed?")
+        assert not first[-1].done.cached and second[-1].done.cached
+        assert [m.WhichOneof("event") for m in second][0] == "sources" and second[-1].HasField("done")
+        assert second[0].sources == first[0].sources and text_of(second) == text_of(first)
+        other = await ask_all(stub, "How are expense reports filed? Be brief.")
+        assert not other[-1].done.cached  # another question is another answer
+        await stub.AddDocuments(
+            gateway_pb2.AddDocumentsRequest(knowledge_base="policies", documents=[document("extra", "Expense reports go to finance.")])
+        )
+        third = await ask_all(stub, "How are expense reports filed?")
+        assert not third[-1].done.cached  # the knowledge base changed
+    finally:
+        await channel.close()
+        await runner.stop()
+
+
+@pytest.fixture
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed (.ci/run installs it from Debian's packages)")
+    from askmesh.mesh import free_port
+
+    port = free_port()
+    process = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path_factory.mktemp("redis"))],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(100):
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        process.wait()
+
+
+async def test_the_redis_cache_is_shared_by_gateway_replicas(
+    upstreams: InProcessTiers, gateway: gateway_pb2_grpc.GatewayStub, redis_url: str
+) -> None:
+    replicas = [await start_gateway(upstreams.addresses, answer_cache="redis", redis_url=redis_url, ingest_workers=0) for _ in range(2)]
+    try:
+        first = await ask_all(gateway_pb2_grpc.GatewayStub(replicas[0][1]), "Who owns the travel policy?")
+        second = await ask_all(gateway_pb2_grpc.GatewayStub(replicas[1][1]), "Who owns the travel policy?")
+        assert not first[-1].done.cached and second[-1].done.cached
+        assert text_of(second) == text_of(first)
+    finally:
+        for runner, channel in replicas:
+            await channel.close()
+            await runner.stop()

@@ -155,3 +155,77 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
             await collect(stub.Generate(bad))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith(message), raised.value.details()
+
+
+# -- admission control -------------------------------------------------------------------------
+
+
+class GatedBackend:
+    """A backend whose generations wait for the test to let them finish (admission logic only)."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = 0
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+    async def generate(self, request: object) -> AsyncIterator[object]:
+        from services.generator.backends.base import FinishEvent, TokenEvent
+
+        self.started += 1
+        yield TokenEvent("x")
+        await self.release.wait()
+        yield FinishEvent(reason=common_pb2.FINISH_REASON_EOS, completion_tokens=1)
+
+
+async def test_beyond_the_slots_and_the_queue_calls_are_refused_at_once() -> None:
+    from askmesh.runtime.errors import ResourceExhausted
+    from services.generator.config import GeneratorSettings
+
+    backend = GatedBackend()
+    engine = GenerationEngine(GeneratorSettings(max_concurrent_generations=1, max_queued_generations=1), backend=backend)
+    await engine.start()
+    running = engine.generate(request())
+    await anext(running)  # holds the only slot
+    queued = asyncio.ensure_future(collect(engine.generate(request())))
+    for _ in range(100):
+        if engine.waiting == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert (engine.running, engine.waiting) == (1, 1)
+    with pytest.raises(ResourceExhausted, match="1 generations running and 1 waiting"):
+        await anext(engine.generate(request()))
+    assert engine.refused == 1 and backend.started == 1  # the refused call never reached the model
+    backend.release.set()
+    await collect(running)
+    await queued
+    assert (engine.running, engine.waiting) == (0, 0)
+    await collect(engine.generate(request()))  # room again
+
+
+async def test_overflow_over_grpc_is_resource_exhausted_with_the_real_model() -> None:
+    from services.generator.config import GeneratorSettings
+
+    engine = GenerationEngine(GeneratorSettings(max_queued_generations=0))
+    await engine.start()
+    servicer = GeneratorServicer(engine)
+    runner = await start_in_process(
+        "generator", "askmesh.v1.Generator", lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(servicer, s)
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+            stub = generator_pb2_grpc.GeneratorStub(channel)
+            long_call = stub.Generate(request("Write a very long story.", max_new_tokens=300, temperature=0.8))
+            await long_call.read()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await collect(stub.Generate(request(max_new_tokens=4)))
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "try another replica" in refused.value.details()
+            long_call.cancel()
+    finally:
+        await runner.stop()
+        await engine.close()

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -36,6 +37,13 @@ class GatewaySettings(ServiceSettings):
     # Characters of source text put into the prompt, shared among the sources.
     max_context_chars: int = Field(default=4000, ge=100)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+    # Answer cache for repeated questions: off, memory (an LRU in each replica) or redis
+    # (shared by replicas, at redis_url). A knowledge-base change invalidates its answers.
+    answer_cache: Literal["off", "memory", "redis"] = "off"
+    answer_cache_entries: int = Field(default=1024, ge=1)
+    answer_cache_ttl_s: float = Field(default=3600.0, gt=0)
+    redis_url: str = "redis://127.0.0.1:6379/0"
 
     # AddDocuments
     chunk_size: int = Field(default=800, ge=50)

@@ -19,6 +19,7 @@ from google.protobuf import json_format
 from askmesh.runtime.errors import Unavailable
 from askmesh.v1 import common_pb2, embedder_pb2, gateway_pb2, generator_pb2, retriever_pb2
 from askmesh.runtime.inflight import InFlight
+from services.gateway.cache import AnswerCache, MemoryAnswerCache, RedisAnswerCache, cache_key
 from services.gateway.config import GatewaySettings
 from services.gateway.knowledge import AsyncStore, DocumentWrite, KnowledgeEngine
 from services.gateway.parsing import Section
@@ -30,6 +31,14 @@ from services.gateway.upstreams import Deadline, Upstreams, stream_error, upstre
 # A search that keeps racing document changes is returned as the last one found: by then the
 # knowledge base is changing faster than questions are asked, and one more try would not help.
 MAX_SEARCH_ATTEMPTS = 3
+
+
+def make_answer_cache(settings: GatewaySettings) -> AnswerCache | None:
+    if settings.answer_cache == "memory":
+        return MemoryAnswerCache(settings.answer_cache_entries, settings.answer_cache_ttl_s)
+    if settings.answer_cache == "redis":
+        return RedisAnswerCache(settings.redis_url, settings.answer_cache_ttl_s)
+    return None
 
 
 def document_id_for(document: gateway_pb2.Document) -> str:
@@ -44,6 +53,7 @@ class GatewayEngine:
         self.store = AsyncStore(SqliteStore(settings.store_path))
         self.knowledge = KnowledgeEngine(settings, self.store, self.upstreams)
         self.questions = InFlight()
+        self.cache = make_answer_cache(settings)
         self.ingestion = Ingestion(settings, self.store, self.knowledge, self.questions)
 
     async def start(self) -> None:
@@ -52,6 +62,8 @@ class GatewayEngine:
 
     async def close(self) -> None:
         await self.ingestion.stop()
+        if self.cache is not None:
+            await self.cache.close()
         await self.upstreams.close()
         self.store.close()
 
@@ -65,13 +77,40 @@ class GatewayEngine:
     async def _ask(self, request: gateway_pb2.AskRequest, deadline: Deadline) -> AsyncIterator[gateway_pb2.AskResponse]:
         started = time.perf_counter()
         knowledge_base = request.knowledge_base or self.settings.default_knowledge_base
-        await self.knowledge.require(knowledge_base)
+        record = await self.knowledge.require(knowledge_base)
+        if self.cache is None:
+            async for response in self._answer(request, knowledge_base, deadline, started):
+                yield response
+            return
+        key = cache_key(knowledge_base, record.generation, await self.knowledge.visibility_epoch(knowledge_base), request)
+        cached = await self.cache.get(key)
+        if cached is not None:
+            for message in cached[:-1]:
+                yield message
+            done = cached[-1]
+            done.done.cached = True
+            elapsed = (time.perf_counter() - started) * 1000
+            done.done.timings.CopyFrom(gateway_pb2.AskTimings(total_ms=elapsed, gateway_overhead_ms=elapsed))
+            yield done
+            return
+        answer: list[gateway_pb2.AskResponse] = []
+        async for response in self._answer(request, knowledge_base, deadline, started):
+            answer.append(response)
+            yield response
+        await self.cache.put(key, answer)  # only a complete answer gets here
 
+    async def _answer(
+        self, request: gateway_pb2.AskRequest, knowledge_base: str, deadline: Deadline, started: float
+    ) -> AsyncIterator[gateway_pb2.AskResponse]:
+        """Embed, search, sources, then the generator's stream, timing every wait on a tier:
+        the rest of the total is the gateway's own overhead."""
+        embed_started = time.perf_counter()
         embedded = await self.upstreams.call(
             "embedder",
             self.upstreams.embedder.Embed(embedder_pb2.EmbedRequest(texts=[request.question]), timeout=deadline.unary_timeout()),
         )
         embedded_at = time.perf_counter()
+        upstream_wait = embedded_at - embed_started
         search = retriever_pb2.SearchRequest(
             knowledge_base=knowledge_base,
             vector=embedded.embeddings[0].values,
@@ -80,7 +119,8 @@ class GatewayEngine:
         )
         if request.HasField("score_threshold"):
             search.score_threshold = request.score_threshold
-        found = await self.search_consistently(search, deadline)
+        found, search_wait = await self.search_consistently(search, deadline)
+        upstream_wait += search_wait
         searched_at = time.perf_counter()
 
         citations = [
@@ -102,9 +142,16 @@ class GatewayEngine:
             messages=self.build_messages(request, citations), parameters=request.parameters
         )
         call = self.upstreams.generator.Generate(generate, timeout=deadline.stream_timeout())
+        messages = call.__aiter__()
         first_token_at: float | None = None
         try:
-            async for message in call:
+            while True:
+                waiting_since = time.perf_counter()
+                try:
+                    message = await messages.__anext__()
+                except StopAsyncIteration:
+                    break
+                upstream_wait += time.perf_counter() - waiting_since
                 event = message.WhichOneof("event")
                 if event == "delta":
                     if first_token_at is None:
@@ -112,17 +159,19 @@ class GatewayEngine:
                     yield gateway_pb2.AskResponse(delta=message.delta)
                 elif event == "done":
                     finished = time.perf_counter()
+                    total = finished - started
                     yield gateway_pb2.AskResponse(
                         done=gateway_pb2.AskDone(
                             finish_reason=message.done.finish_reason,
                             usage=message.done.usage,
                             model=message.done.model,
                             timings=gateway_pb2.AskTimings(
-                                embed_ms=(embedded_at - started) * 1000,
+                                embed_ms=(embedded_at - embed_started) * 1000,
                                 search_ms=(searched_at - embedded_at) * 1000,
                                 time_to_first_token_ms=((first_token_at or finished) - started) * 1000,
                                 generate_ms=(finished - searched_at) * 1000,
-                                total_ms=(finished - started) * 1000,
+                                total_ms=total * 1000,
+                                gateway_overhead_ms=max(total - upstream_wait, 0.0) * 1000,
                             ),
                         )
                     )
@@ -142,17 +191,21 @@ class GatewayEngine:
 
     async def search_consistently(
         self, search: retriever_pb2.SearchRequest, deadline: Deadline
-    ) -> retriever_pb2.SearchResponse:
+    ) -> tuple[retriever_pb2.SearchResponse, float]:
         """Searches with the store's pins; if a document changed while the search ran (the
-        visibility epoch moved), searches again with fresh pins, so no answer mixes versions."""
+        visibility epoch moved), searches again with fresh pins, so no answer mixes versions.
+        Returns the result and the seconds spent waiting on the retriever."""
+        waited = 0.0
         for _ in range(MAX_SEARCH_ATTEMPTS):
             epoch, pins = await self.knowledge.visibility(search.knowledge_base)
             del search.pins[:]
             search.pins.extend(pins)
+            search_started = time.perf_counter()
             found = await self.upstreams.call("retriever", self.upstreams.retriever.Search(search, timeout=deadline.unary_timeout()))
+            waited += time.perf_counter() - search_started
             if await self.knowledge.visibility_epoch(search.knowledge_base) == epoch:
-                return found
-        return found
+                break
+        return found, waited
 
     def build_messages(
         self, request: gateway_pb2.AskRequest, citations: list[gateway_pb2.Citation]

@@ -46,8 +46,12 @@ class GeneratorSettings(ServiceSettings):
 
     # The name reported in responses; empty: derived from the backend.
     model_name: str = ""
-    # Generations run at once on this replica (one llama.cpp context runs one at a time).
+    # Admission control. Generations run at once on this replica (one llama.cpp context runs one
+    # at a time), and generations that may wait for a slot; beyond both, a call is refused at
+    # once with RESOURCE_EXHAUSTED, so the load balancer sends it to another replica instead of
+    # letting a queue pile up here.
     max_concurrent_generations: int = Field(default=0, ge=0)  # 0: 1 for local, 16 for remote
+    max_queued_generations: int = Field(default=8, ge=0)
 
     # Request limits and defaults.
     default_max_new_tokens: int = Field(default=256, ge=1)

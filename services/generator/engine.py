@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from askmesh.runtime.errors import Unavailable
+from askmesh.runtime.errors import ResourceExhausted, Unavailable
 from askmesh.v1 import common_pb2, generator_pb2
 from services.generator.backends import create_backend
 from services.generator.backends.base import FinishEvent, GenerationBackend, GenerationInput, TokenEvent
@@ -24,7 +25,11 @@ class GenerationEngine:
         self.settings = settings
         self.backend = backend or create_backend(settings)
         self.model_name = settings.resolved_model_name()
-        self._slots = asyncio.Semaphore(settings.resolved_concurrency())
+        self.slots = settings.resolved_concurrency()
+        self._slots = asyncio.Semaphore(self.slots)
+        self.running = 0
+        self.waiting = 0
+        self.refused = 0
         self.ready = False
 
     async def start(self) -> None:
@@ -59,17 +64,35 @@ class GenerationEngine:
             raise Unavailable("generator: model is still loading")
         generation_input = self.to_input(request)
         queued_at = time.perf_counter()
-        async with self._slots:
+        if self.running + self.waiting >= self.slots + self.settings.max_queued_generations:
+            self.refused += 1
+            raise ResourceExhausted(
+                f"generator: {self.running} generations running and {self.waiting} waiting, the most this replica "
+                "takes; try another replica or later"
+            )
+        self.waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self.waiting -= 1
+        self.running += 1
+        try:
             started_at = time.perf_counter()
             first_token_at: float | None = None
-            async for event in self.backend.generate(generation_input):
-                if isinstance(event, TokenEvent):
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                    yield generator_pb2.GenerateResponse(delta=common_pb2.TokenDelta(text=event.text))
-                elif isinstance(event, FinishEvent):
-                    yield self._done(event, queued_at, started_at, first_token_at)
-                    return
+            # aclosing: a caller that leaves closes the backend's stream at once (stopping the
+            # generation upstream), not whenever the garbage collector gets to it.
+            async with contextlib.aclosing(self.backend.generate(generation_input)) as events:
+                async for event in events:
+                    if isinstance(event, TokenEvent):
+                        if first_token_at is None:
+                            first_token_at = time.perf_counter()
+                        yield generator_pb2.GenerateResponse(delta=common_pb2.TokenDelta(text=event.text))
+                    elif isinstance(event, FinishEvent):
+                        yield self._done(event, queued_at, started_at, first_token_at)
+                        return
+        finally:
+            self.running -= 1
+            self._slots.release()
         raise Unavailable("generator: the backend ended without a finish reason")
 
     def _done(
