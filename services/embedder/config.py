@@ -1,8 +1,10 @@
+"""Embedder: texts to normalized vectors with a sentence-transformers model."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from askmesh.runtime.config import ServiceSettings
@@ -27,8 +29,37 @@ class EmbedderSettings(ServiceSettings):
     # Texts per Embed call, and characters per text: larger requests are refused, not truncated.
     max_batch_size: int = Field(default=256, ge=1)
     max_text_chars: int = Field(default=8192, ge=1)
-    # Texts the model encodes at once inside one call.
+    # Texts the model encodes at once inside one model call (a batch is encoded in slices of this).
     encode_batch_size: int = Field(default=32, ge=1)
+
+    # Dynamic batching (HuggingFace TEI's design): concurrent Embed calls are queued and taken in
+    # arrival order into one model batch while its tokens stay within max_batch_tokens and its
+    # texts within max_batch_texts, waiting at most max_wait_ms after the first for more to come.
+    # One call larger than the budget alone is taken alone; calls are never split.
+    # batching=False encodes one call per model call (still queued in arrival order).
+    batching: bool = True
+    max_batch_tokens: int = Field(default=8192, ge=1)
+    max_batch_texts: int = Field(default=128, ge=1)
+    max_wait_ms: float = Field(default=2.0, ge=0, le=1000)
+    # Texts waiting for a batch; a call that would go beyond it is refused (RESOURCE_EXHAUSTED).
+    max_queue_texts: int = Field(default=1024, ge=1)
+
+    # torch: the sentence-transformers model as is. onnx: the same model exported once to ONNX
+    # (torch.onnx, from the local folder: nothing is downloaded) and run with ONNX Runtime;
+    # onnx_quantize adds int8 dynamic quantization (avx2 settings). Exports are cached under
+    # onnx_cache_dir (relative paths are relative to the working directory) and reused.
+    backend: Literal["torch", "onnx"] = "torch"
+    onnx_quantize: bool = False
+    onnx_cache_dir: Path = Path(".askmesh/models/onnx")
+
+    @model_validator(mode="after")
+    def _queue_holds_a_whole_call(self) -> EmbedderSettings:
+        if self.max_queue_texts < self.max_batch_size:
+            raise ValueError(
+                f"max_queue_texts ({self.max_queue_texts}) must be at least max_batch_size "
+                f"({self.max_batch_size}), or a call of the largest allowed size could never be queued"
+            )
+        return self
 
     def resolved_model_path(self) -> Path:
         return self.model_path or bundled_model_path()

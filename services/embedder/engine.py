@@ -1,4 +1,16 @@
-"""The embedding model, without gRPC."""
+"""The embedding model, without gRPC, behind a dynamic batcher.
+
+Concurrent `embed` calls are gathered into one model batch (HuggingFace TEI's design): each call
+is queued with its token count (the model's fast tokenizer, truncated at the model's
+max_seq_length); one batcher task waits for the first call, then takes calls in arrival order
+while the batch's tokens stay within `max_batch_tokens` and its texts within `max_batch_texts`,
+waiting at most `max_wait_ms` after the first call was queued for more to come (a call that
+waited longer, behind the previous batch, starts at once with whatever else is queued). A call
+larger than the budget alone is taken alone; calls are never split. Calls whose caller has gone
+(its task was cancelled: the gRPC call was cancelled or its deadline passed) are dropped before
+encoding. Each batch is one model call in the single model thread, off the event loop, so health
+checks keep answering; its vectors are then split back per call.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +18,27 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from askmesh.runtime.errors import Unavailable
+from askmesh.runtime.errors import ResourceExhausted, Unavailable
 from services.embedder.config import EmbedderSettings
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
+    from services.embedder.onnx_backend import OnnxEncoder
+
 log = logging.getLogger("askmesh.embedder")
+
+# Calls with more characters than this are token-counted in a worker thread, not on the loop.
+_COUNT_INLINE_CHARS = 16_384
 
 
 @dataclass(frozen=True)
@@ -27,21 +46,60 @@ class EmbeddingBatch:
     vectors: np.ndarray  # shape (len(texts), dimension), float32, unit length
     model: str
     dimension: int
-    queue_ms: float
-    inference_ms: float
+    queue_ms: float  # from queued to the start of the model batch it rode in
+    inference_ms: float  # that batch's model time
+    batch_texts: int = 0  # texts in that batch (this call's and the others')
+    batch_requests: int = 0  # calls in that batch
+
+
+@dataclass
+class BatcherStats:
+    """Counters for tests and metrics; monotonic except the `last_*` windows."""
+
+    batches: int = 0  # model calls made for batches
+    requests_encoded: int = 0
+    texts_encoded: int = 0
+    tokens_encoded: int = 0
+    requests_dropped: int = 0  # caller gone before its batch started: never encoded
+    requests_rejected: int = 0  # queue full
+    last_batch_texts: deque[int] = field(default_factory=lambda: deque(maxlen=256))
+    last_batch_requests: deque[int] = field(default_factory=lambda: deque(maxlen=256))
+
+
+@dataclass(eq=False)
+class _Pending:
+    texts: list[str]
+    tokens: int
+    future: asyncio.Future[EmbeddingBatch]
+    enqueued_at: float
 
 
 class EmbeddingEngine:
     def __init__(self, settings: EmbedderSettings) -> None:
         self.settings = settings
         self._model: SentenceTransformer | None = None
+        self._onnx: OnnxEncoder | None = None
+        self._count_tokenizer: Any = None  # a tokenizers.Tokenizer of our own, for counting only
+        self._max_seq_length = 512
         # One model call at a time, off the event loop (torch uses every core for one batch).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder-model")
-        self._model_lock = asyncio.Lock()
+        self._queue: deque[_Pending] = deque()
+        self._queued_texts = 0
+        self._arrived = asyncio.Event()
+        self._batcher: asyncio.Task[None] | None = None
+        self.stats = BatcherStats()
 
     @property
     def ready(self) -> bool:
-        return self._model is not None
+        return self._model is not None and self._batcher is not None
+
+    @property
+    def backend(self) -> str:
+        return "onnx" if self._onnx is not None else "torch"
+
+    @property
+    def queued_texts(self) -> int:
+        return self._queued_texts
 
     @property
     def dimension(self) -> int:
@@ -51,6 +109,8 @@ class EmbeddingEngine:
         assert dimension is not None
         return int(dimension)
 
+    # -- loading -----------------------------------------------------------------------------
+
     def _load(self) -> SentenceTransformer:
         # Never reach a model hub: the model is a local folder.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,21 +118,69 @@ class EmbeddingEngine:
         from sentence_transformers import SentenceTransformer
 
         path = self.settings.resolved_model_path()
-        log.info("loading %s from %s", self.settings.model_name, path)
+        log.info("loading %s from %s (backend %s)", self.settings.model_name, path, self.settings.backend)
         model = SentenceTransformer(str(path), device=self.settings.device, local_files_only=True)
-        model.encode(["warm-up"], normalize_embeddings=True)
+        if self.settings.backend == "onnx":
+            from services.embedder.onnx_backend import OnnxEncoder, ensure_exported
+
+            onnx_file = ensure_exported(model, Path(path), self.settings.onnx_cache_dir, self.settings.onnx_quantize)
+            self._onnx = OnnxEncoder(model, onnx_file)
+        self._max_seq_length = int(model.max_seq_length or self._max_seq_length)
+        self._count_tokenizer = self._counting_tokenizer(model)
+        self._model = model
+        self._encode(["warm-up"])
         return model
+
+    def _counting_tokenizer(self, model: SentenceTransformer) -> Any:
+        """An independent copy of the fast tokenizer (the model thread's one mutates its own
+        truncation settings while encoding, so sharing it across threads is unsafe)."""
+        backend = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
+        if backend is None:
+            log.warning("no fast tokenizer: batch token budgets use an estimate from characters")
+            return None
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_str(backend.to_str())
+        tokenizer.no_padding()
+        tokenizer.enable_truncation(max_length=self._max_seq_length)
+        return tokenizer
+
+    def count_tokens(self, texts: Sequence[str]) -> int:
+        """Tokens the model will see for `texts` (special tokens included, truncated)."""
+        if self._count_tokenizer is None:
+            return sum(min(self._max_seq_length, len(text) // 4 + 2) for text in texts)
+        return sum(len(encoding.ids) for encoding in self._count_tokenizer.encode_batch(list(texts)))
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._model = await loop.run_in_executor(self._executor, self._load)
+        await loop.run_in_executor(self._executor, self._load)
+        self._arrived = asyncio.Event()
+        self._batcher = asyncio.create_task(self._run_batches(), name="embedder-batcher")
 
     async def close(self) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.cancel()
+            try:
+                await batcher
+            except asyncio.CancelledError:
+                pass
+        gone = Unavailable("embedder: shutting down")
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.set_exception(gone)
+        self._queue.clear()
+        self._queued_texts = 0
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._model = None
+        self._onnx = None
+
+    # -- the model ---------------------------------------------------------------------------
 
     def _encode(self, texts: Sequence[str]) -> np.ndarray:
         assert self._model is not None
+        if self._onnx is not None:
+            return self._onnx.encode(list(texts), self.settings.encode_batch_size)
         vectors = self._model.encode(
             list(texts),
             batch_size=self.settings.encode_batch_size,
@@ -81,20 +189,136 @@ class EmbeddingEngine:
         )
         return np.asarray(vectors, dtype=np.float32)
 
+    # -- calls -------------------------------------------------------------------------------
+
     async def embed(self, texts: Sequence[str]) -> EmbeddingBatch:
         """Embeds already-validated texts (see servicer.validate_texts)."""
-        if self._model is None:
+        if self._model is None or self._batcher is None:
             raise Unavailable("embedder: model is still loading")
-        queued_at = time.perf_counter()
-        async with self._model_lock:
-            started_at = time.perf_counter()
-            loop = asyncio.get_running_loop()
+        texts = list(texts)
+        if self._queued_texts + len(texts) > self.settings.max_queue_texts:
+            self._forget_cancelled()
+            if self._queued_texts + len(texts) > self.settings.max_queue_texts:
+                self.stats.requests_rejected += 1
+                raise ResourceExhausted(
+                    f"embedder: queue is full ({self._queued_texts} texts waiting, limit "
+                    f"{self.settings.max_queue_texts}); retry later"
+                )
+        if sum(len(text) for text in texts) > _COUNT_INLINE_CHARS:
+            tokens = await asyncio.to_thread(self.count_tokens, texts)
+        else:
+            tokens = self.count_tokens(texts)
+        pending = _Pending(texts, tokens, asyncio.get_running_loop().create_future(), time.perf_counter())
+        self._queue.append(pending)
+        self._queued_texts += len(texts)
+        self._arrived.set()
+        # A cancelled caller cancels this future too; the batcher then drops the call.
+        return await pending.future
+
+    def _forget_cancelled(self) -> None:
+        kept: deque[_Pending] = deque()
+        for pending in self._queue:
+            if pending.future.cancelled():
+                self._dropped(pending)
+            else:
+                kept.append(pending)
+        self._queue = kept
+
+    def _dropped(self, pending: _Pending) -> None:
+        self._queued_texts -= len(pending.texts)
+        self.stats.requests_dropped += 1
+
+    def _plan(self) -> tuple[int, bool]:
+        """How many queued calls (from the front, after dropping cancelled ones) the next batch
+        takes, and whether it is full: nothing queued could be added, however long we wait."""
+        while self._queue and self._queue[0].future.cancelled():
+            self._dropped(self._queue.popleft())
+        if not self.settings.batching:
+            return min(1, len(self._queue)), True
+        count = texts = tokens = 0
+        for pending in self._queue:
+            if pending.future.cancelled():
+                continue  # dropped when taken
+            if count and (
+                texts + len(pending.texts) > self.settings.max_batch_texts
+                or tokens + pending.tokens > self.settings.max_batch_tokens
+            ):
+                return count, True
+            count, texts, tokens = count + 1, texts + len(pending.texts), tokens + pending.tokens
+        full = texts >= self.settings.max_batch_texts or tokens >= self.settings.max_batch_tokens
+        return count, full
+
+    def _take(self, count: int) -> list[_Pending]:
+        batch: list[_Pending] = []
+        while len(batch) < count and self._queue:
+            pending = self._queue.popleft()
+            if pending.future.cancelled():
+                self._dropped(pending)
+                continue
+            self._queued_texts -= len(pending.texts)
+            batch.append(pending)
+        return batch
+
+    async def _run_batches(self) -> None:
+        loop = asyncio.get_running_loop()
+        wait_s = self.settings.max_wait_ms / 1000
+        while True:
+            count, full = self._plan()
+            if count == 0:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            deadline = self._queue[0].enqueued_at + wait_s
+            while not full and (remaining := deadline - time.perf_counter()) > 0:
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), remaining)
+                except TimeoutError:
+                    pass
+                count, full = self._plan()
+            batch = self._take(count)
+            if batch:
+                await self._run(batch, loop)
+
+    async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
+        texts = [text for pending in batch for text in pending.texts]
+        started_at = time.perf_counter()
+        try:
             vectors = await loop.run_in_executor(self._executor, self._encode, texts)
-            finished_at = time.perf_counter()
-        return EmbeddingBatch(
-            vectors=vectors,
-            model=self.settings.model_name,
-            dimension=int(vectors.shape[1]),
-            queue_ms=(started_at - queued_at) * 1000,
-            inference_ms=(finished_at - started_at) * 1000,
-        )
+        except asyncio.CancelledError:  # close(): the calls of this batch get no answer
+            gone = Unavailable("embedder: shutting down")
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(gone)
+            raise
+        except Exception as error:  # the model failed: every call of the batch fails with it
+            log.exception("embedding a batch of %d texts failed", len(texts))
+            for pending in batch:
+                if not pending.future.done():
+                    pending.future.set_exception(error)
+            return
+        finished_at = time.perf_counter()
+        inference_ms = (finished_at - started_at) * 1000
+        stats = self.stats
+        stats.batches += 1
+        stats.requests_encoded += len(batch)
+        stats.texts_encoded += len(texts)
+        stats.tokens_encoded += sum(pending.tokens for pending in batch)
+        stats.last_batch_texts.append(len(texts))
+        stats.last_batch_requests.append(len(batch))
+        offset = 0
+        for pending in batch:
+            end = offset + len(pending.texts)
+            if not pending.future.done():  # its caller may have gone while the batch ran
+                pending.future.set_result(
+                    EmbeddingBatch(
+                        vectors=vectors[offset:end],
+                        model=self.settings.model_name,
+                        dimension=int(vectors.shape[1]),
+                        queue_ms=(started_at - pending.enqueued_at) * 1000,
+                        inference_ms=inference_ms,
+                        batch_texts=len(texts),
+                        batch_requests=len(batch),
+                    )
+                )
+            offset = end
