@@ -62,22 +62,25 @@ def export_folder(cache_dir: Path, model_path: Path) -> Path:
     return cache_dir / f"{model_path.resolve().name}-{model_fingerprint(model_path)}"
 
 
-class _LastHiddenState:
-    """Builds the module torch.onnx exports: the transformer's token embeddings."""
+def _last_hidden_state(auto_model: Any) -> Any:
+    """The module torch.onnx exports: the transformer's token embeddings."""
+    import torch
 
-    @staticmethod
-    def wrap(auto_model: Any, input_names: Sequence[str]) -> Any:
-        import torch
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = auto_model
 
-        class LastHiddenState(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = auto_model
+        def forward(
+            self,
+            input_ids: torch.Tensor,
+            attention_mask: torch.Tensor,
+            token_type_ids: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
 
-            def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-                return self.model(**dict(zip(input_names, inputs, strict=True))).last_hidden_state
-
-        return LastHiddenState().eval()
+    return LastHiddenState().eval()
 
 
 def _export(model: SentenceTransformer, target: Path) -> None:
@@ -90,9 +93,11 @@ def _export(model: SentenceTransformer, target: Path) -> None:
         raise RuntimeError(f"embedder: backend=onnx cannot export a {type(transformer).__name__} first module")
     features = model.preprocess(["an example text to trace", "another one"])
     input_names = [name for name in _INPUT_NAMES if isinstance(features.get(name), torch.Tensor)]
+    if input_names[:2] != ["input_ids", "attention_mask"]:
+        raise RuntimeError(f"embedder: backend=onnx cannot export a model whose inputs are {sorted(features)}")
     inputs = tuple(features[name].to("cpu") for name in input_names)
     dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in [*input_names, "last_hidden_state"]}
-    wrapped = _LastHiddenState.wrap(auto_model.to("cpu"), input_names)
+    wrapped = _last_hidden_state(auto_model.to("cpu"))
     with torch.no_grad():
         torch.onnx.export(
             wrapped,
