@@ -54,3 +54,101 @@ async def test_not_serving_until_warm_then_serving_then_not_serving_on_stop() ->
         stopping = asyncio.ensure_future(runner.stop())
         assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
         await stopping
+
+
+# -- draining on stop --------------------------------------------------------------------------
+
+from collections.abc import AsyncIterator  # noqa: E402
+
+import pytest  # noqa: E402
+
+from askmesh.runtime.errors import streaming_rpc  # noqa: E402
+from askmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc  # noqa: E402
+
+
+class TickingGenerator(generator_pb2_grpc.GeneratorServicer):
+    """Streams `count` deltas 50 ms apart; records whether its stream was closed early."""
+
+    def __init__(self) -> None:
+        self.closed_early = asyncio.Event()
+
+    @streaming_rpc(lambda error: generator_pb2.GenerateResponse(error=error))
+    async def Generate(self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        count = request.parameters.max_new_tokens
+        finished = False
+        try:
+            for index in range(count):
+                yield generator_pb2.GenerateResponse(delta=common_pb2.TokenDelta(text=f"{index} "))
+                await asyncio.sleep(0.05)
+            finished = True
+            yield generator_pb2.GenerateResponse(done=generator_pb2.GenerateDone(finish_reason=common_pb2.FINISH_REASON_LENGTH))
+        finally:
+            if not finished:
+                self.closed_early.set()
+
+
+async def start_ticking(grace_s: float) -> tuple[ServiceRunner, TickingGenerator]:
+    servicer = TickingGenerator()
+
+    async def nothing() -> None:
+        return None
+
+    definition = ServiceDefinition(
+        "generator", ["askmesh.v1.Generator"], lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(servicer, s),
+        start=nothing, close=nothing, servicers=[servicer],
+    )
+    settings = ServiceSettings(port=1, grace_period_s=grace_s)
+    settings.port = 0
+    runner = ServiceRunner(definition, settings)
+    await runner.start()
+    assert runner.warm_up is not None
+    await runner.warm_up
+    return runner, servicer
+
+
+def ticks(count: int) -> generator_pb2.GenerateRequest:
+    return generator_pb2.GenerateRequest(
+        messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="go")],
+        parameters=common_pb2.GenerationParameters(max_new_tokens=count),
+    )
+
+
+async def test_a_stream_in_flight_finishes_within_the_grace_period_and_new_calls_are_refused() -> None:
+    runner, _ = await start_ticking(grace_s=10)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+        stub = generator_pb2_grpc.GeneratorStub(channel)
+        call = stub.Generate(ticks(30))  # about 1.5 s
+        first = await call.read()
+        assert first.HasField("delta")
+        assert runner.calls.total == 1
+        stopping = asyncio.ensure_future(runner.stop())
+        await asyncio.sleep(0.2)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async for _ in stub.Generate(ticks(1)):
+                pass
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        rest = []
+        while (message := await call.read()) != grpc.aio.EOF:
+            rest.append(message)
+        assert rest[-1].HasField("done") and len(rest) == 30  # 29 more deltas, then done
+        assert await call.code() == grpc.StatusCode.OK
+        await stopping
+
+
+async def test_a_stream_outlasting_the_grace_period_ends_with_a_final_error_not_a_reset() -> None:
+    runner, servicer = await start_ticking(grace_s=0.5)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+        call = generator_pb2_grpc.GeneratorStub(channel).Generate(ticks(1000))
+        first_message = await call.read()
+        stopping = asyncio.ensure_future(runner.stop())
+        messages = [first_message]
+        try:
+            while (message := await call.read()) != grpc.aio.EOF:
+                messages.append(message)
+        except grpc.aio.AioRpcError:
+            pass
+        await stopping
+    assert messages[-1].WhichOneof("event") == "error"
+    assert (messages[-1].error.code, messages[-1].error.message) == ("UNAVAILABLE", "server shutting down")
+    assert await call.code() == grpc.StatusCode.UNAVAILABLE
+    assert servicer.closed_early.is_set()  # the work behind the stream was stopped too

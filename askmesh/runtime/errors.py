@@ -8,6 +8,7 @@ from "cut off").
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,6 +16,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from askmesh.runtime.lifecycle import SHUTTING_DOWN, CallTracker
 from askmesh.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -76,8 +78,17 @@ def unary_rpc(
 
     @functools.wraps(method)
     async def wrapper(self: Servicer, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        calls: CallTracker | None = getattr(self, "calls", None)
         try:
-            return await method(self, request, context)
+            if calls is None:
+                return await method(self, request, context)
+            with calls.track(method.__name__):
+                call = asyncio.ensure_future(method(self, request, context))
+                await asyncio.wait({call, calls.expired}, return_when=asyncio.FIRST_COMPLETED)
+                if not call.done():
+                    call.cancel()
+                    raise Unavailable(SHUTTING_DOWN)
+                return call.result()
         except grpc.aio.AbortError:
             raise
         except AskmeshError as error:
@@ -110,10 +121,17 @@ def streaming_rpc(
             self: Servicer, request: Request, context: grpc.aio.ServicerContext
         ) -> AsyncIterator[Response]:
             started = False
+            calls: CallTracker | None = getattr(self, "calls", None)
             try:
-                async for message in method(self, request, context):
-                    started = True
-                    yield message
+                if calls is None:
+                    async for message in method(self, request, context):
+                        started = True
+                        yield message
+                    return
+                with calls.track(method.__name__):
+                    async for message in _until_expired(method(self, request, context), calls):
+                        started = True
+                        yield message
                 return
             except grpc.aio.AbortError:
                 raise
@@ -129,3 +147,28 @@ def streaming_rpc(
         return wrapper
 
     return decorate
+
+
+async def _until_expired(messages: AsyncIterator[Response], calls: CallTracker) -> AsyncIterator[Response]:
+    """The stream's messages, until the server's drain runs out of time: then it is closed (so
+    its work upstream stops) and Unavailable("server shutting down") is raised in its place."""
+    iterator = messages.__aiter__()
+    step: asyncio.Future[Response] | None = None
+    try:
+        while True:
+            step = asyncio.ensure_future(iterator.__anext__())
+            await asyncio.wait({step, calls.expired}, return_when=asyncio.FIRST_COMPLETED)
+            if not step.done():
+                raise Unavailable(SHUTTING_DOWN)
+            try:
+                message = step.result()
+            except StopAsyncIteration:
+                return
+            yield message
+    finally:
+        # Whether the drain expired or the caller left: stop the step under way first (a
+        # generator cannot be closed while it runs), then close the stream.
+        if step is not None and not step.done():
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)
+        await iterator.aclose()  # type: ignore[attr-defined]

@@ -21,9 +21,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from askmesh.runtime.config import ServiceSettings, TelemetrySettings
+from askmesh.runtime.lifecycle import CallTracker
 from askmesh.runtime.telemetry import setup_telemetry
 
 log = logging.getLogger("askmesh.server")
+
+# After the grace period, calls still open are told to end; this is how long they get to send
+# their final message before the server tears the connections down.
+DRAIN_MARGIN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,9 @@ class ServiceDefinition:
     # Loads the model or connection and makes one warm-up call; raises when it cannot.
     start: Callable[[], Awaitable[None]]
     close: Callable[[], Awaitable[None]]
+    # The servicer objects: the runner gives each its CallTracker (`servicer.calls`), which the
+    # unary_rpc / streaming_rpc wrappers count calls in and end them with at a drain's end.
+    servicers: Sequence[object] = ()
 
 
 class Engine(Protocol):
@@ -57,6 +65,7 @@ def define_service(
         add_to_server=lambda server: add_servicer(servicer, server),
         start=engine.start,
         close=engine.close,
+        servicers=[servicer],
     )
 
 
@@ -96,6 +105,9 @@ class ServiceRunner:
         self._health_names = ["", *definition.grpc_services]
         self.port = 0
         self.warm_up: asyncio.Future[None] | None = None
+        self.calls = CallTracker()
+        for servicer in definition.servicers:
+            servicer.calls = self.calls  # type: ignore[attr-defined]
 
     async def start(self) -> None:
         """Opens the port NOT_SERVING and begins the warm-up in the background."""
@@ -125,14 +137,22 @@ class ServiceRunner:
         log.info("[READY] %s (load took %.1f s)", self.definition.name, time.monotonic() - self.started_at)
 
     async def stop(self) -> None:
-        """NOT_SERVING at once, refuse new calls, let calls in flight finish within the grace period."""
+        """NOT_SERVING at once and new calls refused; calls in flight get the grace period to
+        finish; those still open then end with UNAVAILABLE ("server shutting down"), a stream
+        after its final error message, rather than being reset."""
         name = self.definition.name
         if self.warm_up is not None and not self.warm_up.done():
             self.warm_up.cancel()
         await self.health.enter_graceful_shutdown()
         drain_started = time.monotonic()
-        log.info("[DRAINING] %s: up to %.0f s for calls in flight", name, self.settings.grace_period_s)
-        await self.server.stop(self.settings.grace_period_s)
+        grace = self.settings.grace_period_s
+        # The server refuses new calls from now on; it would cancel (reset) what is left after
+        # its own grace, so that is set past ours: our expiry ends them properly first.
+        stopping = asyncio.ensure_future(self.server.stop(grace + DRAIN_MARGIN_S))
+        if not await self.calls.drain(grace, name):
+            log.warning("[DRAINING] %s: grace period over, ending %d calls with UNAVAILABLE", name, self.calls.total)
+            self.calls.expire()
+        await stopping
         log.info("[CLEANUP] %s (drained in %.1f s)", name, time.monotonic() - drain_started)
         await self.definition.close()
 

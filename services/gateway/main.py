@@ -13,13 +13,17 @@ GRPC_SERVICES = ["askmesh.v1.Gateway", "askmesh.v1.KnowledgeBases", "askmesh.v1.
 
 def build(settings: GatewaySettings) -> ServiceDefinition:
     engine = GatewayEngine(settings)
+    gateway, knowledge, ingestion = GatewayServicer(engine), KnowledgeBasesServicer(engine), IngestionServicer(engine)
 
     def add_to_server(server: object) -> None:
-        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(engine), server)
-        knowledge_pb2_grpc.add_KnowledgeBasesServicer_to_server(KnowledgeBasesServicer(engine), server)
-        ingestion_pb2_grpc.add_IngestionServicer_to_server(IngestionServicer(engine), server)
+        gateway_pb2_grpc.add_GatewayServicer_to_server(gateway, server)
+        knowledge_pb2_grpc.add_KnowledgeBasesServicer_to_server(knowledge, server)
+        ingestion_pb2_grpc.add_IngestionServicer_to_server(ingestion, server)
 
-    return ServiceDefinition("gateway", GRPC_SERVICES, add_to_server, start=engine.start, close=engine.close)
+    return ServiceDefinition(
+        "gateway", GRPC_SERVICES, add_to_server, start=engine.start, close=engine.close,
+        servicers=[gateway, knowledge, ingestion],
+    )
 
 
 def main() -> None:
