@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -47,6 +48,16 @@ class GenerationBackend(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+async def warm_up(backend: GenerationBackend, max_new_tokens: int = 1) -> None:
+    """One short generation: the model (or server) answers before the replica says SERVING."""
+    request = GenerationInput(
+        messages=[{"role": "user", "content": "Say OK."}], max_new_tokens=max_new_tokens, temperature=0.0, top_p=1.0
+    )
+    async with contextlib.aclosing(backend.generate(request)) as events:  # type: ignore[type-var]
+        async for _ in events:
+            pass
 
 
 def chatml_prompt(messages: list[dict[str, str]]) -> str:

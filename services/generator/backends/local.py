@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from askmesh.runtime.errors import InvalidArgument, Unavailable
 from askmesh.v1 import common_pb2
 from services.generator.backends.base import (
+    warm_up,
     BackendEvent,
     FinishEvent,
     GenerationInput,
@@ -73,11 +74,7 @@ class LlamaCppBackend:
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(self._executor, self._load)
-        warm_up = GenerationInput(
-            messages=[{"role": "user", "content": "Say OK."}], max_new_tokens=2, temperature=0.0, top_p=1.0
-        )
-        async for _ in self.generate(warm_up):
-            pass
+        await warm_up(self, max_new_tokens=2)
 
     async def close(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)

@@ -15,7 +15,7 @@ from openai.types.chat import ChatCompletionChunk
 
 from askmesh.runtime.errors import AskmeshError, InvalidArgument, ResourceExhausted, Unavailable
 from askmesh.v1 import common_pb2
-from services.generator.backends.base import BackendEvent, FinishEvent, GenerationInput, TokenEvent
+from services.generator.backends.base import BackendEvent, FinishEvent, GenerationInput, TokenEvent, warm_up
 from services.generator.config import GeneratorSettings
 
 
@@ -30,12 +30,7 @@ class OpenAICompatibleBackend:
         )
 
     async def start(self) -> None:
-        warm_up = GenerationInput(
-            messages=[{"role": "user", "content": "Say OK."}], max_new_tokens=1, temperature=0.0, top_p=1.0
-        )
-        async with contextlib.aclosing(self.generate(warm_up)) as events:
-            async for _ in events:
-                pass
+        await warm_up(self)
 
     async def close(self) -> None:
         await self._client.close()

@@ -32,6 +32,7 @@ from huggingface_hub.errors import ValidationError as TgiValidationError
 from askmesh.runtime.errors import AskmeshError, InvalidArgument, ResourceExhausted, Unavailable
 from askmesh.v1 import common_pb2
 from services.generator.backends.base import (
+    warm_up,
     CHATML_STOP,
     BackendEvent,
     FinishEvent,
@@ -75,12 +76,7 @@ class TgiBackend:
         )
 
     async def start(self) -> None:
-        warm_up = GenerationInput(
-            messages=[{"role": "user", "content": "Say OK."}], max_new_tokens=1, temperature=0.0, top_p=1.0
-        )
-        async with contextlib.aclosing(self.generate(warm_up)) as events:
-            async for _ in events:
-                pass
+        await warm_up(self)
 
     async def close(self) -> None:
         await self._http.aclose()
