@@ -143,6 +143,9 @@ class LocalMesh:
             "ASKMESH_OTEL_EXPORTER": self.telemetry,
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            # torch and llama.cpp both use OpenMP; threads that spin while they wait steal the
+            # few cores the other tiers need (seen here as 0.5 s stalls of single embeddings).
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         }
         if self.telemetry == "file":
             env["ASKMESH_OTEL_FILE"] = str(layout.data_dir / "spans" / f"{name}-{index}.jsonl")

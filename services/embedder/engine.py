@@ -156,6 +156,19 @@ class EmbeddingEngine:
         await loop.run_in_executor(self._executor, self._load)
         self._arrived = asyncio.Event()
         self._batcher = asyncio.create_task(self._run_batches(), name="embedder-batcher")
+        self._batcher.add_done_callback(self._batcher_ended)
+
+    def _batcher_ended(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug, never the model (a failed model call fails its batch only): say so, fail the
+        # queued calls rather than leave them waiting; embed() answers UNAVAILABLE from now on.
+        log.error("the embedder's batcher stopped", exc_info=task.exception())
+        for pending in self._queue:
+            if not pending.future.done():
+                pending.future.set_exception(Unavailable("embedder: batcher stopped"))
+        self._queue.clear()
+        self._queued_texts = 0
 
     async def close(self) -> None:
         batcher, self._batcher = self._batcher, None
@@ -195,6 +208,8 @@ class EmbeddingEngine:
         """Embeds already-validated texts (see servicer.validate_texts)."""
         if self._model is None or self._batcher is None:
             raise Unavailable("embedder: model is still loading")
+        if self._batcher.done():
+            raise Unavailable("embedder: batcher stopped")
         texts = list(texts)
         if self._queued_texts + len(texts) > self.settings.max_queue_texts:
             self._forget_cancelled()
@@ -306,6 +321,7 @@ class EmbeddingEngine:
         stats.tokens_encoded += sum(pending.tokens for pending in batch)
         stats.last_batch_texts.append(len(texts))
         stats.last_batch_requests.append(len(batch))
+        log.debug("batch: %d calls, %d texts in %.1f ms", len(batch), len(texts), inference_ms)
         offset = 0
         for pending in batch:
             end = offset + len(pending.texts)

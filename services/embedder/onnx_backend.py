@@ -96,7 +96,8 @@ def _export(model: SentenceTransformer, target: Path) -> None:
     if input_names[:2] != ["input_ids", "attention_mask"]:
         raise RuntimeError(f"embedder: backend=onnx cannot export a model whose inputs are {sorted(features)}")
     inputs = tuple(features[name].to("cpu") for name in input_names)
-    dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in [*input_names, "last_hidden_state"]}
+    batch, sequence = torch.export.Dim.DYNAMIC, torch.export.Dim.DYNAMIC
+    dynamic_shapes = {name: {0: batch, 1: sequence} for name in input_names}
     wrapped = _last_hidden_state(auto_model.to("cpu"))
     with torch.no_grad():
         torch.onnx.export(
@@ -105,7 +106,7 @@ def _export(model: SentenceTransformer, target: Path) -> None:
             str(target / MODEL_FILE),
             input_names=input_names,
             output_names=["last_hidden_state"],
-            dynamic_axes=dynamic_axes,
+            dynamic_shapes=dynamic_shapes,
             dynamo=True,
             external_data=True,
             verbose=False,
