@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test protos clean
+.PHONY: install run test bench protos clean
 
 install: $(STAMP)
 
@@ -25,6 +25,11 @@ run: install
 
 test: install
 	$(PY) -m pytest -ra
+
+# The benchmark suite on the real local mesh (about 10 minutes on 2 cores; `--quick` for a
+# smoke test); prints tables and writes benchmarks/results/<date>-suite.md.
+bench: install
+	$(PY) -m benchmarks.suite
 
 protos: install
 	$(PY) -m askmesh.codegen

@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,9 @@ DIMENSION = 384
 EMBEDDING_MODEL = "all-MiniLM-L6-v2"
 UPSERT_BATCH = 2048  # the retriever's max_upsert_chunks
 ASK_KB = "bench_ask"
+# Chunks of the Ask knowledge base, as in benchmarks/ingestion.py: four sources of 400 characters
+# make a prompt of about 450 tokens, which the bundled model reads in about a second here.
+ASK_CHUNK_SIZE = 400
 
 # 32 sentences of about 40 tokens each (all-MiniLM-L6-v2's WordPiece), all different.
 SENTENCES = [
@@ -97,13 +101,14 @@ def question(number: int) -> str:
 class Settings:
     repeats: int = 3
     embed_concurrency: tuple[int, ...] = (1, 8, 32)
-    embed_seconds: float = 3.0
+    embed_seconds: float = 2.0
     search_sizes: tuple[int, ...] = (10_000, 100_000)
-    searches: int = 200
+    searches: int = 100
+    search_seconds: float = 10.0  # a run also ends here, however few searches it made
     ask_concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    ask_seconds: float = 5.0
+    ask_seconds: float = 3.0
     max_new_tokens: int = 16
-    call_timeout_s: float = 60.0
+    call_timeout_s: float = 30.0
     error_backoff_s: float = 0.5
     sections: tuple[str, ...] = ("embedder", "retriever", "ask")
 
@@ -119,11 +124,13 @@ class Settings:
             f"- Embedder: windows of {self.embed_seconds} s; each Embed call carries one ~40-token sentence, so "
             "concurrency N offers the service N sentences at once. In-process: `model.encode` of batches of N of the "
             "same sentences for the same window, before the mesh starts.",
-            f"- Retriever: {self.searches} Search calls per run, one at a time, a random unit query vector each, "
+            f"- Retriever: {self.searches} Search calls per run (or fewer: a run stops starting new ones after "
+            f"{self.search_seconds:.0f} s), one at a time, measured right after loading (Milvus Lite may still be "
+            "compacting and indexing then), a random unit query vector each, "
             "top_k 4, no filters; the knowledge bases hold random unit vectors with short chunk texts, loaded with "
             f"Upsert calls of {UPSERT_BATCH} chunks (each flushed by the retriever).",
             f"- Ask: windows of {self.ask_seconds} s; questions about the sample documents (`samples/`, chunks of "
-            f"800 characters, top_k 4), each with its own ticket number so no prompt repeats; {self.max_new_tokens} "
+            f"{ASK_CHUNK_SIZE} characters, no overlap, top_k 4), each with its own ticket number so no prompt repeats; {self.max_new_tokens} "
             "new tokens, greedy. Time to first token is measured by the client, to the first token delta. The "
             "generator direct runs send `Generator/Generate` the same messages the gateway builds (system prompt "
             "with the sources retrieved for the question's topic, then the question) on the generator's port.",
@@ -366,7 +373,7 @@ async def retriever_section(settings: Settings, mesh: LocalMesh, say: Callable[[
     rng = np.random.default_rng(7)
     section = Section(
         "Retriever: Search latency",
-        ["chunks", "load time", "Search p50 ms", "Search p99 ms", "searches/s", "errors"],
+        ["chunks", "load time", "searches per run", "Search p50 ms", "Search p99 ms", "searches/s", "errors"],
         notes=[f"Retriever called directly on its port ({address}), Milvus Lite embedded in it, HNSW on cosine, "
                "top_k 4, one search at a time."],
     )
@@ -392,11 +399,15 @@ async def retriever_section(settings: Settings, mesh: LocalMesh, say: Callable[[
                 await drive(search, concurrency=1, max_calls=20)  # warm-up
                 runs = await repeated(
                     settings, f"{size} chunks", say,
-                    lambda attempt: drive(search, concurrency=1, max_calls=settings.searches, first_number=attempt * settings.searches),
+                    lambda attempt: drive(
+                        search, concurrency=1, max_calls=settings.searches, duration_s=settings.search_seconds,
+                        first_number=attempt * settings.searches,
+                    ),
                 )
             section.rows.append([
                 f"{info.chunk_count:,}",
                 f"{load_s:.0f} s ({size / load_s:.0f} chunks/s)",
+                f"{median_of(runs, lambda r: r.calls):.0f}",
                 ms(median_of(runs, lambda r: r.p(0.5))),
                 ms(median_of(runs, lambda r: r.p(0.99))),
                 rate(median_of(runs, lambda r: r.rate(items=False))),
@@ -466,7 +477,10 @@ async def ask_section(settings: Settings, mesh: LocalMesh, say: Callable[[str], 
     say(f"Ask: creating {ASK_KB} and adding samples/ ...")
     with client.connect(layout.front_address) as channel:
         knowledge_pb2_grpc.KnowledgeBasesStub(channel).CreateKnowledgeBase(
-            knowledge_pb2.CreateKnowledgeBaseRequest(name=ASK_KB), timeout=120
+            knowledge_pb2.CreateKnowledgeBaseRequest(
+                name=ASK_KB, chunking=common_pb2.ChunkingOptions(chunk_size=ASK_CHUNK_SIZE, chunk_overlap=0)
+            ),
+            timeout=120,
         )
         added = client.load_samples(channel, REPO / "samples", ASK_KB)
     say(f"    {len(added.documents)} documents added")
@@ -551,16 +565,17 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one run each, short windows, 10k chunks only (a smoke test)")
     parser.add_argument("--repeats", type=int, help="runs per measurement (default 3)")
-    parser.add_argument("--embed-seconds", type=float, help="window of each embedder run (default 3)")
-    parser.add_argument("--ask-seconds", type=float, help="window of each Ask/Generate run (default 5)")
-    parser.add_argument("--searches", type=int, help="Search calls per run (default 200)")
+    parser.add_argument("--embed-seconds", type=float, help="window of each embedder run (default 2)")
+    parser.add_argument("--ask-seconds", type=float, help="window of each Ask/Generate run (default 3)")
+    parser.add_argument("--searches", type=int, help="Search calls per run (default 100)")
+    parser.add_argument("--search-seconds", type=float, help="most seconds of each Search run (default 10)")
     parser.add_argument("--sizes", help="knowledge base sizes for Search, comma-separated (default 10000,100000)")
     parser.add_argument("--ask-concurrency", help="comma-separated (default 1,4,16,64)")
     parser.add_argument("--sections", help="comma-separated subset of embedder,retriever,ask (default all)")
     args = parser.parse_args(argv)
     settings = Settings()
     if args.quick:
-        settings = Settings(repeats=1, embed_seconds=1.5, search_sizes=(10_000,), searches=100, ask_seconds=3.0)
+        settings = Settings(repeats=1, embed_seconds=1.0, search_sizes=(10_000,), searches=50, ask_seconds=2.0)
     if args.repeats:
         settings.repeats = args.repeats
     if args.embed_seconds:
@@ -569,6 +584,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         settings.ask_seconds = args.ask_seconds
     if args.searches:
         settings.searches = args.searches
+    if args.search_seconds:
+        settings.search_seconds = args.search_seconds
     if args.sizes:
         settings.search_sizes = tuple(int(s) for s in args.sizes.split(","))
     if args.ask_concurrency:
@@ -610,11 +627,16 @@ async def run_suite(settings: Settings, console: Console) -> tuple[list[Section]
 
 def main(argv: Sequence[str] | None = None) -> None:
     settings, _ = parse_args(argv)
+    # SIGTERM (a timeout, a CI cancel) unwinds like Ctrl-C, so the mesh and the extra embedder stop.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     console = Console()
     command = " ".join(["python -m benchmarks.suite", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     started = time.perf_counter()
+    load_before = os.getloadavg()[0]
     sections, startup_s = asyncio.run(run_suite(settings, console))
     total_s = time.perf_counter() - started
+    load_after = os.getloadavg()[0]
+    console.rule("summary")
     for section in sections:
         console.print(section.table())
     lines = [
@@ -622,7 +644,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         "",
         f"Machine: {machine()}.",
         f"Command: `{command}` (`make bench` runs it with no options). Took {total_s / 60:.1f} min, the mesh "
-        f"starting in {startup_s:.0f} s.",
+        f"starting in {startup_s:.0f} s. 1-minute load average {load_before:.1f} before, {load_after:.1f} after "
+        "(anything above 0 before is other work sharing the cores).",
         "The real local mesh: four service processes (embedder, retriever, generator with the bundled "
         "SmolLM2-135M-Instruct on llama.cpp, gateway), Envoy, Milvus Lite; the driver runs on the same machine.",
         "",
