@@ -149,7 +149,9 @@ class EmbeddingEngine:
         """Tokens the model will see for `texts` (special tokens included, truncated)."""
         if self._count_tokenizer is None:
             return sum(min(self._max_seq_length, len(text) // 4 + 2) for text in texts)
-        return sum(len(encoding.ids) for encoding in self._count_tokenizer.encode_batch(list(texts)))
+        # encode, not encode_batch: the batch form fans out to a thread pool on every call, and
+        # those threads compete with the model's for the same cores.
+        return sum(len(self._count_tokenizer.encode(text).ids) for text in texts)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
