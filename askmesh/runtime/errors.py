@@ -9,6 +9,7 @@ from "cut off").
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -101,6 +102,11 @@ def unary_rpc(
     return wrapper
 
 
+# Messages smaller than this go uncompressed even on a gzip stream: gzip makes a one-token delta
+# bigger, and compressing and decompressing it per token costs every hop CPU for nothing.
+MIN_COMPRESSED_MESSAGE_BYTES = 256
+
+
 def streaming_rpc(
     error_message: Callable[[common_pb2.StreamError], Any],
 ) -> Callable[
@@ -123,14 +129,12 @@ def streaming_rpc(
             started = False
             calls: CallTracker | None = getattr(self, "calls", None)
             try:
-                if calls is None:
-                    async for message in method(self, request, context):
+                messages = method(self, request, context)
+                with calls.track(method.__name__) if calls is not None else contextlib.nullcontext():
+                    async for message in messages if calls is None else _until_expired(messages, calls):
                         started = True
-                        yield message
-                    return
-                with calls.track(method.__name__):
-                    async for message in _until_expired(method(self, request, context), calls):
-                        started = True
+                        if message.ByteSize() < MIN_COMPRESSED_MESSAGE_BYTES:
+                            context.disable_next_message_compression()
                         yield message
                 return
             except grpc.aio.AbortError:

@@ -50,7 +50,7 @@ class GatewayEngine:
         self.settings = settings
         self.upstreams = Upstreams(settings)
         settings.store_path.parent.mkdir(parents=True, exist_ok=True)
-        self.store = AsyncStore(SqliteStore(settings.store_path))
+        self.store = AsyncStore(SqliteStore(settings.store_path), hot=SqliteStore(settings.store_path))
         self.knowledge = KnowledgeEngine(settings, self.store, self.upstreams)
         self.questions = InFlight()
         self.cache = make_answer_cache(settings)

@@ -37,6 +37,7 @@ from services.gateway.store import (
     KnowledgeBaseRecord,
     NotFoundError,
     Store,
+    StoreError,
 )
 from services.gateway.upstreams import Deadline, Upstreams
 
@@ -45,10 +46,16 @@ PROBE_TEXT = "askmesh dimension probe"
 
 
 class AsyncStore:
-    """Runs the blocking store on one thread, off the event loop."""
+    """The blocking store for async code.
 
-    def __init__(self, store: Store) -> None:
+    Writes and larger reads run on one thread, off the event loop. The few tiny indexed reads
+    every question makes (`hot`: the knowledge base record, the visibility pins and epoch) run
+    inline on a connection of their own: a thread hop for each, queued behind ingestion's writes,
+    cost more than the read itself under concurrent questions."""
+
+    def __init__(self, store: Store, hot: Store | None = None) -> None:
         self.store = store
+        self.hot = hot or store
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-store")
 
     async def __call__(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -56,15 +63,30 @@ class AsyncStore:
             return await asyncio.get_running_loop().run_in_executor(
                 self._executor, functools.partial(method, *args, **kwargs)
             )
-        except AlreadyExists as error:
-            raise AskmeshError(str(error), code=grpc.StatusCode.ALREADY_EXISTS) from error
-        except NotFoundError as error:
-            raise NotFound(str(error)) from error
-        except Conflict as error:
-            raise FailedPrecondition(str(error)) from error
+        except StoreError as error:
+            raise _mapped(error) from error
+
+    def inline(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return method(*args, **kwargs)
+        except StoreError as error:
+            raise _mapped(error) from error
 
     def close(self) -> None:
         self._executor.shutdown(wait=True)
+        self.store.close()
+        if self.hot is not self.store:
+            self.hot.close()
+
+
+def _mapped(error: StoreError) -> AskmeshError:
+    if isinstance(error, AlreadyExists):
+        return AskmeshError(str(error), code=grpc.StatusCode.ALREADY_EXISTS)
+    if isinstance(error, NotFoundError):
+        return NotFound(str(error))
+    if isinstance(error, Conflict):
+        return FailedPrecondition(str(error))
+    return AskmeshError(str(error))
 
 
 def chunk_id_for(knowledge_base: str, document_id: str, version: int, index: int) -> str:
@@ -166,7 +188,7 @@ class KnowledgeEngine:
         return created
 
     async def require(self, name: str) -> KnowledgeBaseRecord:
-        record = await self.store(self.store.store.get_knowledge_base, name)
+        record = self.store.inline(self.store.hot.get_knowledge_base, name)
         if record is None:
             raise NotFound(f"knowledge_base: {name!r} does not exist")
         return record
@@ -361,11 +383,11 @@ class KnowledgeEngine:
         return deleted
 
     async def visibility(self, knowledge_base: str) -> tuple[int, list[retriever_pb2.DocumentVersionPin]]:
-        epoch, pins = await self.store(self.store.store.visibility, knowledge_base)
+        epoch, pins = self.store.inline(self.store.hot.visibility, knowledge_base)
         return epoch, [retriever_pb2.DocumentVersionPin(document_id=d, version=v) for d, v in pins]
 
     async def visibility_epoch(self, knowledge_base: str) -> int:
-        return await self.store(self.store.store.visibility_epoch, knowledge_base)
+        return self.store.inline(self.store.hot.visibility_epoch, knowledge_base)
 
 
 def document_info(record: DocumentRecord) -> knowledge_pb2.DocumentInfo:
