@@ -375,3 +375,24 @@ async def test_a_file_over_the_chunk_limit_fails_its_task(upstreams: InProcessTi
     finally:
         await channel.close()
         await runner.stop()
+
+
+async def test_a_cancelled_rebuild_leaves_nothing_the_next_rebuild_would_serve(api: Api) -> None:
+    await create_kb(api, "rerun", chunk_size=100, chunk_overlap=0)
+    for topic in ("anchor", "beacon", "compass", "dinghy"):
+        text = " ".join(f"The {topic} log entry {i} is kept." for i in range(60))
+        task = await api.upload("rerun", f"{topic}.txt", text.encode())
+        assert (await api.watch(task.id))[-1].state == ingestion_pb2.TASK_STATE_SUCCEEDED
+    first = await api.kb.RebuildKnowledgeBase(knowledge_pb2.RebuildKnowledgeBaseRequest(name="rerun"))
+    async for update in api.ingest.WatchTask(ingestion_pb2.WatchTaskRequest(id=first.id)):
+        if update.progress.documents_done >= 1:
+            break
+    await api.ingest.CancelTask(ingestion_pb2.CancelTaskRequest(id=first.id))
+    assert (await api.watch(first.id))[-1].state == ingestion_pb2.TASK_STATE_CANCELLED
+    # The generation it was building was already filled with "anchor": delete that document now.
+    await api.kb.DeleteDocument(knowledge_pb2.DeleteDocumentRequest(knowledge_base="rerun", id="anchor"))
+    second = await api.kb.RebuildKnowledgeBase(knowledge_pb2.RebuildKnowledgeBaseRequest(name="rerun"))
+    assert (await api.watch(second.id))[-1].state == ingestion_pb2.TASK_STATE_SUCCEEDED
+    described = await api.kb.GetKnowledgeBase(knowledge_pb2.GetKnowledgeBaseRequest(name="rerun"))
+    assert described.generation == 3  # generation 2 was the cancelled one's: not reused
+    assert "anchor" not in {c.document_id for c in await api.sources("rerun", "anchor log entry", top_k=10)}

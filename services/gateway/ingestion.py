@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
+import grpc
 from google.protobuf import json_format
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
@@ -396,7 +397,12 @@ class Ingestion:
         checkpoint = dict(task.checkpoint)
         generation = int(checkpoint.get("generation", 0))
         if not generation:
+            # A cancelled or failed rebuild may have left its collection behind: never build
+            # into it (it may hold chunks of documents deleted since). Leftovers are dropped by
+            # the next successful switch.
             generation = record.generation + 1
+            while await self._generation_exists(record.name, generation, deadline):
+                generation += 1
             model, dimension = await self.knowledge.probe_embedder(deadline)
             checkpoint.update(generation=generation, embedding_model=model, dimension=dimension, done=[])
             record = await self.store(self.store.store.update_knowledge_base, record.name, rebuilding_generation=generation)
@@ -453,6 +459,18 @@ class Ingestion:
         )
         await self._update(task, state=TASK_SUCCEEDED, stage="done")
         log.info("task %s rebuilt %s into generation %d", task.id, record.name, generation)
+
+    async def _generation_exists(self, knowledge_base: str, generation: int, deadline: Deadline) -> bool:
+        request = retriever_pb2.DescribeCollectionRequest(knowledge_base=knowledge_base, generation=generation)
+        try:
+            await self.knowledge.upstreams.call(
+                "retriever", self.knowledge.upstreams.retriever.DescribeCollection(request, timeout=deadline.unary_timeout())
+            )
+        except AskmeshError as error:
+            if error.code != grpc.StatusCode.NOT_FOUND:
+                raise
+            return False
+        return True
 
     async def watch(self, task_id: str) -> AsyncIterator[TaskRecord]:
         """The task now, then each change, until it ends (polled: the store may be shared)."""
