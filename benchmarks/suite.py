@@ -309,8 +309,8 @@ async def embedder_section(
         ["concurrency (in-process: batch)", "service, batching", "service, no batching", "in-process",
          "latency p50 / p99 ms, batching", "latency p50 / p99 ms, no batching", "errors (batching; no batching)"],
         notes=[
-            f"Services called directly on their own ports (not through Envoy): the mesh's embedder "
-            f"(`ASKMESH_EMBEDDER_BATCHING=true`) and a second embedder process with `ASKMESH_EMBEDDER_BATCHING=false`. "
+            "Services called directly on their own ports (not through Envoy): the mesh's embedder "
+            "(`ASKMESH_EMBEDDER_BATCHING=true`) and a second embedder process with `ASKMESH_EMBEDDER_BATCHING=false`. "
             "One sentence per Embed call.",
         ],
     )

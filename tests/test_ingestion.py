@@ -3,7 +3,6 @@ embedder, retriever (Milvus Lite) and generator behind it."""
 
 from __future__ import annotations
 
-import asyncio
 import io
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -396,3 +395,19 @@ async def test_a_cancelled_rebuild_leaves_nothing_the_next_rebuild_would_serve(a
     described = await api.kb.GetKnowledgeBase(knowledge_pb2.GetKnowledgeBaseRequest(name="rerun"))
     assert described.generation == 3  # generation 2 was the cancelled one's: not reused
     assert "anchor" not in {c.document_id for c in await api.sources("rerun", "anchor log entry", top_k=10)}
+
+
+async def test_add_documents_checks_chunking_against_the_knowledge_bases_own_size(api: Api) -> None:
+    await create_kb(api, "smallchunks", chunk_size=100, chunk_overlap=10)
+    request = gateway_pb2.AddDocumentsRequest(
+        knowledge_base="smallchunks",
+        documents=[gateway_pb2.Document(id="d", text="A sentence about small chunks.")],
+        chunking=common_pb2.ChunkingOptions(chunk_overlap=150),
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await api.gateway.AddDocuments(request)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert raised.value.details() == "chunking.chunk_overlap: 150 must be smaller than chunk_size 100"
+    request.chunking.chunk_overlap = 20
+    added = await api.gateway.AddDocuments(request)
+    assert added.chunk_count == 1 and added.embed_ms > 0 and added.upsert_ms > 0

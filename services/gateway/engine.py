@@ -21,7 +21,7 @@ from askmesh.v1 import common_pb2, embedder_pb2, gateway_pb2, generator_pb2, ret
 from askmesh.runtime.inflight import InFlight
 from services.gateway.cache import AnswerCache, MemoryAnswerCache, RedisAnswerCache, cache_key
 from services.gateway.config import GatewaySettings
-from services.gateway.knowledge import AsyncStore, DocumentWrite, KnowledgeEngine
+from services.gateway.knowledge import AsyncStore, DocumentWrite, KnowledgeEngine, resolve_chunking
 from services.gateway.parsing import Section
 from services.gateway.store import SqliteStore
 from services.gateway.ingestion import Ingestion
@@ -224,19 +224,27 @@ class GatewayEngine:
 
     # -- AddDocuments ------------------------------------------------------------------------
     async def add_documents(
-        self, request: gateway_pb2.AddDocumentsRequest, chunk_size: int | None, chunk_overlap: int | None, deadline: Deadline
+        self, request: gateway_pb2.AddDocumentsRequest, deadline: Deadline
     ) -> gateway_pb2.AddDocumentsResponse:
-        """Stores text documents inline; each replaces its earlier version atomically."""
+        """Stores text documents inline; each replaces its earlier version atomically. A missing
+        knowledge base is created (with the server's defaults) once the request is known good."""
         name = request.knowledge_base or self.settings.default_knowledge_base
         record = await self.store(self.store.store.get_knowledge_base, name)
+        if record is None:
+            chunk_size, chunk_overlap = resolve_chunking(
+                request.chunking,
+                default_size=self.settings.chunk_size,
+                default_overlap=self.settings.chunk_overlap,
+                max_size=self.settings.max_chunk_size,
+            )
+        else:
+            chunk_size, chunk_overlap = self.knowledge.chunking_for(record, request.chunking)
         if record is None:
             record = await self.knowledge.create(name, deadline)
         writes = []
         for index, document in enumerate(request.documents):
             metadata: dict[str, Any] = json_format.MessageToDict(document.metadata)
             self.knowledge.check_metadata(record, metadata, f"documents[{index}].metadata")
-            size = chunk_size or record.chunk_size
-            overlap = chunk_overlap if chunk_overlap is not None else min(record.chunk_overlap, size // 2)
             writes.append(
                 DocumentWrite(
                     knowledge_base=record,
@@ -244,18 +252,20 @@ class GatewayEngine:
                     title=document.title,
                     metadata=metadata,
                     sections=[Section(text=document.text)],
-                    chunk_size=size,
-                    chunk_overlap=overlap,
+                    chunk_size=chunk_size,
+                    chunk_overlap=chunk_overlap,
                 )
             )
-        began = time.perf_counter()
         results = []
+        embed_s = upsert_s = 0.0
         for write in writes:
-            stored = await self.knowledge.write_document(write, deadline)
+            stored, timings = await self.knowledge.write_document(write, deadline)
             results.append(gateway_pb2.DocumentResult(id=stored.id, chunk_count=stored.chunk_count))
+            embed_s += timings.embed_s
+            upsert_s += timings.upsert_s
         return gateway_pb2.AddDocumentsResponse(
             documents=results,
             chunk_count=sum(r.chunk_count for r in results),
-            embed_ms=0.0,
-            upsert_ms=(time.perf_counter() - began) * 1000,
+            embed_ms=embed_s * 1000,
+            upsert_ms=upsert_s * 1000,
         )

@@ -44,7 +44,6 @@ from services.gateway.store import (
     TASK_RUNNING,
     TASK_SUCCEEDED,
     TERMINAL_STATES,
-    Conflict,
     TaskRecord,
 )
 from services.gateway.upstreams import Deadline
@@ -144,12 +143,7 @@ class Ingestion:
         document_id = header.document_id or document_id_from_file(label)
         metadata = dict(_struct_dict(header.metadata))
         self.knowledge.check_metadata(record, metadata, "header.metadata")
-        chunk_size = header.chunking.chunk_size or record.chunk_size
-        chunk_overlap = header.chunking.chunk_overlap if header.chunking.HasField("chunk_overlap") else min(record.chunk_overlap, chunk_size // 2)
-        if not 50 <= chunk_size <= self.settings.max_chunk_size:
-            raise InvalidArgument("header.chunking.chunk_size", f"{chunk_size} is out of range 50..{self.settings.max_chunk_size}")
-        if chunk_overlap >= chunk_size:
-            raise InvalidArgument("header.chunking.chunk_overlap", f"{chunk_overlap} must be smaller than chunk_size {chunk_size}")
+        chunk_size, chunk_overlap = self.knowledge.chunking_for(record, header.chunking, "header.chunking")
         task_id = uuid.uuid4().hex
         path = self.spool_path(task_id)
         size = 0
@@ -187,12 +181,7 @@ class Ingestion:
 
     async def queue_rebuild(self, name: str, chunking: common_pb2.ChunkingOptions) -> TaskRecord:
         record = await self.knowledge.require(name)
-        chunk_size = chunking.chunk_size or record.chunk_size
-        overlap = chunking.chunk_overlap if chunking.HasField("chunk_overlap") else min(record.chunk_overlap, chunk_size // 2)
-        if not 50 <= chunk_size <= self.settings.max_chunk_size:
-            raise InvalidArgument("chunking.chunk_size", f"{chunk_size} is out of range 50..{self.settings.max_chunk_size}")
-        if overlap >= chunk_size:
-            raise InvalidArgument("chunking.chunk_overlap", f"{overlap} must be smaller than chunk_size {chunk_size}")
+        chunk_size, overlap = self.knowledge.chunking_for(record, chunking)
         task = TaskRecord(
             id=uuid.uuid4().hex,
             kind=KIND_REBUILD,

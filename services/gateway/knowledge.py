@@ -89,6 +89,36 @@ def _mapped(error: StoreError) -> AskmeshError:
     return AskmeshError(str(error))
 
 
+MIN_CHUNK_SIZE = 50
+
+
+def resolve_chunking(
+    options: common_pb2.ChunkingOptions,
+    *,
+    default_size: int,
+    default_overlap: int,
+    max_size: int,
+    field: str = "chunking",
+) -> tuple[int, int]:
+    """The chunk size and overlap a write uses: the request's where set, else the defaults (the
+    knowledge base's; its overlap capped at half the size), checked together."""
+    size = options.chunk_size or default_size
+    if not MIN_CHUNK_SIZE <= size <= max_size:
+        raise InvalidArgument(f"{field}.chunk_size", f"{size} is out of range {MIN_CHUNK_SIZE}..{max_size}")
+    overlap = options.chunk_overlap if options.HasField("chunk_overlap") else min(default_overlap, size // 2)
+    if overlap >= size:
+        raise InvalidArgument(f"{field}.chunk_overlap", f"{overlap} must be smaller than chunk_size {size}")
+    return size, overlap
+
+
+@dataclass
+class StoreTimings:
+    """Where a write's time went: waiting on the embedder, and on the retriever."""
+
+    embed_s: float = 0.0
+    upsert_s: float = 0.0
+
+
 def chunk_id_for(knowledge_base: str, document_id: str, version: int, index: int) -> str:
     """Deterministic: writing the same version again (a resumed task) overwrites, never duplicates."""
     return hashlib.sha256(f"{knowledge_base}\0{document_id}\0{version}\0{index}".encode()).hexdigest()[:40]
@@ -156,16 +186,21 @@ class KnowledgeEngine:
         *,
         description: str = "",
         schema: Sequence[common_pb2.MetadataField] = (),
-        chunk_size: int | None = None,
-        chunk_overlap: int | None = None,
+        chunking: common_pb2.ChunkingOptions | None = None,
     ) -> KnowledgeBaseRecord:
+        chunk_size, chunk_overlap = resolve_chunking(
+            chunking or common_pb2.ChunkingOptions(),
+            default_size=self.settings.chunk_size,
+            default_overlap=self.settings.chunk_overlap,
+            max_size=self.settings.max_chunk_size,
+        )
         model, dimension = await self.probe_embedder(deadline)
         record = KnowledgeBaseRecord(
             name=name,
             description=description,
             metadata_schema=[(f.name, int(f.type)) for f in schema],
-            chunk_size=chunk_size or self.settings.chunk_size,
-            chunk_overlap=self.settings.chunk_overlap if chunk_overlap is None else chunk_overlap,
+            chunk_size=chunk_size,
+            chunk_overlap=chunk_overlap,
             embedding_model=model,
             dimension=dimension,
             generation=1,
@@ -226,6 +261,17 @@ class KnowledgeEngine:
         )
         return deleted
 
+    def chunking_for(
+        self, record: KnowledgeBaseRecord, options: common_pb2.ChunkingOptions, field: str = "chunking"
+    ) -> tuple[int, int]:
+        return resolve_chunking(
+            options,
+            default_size=record.chunk_size,
+            default_overlap=record.chunk_overlap,
+            max_size=self.settings.max_chunk_size,
+            field=field,
+        )
+
     def check_metadata(self, record: KnowledgeBaseRecord, metadata: dict[str, Any], where: str) -> None:
         for name, declared in record.metadata_schema:
             typed_value(metadata.get(name), declared, f"{where}.{name}")
@@ -265,16 +311,18 @@ class KnowledgeEngine:
         generation: int | None = None,
         start_batch: int = 0,
         after_batch: Callable[[int, int], Awaitable[None]] | None = None,
-    ) -> None:
+    ) -> StoreTimings:
         """Embeds and upserts chunks batch by batch; `after_batch(batches_done, chunks_stored)`
         is the checkpoint a task records (and where it notices a cancel)."""
         batch_size = self.settings.ingest_batch_size
+        timings = StoreTimings()
         for batch_index, start in enumerate(range(0, len(chunks), batch_size)):
             if batch_index < start_batch:
                 continue
             batch = chunks[start : start + batch_size]
             vectors: list[embedder_pb2.Embedding] = []
             model = ""
+            embed_started = time.perf_counter()
             for offset in range(0, len(batch), self.settings.embed_batch_size):
                 reply = await self.upstreams.call(
                     "embedder",
@@ -292,9 +340,13 @@ class KnowledgeEngine:
             )
             if generation is not None:
                 upsert.generation = generation
+            upsert_started = time.perf_counter()
             await self.upstreams.call("retriever", self.upstreams.retriever.Upsert(upsert, timeout=deadline.unary_timeout()))
+            timings.embed_s += upsert_started - embed_started
+            timings.upsert_s += time.perf_counter() - upsert_started
             if after_batch is not None:
                 await after_batch(batch_index + 1, start + len(batch))
+        return timings
 
     async def remove_versions(
         self, knowledge_base: str, document_id: str, keep_version: int, deadline: Deadline, generation: int | None = None
@@ -357,7 +409,7 @@ class KnowledgeEngine:
         await self.store(self.store.store.abort_document_version, name, write.document_id, version)
         await self.store(self.store.store.delete_sources, name, write.document_id, except_version=visible or None)
 
-    async def write_document(self, write: DocumentWrite, deadline: Deadline) -> DocumentRecord:
+    async def write_document(self, write: DocumentWrite, deadline: Deadline) -> tuple[DocumentRecord, StoreTimings]:
         """The whole write of one document, inline (AddDocuments)."""
         version = await self.begin_version(write)
         try:
@@ -367,11 +419,11 @@ class KnowledgeEngine:
                     "documents", f"{write.document_id!r} makes {len(chunks)} chunks; the limit is {self.settings.max_chunks_per_task}"
                 )
             await self.store(self.store.store.save_source, write.knowledge_base.name, write.document_id, version, sections_to_json(write.sections))
-            await self.store_chunks(write.knowledge_base, chunks, deadline)
+            timings = await self.store_chunks(write.knowledge_base, chunks, deadline)
         except BaseException:
             await asyncio.shield(self.abandon_version(write, version, deadline))
             raise
-        return await self.finish_version(write, version, len(chunks), deadline)
+        return await self.finish_version(write, version, len(chunks), deadline), timings
 
     async def delete_document(self, knowledge_base: str, document_id: str, deadline: Deadline) -> int:
         record = await self.require(knowledge_base)

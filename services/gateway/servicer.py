@@ -48,23 +48,8 @@ def validate_ask(request: gateway_pb2.AskRequest, settings: GatewaySettings) -> 
     # messages name the same fields (filters[i]..., parameters....).
 
 
-def validate_chunking(
-    chunking: common_pb2.ChunkingOptions, settings: GatewaySettings, field: str = "chunking"
-) -> tuple[int | None, int | None]:
-    """The requested (chunk size, overlap); None where the knowledge base's default applies."""
-    size = chunking.chunk_size or None
-    if size is not None and not 50 <= size <= settings.max_chunk_size:
-        raise InvalidArgument(f"{field}.chunk_size", f"{size} is out of range 50..{settings.max_chunk_size}")
-    overlap = chunking.chunk_overlap if chunking.HasField("chunk_overlap") else None
-    if overlap is not None and overlap >= (size or settings.chunk_size):
-        raise InvalidArgument(f"{field}.chunk_overlap", f"{overlap} must be smaller than chunk_size {size or settings.chunk_size}")
-    return size, overlap
-
-
-def validate_add_documents(
-    request: gateway_pb2.AddDocumentsRequest, settings: GatewaySettings
-) -> tuple[int | None, int | None]:
-    """Checks the request; returns the (chunk size, overlap) asked for."""
+def validate_add_documents(request: gateway_pb2.AddDocumentsRequest, settings: GatewaySettings) -> None:
+    """Checks the documents (chunking is checked against the knowledge base's defaults later)."""
     if request.knowledge_base:
         check_knowledge_base_name(request.knowledge_base)
     check_count("documents", len(request.documents), settings.max_documents, minimum=1)
@@ -78,7 +63,6 @@ def validate_add_documents(
         if document.id and document.id in seen:
             raise InvalidArgument(f"{where}.id", f"{document.id!r} appears twice in one request")
         seen.add(document.id)
-    return validate_chunking(request.chunking, settings)
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -101,8 +85,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def AddDocuments(
         self, request: gateway_pb2.AddDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.AddDocumentsResponse:
-        size, overlap = validate_add_documents(request, self.settings)
-        return await self.engine.add_documents(request, size, overlap, self._deadline(context))
+        validate_add_documents(request, self.settings)
+        return await self.engine.add_documents(request, self._deadline(context))
 
 
 PAGE_SIZE_DEFAULT = 100
@@ -136,10 +120,9 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         check_knowledge_base_name(request.name, "name")
         check_text("description", request.description, 2000, required=False)
         check_schema(request.metadata_schema)
-        size, overlap = validate_chunking(request.chunking, self.settings)
         record = await self.knowledge.create(
             request.name, self._deadline(context), description=request.description,
-            schema=request.metadata_schema, chunk_size=size, chunk_overlap=overlap,
+            schema=request.metadata_schema, chunking=request.chunking,
         )
         return await self.knowledge.describe(record)
 
@@ -172,7 +155,6 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         self, request: knowledge_pb2.RebuildKnowledgeBaseRequest, context: grpc.aio.ServicerContext
     ) -> ingestion_pb2.Task:
         check_knowledge_base_name(request.name, "name")
-        validate_chunking(request.chunking, self.settings)
         return task_message(await self.engine.ingestion.queue_rebuild(request.name, request.chunking))
 
     @unary_rpc

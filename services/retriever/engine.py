@@ -244,7 +244,7 @@ class RetrievalEngine:
         top_k = request.top_k or self.settings.default_top_k
         vector = list(request.vector)
 
-        def search() -> tuple[CollectionState, list[Any]]:
+        def search() -> list[Any]:
             state = self._resolve(request.knowledge_base)
             if len(vector) != state.dimension:
                 raise InvalidArgument(
@@ -268,10 +268,10 @@ class RetrievalEngine:
                 output_fields=OUTPUT_FIELDS,
                 search_params={"metric_type": "COSINE", "params": {"ef": max(self.settings.hnsw_ef_search, top_k)}},
             )
-            return state, list(hits[0])
+            return list(hits[0])
 
         started = time.perf_counter()
-        _, hits = await self._run(search)
+        hits = await self._run(search)
         search_ms = (time.perf_counter() - started) * 1000
         results = [
             retriever_pb2.ScoredChunk(chunk=_chunk_from_row(hit["entity"]), score=float(hit["distance"]))
