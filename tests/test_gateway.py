@@ -142,8 +142,12 @@ BAD_ASKS = [
 async def test_bad_questions_answer_the_right_status(
     gateway: gateway_pb2_grpc.GatewayStub, fields: dict[str, object], code: grpc.StatusCode, message: str
 ) -> None:
+    fields.setdefault("parameters", SHORT)
+    received: list[gateway_pb2.AskResponse] = []
     with pytest.raises(grpc.aio.AioRpcError) as raised:
-        await ask(gateway, **fields)
+        async for response in gateway.Ask(gateway_pb2.AskRequest(**fields)):  # type: ignore[arg-type]
+            received.append(response)
+    assert received == []  # refused before any work: not after the sources went out
     assert raised.value.code() == code
     assert raised.value.details().startswith(message), raised.value.details()
 

@@ -78,3 +78,32 @@ def check_schema(schema: Sequence[common_pb2.MetadataField], where: str = "metad
             raise InvalidArgument(f"{where}[{index}].name", f"{item.name!r} is declared twice")
         declared[item.name] = item.type
     return declared
+
+
+MAX_TEMPERATURE = 2.0
+MAX_STOP_CHARS = 64
+
+
+def check_generation_parameters(
+    parameters: common_pb2.GenerationParameters,
+    *,
+    max_new_tokens: int | None = None,
+    max_stop_sequences: int | None = None,
+    field: str = "parameters",
+) -> None:
+    """Sampling parameters in range. The limits that are one generator's configuration
+    (`max_new_tokens`, `max_stop_sequences`) are checked only where given."""
+    if parameters.HasField("max_new_tokens"):
+        if max_new_tokens is not None and not 1 <= parameters.max_new_tokens <= max_new_tokens:
+            raise InvalidArgument(f"{field}.max_new_tokens", f"{parameters.max_new_tokens} is out of range 1..{max_new_tokens}")
+        if parameters.max_new_tokens < 1:
+            raise InvalidArgument(f"{field}.max_new_tokens", f"{parameters.max_new_tokens} must be at least 1")
+    if parameters.HasField("temperature") and not 0.0 <= parameters.temperature <= MAX_TEMPERATURE:
+        raise InvalidArgument(f"{field}.temperature", f"{parameters.temperature:g} is out of range 0..{MAX_TEMPERATURE:g}")
+    if parameters.HasField("top_p") and not 0.0 < parameters.top_p <= 1.0:
+        raise InvalidArgument(f"{field}.top_p", f"{parameters.top_p:g} is out of range (0, 1]")
+    if max_stop_sequences is not None and len(parameters.stop) > max_stop_sequences:
+        raise InvalidArgument(f"{field}.stop", f"{len(parameters.stop)} stop sequences exceed the limit of {max_stop_sequences}")
+    for index, stop in enumerate(parameters.stop):
+        if not stop or len(stop) > MAX_STOP_CHARS:
+            raise InvalidArgument(f"{field}.stop[{index}]", f"must be 1 to {MAX_STOP_CHARS} characters")

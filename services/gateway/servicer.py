@@ -7,7 +7,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from askmesh.runtime.errors import InvalidArgument, NotFound, streaming_rpc, unary_rpc
-from askmesh.runtime.validation import check_count, check_knowledge_base_name, check_schema, check_text
+from askmesh.runtime.validation import (
+    check_count,
+    check_generation_parameters,
+    check_knowledge_base_name,
+    check_schema,
+    check_text,
+)
 from askmesh.v1 import (
     common_pb2,
     gateway_pb2,
@@ -44,8 +50,10 @@ def validate_ask(request: gateway_pb2.AskRequest, settings: GatewaySettings) -> 
         total += len(message.content)
     if total > settings.max_history_chars:
         raise InvalidArgument("history", f"{total} characters in all exceed the limit of {settings.max_history_chars}")
-    # Filters and generation parameters are checked by the retriever and the generator, whose
-    # messages name the same fields (filters[i]..., parameters....).
+    # Checked here, before any work or any message: the ranges every generator shares. The
+    # limits of one generator's configuration, and the filters, are checked by the generator and
+    # the retriever, whose messages name the same fields (parameters...., filters[i]...).
+    check_generation_parameters(request.parameters)
 
 
 def validate_add_documents(request: gateway_pb2.AddDocumentsRequest, settings: GatewaySettings) -> None:

@@ -7,13 +7,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from askmesh.runtime.errors import InvalidArgument, streaming_rpc
-from askmesh.runtime.validation import check_count
+from askmesh.runtime.validation import check_count, check_generation_parameters
 from askmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.generator.config import GeneratorSettings
 from services.generator.engine import GenerationEngine
 
-MAX_STOP_CHARS = 64
-MAX_TEMPERATURE = 2.0
 
 
 def validate_messages(messages: list[common_pb2.ChatMessage], settings: GeneratorSettings) -> None:
@@ -32,21 +30,12 @@ def validate_messages(messages: list[common_pb2.ChatMessage], settings: Generato
 def validate_parameters(
     parameters: common_pb2.GenerationParameters, settings: GeneratorSettings, field: str = "parameters"
 ) -> None:
-    if parameters.HasField("max_new_tokens") and not 1 <= parameters.max_new_tokens <= settings.max_new_tokens_limit:
-        raise InvalidArgument(
-            f"{field}.max_new_tokens", f"{parameters.max_new_tokens} is out of range 1..{settings.max_new_tokens_limit}"
-        )
-    if parameters.HasField("temperature") and not 0.0 <= parameters.temperature <= MAX_TEMPERATURE:
-        raise InvalidArgument(f"{field}.temperature", f"{parameters.temperature:g} is out of range 0..{MAX_TEMPERATURE:g}")
-    if parameters.HasField("top_p") and not 0.0 < parameters.top_p <= 1.0:
-        raise InvalidArgument(f"{field}.top_p", f"{parameters.top_p:g} is out of range (0, 1]")
-    if len(parameters.stop) > settings.max_stop_sequences:
-        raise InvalidArgument(
-            f"{field}.stop", f"{len(parameters.stop)} stop sequences exceed the limit of {settings.max_stop_sequences}"
-        )
-    for index, stop in enumerate(parameters.stop):
-        if not stop or len(stop) > MAX_STOP_CHARS:
-            raise InvalidArgument(f"{field}.stop[{index}]", f"must be 1 to {MAX_STOP_CHARS} characters")
+    check_generation_parameters(
+        parameters,
+        max_new_tokens=settings.max_new_tokens_limit,
+        max_stop_sequences=settings.max_stop_sequences,
+        field=field,
+    )
 
 
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
