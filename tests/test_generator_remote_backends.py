@@ -251,7 +251,7 @@ async def test_tgi_start_runs_a_one_token_warm_up(tgi: FakeTgiServer, tgi_backen
 
     [request] = tgi.requests
     assert request.body is not None and request.body["parameters"]["max_new_tokens"] == 1
-    assert tgi.tokens_sent == 1
+    assert tgi.stream_finished.wait(5) and tgi.tokens_sent == 1
 
 
 async def test_tgi_closing_early_hangs_up_on_the_server(tgi: FakeTgiServer, tgi_backend: TgiBackend) -> None:
@@ -425,7 +425,7 @@ async def test_openai_start_runs_a_one_token_warm_up(
 
     [request] = vllm.requests
     assert request.body is not None and request.body["max_tokens"] == 1
-    assert vllm.tokens_sent == 1
+    assert vllm.stream_finished.wait(5) and vllm.tokens_sent == 1
 
 
 async def test_openai_closing_early_hangs_up_on_the_server(

@@ -77,6 +77,7 @@ class FakeHandler(BaseHTTPRequestHandler, Generic[S]):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         self.fake.tokens_sent = 0
+        self.fake.stream_finished.clear()
         try:
             for data, is_token in events:
                 self._write_chunk(data)
@@ -86,6 +87,9 @@ class FakeHandler(BaseHTTPRequestHandler, Generic[S]):
         except (BrokenPipeError, ConnectionResetError):
             self.fake.disconnected.set()
             self.close_connection = True
+        finally:
+            # The client may have read the last event before this thread counted it.
+            self.fake.stream_finished.set()
 
     def _write_chunk(self, data: bytes) -> None:
         self.wfile.write(f"{len(data):x}\r\n".encode() + data + b"\r\n")
@@ -111,6 +115,7 @@ class FakeServer(Generic[S]):
         self.requests: list[RecordedRequest] = []
         self.disconnected = threading.Event()
         self.tokens_sent = 0  # token events written by the last stream
+        self.stream_finished = threading.Event()  # the last stream's handler is done writing
         self._server = _LoopbackServer(self, handler)
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name=name, daemon=True)
 
