@@ -1,4 +1,7 @@
+import datetime
+
 from google.protobuf import struct_pb2 as _struct_pb2
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -163,3 +166,41 @@ class Chunk(_message.Message):
     metadata: _struct_pb2.Struct
     document_version: int
     def __init__(self, id: _Optional[str] = ..., document_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., document_version: _Optional[int] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "path", "backend", "dimension", "load_seconds", "loaded_at", "swaps", "replaced", "retiring_calls")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    DIMENSION_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    SWAPS_FIELD_NUMBER: _ClassVar[int]
+    REPLACED_FIELD_NUMBER: _ClassVar[int]
+    RETIRING_CALLS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    path: str
+    backend: str
+    dimension: int
+    load_seconds: float
+    loaded_at: _timestamp_pb2.Timestamp
+    swaps: int
+    replaced: str
+    retiring_calls: int
+    def __init__(self, name: _Optional[str] = ..., path: _Optional[str] = ..., backend: _Optional[str] = ..., dimension: _Optional[int] = ..., load_seconds: _Optional[float] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., swaps: _Optional[int] = ..., replaced: _Optional[str] = ..., retiring_calls: _Optional[int] = ...) -> None: ...
+
+class GetModelRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class SwapModelRequest(_message.Message):
+    __slots__ = ("model_path", "model_name", "backend", "allow_dimension_change")
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_DIMENSION_CHANGE_FIELD_NUMBER: _ClassVar[int]
+    model_path: str
+    model_name: str
+    backend: str
+    allow_dimension_change: bool
+    def __init__(self, model_path: _Optional[str] = ..., model_name: _Optional[str] = ..., backend: _Optional[str] = ..., allow_dimension_change: _Optional[bool] = ...) -> None: ...

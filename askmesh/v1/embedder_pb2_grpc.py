@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from askmesh.v1 import common_pb2 as askmesh_dot_v1_dot_common__pb2
 from askmesh.v1 import embedder_pb2 as askmesh_dot_v1_dot_embedder__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -39,6 +40,16 @@ class EmbedderStub:
                 request_serializer=askmesh_dot_v1_dot_embedder__pb2.EmbedRequest.SerializeToString,
                 response_deserializer=askmesh_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
                 _registered_method=True)
+        self.GetModel = channel.unary_unary(
+                '/askmesh.v1.Embedder/GetModel',
+                request_serializer=askmesh_dot_v1_dot_common__pb2.GetModelRequest.SerializeToString,
+                response_deserializer=askmesh_dot_v1_dot_common__pb2.ModelInfo.FromString,
+                _registered_method=True)
+        self.SwapModel = channel.unary_unary(
+                '/askmesh.v1.Embedder/SwapModel',
+                request_serializer=askmesh_dot_v1_dot_common__pb2.SwapModelRequest.SerializeToString,
+                response_deserializer=askmesh_dot_v1_dot_common__pb2.ModelInfo.FromString,
+                _registered_method=True)
 
 
 class EmbedderServicer:
@@ -51,6 +62,23 @@ class EmbedderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModel(self, request, context):
+        """Admin: the model this replica serves.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwapModel(self, request, context):
+        """Admin: switches this replica to another model without a restart (see SwapModelRequest).
+        INVALID_ARGUMENT: model_path is empty or does not exist. FAILED_PRECONDITION: the model
+        failed to load (the old one keeps serving), it makes vectors of another length and
+        allow_dimension_change is not set, or another swap is in progress.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_EmbedderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +86,16 @@ def add_EmbedderServicer_to_server(servicer, server):
                     servicer.Embed,
                     request_deserializer=askmesh_dot_v1_dot_embedder__pb2.EmbedRequest.FromString,
                     response_serializer=askmesh_dot_v1_dot_embedder__pb2.EmbedResponse.SerializeToString,
+            ),
+            'GetModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModel,
+                    request_deserializer=askmesh_dot_v1_dot_common__pb2.GetModelRequest.FromString,
+                    response_serializer=askmesh_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
+            ),
+            'SwapModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwapModel,
+                    request_deserializer=askmesh_dot_v1_dot_common__pb2.SwapModelRequest.FromString,
+                    response_serializer=askmesh_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +125,60 @@ class Embedder:
             '/askmesh.v1.Embedder/Embed',
             askmesh_dot_v1_dot_embedder__pb2.EmbedRequest.SerializeToString,
             askmesh_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/askmesh.v1.Embedder/GetModel',
+            askmesh_dot_v1_dot_common__pb2.GetModelRequest.SerializeToString,
+            askmesh_dot_v1_dot_common__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwapModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/askmesh.v1.Embedder/SwapModel',
+            askmesh_dot_v1_dot_common__pb2.SwapModelRequest.SerializeToString,
+            askmesh_dot_v1_dot_common__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

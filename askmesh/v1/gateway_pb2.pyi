@@ -69,18 +69,20 @@ class AskTimings(_message.Message):
     def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., gateway_overhead_ms: _Optional[float] = ...) -> None: ...
 
 class AskDone(_message.Message):
-    __slots__ = ("finish_reason", "usage", "timings", "model", "cached")
+    __slots__ = ("finish_reason", "usage", "timings", "model", "cached", "embedding_model")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
     finish_reason: _common_pb2.FinishReason
     usage: _common_pb2.Usage
     timings: AskTimings
     model: str
     cached: bool
-    def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[AskTimings, _Mapping]] = ..., model: _Optional[str] = ..., cached: _Optional[bool] = ...) -> None: ...
+    embedding_model: str
+    def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[AskTimings, _Mapping]] = ..., model: _Optional[str] = ..., cached: _Optional[bool] = ..., embedding_model: _Optional[str] = ...) -> None: ...
 
 class AskResponse(_message.Message):
     __slots__ = ("sources", "delta", "done", "error")

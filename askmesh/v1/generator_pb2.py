@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from askmesh.v1 import common_pb2 as askmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/generator.proto\x12\naskmesh.v1\x1a\x17\x61skmesh/v1/common.proto\"r\n\x0fGenerateRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.askmesh.v1.ChatMessage\x12\x34\n\nparameters\x18\x02 \x01(\x0b\x32 .askmesh.v1.GenerationParameters\"p\n\x0fGenerateTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\"\x9e\x01\n\x0cGenerateDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.askmesh.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.askmesh.v1.Usage\x12,\n\x07timings\x18\x03 \x01(\x0b\x32\x1b.askmesh.v1.GenerateTimings\x12\r\n\x05model\x18\x04 \x01(\t\"\x98\x01\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.askmesh.v1.TokenDeltaH\x00\x12(\n\x04\x64one\x18\x02 \x01(\x0b\x32\x18.askmesh.v1.GenerateDoneH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.askmesh.v1.StreamErrorH\x00\x42\x07\n\x05\x65vent2T\n\tGenerator\x12G\n\x08Generate\x12\x1b.askmesh.v1.GenerateRequest\x1a\x1c.askmesh.v1.GenerateResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/generator.proto\x12\naskmesh.v1\x1a\x17\x61skmesh/v1/common.proto\"r\n\x0fGenerateRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.askmesh.v1.ChatMessage\x12\x34\n\nparameters\x18\x02 \x01(\x0b\x32 .askmesh.v1.GenerationParameters\"p\n\x0fGenerateTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\"\x9e\x01\n\x0cGenerateDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.askmesh.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.askmesh.v1.Usage\x12,\n\x07timings\x18\x03 \x01(\x0b\x32\x1b.askmesh.v1.GenerateTimings\x12\r\n\x05model\x18\x04 \x01(\t\"\x98\x01\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.askmesh.v1.TokenDeltaH\x00\x12(\n\x04\x64one\x18\x02 \x01(\x0b\x32\x18.askmesh.v1.GenerateDoneH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.askmesh.v1.StreamErrorH\x00\x42\x07\n\x05\x65vent2\xd6\x01\n\tGenerator\x12G\n\x08Generate\x12\x1b.askmesh.v1.GenerateRequest\x1a\x1c.askmesh.v1.GenerateResponse0\x01\x12>\n\x08GetModel\x12\x1b.askmesh.v1.GetModelRequest\x1a\x15.askmesh.v1.ModelInfo\x12@\n\tSwapModel\x12\x1c.askmesh.v1.SwapModelRequest\x1a\x15.askmesh.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,6 +40,6 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GENERATEDONE']._serialized_end=456
   _globals['_GENERATERESPONSE']._serialized_start=459
   _globals['_GENERATERESPONSE']._serialized_end=611
-  _globals['_GENERATOR']._serialized_start=613
-  _globals['_GENERATOR']._serialized_end=697
+  _globals['_GENERATOR']._serialized_start=614
+  _globals['_GENERATOR']._serialized_end=828
 # @@protoc_insertion_point(module_scope)
