@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
@@ -91,11 +91,19 @@ class ServiceSettings(AskmeshSettings):
     log_level: str = "INFO"
     # Largest request or response message, in bytes.
     max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Prometheus metrics on http://<host>:<metrics_port>/metrics; 0 serves none.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
 
     @field_validator("log_level")
     @classmethod
     def _upper(cls, value: str) -> str:
         return value.upper()
+
+    @model_validator(mode="after")
+    def _metrics_port_free(self) -> ServiceSettings:
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ValueError(f"metrics_port: {self.metrics_port} is the gRPC port too; give metrics their own")
+        return self
 
     @property
     def listen_address(self) -> str:

@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from askmesh.runtime import metrics
 from askmesh.runtime.config import ServiceSettings, TelemetrySettings
 from askmesh.runtime.lifecycle import CallTracker
 from askmesh.runtime.telemetry import setup_telemetry
@@ -105,7 +106,8 @@ class ServiceRunner:
         self._health_names = ["", *definition.grpc_services]
         self.port = 0
         self.warm_up: asyncio.Future[None] | None = None
-        self.calls = CallTracker()
+        self.calls = CallTracker(definition.name)
+        self.metrics: metrics.MetricsServer | None = None
         for servicer in definition.servicers:
             servicer.calls = self.calls  # type: ignore[attr-defined]
 
@@ -114,6 +116,7 @@ class ServiceRunner:
         name = self.definition.name
         self.started_at = time.monotonic()
         log.info("[STARTUP] %s on %s", name, self.settings.listen_address)
+        metrics.SERVING.labels(name).set(0)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.definition.add_to_server(self.server)
@@ -124,6 +127,9 @@ class ServiceRunner:
             self.port = self.server.add_insecure_port(self.settings.listen_address)
         except RuntimeError as error:
             raise SystemExit(f"{name}: cannot listen on {self.settings.listen_address}: {error}") from error
+        if self.settings.metrics_port:
+            # Up before the model loads: a slow or failing load is visible there too.
+            self.metrics = metrics.start_metrics_server(name, self.settings.host, self.settings.metrics_port)
         await self.server.start()
         self.warm_up = asyncio.ensure_future(self._warm_up())
 
@@ -134,7 +140,10 @@ class ServiceRunner:
     async def _warm_up(self) -> None:
         await self.definition.start()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("[READY] %s (load took %.1f s)", self.definition.name, time.monotonic() - self.started_at)
+        load_s = time.monotonic() - self.started_at
+        metrics.MODEL_LOAD.labels(self.definition.name).set(load_s)
+        metrics.SERVING.labels(self.definition.name).set(1)
+        log.info("[READY] %s (load took %.1f s)", self.definition.name, load_s)
 
     async def stop(self) -> None:
         """NOT_SERVING at once and new calls refused; calls in flight get the grace period to
@@ -144,6 +153,7 @@ class ServiceRunner:
         if self.warm_up is not None and not self.warm_up.done():
             self.warm_up.cancel()
         await self.health.enter_graceful_shutdown()
+        metrics.SERVING.labels(name).set(0)
         drain_started = time.monotonic()
         grace = self.settings.grace_period_s
         # The server refuses new calls from now on; it would cancel (reset) what is left after
@@ -153,8 +163,19 @@ class ServiceRunner:
             log.warning("[DRAINING] %s: grace period over, ending %d calls with UNAVAILABLE", name, self.calls.total)
             self.calls.expire()
         await stopping
-        log.info("[CLEANUP] %s (drained in %.1f s)", name, time.monotonic() - drain_started)
-        await self.definition.close()
+        drain_s = time.monotonic() - drain_started
+        metrics.DRAIN.labels(name).set(drain_s)
+        log.info("[CLEANUP] %s (drained in %.1f s)", name, drain_s)
+        try:
+            await self.definition.close()
+        finally:
+            # Last: the metrics stay up through the drain and the cleanup.
+            await self._close_metrics()
+
+    async def _close_metrics(self) -> None:
+        server, self.metrics = self.metrics, None
+        if server is not None:
+            await asyncio.to_thread(server.close)
 
 
 async def serve(definition: ServiceDefinition, settings: ServiceSettings) -> None:

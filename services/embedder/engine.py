@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from askmesh.runtime import metrics
 from askmesh.runtime.errors import ResourceExhausted, Unavailable
 from services.embedder.config import EmbedderSettings
 
@@ -170,7 +171,7 @@ class EmbeddingEngine:
             if not pending.future.done():
                 pending.future.set_exception(Unavailable("embedder: batcher stopped"))
         self._queue.clear()
-        self._queued_texts = 0
+        self._count_queued(-self._queued_texts)
 
     async def close(self) -> None:
         batcher, self._batcher = self._batcher, None
@@ -185,7 +186,7 @@ class EmbeddingEngine:
             if not pending.future.done():
                 pending.future.set_exception(gone)
         self._queue.clear()
-        self._queued_texts = 0
+        self._count_queued(-self._queued_texts)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._model = None
         self._onnx = None
@@ -217,6 +218,7 @@ class EmbeddingEngine:
             self._forget_cancelled()
             if self._queued_texts + len(texts) > self.settings.max_queue_texts:
                 self.stats.requests_rejected += 1
+                metrics.EMBED_REJECTED.labels("embedder").inc()
                 raise ResourceExhausted(
                     f"embedder: queue is full ({self._queued_texts} texts waiting, limit "
                     f"{self.settings.max_queue_texts}); retry later"
@@ -227,10 +229,14 @@ class EmbeddingEngine:
             tokens = self.count_tokens(texts)
         pending = _Pending(texts, tokens, asyncio.get_running_loop().create_future(), time.perf_counter())
         self._queue.append(pending)
-        self._queued_texts += len(texts)
+        self._count_queued(len(texts))
         self._arrived.set()
         # A cancelled caller cancels this future too; the batcher then drops the call.
         return await pending.future
+
+    def _count_queued(self, change: int) -> None:
+        self._queued_texts += change
+        metrics.EMBED_QUEUE.labels("embedder").inc(change)
 
     def _forget_cancelled(self) -> None:
         kept: deque[_Pending] = deque()
@@ -242,7 +248,7 @@ class EmbeddingEngine:
         self._queue = kept
 
     def _dropped(self, pending: _Pending) -> None:
-        self._queued_texts -= len(pending.texts)
+        self._count_queued(-len(pending.texts))
         self.stats.requests_dropped += 1
 
     def _plan(self) -> tuple[int, bool]:
@@ -272,7 +278,7 @@ class EmbeddingEngine:
             if pending.future.cancelled():
                 self._dropped(pending)
                 continue
-            self._queued_texts -= len(pending.texts)
+            self._count_queued(-len(pending.texts))
             batch.append(pending)
         return batch
 
@@ -321,6 +327,8 @@ class EmbeddingEngine:
         stats.requests_encoded += len(batch)
         stats.texts_encoded += len(texts)
         stats.tokens_encoded += sum(pending.tokens for pending in batch)
+        metrics.EMBED_BATCH_SIZE.labels("embedder").observe(len(texts))
+        metrics.EMBED_BATCH_TOKENS.labels("embedder").observe(sum(pending.tokens for pending in batch))
         stats.last_batch_texts.append(len(texts))
         stats.last_batch_requests.append(len(batch))
         log.debug("batch: %d calls, %d texts in %.1f ms", len(batch), len(texts), inference_ms)

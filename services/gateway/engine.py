@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from google.protobuf import json_format
 
+from askmesh.runtime import metrics
 from askmesh.runtime.errors import Unavailable
 from askmesh.v1 import common_pb2, embedder_pb2, gateway_pb2, generator_pb2, retriever_pb2
 from askmesh.runtime.inflight import InFlight
@@ -156,6 +157,7 @@ class GatewayEngine:
                 if event == "delta":
                     if first_token_at is None:
                         first_token_at = time.perf_counter()
+                        metrics.ASK_TTFT.labels("gateway").observe(first_token_at - started)
                     yield gateway_pb2.AskResponse(delta=message.delta)
                 elif event == "done":
                     finished = time.perf_counter()

@@ -22,6 +22,7 @@ import grpc
 from google.protobuf import json_format
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
+from askmesh.runtime import metrics
 from askmesh.runtime.inflight import InFlight
 from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from askmesh.v1 import common_pb2, ingestion_pb2, retriever_pb2
@@ -218,6 +219,7 @@ class Ingestion:
                 await asyncio.sleep(self.settings.task_poll_interval_s)
                 continue
             self._current[name] = task.id
+            metrics.INGESTION_TASKS_RUNNING.labels("gateway").inc()
             try:
                 await self.run_task(task)
             except asyncio.CancelledError:
@@ -226,6 +228,7 @@ class Ingestion:
                 log.exception("task %s crashed its worker", task.id)
             finally:
                 self._current.pop(name, None)
+                metrics.INGESTION_TASKS_RUNNING.labels("gateway").dec()
 
     async def _update(self, task: TaskRecord, **changes: Any) -> TaskRecord:
         try:

@@ -7,6 +7,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+from askmesh.runtime import metrics
 from askmesh.runtime.errors import ResourceExhausted, Unavailable
 from askmesh.v1 import common_pb2, generator_pb2
 from services.generator.backends import create_backend
@@ -66,16 +67,20 @@ class GenerationEngine:
         queued_at = time.perf_counter()
         if self.running + self.waiting >= self.slots + self.settings.max_queued_generations:
             self.refused += 1
+            metrics.GENERATIONS_REJECTED.labels("generator").inc()
             raise ResourceExhausted(
                 f"generator: {self.running} generations running and {self.waiting} waiting, the most this replica "
                 "takes; try another replica or later"
             )
         self.waiting += 1
+        metrics.GENERATION_QUEUE.labels("generator").inc()
         try:
             await self._slots.acquire()
         finally:
             self.waiting -= 1
+            metrics.GENERATION_QUEUE.labels("generator").dec()
         self.running += 1
+        metrics.GENERATIONS_RUNNING.labels("generator").inc()
         try:
             started_at = time.perf_counter()
             first_token_at: float | None = None
@@ -86,12 +91,14 @@ class GenerationEngine:
                     if isinstance(event, TokenEvent):
                         if first_token_at is None:
                             first_token_at = time.perf_counter()
+                            metrics.GENERATION_TTFT.labels("generator").observe(first_token_at - queued_at)
                         yield generator_pb2.GenerateResponse(delta=common_pb2.TokenDelta(text=event.text))
                     elif isinstance(event, FinishEvent):
                         yield self._done(event, queued_at, started_at, first_token_at)
                         return
         finally:
             self.running -= 1
+            metrics.GENERATIONS_RUNNING.labels("generator").dec()
             self._slots.release()
         raise Unavailable("generator: the backend ended without a finish reason")
 
@@ -102,6 +109,8 @@ class GenerationEngine:
         first = first_token_at or finished_at
         decode_seconds = finished_at - first
         tokens_per_second = (event.completion_tokens - 1) / decode_seconds if decode_seconds > 0 else 0.0
+        if tokens_per_second > 0:
+            metrics.GENERATION_TOKENS_PER_SECOND.labels("generator").observe(tokens_per_second)
         return generator_pb2.GenerateResponse(
             done=generator_pb2.GenerateDone(
                 finish_reason=event.reason,

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from google.protobuf import json_format, struct_pb2
 from pymilvus import DataType, MilvusClient, MilvusException
 
+from askmesh.runtime import metrics
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from askmesh.runtime.validation import MAX_DECLARED_STRING, check_schema, typed_value
 from askmesh.v1 import common_pb2, retriever_pb2
@@ -272,13 +273,14 @@ class RetrievalEngine:
 
         started = time.perf_counter()
         hits = await self._run(search)
-        search_ms = (time.perf_counter() - started) * 1000
+        search_s = time.perf_counter() - started
+        metrics.SEARCH_LATENCY.labels("retriever").observe(search_s)
         results = [
             retriever_pb2.ScoredChunk(chunk=_chunk_from_row(hit["entity"]), score=float(hit["distance"]))
             for hit in hits
             if not request.HasField("score_threshold") or float(hit["distance"]) >= request.score_threshold
         ]
-        return retriever_pb2.SearchResponse(results=results, timings=retriever_pb2.SearchTimings(search_ms=search_ms))
+        return retriever_pb2.SearchResponse(results=results, timings=retriever_pb2.SearchTimings(search_ms=search_s * 1000))
 
     async def upsert(self, request: retriever_pb2.UpsertRequest) -> int:
         dimension = len(request.chunks[0].vector)
