@@ -118,10 +118,13 @@ async def test_unknown_knowledge_base_is_not_found(retrieval_engine: RetrievalEn
 async def test_vectors_must_match_the_knowledge_base(retrieval_engine: RetrievalEngine) -> None:
     await load(retrieval_engine)
     wrong = retriever_pb2.VectorChunk(chunk=CORPUS[0].chunk, vector=[1.0, 0.0])
-    with pytest.raises(InvalidArgument, match=r"^chunks\[0\]\.vector: has 2 dimensions"):
+    built_with_another_model = r"^knowledge base 'kb' holds \d+-dimension vectors but got 2: it was built with another"
+    with pytest.raises(FailedPrecondition, match=built_with_another_model):
         await retrieval_engine.upsert(retriever_pb2.UpsertRequest(knowledge_base="kb", chunks=[wrong]))
-    with pytest.raises(InvalidArgument, match="^vector: has 2 dimensions"):
+    with pytest.raises(FailedPrecondition, match=built_with_another_model):
         await retrieval_engine.search(retriever_pb2.SearchRequest(knowledge_base="kb", vector=[1.0, 0.0]))
+    with pytest.raises(FailedPrecondition, match=built_with_another_model):  # another model's name too
+        await retrieval_engine.upsert(retriever_pb2.UpsertRequest(knowledge_base="kb", chunks=[wrong], embedding_model="other"))
     with pytest.raises(FailedPrecondition, match="built with 'm', not 'other'"):
         await retrieval_engine.upsert(retriever_pb2.UpsertRequest(knowledge_base="kb", chunks=CORPUS, embedding_model="other"))
     assert len(await search(retrieval_engine)) == len(CORPUS)  # nothing was changed

@@ -247,10 +247,7 @@ class RetrievalEngine:
 
         def search() -> list[Any]:
             state = self._resolve(request.knowledge_base)
-            if len(vector) != state.dimension:
-                raise InvalidArgument(
-                    "vector", f"has {len(vector)} dimensions; knowledge base {request.knowledge_base!r} has {state.dimension}"
-                )
+            _check_dimension(request.knowledge_base, state, len(vector))
             expression = _and(
                 build_filter(
                     request.filters,
@@ -293,18 +290,15 @@ class RetrievalEngine:
                 if not request.create_if_missing:
                     raise
                 state = self._create(request.knowledge_base, generation or 1, dimension, request.embedding_model, {})
+            # Checked before anything is written; the dimension first, as the plainer reason.
+            _check_dimension(request.knowledge_base, state, dimension)
             if request.embedding_model and state.embedding_model and request.embedding_model != state.embedding_model:
                 raise FailedPrecondition(
                     f"embedding_model: knowledge base {request.knowledge_base!r} was built with "
                     f"{state.embedding_model!r}, not {request.embedding_model!r}; rebuild it to change models"
                 )
             rows = []
-            for index, item in enumerate(request.chunks):
-                if len(item.vector) != state.dimension:
-                    raise InvalidArgument(
-                        f"chunks[{index}].vector",
-                        f"has {len(item.vector)} dimensions; knowledge base {request.knowledge_base!r} has {state.dimension}",
-                    )
+            for index, item in enumerate(request.chunks):  # validate_chunks saw they share one length
                 rows.append(_row_from_chunk(item, state.schema, f"chunks[{index}].chunk.metadata"))
             self.client.upsert(state.name, rows)
             self.client.flush(state.name)
@@ -332,6 +326,16 @@ class RetrievalEngine:
             return len(existing)
 
         return await self._run(delete)
+
+
+def _check_dimension(knowledge_base: str, state: CollectionState, dimension: int) -> None:
+    """Vectors of another length than a knowledge base's come from another embedding model (the
+    embedder was swapped): refused as the knowledge base's state, which a rebuild changes."""
+    if dimension != state.dimension:
+        raise FailedPrecondition(
+            f"knowledge base {knowledge_base!r} holds {state.dimension}-dimension vectors but got {dimension}: "
+            "it was built with another embedding model; rebuild it"
+        )
 
 
 def _and(*expressions: str) -> str:
