@@ -46,44 +46,111 @@ def serve(service: Service) -> None:
     importlib.import_module(f"services.{service.value}.main").main()
 
 
+class MilvusChoice(str, Enum):
+    auto = "auto"
+    embedded = "embedded"
+    server = "server"
+
+
 @app.command()
 def up(
     data_dir: Annotated[Path, typer.Option(help="Where data, logs and generated configs go.")] = Path(".askmesh"),
     samples: Annotated[bool, typer.Option(help="Load the bundled sample documents.")] = True,
     telemetry: Annotated[str, typer.Option(help="Span exporter: none, console, file or otlp.")] = "none",
+    replicas: Annotated[
+        str, typer.Option(help="Replicas per tier, e.g. embedder=2,generator=2 (default 1 each).")
+    ] = "",
+    milvus: Annotated[
+        MilvusChoice,
+        typer.Option(
+            help="Milvus Lite embedded in the retriever, or as its own server (auto: a server when retriever>1)."
+        ),
+    ] = MilvusChoice.auto,
 ) -> None:
-    """Start the whole local mesh (four services and Envoy) on 127.0.0.1 until Ctrl-C."""
-    from askmesh.mesh import LocalMesh, MeshError, MeshLayout
+    """Start the whole local mesh (every service and Envoy) on 127.0.0.1 until Ctrl-C."""
+    from askmesh.mesh import LocalMesh, MeshError, MeshLayout, parse_replicas
+    from askmesh.mesh_control import ControlServer
 
-    layout = MeshLayout(data_dir=data_dir.resolve())
+    try:
+        counts = parse_replicas(replicas)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--replicas") from error
+    layout = MeshLayout.with_replicas(data_dir.resolve(), counts)
+    if milvus is MilvusChoice.embedded and len(layout.service_ports["retriever"]) > 1:
+        raise typer.BadParameter(
+            "embedded Milvus Lite serves one retriever replica; use --milvus server", param_hint="--milvus"
+        )
+    if milvus is not MilvusChoice.auto:
+        layout.milvus = milvus.value  # type: ignore[assignment]
     mesh = LocalMesh(layout, telemetry=telemetry, say=console.print)
+    control = ControlServer(mesh)
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     console.print(f"[bold]Starting askmesh[/bold] (logs in {layout.data_dir / 'logs'}) ...")
     try:
         mesh.start()
+        control_address = control.start()
         if samples:
             with client.connect(layout.front_address) as channel:
                 added = client.load_samples(channel, REPO_ROOT / "samples")
-            console.print(f"Loaded {len(added.documents)} sample documents ({added.chunk_count} chunks) into 'default'.")
+            console.print(
+                f"Loaded {len(added.documents)} sample documents ({added.chunk_count} chunks) into 'default'."
+            )
         console.print(
             "\n[bold green]askmesh is ready.[/bold green] In another terminal:\n"
             '  .venv/bin/askmesh ask "How many days can I work from abroad?"\n'
-            f"  grpcurl -plaintext -d '{{\"question\": \"What is the hotel limit in Paris?\"}}' "
+            f'  grpcurl -plaintext -d \'{{"question": "What is the hotel limit in Paris?"}}\' '
             f"{layout.front_address} askmesh.v1.Gateway/Ask\n"
-            "Press Ctrl-C to stop.",
+            "  .venv/bin/askmesh replicas            (every replica, its health and metrics port)\n"
+            "  .venv/bin/askmesh restart generator   (rolling restart of a tier)\n"
+            f"Control channel on {control_address}. Press Ctrl-C to stop.",
             highlight=False,
         )
-        while not stop.wait(0.5):
-            pass
+        while not stop.is_set():
+            control.run_pending(wait_s=0.5)
+            for dead in mesh.reap():
+                errors.print(f"{dead.name} exited with {dead.popen.returncode}; see {dead.log_path}", highlight=False)
     except (MeshError, ValueError, grpc.RpcError) as error:
         errors.print(f"[red]askmesh up failed:[/red] {error}", markup=True, highlight=False)
         raise typer.Exit(1) from error
     finally:
         console.print("Stopping every process ...")
+        control.stop()
         mesh.stop()
         console.print("Stopped.")
+
+
+ControlAddress = Annotated[str, typer.Option("--control", help="The control channel of `askmesh up`.")]
+
+
+@app.command("replicas")
+def replicas_command(control: ControlAddress = "127.0.0.1:50050") -> None:
+    """List every replica of a running `askmesh up`, with Envoy's view of its health."""
+    from askmesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+    with _reported_errors(), grpc.insecure_channel(control) as channel:
+        reply = mesh_pb2_grpc.MeshControlStub(channel).ListReplicas(mesh_pb2.ListReplicasRequest(), timeout=10)
+    table = Table("tier", "replica", "address", "pid", "Envoy", "metrics")
+    for replica in reply.replicas:
+        state = "healthy" if replica.healthy else "UNHEALTHY"
+        _add_row(
+            table, replica.tier, replica.name, replica.address, str(replica.pid), state, replica.metrics_address or "-"
+        )
+    console.print(table)
+
+
+@app.command()
+def restart(tier: Service, control: ControlAddress = "127.0.0.1:50050") -> None:
+    """Rolling restart of one tier of a running `askmesh up`: a new replica is started and
+    SERVING before each old one is taken out of Envoy and drained."""
+    from askmesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+    with _reported_errors(), grpc.insecure_channel(control) as channel:
+        stub = mesh_pb2_grpc.MeshControlStub(channel)
+        for event in stub.RestartTier(mesh_pb2.RestartTierRequest(tier=tier.value)):
+            console.print(f"{event.replica.name:<14} {event.message}", highlight=False)
+    console.print(f"[green]{tier.value} restarted[/green]")
 
 
 @app.command()

@@ -9,12 +9,19 @@ RESOURCE_EXHAUSTED; a stream is retried only when it failed before its first res
 (connection refused or reset, or a replica refusing it at once with RESOURCE_EXHAUSTED because
 its slots and queue are full), which is when Envoy can retry it at all.
 
+Each cluster's replicas come from a file (Envoy's filesystem EDS, `endpoints_dir/<tier>.yaml`,
+replaced atomically): replicas are added and removed while Envoy runs, which is how a rolling
+restart moves traffic without dropping a call. A host removed from the file takes no new calls;
+the calls it is serving finish on their connections (`ignore_health_on_host_removal`: removal
+does not wait for the host to fail a health check).
+
 Envoy's HTTP compressor is deliberately absent: the services compress gRPC messages themselves
 (grpc-encoding: gzip) and Envoy passes them through untouched.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -65,6 +72,8 @@ class EnvoyLayout:
     internal_port: int = 50052
     admin_port: int = 9901
     access_log: Path | None = None
+    # Where each cluster's endpoint file lives; Envoy watches this folder.
+    endpoints_dir: Path = Path("endpoints")
     # Streams silent for this long are ended (not the stream's total duration).
     stream_idle_timeout_s: int = 300
     health_check_interval_s: float = 1.0
@@ -108,10 +117,7 @@ def _routes(tier: Tier, idle_timeout: str) -> list[dict[str, Any]]:
         "host_selection_retry_max_attempts": 3,
     }
     routes = [
-        {
-            "match": {"path": f"/{tier.grpc_service}/{method}"},
-            "route": {**stream_route, "retry_policy": unary_retry},
-        }
+        {"match": {"path": f"/{tier.grpc_service}/{method}"}, "route": {**stream_route, "retry_policy": unary_retry}}
         for method in tier.idempotent_methods
     ]
     routes.append({"match": {"prefix": f"/{tier.grpc_service}/"}, "route": stream_route})
@@ -122,7 +128,9 @@ def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier]) -> d
     idle = _duration(layout.stream_idle_timeout_s)
     # Health checks and reflection on the front door go to the gateway tier.
     routes = [route for tier in tiers for route in _routes(tier, idle)]
-    routes.append({"match": {"prefix": "/"}, "route": {"cluster": tiers[0].name, "timeout": "0s", "idle_timeout": idle}})
+    routes.append(
+        {"match": {"prefix": "/"}, "route": {"cluster": tiers[0].name, "timeout": "0s", "idle_timeout": idle}}
+    )
     manager: dict[str, Any] = {
         "@type": HCM_TYPE,
         "stat_prefix": name,
@@ -152,15 +160,55 @@ def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier]) -> d
     }
 
 
-def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
-    interval = _duration(layout.health_check_interval_s)
+def endpoints_path(endpoints_dir: Path, tier_name: str) -> Path:
+    return endpoints_dir / f"{tier_name}.yaml"
+
+
+def render_endpoints(tier_name: str, replicas: list[str], version: int) -> dict[str, Any]:
+    """An EDS discovery response (what Envoy reads from a tier's endpoint file)."""
     endpoints = []
-    for replica in tier.replicas:
+    for replica in replicas:
         host, port = replica.rsplit(":", 1)
         endpoints.append({"endpoint": {"address": _address(host, int(port))}})
     return {
+        "version_info": str(version),
+        "resources": [
+            {
+                "@type": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
+                "cluster_name": tier_name,
+                "endpoints": [{"lb_endpoints": endpoints}],
+            }
+        ],
+    }
+
+
+def write_endpoints(endpoints_dir: Path, tier_name: str, replicas: list[str], version: int) -> Path:
+    """Replaces the tier's endpoint file atomically (Envoy reacts to the rename)."""
+    endpoints_dir.mkdir(parents=True, exist_ok=True)
+    path = endpoints_path(endpoints_dir, tier_name)
+    staging = endpoints_dir / f".{tier_name}.{version}.tmp"
+    staging.write_text(yaml.safe_dump(render_endpoints(tier_name, replicas, version), sort_keys=False))
+    os.replace(staging, path)
+    return path
+
+
+def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
+    interval = _duration(layout.health_check_interval_s)
+    return {
         "name": tier.name,
-        "type": "STATIC",
+        "type": "EDS",
+        "eds_cluster_config": {
+            "eds_config": {
+                "resource_api_version": "V3",
+                "path_config_source": {
+                    "path": str(endpoints_path(layout.endpoints_dir, tier.name)),
+                    "watched_directory": {"path": str(layout.endpoints_dir)},
+                },
+            }
+        },
+        # A replica taken out of the endpoint file takes no new calls at once (the default
+        # keeps a removed host until it fails a health check).
+        "ignore_health_on_host_removal": True,
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
         "typed_extension_protocol_options": {
@@ -169,7 +217,6 @@ def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
                 "explicit_http_config": {"http2_protocol_options": {}},
             }
         },
-        "load_assignment": {"cluster_name": tier.name, "endpoints": [{"lb_endpoints": endpoints}]},
         "health_checks": [
             {
                 "timeout": "1s",
@@ -211,6 +258,8 @@ def render(layout: EnvoyLayout) -> dict[str, Any]:
     if layout.internal:
         listeners.append(_listener("internal", layout, layout.internal_port, layout.internal))
     return {
+        # Filesystem EDS needs a node identity.
+        "node": {"id": "askmesh-local", "cluster": "askmesh"},
         "admin": {"address": _address(layout.host, layout.admin_port)},
         "static_resources": {
             "listeners": listeners,
@@ -220,9 +269,12 @@ def render(layout: EnvoyLayout) -> dict[str, Any]:
 
 
 def write_config(layout: EnvoyLayout, path: Path) -> Path:
+    """Writes the bootstrap config and each tier's first endpoint file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if layout.access_log is not None:
         layout.access_log.parent.mkdir(parents=True, exist_ok=True)
+    for tier in [layout.front, *layout.internal]:
+        write_endpoints(layout.endpoints_dir, tier.name, tier.replicas, version=1)
     path.write_text(yaml.safe_dump(render(layout), sort_keys=False))
     return path
 

@@ -2,24 +2,31 @@
 
 Each tier runs N replicas on loopback; Envoy's front listener serves the gateway tier and its
 internal listener routes the gateway's calls to the embedder, retriever and generator tiers.
-The same class starts the mesh for `make run` and for the end-to-end tests.
+Envoy learns each tier's replicas from an endpoint file (filesystem EDS) that the mesh rewrites
+as replicas come and go, which makes rolling restarts possible without restarting Envoy.
+The same class starts the mesh for `make run`, for the end-to-end tests and for the chaos tests.
+
+Milvus Lite embedded in the retriever admits one process per data folder, so a mesh with more
+than one retriever replica (or asked for it) runs Milvus Lite as its own server process, which
+every retriever replica reaches by URI.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -35,6 +42,8 @@ GRPC_SERVICE = {
 }
 # Unary calls that may be retried on another replica.
 IDEMPOTENT_METHODS = {"embedder": ["Embed"], "retriever": ["Search"]}
+DEFAULT_PORTS = {"embedder": 50061, "retriever": 50062, "generator": 50063, "gateway": 50064}
+MilvusMode = Literal["embedded", "server"]
 
 
 class MeshError(RuntimeError):
@@ -47,6 +56,19 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def parse_replicas(text: str) -> dict[str, int]:
+    """`embedder=2,generator=3` -> {"embedder": 2, "generator": 3}; raises ValueError naming the bad part."""
+    counts: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        tier, equals, count = part.partition("=")
+        if not equals or tier not in SERVICES:
+            raise ValueError(f"{part!r}: expected <tier>=<count> with a tier among {', '.join(SERVICES)}")
+        if not count.isdigit() or not 1 <= int(count) <= 16:
+            raise ValueError(f"{part!r}: the count must be a whole number from 1 to 16")
+        counts[tier] = int(count)
+    return counts
+
+
 @dataclass
 class MeshLayout:
     data_dir: Path
@@ -54,19 +76,40 @@ class MeshLayout:
     front_port: int = 50051
     internal_port: int = 50052
     admin_port: int = 9901
+    control_port: int = 50050
+    milvus_port: int = 19530
+    # Replica ports of each tier at start; the default puts a tier's replicas 10 ports apart.
     service_ports: dict[str, list[int]] = field(
-        default_factory=lambda: {"embedder": [50061], "retriever": [50062], "generator": [50063], "gateway": [50064]}
+        default_factory=lambda: {name: [port] for name, port in DEFAULT_PORTS.items()}
     )
+    # "server": Milvus Lite as its own process (required for more than one retriever replica).
+    milvus: MilvusMode = "embedded"
+    metrics: bool = True  # each replica serves Prometheus metrics on a port of its own
 
     @classmethod
-    def on_free_ports(cls, data_dir: Path) -> MeshLayout:
+    def with_replicas(cls, data_dir: Path, replicas: dict[str, int], **options: object) -> MeshLayout:
+        """The default ports, with `replicas[tier]` replicas of each tier named there."""
+        ports = {name: [port + 10 * i for i in range(replicas.get(name, 1))] for name, port in DEFAULT_PORTS.items()}
+        return cls(data_dir=data_dir, service_ports=ports, **options).with_milvus_for_replicas()  # type: ignore[arg-type]
+
+    @classmethod
+    def on_free_ports(cls, data_dir: Path, replicas: dict[str, int] | None = None, **options: object) -> MeshLayout:
+        replicas = replicas or {}
         return cls(
             data_dir=data_dir,
             front_port=free_port(),
             internal_port=free_port(),
             admin_port=free_port(),
-            service_ports={name: [free_port()] for name in SERVICES},
-        )
+            control_port=free_port(),
+            milvus_port=free_port(),
+            service_ports={name: [free_port() for _ in range(replicas.get(name, 1))] for name in SERVICES},
+            **options,  # type: ignore[arg-type]
+        ).with_milvus_for_replicas()
+
+    def with_milvus_for_replicas(self) -> MeshLayout:
+        if len(self.service_ports["retriever"]) > 1:
+            self.milvus = "server"
+        return self
 
     @property
     def front_address(self) -> str:
@@ -75,6 +118,20 @@ class MeshLayout:
     @property
     def internal_address(self) -> str:
         return f"{self.host}:{self.internal_port}"
+
+    @property
+    def control_address(self) -> str:
+        return f"{self.host}:{self.control_port}"
+
+    @property
+    def milvus_uri(self) -> str:
+        if self.milvus == "server":
+            return f"http://{self.host}:{self.milvus_port}"
+        return str(self.data_dir / "data" / "milvus.db")
+
+    @property
+    def endpoints_dir(self) -> Path:
+        return self.data_dir / "endpoints"
 
     def replicas(self, name: str) -> list[str]:
         return [f"{self.host}:{port}" for port in self.service_ports[name]]
@@ -91,16 +148,8 @@ class MeshLayout:
             internal_port=self.internal_port,
             admin_port=self.admin_port,
             access_log=self.data_dir / "logs" / "envoy-access.log",
+            endpoints_dir=self.endpoints_dir,
         )
-
-
-def _die_with_parent() -> None:
-    """Runs in the child before exec: it gets SIGTERM if the mesh process dies (Linux)."""
-    PR_SET_PDEATHSIG = 1
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass
@@ -108,7 +157,13 @@ class Process:
     name: str
     popen: subprocess.Popen[bytes]
     log_path: Path
+    tier: str = ""  # the service tier of a replica; empty for Envoy and Milvus
     address: str | None = None  # gRPC address of a service replica
+    metrics_address: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self.popen.poll() is None
 
 
 class LocalMesh:
@@ -124,17 +179,31 @@ class LocalMesh:
         self.env = env or {}
         self.telemetry = telemetry
         self.say = say
-        self.processes: list[Process] = []
+        self.replicas: dict[str, list[Process]] = {name: [] for name in SERVICES}
+        self.envoy: Process | None = None
+        self.milvus: Process | None = None
+        self.retired: list[Process] = []  # replicas taken out by a restart or a test
+        self._started = {name: 0 for name in SERVICES}  # replica numbers, never reused
+        self._endpoints_version = 1
+        # One change of replicas at a time (a restart runs on the control channel's thread).
+        self.lock = threading.RLock()
+
+    @property
+    def processes(self) -> list[Process]:
+        """Every process the mesh runs now: replicas, then Milvus and Envoy."""
+        running = [p for name in SERVICES for p in self.replicas[name]]
+        return running + [p for p in (self.milvus, self.envoy) if p is not None]
 
     # -- environment of each process -------------------------------------------------------
-    def service_env(self, name: str, index: int, port: int) -> dict[str, str]:
+    def service_env(self, name: str, index: int, port: int, metrics_port: int = 0) -> dict[str, str]:
         layout = self.layout
         prefix = f"ASKMESH_{name.upper()}_"
         env = {
             **os.environ,
             prefix + "HOST": layout.host,
             prefix + "PORT": str(port),
-            "ASKMESH_RETRIEVER_MILVUS_URI": str(layout.data_dir / "data" / "milvus.db"),
+            prefix + "METRICS_PORT": str(metrics_port),
+            "ASKMESH_RETRIEVER_MILVUS_URI": layout.milvus_uri,
             "ASKMESH_GATEWAY_STORE_PATH": str(layout.data_dir / "data" / "gateway.sqlite3"),
             "ASKMESH_GATEWAY_SPOOL_DIR": str(layout.data_dir / "data" / "uploads"),
             "ASKMESH_GATEWAY_EMBEDDER_ADDRESS": layout.internal_address,
@@ -152,47 +221,94 @@ class LocalMesh:
         env.update(self.env)
         return env
 
-    def _spawn(self, name: str, command: list[str], env: dict[str, str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, command: list[str], env: dict[str, str], log_name: str) -> tuple[subprocess.Popen[bytes], Path]:
         log_path = self.layout.data_dir / "logs" / f"{log_name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log_file:
-            return subprocess.Popen(
-                command,
-                env=env,
+            popen = subprocess.Popen(
+                [sys.executable, "-m", "askmesh.die_with_parent", *command],
+                env={**env, "ASKMESH_PARENT_PID": str(os.getpid())},
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 # Own session: Ctrl-C in the terminal reaches `askmesh up` only, which then
                 # stops every process in order.
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
+        return popen, log_path
+
+    def _spawn_replica(self, name: str, port: int) -> Process:
+        index = self._started[name]
+        self._started[name] += 1
+        label = f"{name}-{index}"
+        metrics_port = free_port(self.layout.host) if self.layout.metrics else 0
+        command = [sys.executable, "-m", "askmesh.cli", "serve", name]
+        popen, log_path = self._spawn(command, self.service_env(name, index, port, metrics_port), label)
+        host = self.layout.host
+        process = Process(
+            label,
+            popen,
+            log_path,
+            tier=name,
+            address=f"{host}:{port}",
+            metrics_address=f"{host}:{metrics_port}" if metrics_port else None,
+        )
+        self.replicas[name].append(process)
+        return process
 
     # -- start -----------------------------------------------------------------------------
     def start(self, timeout_s: float = 600.0) -> None:
         layout = self.layout
+        deadline = time.monotonic() + timeout_s
+        if layout.milvus == "server":
+            self._start_milvus(deadline)
         config = envoy.write_config(layout.envoy_layout(), layout.data_dir / "envoy.yaml")
         envoy.validate_config(config)
         for name in SERVICES:
-            for index, port in enumerate(layout.service_ports[name]):
-                command = [sys.executable, "-m", "askmesh.cli", "serve", name]
-                label = f"{name}-{index}"
-                popen = self._spawn(name, command, self.service_env(name, index, port), label)
-                self.processes.append(Process(label, popen, layout.data_dir / "logs" / f"{label}.log", f"{layout.host}:{port}"))
+            for port in layout.service_ports[name]:
+                self._spawn_replica(name, port)
         envoy_log = layout.data_dir / "logs" / "envoy.log"
-        popen = self._spawn("envoy", envoy.envoy_command(config, envoy_log), dict(os.environ), "envoy-stdout")
-        self.processes.append(Process("envoy", popen, envoy_log))
+        popen, _ = self._spawn(envoy.envoy_command(config, envoy_log), dict(os.environ), "envoy-stdout")
+        self.envoy = Process("envoy", popen, envoy_log)
 
-        deadline = time.monotonic() + timeout_s
-        for process in self.processes:
-            if process.address is not None:
-                self._wait_serving(process, deadline)
-                self.say(f"  {process.name:<12} SERVING on {process.address}")
-        self._wait_envoy_healthy(deadline)
+        for name in SERVICES:
+            for replica in self.replicas[name]:
+                self._wait_serving(replica, deadline)
+                self.say(f"  {replica.name:<12} SERVING on {replica.address}")
+        self._wait_envoy(deadline, lambda hosts: all(any(hosts.get(name, {}).values()) for name in SERVICES))
         self.say(f"  {'envoy':<12} front door on {layout.front_address}, tiers on {layout.internal_address}")
 
+    def _start_milvus(self, deadline: float) -> None:
+        layout = self.layout
+        data = layout.data_dir / "data" / "milvus-server"
+        data.mkdir(parents=True, exist_ok=True)
+        milvus_lite = Path(sys.executable).parent / "milvus-lite"
+        command = [
+            str(milvus_lite),
+            "server",
+            "--data-dir",
+            str(data),
+            "--host",
+            layout.host,
+            "--port",
+            str(layout.milvus_port),
+        ]
+        popen, log_path = self._spawn(command, dict(os.environ), "milvus")
+        self.milvus = Process("milvus", popen, log_path)
+        while True:
+            self._check_alive(self.milvus)
+            try:
+                with socket.create_connection((layout.host, layout.milvus_port), timeout=1):
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise MeshError(f"Milvus Lite server did not open its port in time; see {log_path}")
+            time.sleep(0.2)
+        self.say(f"  {'milvus':<12} Milvus Lite server on {layout.milvus_uri}")
+
     def _check_alive(self, process: Process) -> None:
-        if process.popen.poll() is not None:
+        if not process.alive:
             tail = process.log_path.read_text(errors="replace")[-3000:] if process.log_path.exists() else ""
             raise MeshError(f"{process.name} exited with {process.popen.returncode}; its log ends:\n{tail}")
 
@@ -212,40 +328,133 @@ class LocalMesh:
                     raise MeshError(f"{process.name} did not become SERVING in time; see {process.log_path}")
                 time.sleep(0.2)
 
-    def cluster_health(self) -> dict[str, list[bool]]:
-        """Envoy's view: for each cluster, whether each replica is healthy."""
+    # -- Envoy's view ----------------------------------------------------------------------
+    def envoy_hosts(self) -> dict[str, dict[str, bool]]:
+        """Envoy's view: for each cluster, each host it routes to and whether it is healthy."""
         url = f"http://{self.layout.host}:{self.layout.admin_port}/clusters?format=json"
         with urllib.request.urlopen(url, timeout=2) as response:
             clusters = json.load(response)["cluster_statuses"]
-        return {
-            cluster["name"]: [
-                "failed_active_health_check" not in host.get("health_status", {})
-                and host.get("health_status", {}).get("eds_health_status", "HEALTHY") == "HEALTHY"
-                for host in cluster.get("host_statuses", [])
-            ]
-            for cluster in clusters
-        }
+        view: dict[str, dict[str, bool]] = {}
+        for cluster in clusters:
+            hosts = view.setdefault(cluster["name"], {})
+            for host in cluster.get("host_statuses", []):
+                socket_address = host["address"]["socket_address"]
+                status = host.get("health_status", {})
+                healthy = (
+                    "failed_active_health_check" not in status
+                    and "failed_outlier_check" not in status
+                    and status.get("eds_health_status", "HEALTHY") == "HEALTHY"
+                )
+                hosts[f"{socket_address['address']}:{socket_address['port_value']}"] = healthy
+        return view
 
-    def _wait_envoy_healthy(self, deadline: float) -> None:
-        envoy_process = self.processes[-1]
+    def cluster_health(self) -> dict[str, list[bool]]:
+        """For each cluster, whether each of its replicas is healthy in Envoy's view."""
+        return {name: list(hosts.values()) for name, hosts in self.envoy_hosts().items()}
+
+    def _wait_envoy(self, deadline: float, condition: Callable[[dict[str, dict[str, bool]]], bool]) -> None:
+        assert self.envoy is not None
         while True:
-            self._check_alive(envoy_process)
+            self._check_alive(self.envoy)
             try:
-                health = self.cluster_health()
-                if all(name in health and any(health[name]) for name in SERVICES):
+                if condition(self.envoy_hosts()):
                     return
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise MeshError(f"Envoy did not see every tier healthy in time; see {envoy_process.log_path}")
-            time.sleep(0.2)
+                raise MeshError(f"Envoy did not reach the expected state in time; see {self.envoy.log_path}")
+            time.sleep(0.1)
+
+    def _publish_endpoints(self, name: str) -> None:
+        """Tells Envoy the tier's replicas are now the live ones in `self.replicas`."""
+        self._endpoints_version += 1
+        addresses = [p.address for p in self.replicas[name] if p.address is not None]
+        envoy.write_endpoints(self.layout.endpoints_dir, name, addresses, self._endpoints_version)
+
+    # -- replicas while running ------------------------------------------------------------
+    def add_replica(self, name: str, timeout_s: float = 300.0) -> Process:
+        """Starts one more replica of a tier and returns once Envoy routes to it."""
+        if name == "retriever" and self.milvus is None and self.replicas[name]:
+            raise MeshError(
+                "the retriever uses embedded Milvus Lite, which one process at a time can open: "
+                "start the mesh with --milvus server (or --replicas retriever=2) to run more retriever replicas"
+            )
+        with self.lock:
+            deadline = time.monotonic() + timeout_s
+            process = self._spawn_replica(name, free_port(self.layout.host))
+            try:
+                self._wait_serving(process, deadline)
+                self._publish_endpoints(name)
+                self._wait_envoy(deadline, lambda hosts: hosts.get(name, {}).get(process.address or "") is True)
+            except BaseException:
+                self.replicas[name].remove(process)
+                self._publish_endpoints(name)
+                process.popen.kill()
+                process.popen.wait()
+                raise
+            return process
+
+    def retire_replica(self, process: Process, timeout_s: float = 120.0) -> float:
+        """Takes a replica out of Envoy's endpoints, then SIGTERMs it and waits while it drains.
+
+        Returns how long the replica took to exit after SIGTERM (its drain); SIGKILLs it if it
+        has not exited within `timeout_s`.
+        """
+        with self.lock:
+            self.replicas[process.tier].remove(process)
+            self.retired.append(process)
+            self._publish_endpoints(process.tier)
+            deadline = time.monotonic() + 30
+            self._wait_envoy(deadline, lambda hosts: process.address not in hosts.get(process.tier, {}))
+        signalled = time.monotonic()
+        if process.alive:
+            process.popen.send_signal(signal.SIGTERM)
+        try:
+            process.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.popen.kill()
+            process.popen.wait()
+        return time.monotonic() - signalled
+
+    def reap(self) -> list[Process]:
+        """Takes replicas that died out of Envoy's endpoints (what Kubernetes does for a dead
+        pod); returns them. Envoy's health checks have usually ejected them already."""
+        with self.lock:
+            dead = [p for name in SERVICES for p in self.replicas[name] if not p.alive]
+            for process in dead:
+                self.replicas[process.tier].remove(process)
+                self.retired.append(process)
+            for name in {p.tier for p in dead}:
+                self._publish_endpoints(name)
+            return dead
+
+    def restart_tier(self, name: str, say: Callable[[str, Process], None] | None = None) -> None:
+        """Rolling restart: for each replica, start a new one, wait until Envoy routes to it,
+        then retire the old one. The tier never has fewer serving replicas than before."""
+        if name not in SERVICES:
+            raise ValueError(f"tier: expected one of {', '.join(SERVICES)}, got {name!r}")
+        if name == "retriever" and self.milvus is None:
+            raise MeshError(
+                "the retriever uses embedded Milvus Lite, which one process at a time can open, so it "
+                "cannot be restarted without downtime: start the mesh with --milvus server"
+            )
+        report = say or (lambda message, process: self.say(message))
+        with self.lock:
+            for old in list(self.replicas[name]):
+                report(f"starting a replacement for {old.name}", old)
+                new = self.add_replica(name)
+                report(f"{new.name} is SERVING on {new.address} and Envoy routes to it", new)
+                drain_s = self.retire_replica(old)
+                report(f"{old.name} left Envoy's endpoints, drained and exited in {drain_s:.1f} s", old)
 
     # -- stop ------------------------------------------------------------------------------
     def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM the gateways first, then the other tiers, then Envoy; SIGKILL what lingers."""
-        order = sorted(self.processes, key=lambda p: (p.name == "envoy", not p.name.startswith("gateway")))
+        """SIGTERM the gateways first, then the other tiers, then Milvus and Envoy; SIGKILL what lingers."""
+        order = [*self.replicas["gateway"], *(p for name in SERVICES[:3] for p in self.replicas[name])]
+        order += [p for p in (self.milvus, self.envoy) if p is not None]
+        order += self.retired
         for process in order:
-            if process.popen.poll() is None:
+            if process.alive:
                 process.popen.send_signal(signal.SIGTERM)
         give_up_at = time.monotonic() + grace_s
         for process in order:
@@ -254,7 +463,9 @@ class LocalMesh:
             except subprocess.TimeoutExpired:
                 process.popen.kill()
                 process.popen.wait()
-        self.processes.clear()
+        self.replicas = {name: [] for name in SERVICES}
+        self.envoy = self.milvus = None
+        self.retired.clear()
 
     def __enter__(self) -> LocalMesh:
         try:

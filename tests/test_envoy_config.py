@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import yaml
+
 from askmesh import envoy
-from askmesh.mesh import MeshLayout
+from askmesh.mesh import MeshLayout, parse_replicas
 
 
 def layout(tmp_path: Path) -> envoy.EnvoyLayout:
@@ -39,8 +42,49 @@ def test_clusters_balance_least_request_with_grpc_health_checks(tmp_path: Path) 
         check = cluster["health_checks"][0]
         assert check["grpc_health_check"]["service_name"] == f"askmesh.v1.{name.capitalize()}"
         assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
-    endpoints = clusters["generator"]["load_assignment"]["endpoints"][0]["lb_endpoints"]
+    assert all(cluster["type"] == "EDS" and cluster["ignore_health_on_host_removal"] for cluster in clusters.values())
+
+
+def test_each_tier_reads_its_replicas_from_an_endpoint_file_replaced_atomically(tmp_path: Path) -> None:
+    config = envoy.render(layout(tmp_path))
+    generator = next(c for c in config["static_resources"]["clusters"] if c["name"] == "generator")
+    source = generator["eds_cluster_config"]["eds_config"]["path_config_source"]
+    assert source["path"] == str(tmp_path / "endpoints" / "generator.yaml")
+    assert source["watched_directory"]["path"] == str(tmp_path / "endpoints")
+
+    envoy.write_config(layout(tmp_path), tmp_path / "envoy.yaml")
+    first = yaml.safe_load(Path(source["path"]).read_text())
+    endpoints = first["resources"][0]["endpoints"][0]["lb_endpoints"]
     assert [e["endpoint"]["address"]["socket_address"]["port_value"] for e in endpoints] == [50063, 50073]
+
+    envoy.write_endpoints(tmp_path / "endpoints", "generator", ["127.0.0.1:50083"], version=7)
+    second = yaml.safe_load(Path(source["path"]).read_text())
+    assert second["version_info"] == "7"
+    assert (
+        second["resources"][0]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["port_value"]
+        == 50083
+    )
+    assert sorted(p.name for p in (tmp_path / "endpoints").iterdir()) == [
+        "embedder.yaml",
+        "gateway.yaml",
+        "generator.yaml",
+        "retriever.yaml",
+    ]
+
+
+def test_replica_counts_are_parsed_and_bad_ones_named() -> None:
+    assert parse_replicas("embedder=2, generator=3") == {"embedder": 2, "generator": 3}
+    assert parse_replicas("") == {}
+    for bad in ("embedder", "search=2", "generator=0", "generator=two", "gateway=99"):
+        with pytest.raises(ValueError, match=bad.split("=")[0]):
+            parse_replicas(bad)
+
+
+def test_more_than_one_retriever_runs_milvus_lite_as_a_server(tmp_path: Path) -> None:
+    assert MeshLayout.with_replicas(tmp_path, {}).milvus == "embedded"
+    layout = MeshLayout.with_replicas(tmp_path, {"retriever": 2, "generator": 3})
+    assert layout.milvus == "server" and layout.milvus_uri == "http://127.0.0.1:19530"
+    assert layout.service_ports["generator"] == [50063, 50073, 50083]
 
 
 def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_unavailable(tmp_path: Path) -> None:
@@ -52,7 +96,9 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
         for route in manager["route_config"]["virtual_hosts"][0]["routes"]:
             routes[route["match"].get("path") or route["match"]["prefix"]] = route["route"]
     assert all(route["timeout"] == "0s" for route in routes.values())
-    retried_on_unavailable = {key for key, route in routes.items() if "unavailable" in route.get("retry_policy", {}).get("retry_on", "")}
+    retried_on_unavailable = {
+        key for key, route in routes.items() if "unavailable" in route.get("retry_policy", {}).get("retry_on", "")
+    }
     assert retried_on_unavailable == {"/askmesh.v1.Embedder/Embed", "/askmesh.v1.Retriever/Search"}
     assert routes["/askmesh.v1.Generator/"]["idle_timeout"] == "300s"
 
