@@ -15,8 +15,10 @@ from askmesh.runtime.channels import CHANNEL_OPTIONS
 from askmesh.runtime.config import check_address
 from askmesh.v1 import (
     common_pb2,
+    embedder_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
+    generator_pb2_grpc,
     ingestion_pb2,
     ingestion_pb2_grpc,
     knowledge_pb2,
@@ -32,6 +34,20 @@ def connect(address: str) -> grpc.Channel:
     except ValueError as error:
         raise ValueError(f"--address: {error}") from error
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def status_of(error: grpc.RpcError) -> grpc.StatusCode:
+    """The status a caller should act on.
+
+    A stream whose gateway replica died after the answer started cannot end with a status:
+    Envoy can only reset it, and gRPC maps an HTTP/2 reset to INTERNAL ("Received RST_STREAM").
+    That is a lost connection, not a server bug: it is reported (and can be retried) as
+    UNAVAILABLE.
+    """
+    code: grpc.StatusCode = error.code()  # type: ignore[attr-defined]
+    if code == grpc.StatusCode.INTERNAL and "RST_STREAM" in (error.details() or ""):  # type: ignore[attr-defined]
+        return grpc.StatusCode.UNAVAILABLE
+    return code
 
 
 def document_from_file(path: Path, root: Path | None = None) -> gateway_pb2.Document:
@@ -53,7 +69,9 @@ def add_documents(
     return response
 
 
-def load_samples(channel: grpc.Channel, samples_dir: Path, knowledge_base: str = "default") -> gateway_pb2.AddDocumentsResponse:
+def load_samples(
+    channel: grpc.Channel, samples_dir: Path, knowledge_base: str = "default"
+) -> gateway_pb2.AddDocumentsResponse:
     paths = sorted(p for p in samples_dir.iterdir() if p.suffix.lower() in TEXT_SUFFIXES)
     return add_documents(channel, knowledge_base, [document_from_file(p, samples_dir.parent) for p in paths])
 
@@ -159,7 +177,9 @@ def get_knowledge_base(channel: grpc.Channel, name: str, timeout_s: float = 30) 
     return stub.GetKnowledgeBase(knowledge_pb2.GetKnowledgeBaseRequest(name=name), timeout=timeout_s)  # type: ignore[no-any-return]
 
 
-def delete_knowledge_base(channel: grpc.Channel, name: str, timeout_s: float = 120) -> knowledge_pb2.DeleteKnowledgeBaseResponse:
+def delete_knowledge_base(
+    channel: grpc.Channel, name: str, timeout_s: float = 120
+) -> knowledge_pb2.DeleteKnowledgeBaseResponse:
     stub = knowledge_pb2_grpc.KnowledgeBasesStub(channel)
     return stub.DeleteKnowledgeBase(knowledge_pb2.DeleteKnowledgeBaseRequest(name=name), timeout=timeout_s)  # type: ignore[no-any-return]
 
@@ -179,7 +199,9 @@ def list_documents(
     stub = knowledge_pb2_grpc.KnowledgeBasesStub(channel)
     token = ""
     while True:
-        request = knowledge_pb2.ListDocumentsRequest(knowledge_base=knowledge_base, page_size=page_size, page_token=token)
+        request = knowledge_pb2.ListDocumentsRequest(
+            knowledge_base=knowledge_base, page_size=page_size, page_token=token
+        )
         page = stub.ListDocuments(request, timeout=timeout_s)
         yield from page.documents
         token = page.next_page_token
@@ -304,3 +326,38 @@ def list_tasks(
         if not token:
             break
     return tasks[:limit]
+
+
+# -- models: each embedder or generator replica at its own address (a swap is per replica) --------
+MODEL_TIERS = ("embedder", "generator")
+
+
+def _model_stub(channel: grpc.Channel, tier: str) -> embedder_pb2_grpc.EmbedderStub | generator_pb2_grpc.GeneratorStub:
+    if tier == "embedder":
+        return embedder_pb2_grpc.EmbedderStub(channel)
+    if tier == "generator":
+        return generator_pb2_grpc.GeneratorStub(channel)
+    raise ValueError(f"tier: {tier!r} must be one of {', '.join(MODEL_TIERS)}")
+
+
+def get_model(channel: grpc.Channel, tier: str, timeout_s: float = 30) -> common_pb2.ModelInfo:
+    """The model one replica serves."""
+    return _model_stub(channel, tier).GetModel(common_pb2.GetModelRequest(), timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+def swap_model(
+    channel: grpc.Channel,
+    tier: str,
+    model_path: str,
+    *,
+    model_name: str = "",
+    backend: str = "",
+    allow_dimension_change: bool = False,
+    timeout_s: float = 900,
+) -> common_pb2.ModelInfo:
+    """Switches one replica to another model (loaded beside the old one, warmed up, then swapped);
+    returns the replica's new model. A model that fails to load leaves the old one serving."""
+    request = common_pb2.SwapModelRequest(
+        model_path=model_path, model_name=model_name, backend=backend, allow_dimension_change=allow_dimension_change
+    )
+    return _model_stub(channel, tier).SwapModel(request, timeout=timeout_s)  # type: ignore[no-any-return]
