@@ -130,7 +130,7 @@ async def test_onnx_int8_backend_matches_torch_and_reuses_the_export(
     engine = EmbeddingEngine(EmbedderSettings(backend="onnx", onnx_quantize=True, onnx_cache_dir=onnx_cache))
     await engine.start()
     try:
-        assert engine._onnx is not None and engine._onnx.onnx_file == folder / onnx_backend.QUANTIZED_FILE
+        assert engine.model.onnx is not None and engine.model.onnx.onnx_file == folder / onnx_backend.QUANTIZED_FILE
         vectors = (await engine.embed(VARIED_TEXTS)).vectors
     finally:
         await engine.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from typing import Any
 
 import grpc
 import numpy as np
@@ -64,13 +65,13 @@ class Plug:
         self._released = threading.Event()
         encode = engine._encode
 
-        def recording_encode(texts: Sequence[str]) -> np.ndarray:
+        def recording_encode(texts: Sequence[str], model: Any = None) -> np.ndarray:
             self.calls.append(list(texts))
             if self._armed:
                 self._armed = False
                 self._holding.set()
                 self._released.wait(60)
-            return encode(texts)
+            return encode(texts, model)
 
         monkeypatch.setattr(engine, "_encode", recording_encode)
 

@@ -10,31 +10,31 @@ larger than the budget alone is taken alone; calls are never split. Calls whose 
 (its task was cancelled: the gRPC call was cancelled or its deadline passed) are dropped before
 encoding. Each batch is one model call in the single model thread, off the event loop, so health
 checks keep answering; its vectors are then split back per call.
+
+The model can be swapped while serving (`swap`): the new one is loaded and warmed up in a worker
+thread beside the old, then one reference is switched. Each batch takes the model it runs on at
+its start, so a batch started on the old model finishes on it; the old model is dropped when no
+batch uses it any more.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from askmesh.runtime import metrics
-from askmesh.runtime.errors import ResourceExhausted, Unavailable
+from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from askmesh.v1 import common_pb2
 from services.embedder.config import EmbedderSettings
-
-if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
-
-    from services.embedder.onnx_backend import OnnxEncoder
+from services.embedder.models import LoadedModel, load_model
 
 log = logging.getLogger("askmesh.embedder")
 
@@ -78,10 +78,10 @@ class _Pending:
 class EmbeddingEngine:
     def __init__(self, settings: EmbedderSettings) -> None:
         self.settings = settings
-        self._model: SentenceTransformer | None = None
-        self._onnx: OnnxEncoder | None = None
-        self._count_tokenizer: Any = None  # a tokenizers.Tokenizer of our own, for counting only
-        self._max_seq_length = 512
+        self._model: LoadedModel | None = None  # the model new batches run on
+        self._retiring: list[LoadedModel] = []  # swapped out, still running a batch
+        self._swap: asyncio.Task[common_pb2.ModelInfo] | None = None
+        self.swaps = 0
         # One model call at a time, off the event loop (torch uses every core for one batch).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder-model")
         self._queue: deque[_Pending] = deque()
@@ -95,8 +95,14 @@ class EmbeddingEngine:
         return self._model is not None and self._batcher is not None
 
     @property
+    def model(self) -> LoadedModel:
+        if self._model is None:
+            raise Unavailable("embedder: model is still loading")
+        return self._model
+
+    @property
     def backend(self) -> str:
-        return "onnx" if self._onnx is not None else "torch"
+        return self.model.backend
 
     @property
     def queued_texts(self) -> int:
@@ -104,55 +110,17 @@ class EmbeddingEngine:
 
     @property
     def dimension(self) -> int:
-        if self._model is None:
-            raise Unavailable("embedder: model is still loading")
-        dimension = self._model.get_embedding_dimension()
-        assert dimension is not None
-        return int(dimension)
+        return self.model.dimension
 
     # -- loading -----------------------------------------------------------------------------
 
-    def _load(self) -> SentenceTransformer:
-        # Never reach a model hub: the model is a local folder.
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
-
+    def _load(self) -> None:
         path = self.settings.resolved_model_path()
-        log.info("loading %s from %s (backend %s)", self.settings.model_name, path, self.settings.backend)
-        model = SentenceTransformer(str(path), device=self.settings.device, local_files_only=True)
-        if self.settings.backend == "onnx":
-            from services.embedder.onnx_backend import OnnxEncoder, ensure_exported
-
-            onnx_file = ensure_exported(model, Path(path), self.settings.onnx_cache_dir, self.settings.onnx_quantize)
-            self._onnx = OnnxEncoder(model, onnx_file)
-        self._max_seq_length = int(model.max_seq_length or self._max_seq_length)
-        self._count_tokenizer = self._counting_tokenizer(model)
-        self._model = model
-        self._encode(["warm-up"])
-        return model
-
-    def _counting_tokenizer(self, model: SentenceTransformer) -> Any:
-        """An independent copy of the fast tokenizer (the model thread's one mutates its own
-        truncation settings while encoding, so sharing it across threads is unsafe)."""
-        backend = getattr(getattr(model, "tokenizer", None), "backend_tokenizer", None)
-        if backend is None:
-            log.warning("no fast tokenizer: batch token budgets use an estimate from characters")
-            return None
-        from tokenizers import Tokenizer
-
-        tokenizer = Tokenizer.from_str(backend.to_str())
-        tokenizer.no_padding()
-        tokenizer.enable_truncation(max_length=self._max_seq_length)
-        return tokenizer
+        self._model = load_model(path, self.settings.model_name, self.settings.backend, self.settings)
 
     def count_tokens(self, texts: Sequence[str]) -> int:
-        """Tokens the model will see for `texts` (special tokens included, truncated)."""
-        if self._count_tokenizer is None:
-            return sum(min(self._max_seq_length, len(text) // 4 + 2) for text in texts)
-        # encode, not encode_batch: the batch form fans out to a thread pool on every call, and
-        # those threads compete with the model's for the same cores.
-        return sum(len(self._count_tokenizer.encode(text).ids) for text in texts)
+        """Tokens the serving model will see for `texts` (special tokens included, truncated)."""
+        return self.model.count_tokens(texts)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -174,6 +142,8 @@ class EmbeddingEngine:
         self._count_queued(-self._queued_texts)
 
     async def close(self) -> None:
+        if self._swap is not None:
+            self._swap.cancel()  # its worker thread finishes loading; the result is dropped
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             batcher.cancel()
@@ -189,21 +159,91 @@ class EmbeddingEngine:
         self._count_queued(-self._queued_texts)
         self._executor.shutdown(wait=False, cancel_futures=True)
         self._model = None
-        self._onnx = None
+        self._retiring.clear()
 
     # -- the model ---------------------------------------------------------------------------
 
-    def _encode(self, texts: Sequence[str]) -> np.ndarray:
-        assert self._model is not None
-        if self._onnx is not None:
-            return self._onnx.encode(list(texts), self.settings.encode_batch_size)
-        vectors = self._model.encode(
-            list(texts),
-            batch_size=self.settings.encode_batch_size,
-            normalize_embeddings=True,
-            convert_to_numpy=True,
+    def _encode(self, texts: Sequence[str], model: LoadedModel | None = None) -> np.ndarray:
+        """Runs in the model thread, on `model` (a batch's snapshot) or else the serving one."""
+        return (model or self.model).encode(texts)
+
+    # -- swaps -------------------------------------------------------------------------------
+
+    def model_info(self) -> common_pb2.ModelInfo:
+        info = self.model.info()
+        info.swaps = self.swaps
+        info.retiring_calls = sum(model.batches for model in self._retiring)
+        return info
+
+    async def swap(
+        self, path: Path, *, name: str = "", backend: str = "", allow_dimension_change: bool = False
+    ) -> common_pb2.ModelInfo:
+        """Serves the model folder at `path` from the next batch on (the old one keeps serving
+        until then, and for good if the new one fails). One swap at a time; a swap goes on to
+        its end even if its caller leaves (GetModel shows the outcome)."""
+        serving = self.model
+        if self._batcher is None:
+            raise Unavailable("embedder: model is still loading")
+        if self._swap is not None:
+            raise FailedPrecondition("embedder: a model swap is already in progress")
+        if not path.exists():
+            raise InvalidArgument("model_path", f"{str(path)!r} does not exist on this replica")
+        if not path.is_dir():
+            raise InvalidArgument("model_path", f"{str(path)!r} is not a folder (a sentence-transformers model)")
+        swap = asyncio.create_task(
+            self._swap_to(path, name or self._name_for(path), backend or serving.backend, allow_dimension_change),
+            name="embedder-model-swap",
         )
-        return np.asarray(vectors, dtype=np.float32)
+        self._swap = swap
+        swap.add_done_callback(self._swap_ended)  # before the caller's: a new swap may follow at once
+        return await asyncio.shield(swap)
+
+    def _swap_ended(self, swap: asyncio.Task[common_pb2.ModelInfo]) -> None:
+        self._swap = None
+        if not swap.cancelled():
+            swap.exception()  # retrieved here too: the caller may have left
+
+    def _name_for(self, path: Path) -> str:
+        configured = self.settings.resolved_model_path()
+        return self.settings.model_name if path.absolute() == configured.absolute() else path.absolute().name
+
+    async def _swap_to(self, path: Path, name: str, backend: str, allow_dimension_change: bool) -> common_pb2.ModelInfo:
+        old = self.model
+        try:
+            # A worker thread of its own: the model thread keeps encoding batches meanwhile.
+            new = await asyncio.to_thread(load_model, path, name, backend, self.settings)
+        except Exception as error:
+            log.warning("[MODEL] swap to %s failed, still serving %s: %r", path, old.name, error)
+            reason = f"{type(error).__name__}: {error}".strip()[:500]
+            raise FailedPrecondition(f"model_path: {str(path)!r} failed to load ({reason}); still serving {old.name}") from error
+        if self._batcher is None or self._model is not old:
+            raise Unavailable("embedder: shutting down")
+        if new.dimension != old.dimension and not allow_dimension_change:
+            raise FailedPrecondition(
+                f"model_path: {str(path)!r} makes {new.dimension}-dimension vectors but the serving model "
+                f"{old.name} makes {old.dimension}: "
+                f"knowledge bases built with {old.name} could not be searched or written until rebuilt; "
+                "set allow_dimension_change to swap anyway"
+            )
+        self._model = new
+        self.swaps += 1
+        if old.batches:
+            self._retiring.append(old)  # released by the last batch that runs on it
+        else:
+            self._release(old)
+        log.info(
+            "[MODEL] embedder serves %s (%s, %d dimensions; loaded and warmed up in %.1f s) in place of %s",
+            new.name, new.backend, new.dimension, new.load_seconds, old.name,
+        )
+        info = self.model_info()
+        info.replaced = old.name
+        return info
+
+    def _release(self, model: LoadedModel) -> None:
+        """Drops the engine's last reference to a swapped-out model: its memory goes with it."""
+        if model in self._retiring:
+            self._retiring.remove(model)
+        log.info("[MODEL] released %s", model.name)
 
     # -- calls -------------------------------------------------------------------------------
 
@@ -305,9 +345,11 @@ class EmbeddingEngine:
 
     async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         texts = [text for pending in batch for text in pending.texts]
+        model = self.model  # this batch's model, even if a swap happens while it runs
+        model.batches += 1
         started_at = time.perf_counter()
         try:
-            vectors = await loop.run_in_executor(self._executor, self._encode, texts)
+            vectors = await loop.run_in_executor(self._executor, self._encode, texts, model)
         except asyncio.CancelledError:  # close(): the calls of this batch get no answer
             gone = Unavailable("embedder: shutting down")
             for pending in batch:
@@ -320,6 +362,10 @@ class EmbeddingEngine:
                 if not pending.future.done():
                     pending.future.set_exception(error)
             return
+        finally:
+            model.batches -= 1
+            if model.batches == 0 and model in self._retiring:
+                self._release(model)
         finished_at = time.perf_counter()
         inference_ms = (finished_at - started_at) * 1000
         stats = self.stats
@@ -339,7 +385,7 @@ class EmbeddingEngine:
                 pending.future.set_result(
                     EmbeddingBatch(
                         vectors=vectors[offset:end],
-                        model=self.settings.model_name,
+                        model=model.name,
                         dimension=int(vectors.shape[1]),
                         queue_ms=(started_at - pending.enqueued_at) * 1000,
                         inference_ms=inference_ms,

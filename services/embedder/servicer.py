@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 
 from askmesh.runtime.errors import InvalidArgument, unary_rpc
-from askmesh.v1 import embedder_pb2, embedder_pb2_grpc
+from askmesh.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
 from services.embedder.config import EmbedderSettings
 from services.embedder.engine import EmbeddingEngine
 
@@ -28,6 +29,16 @@ def validate_texts(texts: Sequence[str], settings: EmbedderSettings) -> None:
                 f"texts[{index}]",
                 f"has {len(text)} characters; the limit is {settings.max_text_chars}",
             )
+
+
+BACKENDS = ("torch", "onnx")
+
+
+def validate_swap(request: common_pb2.SwapModelRequest) -> None:
+    if not request.model_path.strip():
+        raise InvalidArgument("model_path", "is empty")
+    if request.backend and request.backend not in BACKENDS:
+        raise InvalidArgument("backend", f"{request.backend!r} must be one of {', '.join(BACKENDS)} (empty: keep the current one)")
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
@@ -50,4 +61,20 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
                 inference_ms=batch.inference_ms,
                 total_ms=(time.perf_counter() - received_at) * 1000,
             ),
+        )
+
+    @unary_rpc
+    async def GetModel(self, request: common_pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
+        return self.engine.model_info()
+
+    @unary_rpc
+    async def SwapModel(
+        self, request: common_pb2.SwapModelRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ModelInfo:
+        validate_swap(request)
+        return await self.engine.swap(
+            Path(request.model_path),
+            name=request.model_name.strip(),
+            backend=request.backend,
+            allow_dimension_change=request.allow_dimension_change,
         )
