@@ -13,6 +13,7 @@ from askmesh.v1 import common_pb2, generator_pb2
 from services.generator.backends import create_backend
 from services.generator.backends.base import FinishEvent, GenerationBackend, GenerationInput, TokenEvent
 from services.generator.config import GeneratorSettings
+from services.generator.models import ServingModels
 
 ROLE_NAMES = {
     common_pb2.ROLE_SYSTEM: "system",
@@ -24,8 +25,8 @@ ROLE_NAMES = {
 class GenerationEngine:
     def __init__(self, settings: GeneratorSettings, backend: GenerationBackend | None = None) -> None:
         self.settings = settings
-        self.backend = backend or create_backend(settings)
-        self.model_name = settings.resolved_model_name()
+        # The serving model, those swapped out that still finish generations, and swaps.
+        self.models = ServingModels(settings, backend or create_backend(settings))
         self.slots = settings.resolved_concurrency()
         self._slots = asyncio.Semaphore(self.slots)
         self.running = 0
@@ -33,13 +34,21 @@ class GenerationEngine:
         self.refused = 0
         self.ready = False
 
+    @property
+    def backend(self) -> GenerationBackend:
+        return self.models.current.backend
+
+    @property
+    def model_name(self) -> str:
+        return self.models.current.name
+
     async def start(self) -> None:
-        await self.backend.start()
+        await self.models.start()
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
-        await self.backend.close()
+        await self.models.close()
 
     def to_input(self, request: generator_pb2.GenerateRequest) -> GenerationInput:
         """The backend's input, with the configured defaults for unset parameters."""
@@ -81,12 +90,13 @@ class GenerationEngine:
             metrics.GENERATION_QUEUE.labels("generator").dec()
         self.running += 1
         metrics.GENERATIONS_RUNNING.labels("generator").inc()
+        model = self.models.acquire()  # this generation's model, even if a swap happens meanwhile
         try:
             started_at = time.perf_counter()
             first_token_at: float | None = None
             # aclosing: a caller that leaves closes the backend's stream at once (stopping the
             # generation upstream), not whenever the garbage collector gets to it.
-            async with contextlib.aclosing(self.backend.generate(generation_input)) as events:
+            async with contextlib.aclosing(model.backend.generate(generation_input)) as events:
                 async for event in events:
                     if isinstance(event, TokenEvent):
                         if first_token_at is None:
@@ -94,16 +104,17 @@ class GenerationEngine:
                             metrics.GENERATION_TTFT.labels("generator").observe(first_token_at - queued_at)
                         yield generator_pb2.GenerateResponse(delta=common_pb2.TokenDelta(text=event.text))
                     elif isinstance(event, FinishEvent):
-                        yield self._done(event, queued_at, started_at, first_token_at)
+                        yield self._done(event, queued_at, started_at, first_token_at, model.name)
                         return
         finally:
+            self.models.release(model)
             self.running -= 1
             metrics.GENERATIONS_RUNNING.labels("generator").dec()
             self._slots.release()
         raise Unavailable("generator: the backend ended without a finish reason")
 
     def _done(
-        self, event: FinishEvent, queued_at: float, started_at: float, first_token_at: float | None
+        self, event: FinishEvent, queued_at: float, started_at: float, first_token_at: float | None, model: str
     ) -> generator_pb2.GenerateResponse:
         finished_at = time.perf_counter()
         first = first_token_at or finished_at
@@ -121,6 +132,6 @@ class GenerationEngine:
                     total_ms=(finished_at - queued_at) * 1000,
                     tokens_per_second=max(tokens_per_second, 0.0),
                 ),
-                model=self.model_name,
+                model=model,
             )
         )

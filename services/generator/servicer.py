@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from askmesh.runtime.errors import InvalidArgument, streaming_rpc
+from askmesh.runtime.errors import InvalidArgument, Unavailable, streaming_rpc, unary_rpc
 from askmesh.runtime.validation import check_count, check_generation_parameters
 from askmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.generator.config import GeneratorSettings
@@ -50,3 +50,21 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         validate_parameters(request.parameters, self.engine.settings)
         async for response in self.engine.generate(request):
             yield response
+
+    @unary_rpc
+    async def GetModel(self, request: common_pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
+        return self.engine.models.info()
+
+    @unary_rpc
+    async def SwapModel(
+        self, request: common_pb2.SwapModelRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ModelInfo:
+        if not request.model_path.strip():
+            raise InvalidArgument("model_path", "is empty")
+        if request.backend:
+            raise InvalidArgument("backend", "is for embedders; a generator's backend is fixed by its settings")
+        if request.allow_dimension_change:
+            raise InvalidArgument("allow_dimension_change", "is for embedders")
+        if not self.engine.ready:
+            raise Unavailable("generator: model is still loading")
+        return await self.engine.models.swap(request.model_path, request.model_name.strip())

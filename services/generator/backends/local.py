@@ -77,8 +77,13 @@ class LlamaCppBackend:
         await warm_up(self, max_new_tokens=2)
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        self._llama = None
+        # Waited for off the event loop: a generation that was told to stop may still be
+        # finishing its token. Then the model's memory is freed now, not whenever the garbage
+        # collector gets to it (a swapped-out model must not linger beside the new one).
+        await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
+        llama, self._llama = self._llama, None
+        if llama is not None:
+            llama.close()
 
     def _prompt_tokens(self, request: GenerationInput) -> tuple[list[int], list[str]]:
         assert self._llama is not None and self._formatter is not None
