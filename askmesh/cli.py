@@ -621,6 +621,98 @@ def cancel(task_id: str, address: Address = "127.0.0.1:50051") -> None:
     console.print(f"task {task.id}: {state}{pending}", highlight=False)
 
 
+# -- models -------------------------------------------------------------------------------------
+model_app = typer.Typer(
+    help="Show or swap the model of embedder and generator replicas, without a restart.", no_args_is_help=True
+)
+app.add_typer(model_app, name="model")
+
+
+class ModelTier(str, Enum):
+    embedder = "embedder"
+    generator = "generator"
+
+
+# A swap is per replica: each is called at its own address, not through Envoy (which would pick one).
+ReplicaAddresses = Annotated[
+    list[str], typer.Option("--address", help="A replica's own host:port, not Envoy's (repeatable).")
+]
+
+
+def _model_summary(info: common_pb2.ModelInfo) -> str:
+    facts = [info.backend, *([f"{info.dimension} dimensions"] if info.dimension else [])]
+    swaps = f"; {_plural(info.swaps, 'swaps')}" if info.swaps else ""
+    retiring = f"; {info.retiring_calls} calls finishing on the replaced model" if info.retiring_calls else ""
+    return (
+        f"{info.name} ({', '.join(facts)}) from {info.path}, loaded {_time(info.loaded_at)} "
+        f"in {info.load_seconds:.1f} s{swaps}{retiring}"
+    )
+
+
+@model_app.command("show")
+def model_show(tier: ModelTier, address: ReplicaAddresses) -> None:
+    """Show the model each replica serves."""
+    failed = False
+    for replica in address:
+        try:
+            with client.connect(replica) as channel:
+                info = client.get_model(channel, tier.value)
+        except grpc.RpcError as error:
+            _print_rpc_error(error, prefix=f"{replica}: ")
+            failed = True
+            continue
+        except ValueError as error:
+            errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from error
+        console.print(f"{replica}: {_model_summary(info)}", markup=False, highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
+
+
+@model_app.command("swap")
+def model_swap(
+    tier: ModelTier,
+    path: Annotated[
+        str,
+        typer.Argument(
+            help="On the replicas' file system: a sentence-transformers folder (embedder) or a GGUF file (local "
+            "generator); for a generator on an OpenAI-compatible server, a model name that server serves."
+        ),
+    ],
+    address: ReplicaAddresses,
+    name: Annotated[str, typer.Option(help="The name responses report (default: from the path).")] = "",
+    backend: Annotated[str, typer.Option(help="Embedder only: torch or onnx (default: keep the current one).")] = "",
+    allow_dimension_change: Annotated[
+        bool,
+        typer.Option(help="Embedder only: accept another vector length (knowledge bases must then be rebuilt)."),
+    ] = False,
+) -> None:
+    """Swap the model of each replica in turn: each loads the new model beside the old one, warms it
+    up, then switches; calls in flight finish on the old model. Stops at the first replica that
+    refuses or fails (it keeps its old model) and names those not tried; the replicas before it
+    serve the new model: fix the cause and run the swap again, or swap them back."""
+    for index, replica in enumerate(address):
+        try:
+            with client.connect(replica) as channel:
+                info = client.swap_model(
+                    channel, tier.value, path, model_name=name, backend=backend,
+                    allow_dimension_change=allow_dimension_change,
+                )
+        except grpc.RpcError as error:
+            _print_rpc_error(error, prefix=f"{replica}: ")
+            for skipped in address[index + 1 :]:
+                errors.print(f"{skipped}: not swapped (stopped after {replica} failed)", markup=False, highlight=False)
+            raise typer.Exit(1) from error
+        except ValueError as error:
+            errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from error
+        console.print(
+            f"{replica}: now serves {info.name} (replaced {info.replaced or 'nothing'}; loaded and warmed up "
+            f"in {info.load_seconds:.1f} s)",
+            markup=False, highlight=False, soft_wrap=True,
+        )
+
+
 def main() -> None:
     app()
 

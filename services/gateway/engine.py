@@ -167,6 +167,7 @@ class GatewayEngine:
                             finish_reason=message.done.finish_reason,
                             usage=message.done.usage,
                             model=message.done.model,
+                            embedding_model=embedded.model,
                             timings=gateway_pb2.AskTimings(
                                 embed_ms=(embedded_at - embed_started) * 1000,
                                 search_ms=(searched_at - embedded_at) * 1000,
