@@ -248,7 +248,7 @@ ChunkOverlap = Annotated[Optional[int], typer.Option(help="Characters shared by 
 
 
 def _print_rpc_error(error: grpc.RpcError, prefix: str = "") -> None:
-    errors.print(f"{prefix}error: {error.code().name}: {error.details()}", markup=False, highlight=False, soft_wrap=True)  # type: ignore[attr-defined]
+    errors.print(f"{prefix}error: {client.status_of(error).name}: {error.details()}", markup=False, highlight=False, soft_wrap=True)  # type: ignore[attr-defined]
 
 
 @contextmanager
@@ -635,8 +635,22 @@ class ModelTier(str, Enum):
 
 # A swap is per replica: each is called at its own address, not through Envoy (which would pick one).
 ReplicaAddresses = Annotated[
-    list[str], typer.Option("--address", help="A replica's own host:port, not Envoy's (repeatable).")
+    Optional[list[str]],
+    typer.Option(
+        "--address", help="A replica's own host:port, not Envoy's (repeatable; default: every replica of `askmesh up`)."
+    ),
 ]
+
+
+def _replica_addresses(tier: str, addresses: list[str] | None, control: str) -> list[str]:
+    """The addresses given, else every replica of the tier that `askmesh up` runs."""
+    if addresses:
+        return addresses
+    from askmesh.v1 import mesh_pb2, mesh_pb2_grpc
+
+    with _reported_errors(), grpc.insecure_channel(control) as channel:
+        reply = mesh_pb2_grpc.MeshControlStub(channel).ListReplicas(mesh_pb2.ListReplicasRequest(), timeout=10)
+    return [replica.address for replica in reply.replicas if replica.tier == tier]
 
 
 def _model_summary(info: common_pb2.ModelInfo) -> str:
@@ -650,8 +664,9 @@ def _model_summary(info: common_pb2.ModelInfo) -> str:
 
 
 @model_app.command("show")
-def model_show(tier: ModelTier, address: ReplicaAddresses) -> None:
+def model_show(tier: ModelTier, address: ReplicaAddresses = None, control: ControlAddress = "127.0.0.1:50050") -> None:
     """Show the model each replica serves."""
+    address = _replica_addresses(tier.value, address, control)
     failed = False
     for replica in address:
         try:
@@ -679,7 +694,8 @@ def model_swap(
             "generator); for a generator on an OpenAI-compatible server, a model name that server serves."
         ),
     ],
-    address: ReplicaAddresses,
+    address: ReplicaAddresses = None,
+    control: ControlAddress = "127.0.0.1:50050",
     name: Annotated[str, typer.Option(help="The name responses report (default: from the path).")] = "",
     backend: Annotated[str, typer.Option(help="Embedder only: torch or onnx (default: keep the current one).")] = "",
     allow_dimension_change: Annotated[
@@ -691,6 +707,7 @@ def model_swap(
     up, then switches; calls in flight finish on the old model. Stops at the first replica that
     refuses or fails (it keeps its old model) and names those not tried; the replicas before it
     serve the new model: fix the cause and run the swap again, or swap them back."""
+    address = _replica_addresses(tier.value, address, control)
     for index, replica in enumerate(address):
         try:
             with client.connect(replica) as channel:

@@ -347,6 +347,39 @@ def hung_generator_is_ejected(mesh: LocalMesh, load: AskLoad) -> tuple[ScenarioR
     ), ejected_s
 
 
+def swap_models_under_load(mesh: LocalMesh, load: AskLoad) -> tuple[ScenarioReport, dict[str, str]]:
+    """Every generator and embedder replica switches to another model file while Asks stream.
+
+    The "other" models are the same weights under another name (a link), since these are the
+    only models on this machine: what is swapped is the loaded model object, and the name each
+    answer reports tells which one served it.
+    """
+    events: list[str] = []
+    settle(load, "before", 6)
+    load.set_phase("swapping")
+    new_names: dict[str, str] = {}
+    for tier in ("generator", "embedder"):
+        for replica in list(mesh.replicas[tier]):
+            assert replica.address is not None
+            with grpc.insecure_channel(replica.address) as channel:
+                current = Path(client.get_model(channel, tier).path)
+                link = mesh.layout.data_dir / "models" / f"{current.stem}-swapped{current.suffix}"
+                link.parent.mkdir(parents=True, exist_ok=True)
+                if not link.exists():
+                    link.symlink_to(current)
+                started = time.monotonic()
+                info = client.swap_model(channel, tier, str(link))
+            new_names[tier] = info.name
+            events.append(
+                f"{replica.name}: {info.replaced} -> {info.name} in {time.monotonic() - started:.1f} s "
+                f"(load {info.load_seconds:.1f} s; {info.retiring_calls} calls still on the old model)"
+            )
+    settle(load, "after", 12)
+    return summarize(
+        "Model hot swap of every generator and embedder replica", load, ["before", "swapping", "after"], events
+    ), new_names
+
+
 # -- the report ---------------------------------------------------------------------------------
 def write_report(reports: list[ScenarioReport], path: Path) -> None:
     header = [

@@ -60,6 +60,20 @@ def test_rolling_restart_of_every_tier_under_load_fails_nothing(
     assert all(mesh.cluster_health()[name] == [True, True] for name in SERVICES)
 
 
+def test_model_hot_swap_under_load_fails_nothing_and_later_answers_come_from_the_new_models(
+    mesh: LocalMesh, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with chaos.running_load(mesh) as load:
+        report, new_names = chaos.swap_models_under_load(mesh, load)
+    show(report, capsys)
+    assert_every_call_answered(load)
+    assert new_names["generator"].endswith("-swapped") and new_names["embedder"].endswith("-swapped")
+    after = load.in_phase("after")
+    assert after and all(r.model == new_names["generator"] for r in after)
+    assert all(r.embedding_model == new_names["embedder"] for r in after)
+    assert any(r.model != new_names["generator"] for r in load.in_phase("before"))
+
+
 def test_sigterm_to_a_generator_mid_stream_lets_its_streams_finish(
     mesh: LocalMesh, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -127,6 +141,13 @@ def test_askmesh_restart_does_a_rolling_restart_through_the_control_channel(mesh
         result["list"] = subprocess.run(
             [str(VENV_BIN / "askmesh"), "replicas", *args], capture_output=True, text=True, timeout=60, env=env
         )
+        result["models"] = subprocess.run(
+            [str(VENV_BIN / "askmesh"), "model", "show", "generator", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
 
     cli = threading.Thread(target=run_cli)
     cli.start()
@@ -143,5 +164,9 @@ def test_askmesh_restart_does_a_rolling_restart_through_the_control_channel(mesh
     new = {p.name for p in mesh.replicas["gateway"]}
     assert len(new) == 2 and not new & old
     assert result["bad"].returncode == 2 and "search" in result["bad"].stderr
+    models = result["models"]
+    assert models.returncode == 0, models.stderr
+    generators = [p.address for p in mesh.replicas["generator"]]
+    assert [line.split(": ")[0] for line in models.stdout.splitlines() if "SmolLM2" in line] == generators
     listing = result["list"].stdout
     assert all(name in listing for name in new) and listing.count("healthy") >= 8 and "UNHEALTHY" not in listing
