@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -168,5 +169,12 @@ def test_askmesh_restart_does_a_rolling_restart_through_the_control_channel(mesh
     assert models.returncode == 0, models.stderr
     generators = [p.address for p in mesh.replicas["generator"]]
     assert [line.split(": ")[0] for line in models.stdout.splitlines() if "SmolLM2" in line] == generators
+    # Every replica serves its Prometheus metrics on the port the listing shows.
+    for name in SERVICES:
+        for replica in mesh.replicas[name]:
+            assert replica.metrics_address and replica.metrics_address in result["list"].stdout
+            with urllib.request.urlopen(f"http://{replica.metrics_address}/metrics", timeout=10) as response:
+                exposition = response.read().decode()
+            assert f'askmesh_serving{{service="{name}"}} 1.0' in exposition
     listing = result["list"].stdout
     assert all(name in listing for name in new) and listing.count("healthy") >= 8 and "UNHEALTHY" not in listing
