@@ -389,7 +389,8 @@ def write_report(reports: list[ScenarioReport], path: Path) -> None:
         "",
         f"Mesh: two replicas of every tier, Milvus Lite server, real Envoy; load: {CONCURRENCY} concurrent",
         "closed-loop Ask streams through the front door (one question, 12 new tokens, greedy).",
-        "A call counts in the phase it started in; latency is the whole stream (p50/p99 of the",
+        "A call counts in the phase it started in (so a stream cut by the gateway's kill may show in",
+        "the row of the kill before it); latency is the whole stream (p50/p99 of the",
         "calls that succeeded). Produced by `python -m benchmarks.chaos` (tests/test_chaos.py runs",
         "the same scenarios and asserts on them).",
         "",
@@ -405,6 +406,7 @@ def main() -> None:
         try:
             for scenario in (
                 rolling_restart_every_tier,
+                swap_models_under_load,
                 sigterm_generator_mid_stream,
                 hung_generator_is_ejected,
                 kill_one_replica_of_each_tier,
@@ -412,6 +414,17 @@ def main() -> None:
                 with running_load(mesh) as load:
                     result = scenario(mesh, load)
                 report = result[0] if isinstance(result, tuple) else result
+                if isinstance(result, tuple) and isinstance(result[1], Kills):
+                    for outcome in result[1].outcomes(load, recover_s=3.0):
+                        codes = Counter(f.code for f in outcome.failures)
+                        before = all(f.started < outcome.killed_at for f in outcome.failures)
+                        report.events.append(
+                            f"{outcome.victim}: {len(outcome.failures)} calls failed "
+                            f"({', '.join(f'{c} {n}' for c, n in codes.items()) or 'none'}), "
+                            f"{'all' if before else 'NOT all'} sent before the kill; "
+                            f"{sum(r.ok for r in outcome.late_calls)}/{len(outcome.late_calls)} calls sent 3 s or more "
+                            "after it succeeded"
+                        )
                 print(report.table())
                 reports.append(report)
         finally:

@@ -23,7 +23,8 @@ from askmesh.mesh import SERVICES, LocalMesh
 from askmesh.mesh_control import ControlServer
 from benchmarks import chaos
 
-pytestmark = pytest.mark.mesh
+# Restarting replicas under load on 2 cores takes minutes; the default 300 s per test is too tight.
+pytestmark = [pytest.mark.mesh, pytest.mark.timeout(900)]
 VENV_BIN = Path(sys.executable).parent
 
 
