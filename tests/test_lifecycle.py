@@ -23,8 +23,11 @@ async def test_not_serving_until_warm_then_serving_then_not_serving_on_stop() ->
         return None
 
     definition = ServiceDefinition(
-        "embedder", ["askmesh.v1.Embedder"], lambda s: embedder_pb2_grpc.add_EmbedderServicer_to_server(embedder_pb2_grpc.EmbedderServicer(), s),
-        start=load_model, close=close,
+        "embedder",
+        ["askmesh.v1.Embedder"],
+        lambda s: embedder_pb2_grpc.add_EmbedderServicer_to_server(embedder_pb2_grpc.EmbedderServicer(), s),
+        start=load_model,
+        close=close,
     )
     settings = ServiceSettings(port=1, grace_period_s=1)
     settings.port = 0
@@ -58,12 +61,12 @@ async def test_not_serving_until_warm_then_serving_then_not_serving_on_stop() ->
 
 # -- draining on stop --------------------------------------------------------------------------
 
-from collections.abc import AsyncIterator  # noqa: E402
+from collections.abc import AsyncIterator
 
-import pytest  # noqa: E402
+import pytest
 
-from askmesh.runtime.errors import streaming_rpc  # noqa: E402
-from askmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc  # noqa: E402
+from askmesh.runtime.errors import streaming_rpc, unary_rpc
+from askmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 
 
 class TickingGenerator(generator_pb2_grpc.GeneratorServicer):
@@ -73,7 +76,9 @@ class TickingGenerator(generator_pb2_grpc.GeneratorServicer):
         self.closed_early = asyncio.Event()
 
     @streaming_rpc(lambda error: generator_pb2.GenerateResponse(error=error))
-    async def Generate(self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[generator_pb2.GenerateResponse]:
+    async def Generate(
+        self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generator_pb2.GenerateResponse]:
         count = request.parameters.max_new_tokens
         finished = False
         try:
@@ -81,10 +86,23 @@ class TickingGenerator(generator_pb2_grpc.GeneratorServicer):
                 yield generator_pb2.GenerateResponse(delta=common_pb2.TokenDelta(text=f"{index} "))
                 await asyncio.sleep(0.05)
             finished = True
-            yield generator_pb2.GenerateResponse(done=generator_pb2.GenerateDone(finish_reason=common_pb2.FINISH_REASON_LENGTH))
+            yield generator_pb2.GenerateResponse(
+                done=generator_pb2.GenerateDone(finish_reason=common_pb2.FINISH_REASON_LENGTH)
+            )
         finally:
             if not finished:
                 self.closed_early.set()
+
+    @unary_rpc
+    async def GetModel(
+        self, request: common_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.ModelInfo:
+        """A unary call that takes far longer than any grace period here."""
+        try:
+            await asyncio.sleep(30)
+        finally:
+            self.closed_early.set()
+        return common_pb2.ModelInfo(name="never")
 
 
 async def start_ticking(grace_s: float) -> tuple[ServiceRunner, TickingGenerator]:
@@ -94,8 +112,12 @@ async def start_ticking(grace_s: float) -> tuple[ServiceRunner, TickingGenerator
         return None
 
     definition = ServiceDefinition(
-        "generator", ["askmesh.v1.Generator"], lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(servicer, s),
-        start=nothing, close=nothing, servicers=[servicer],
+        "generator",
+        ["askmesh.v1.Generator"],
+        lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(servicer, s),
+        start=nothing,
+        close=nothing,
+        servicers=[servicer],
     )
     settings = ServiceSettings(port=1, grace_period_s=grace_s)
     settings.port = 0
@@ -152,3 +174,32 @@ async def test_a_stream_outlasting_the_grace_period_ends_with_a_final_error_not_
     assert (messages[-1].error.code, messages[-1].error.message) == ("UNAVAILABLE", "server shutting down")
     assert await call.code() == grpc.StatusCode.UNAVAILABLE
     assert servicer.closed_early.is_set()  # the work behind the stream was stopped too
+
+
+async def test_a_unary_call_outlasting_the_grace_period_ends_with_unavailable_and_its_work_stops() -> None:
+    runner, servicer = await start_ticking(grace_s=0.3)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+        call = generator_pb2_grpc.GeneratorStub(channel).GetModel(common_pb2.GetModelRequest())
+        while runner.calls.total == 0:
+            await asyncio.sleep(0.01)
+        stopping = asyncio.ensure_future(runner.stop())
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await call
+        await stopping
+    assert (ended.value.code(), ended.value.details()) == (grpc.StatusCode.UNAVAILABLE, "server shutting down")
+    assert servicer.closed_early.is_set()
+
+
+async def test_a_stream_whose_caller_leaves_is_closed_and_counted_as_cancelled() -> None:
+    runner, servicer = await start_ticking(grace_s=5)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+        call = generator_pb2_grpc.GeneratorStub(channel).Generate(ticks(1000))
+        assert (await call.read()).HasField("delta")
+        call.cancel()
+        await asyncio.wait_for(servicer.closed_early.wait(), 10)
+        while runner.calls.total:
+            await asyncio.sleep(0.01)
+        # The server keeps serving others: the cancellation was the caller's, not a drain's.
+        again = generator_pb2_grpc.GeneratorStub(channel).Generate(ticks(2))
+        assert [m.WhichOneof("event") async for m in again] == ["delta", "delta", "done"]
+    await runner.stop()

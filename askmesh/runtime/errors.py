@@ -84,12 +84,18 @@ def unary_rpc(
             if calls is None:
                 return await method(self, request, context)
             with calls.track(method.__name__):
-                call = asyncio.ensure_future(method(self, request, context))
-                await asyncio.wait({call, calls.expired}, return_when=asyncio.FIRST_COMPLETED)
-                if not call.done():
-                    call.cancel()
-                    raise Unavailable(SHUTTING_DOWN)
-                return call.result()
+                expiry = _ExpiryCancel(calls.expired)
+                try:
+                    if calls.expired.done():
+                        raise Unavailable(SHUTTING_DOWN)
+                    expiry.armed = True
+                    return await method(self, request, context)
+                except asyncio.CancelledError:
+                    if expiry.taken_back():
+                        raise Unavailable(SHUTTING_DOWN) from None
+                    raise
+                finally:
+                    expiry.close()
         except grpc.aio.AbortError:
             raise
         except AskmeshError as error:
@@ -153,26 +159,60 @@ def streaming_rpc(
     return decorate
 
 
+class _ExpiryCancel:
+    """Ends a call's wait when the server's drain runs out of time, at no cost per call or message.
+
+    While `armed` (the call's task is awaiting the call's own work), the drain's expiry cancels
+    the task: that await raises CancelledError, and `taken_back()` then tells an expiry (the
+    cancellation is taken back, the call ends with UNAVAILABLE) from a caller that left. Racing
+    each call or message against the expiry instead costs a task and an asyncio.wait each."""
+
+    def __init__(self, expired: asyncio.Future[None]) -> None:
+        self.expired = expired
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.armed = False
+        self.fired = False
+        expired.add_done_callback(self._on_expired)
+
+    def _on_expired(self, _: asyncio.Future[None]) -> None:
+        if self.armed:
+            self.fired = True
+            self.task.cancel()
+
+    def taken_back(self) -> bool:
+        """After a CancelledError: True when the expiry alone caused it (it is then undone)."""
+        return self.fired and self.task.uncancel() == 0
+
+    def close(self) -> None:
+        self.expired.remove_done_callback(self._on_expired)
+
+
 async def _until_expired(messages: AsyncIterator[Response], calls: CallTracker) -> AsyncIterator[Response]:
     """The stream's messages, until the server's drain runs out of time: then it is closed (so
-    its work upstream stops) and Unavailable("server shutting down") is raised in its place."""
+    its work upstream stops) and Unavailable("server shutting down") is raised in its place.
+    An expiry while the stream is being written to its caller is seen at the next step."""
+    expiry = _ExpiryCancel(calls.expired)
     iterator = messages.__aiter__()
-    step: asyncio.Future[Response] | None = None
     try:
         while True:
-            step = asyncio.ensure_future(iterator.__anext__())
-            await asyncio.wait({step, calls.expired}, return_when=asyncio.FIRST_COMPLETED)
-            if not step.done():
+            if calls.expired.done():
                 raise Unavailable(SHUTTING_DOWN)
+            expiry.armed = True
             try:
-                message = step.result()
+                message = await iterator.__anext__()
             except StopAsyncIteration:
                 return
+            except asyncio.CancelledError:
+                if expiry.taken_back():
+                    raise Unavailable(SHUTTING_DOWN) from None
+                raise
+            finally:
+                expiry.armed = False
             yield message
     finally:
-        # Whether the drain expired or the caller left: stop the step under way first (a
-        # generator cannot be closed while it runs), then close the stream.
-        if step is not None and not step.done():
-            step.cancel()
-            await asyncio.gather(step, return_exceptions=True)
+        expiry.close()
+        # The stream is not running now (a generator cannot be closed while it runs): close it,
+        # so its work upstream stops, whether the drain expired or the caller left.
         await iterator.aclose()  # type: ignore[attr-defined]
