@@ -265,3 +265,32 @@ async def test_a_new_generation_is_built_beside_the_old_and_switched_atomically(
     assert await retrieval_engine.drop("kb") is False
     with pytest.raises(NotFound):
         await search(retrieval_engine)
+
+
+async def test_a_search_follows_another_replicas_switch_and_drop(retrieval_engine: RetrievalEngine) -> None:
+    """Searches remember each knowledge base's collection; another replica (a second engine on
+    the same Milvus) switching it to a generation of another dimension, or dropping it, is seen."""
+    await load(retrieval_engine)
+    assert len(await search(retrieval_engine)) == len(CORPUS)  # remembered now
+    other = RetrievalEngine(retrieval_engine.settings)
+    await other.start()
+    try:
+        await other.create_collection(
+            retriever_pb2.CreateCollectionRequest(knowledge_base="kb", generation=2, dimension=3, embedding_model="m3")
+        )
+        small = chunk("z", 0, 0)
+        del small.vector[:]
+        small.vector.extend([1.0, 0.0, 0.0])
+        await other.upsert(retriever_pb2.UpsertRequest(knowledge_base="kb", chunks=[small], generation=2))
+        await other.switch_generation("kb", 2)
+
+        found = await retrieval_engine.search(retriever_pb2.SearchRequest(knowledge_base="kb", vector=[0.0, 1.0, 0.0]))
+        assert [r.chunk.id for r in found.results] == ["z-0"]
+        with pytest.raises(FailedPrecondition):
+            await search(retrieval_engine)  # 8 numbers: the old generation's length
+
+        await other.drop("kb")
+        with pytest.raises(NotFound):
+            await retrieval_engine.search(retriever_pb2.SearchRequest(knowledge_base="kb", vector=[0.0, 1.0, 0.0]))
+    finally:
+        await other.close()

@@ -31,7 +31,7 @@ from google.protobuf import json_format, struct_pb2
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from askmesh.runtime import metrics
-from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from askmesh.runtime.validation import MAX_DECLARED_STRING, check_schema, typed_value
 from askmesh.v1 import common_pb2, retriever_pb2
 from services.retriever.config import RetrieverSettings
@@ -82,6 +82,10 @@ class RetrievalEngine:
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="retriever-milvus")
         # Creating and switching collections is check-then-act: serialize it within this replica.
         self._admin_lock = threading.Lock()
+        # The active collection's state per knowledge base as searches last saw it, so a search
+        # is one Milvus call rather than three. Other replicas may switch or drop the alias, so a
+        # search that fails with a remembered state forgets it and is made again with a fresh one.
+        self._active: dict[str, CollectionState] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
     def _connect(self) -> MilvusClient:
@@ -202,6 +206,7 @@ class RetrievalEngine:
             with self._admin_lock:
                 target = self._resolve(knowledge_base, generation)
                 self.client.alter_alias(target.name, alias_name(knowledge_base))
+                self._active.pop(knowledge_base, None)
                 for name in self._generations(knowledge_base):
                     if name != target.name:
                         self.client.drop_collection(name)
@@ -220,6 +225,7 @@ class RetrievalEngine:
                 for name in self._generations(knowledge_base):
                     self.client.drop_collection(name)
                     existed = True
+                self._active.pop(knowledge_base, None)
                 return existed
 
         return await self._run(drop)
@@ -246,7 +252,19 @@ class RetrievalEngine:
         vector = list(request.vector)
 
         def search() -> list[Any]:
+            remembered = self._active.get(request.knowledge_base)
+            if remembered is not None:
+                try:
+                    return search_in(remembered)
+                except (MilvusException, AskmeshError):
+                    # Perhaps another replica switched or dropped it since: the alias decides.
+                    self._active.pop(request.knowledge_base, None)
             state = self._resolve(request.knowledge_base)
+            hits = search_in(state)
+            self._active[request.knowledge_base] = state
+            return hits
+
+        def search_in(state: CollectionState) -> list[Any]:
             _check_dimension(request.knowledge_base, state, len(vector))
             expression = _and(
                 build_filter(
@@ -258,6 +276,9 @@ class RetrievalEngine:
                 _pins_expression(request.pins),
             )
             hits = self.client.search(
+                # Through the alias, always: a remembered state only checks the vector and builds
+                # the filter. One gone stale (another generation with another dimension or
+                # schema, or none) makes this fail, and the search is made again afresh.
                 alias_name(request.knowledge_base),
                 data=[vector],
                 anns_field="vector",
