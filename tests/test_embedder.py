@@ -13,7 +13,7 @@ from askmesh.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder import onnx_backend
 from services.embedder.config import EmbedderSettings
 from services.embedder.engine import EmbeddingEngine
-from services.embedder.servicer import EmbedderServicer
+from services.embedder.servicer import EmbedderServicer, embedding_wire_form
 from tests.conftest import start_in_process
 
 
@@ -52,6 +52,23 @@ async def test_embed_over_grpc(embedder: embedder_pb2_grpc.EmbedderStub) -> None
     assert response.model == "all-MiniLM-L6-v2"
     assert response.timings.inference_ms > 0
     assert response.timings.total_ms >= response.timings.inference_ms
+
+
+async def test_embed_over_grpc_returns_the_engines_vectors_exactly(
+    embedder: embedder_pb2_grpc.EmbedderStub, embedding_engine: EmbeddingEngine
+) -> None:
+    texts = ["How much is the hotel allowance in Paris?", "The cat sat."]
+    response = await embedder.Embed(embedder_pb2.EmbedRequest(texts=texts))
+    received = np.array([list(e.values) for e in response.embeddings], dtype=np.float32)
+    assert np.array_equal(received, (await embedding_engine.embed(texts)).vectors)
+
+
+@pytest.mark.parametrize("dimension", [1, 31, 384, 40_000])
+def test_embedding_wire_form_is_the_serialized_message(dimension: int) -> None:
+    vector = np.random.default_rng(dimension).standard_normal(dimension).astype(np.float32)
+    expected = embedder_pb2.Embedding(values=vector.tolist())
+    assert embedding_wire_form(vector) == expected.SerializeToString()
+    assert embedder_pb2.Embedding.FromString(embedding_wire_form(vector)) == expected
 
 
 @pytest.mark.parametrize(
