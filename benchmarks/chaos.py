@@ -169,9 +169,17 @@ class PhaseSummary:
 
 @dataclass
 class ScenarioReport:
+    """A scenario's phases, summarized when read: after the load stopped, every call has ended
+    and is counted (a summary taken while calls still stream would leave out the slowest)."""
+
     name: str
-    phases: list[PhaseSummary] = field(default_factory=list)
+    load: AskLoad
+    phase_names: list[str]
     events: list[str] = field(default_factory=list)
+
+    @property
+    def phases(self) -> list[PhaseSummary]:
+        return [PhaseSummary.of(name, self.load.in_phase(name)) for name in self.phase_names]
 
     def table(self) -> str:
         lines = [
@@ -188,7 +196,7 @@ class ScenarioReport:
 
 
 def summarize(name: str, load: AskLoad, phases: list[str], events: list[str]) -> ScenarioReport:
-    return ScenarioReport(name, [PhaseSummary.of(p, load.in_phase(p)) for p in phases], events)
+    return ScenarioReport(name, load, phases, events)
 
 
 # -- the mesh the scenarios run on ------------------------------------------------------------
