@@ -285,7 +285,7 @@ async def test_a_swap_that_cannot_load_leaves_the_old_model_serving(
 async def test_one_embedder_swap_at_a_time(embedder: Embedder, models: dict[str, Path]) -> None:
     engine = embedder.engine
     first = asyncio.create_task(engine.swap(models["minilm-copy"]))
-    await until(lambda: engine._swap is not None, "the first swap has begun")
+    await until(lambda: engine._swap.running, "the first swap has begun")
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await embedder.swap(bundled_embedder())
     assert status_of(error) == (grpc.StatusCode.FAILED_PRECONDITION, "embedder: a model swap is already in progress")
@@ -462,7 +462,7 @@ async def test_a_generator_swap_over_grpc_and_what_it_refuses(
 
     # One swap at a time.
     first = asyncio.create_task(generation.models.swap(str(models["smol-copy"])))
-    await until(lambda: generation.models._swap is not None, "the first swap has begun")
+    await until(lambda: generation.models._swap.running, "the first swap has begun")
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await generator.SwapModel(common_pb2.SwapModelRequest(model_path=str(bundled_gguf())))
     assert status_of(error) == (grpc.StatusCode.FAILED_PRECONDITION, "generator: a model swap is already in progress")

@@ -32,6 +32,7 @@ import numpy as np
 
 from askmesh.runtime import metrics
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from askmesh.runtime.solo import SoloJob
 from askmesh.v1 import common_pb2
 from services.embedder.config import EmbedderSettings
 from services.embedder.models import LoadedModel, load_model
@@ -80,7 +81,7 @@ class EmbeddingEngine:
         self.settings = settings
         self._model: LoadedModel | None = None  # the model new batches run on
         self._retiring: list[LoadedModel] = []  # swapped out, still running a batch
-        self._swap: asyncio.Task[common_pb2.ModelInfo] | None = None
+        self._swap: SoloJob[common_pb2.ModelInfo] = SoloJob("embedder: a model swap")
         self.swaps = 0
         # One model call at a time, off the event loop (torch uses every core for one batch).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder-model")
@@ -142,8 +143,7 @@ class EmbeddingEngine:
         self._count_queued(-self._queued_texts)
 
     async def close(self) -> None:
-        if self._swap is not None:
-            self._swap.cancel()  # its worker thread finishes loading; the result is dropped
+        self._swap.cancel()  # its worker thread finishes loading; the result is dropped
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             batcher.cancel()
@@ -184,24 +184,15 @@ class EmbeddingEngine:
         serving = self.model
         if self._batcher is None:
             raise Unavailable("embedder: model is still loading")
-        if self._swap is not None:
-            raise FailedPrecondition("embedder: a model swap is already in progress")
+        self._swap.refuse_if_running()
         if not path.exists():
             raise InvalidArgument("model_path", f"{str(path)!r} does not exist on this replica")
         if not path.is_dir():
             raise InvalidArgument("model_path", f"{str(path)!r} is not a folder (a sentence-transformers model)")
-        swap = asyncio.create_task(
+        return await self._swap.run(
             self._swap_to(path, name or self._name_for(path), backend or serving.backend, allow_dimension_change),
             name="embedder-model-swap",
         )
-        self._swap = swap
-        swap.add_done_callback(self._swap_ended)  # before the caller's: a new swap may follow at once
-        return await asyncio.shield(swap)
-
-    def _swap_ended(self, swap: asyncio.Task[common_pb2.ModelInfo]) -> None:
-        self._swap = None
-        if not swap.cancelled():
-            swap.exception()  # retrieved here too: the caller may have left
 
     def _name_for(self, path: Path) -> str:
         configured = self.settings.resolved_model_path()

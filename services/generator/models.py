@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
+from askmesh.runtime.solo import SoloJob
 from askmesh.v1 import common_pb2
 from services.generator.backends import create_backend
 from services.generator.backends.base import GenerationBackend
@@ -62,7 +63,7 @@ class ServingModels:
         self.swaps = 0
         self._retiring: list[ServingModel] = []
         self._closing: set[asyncio.Task[None]] = set()
-        self._swap: asyncio.Task[common_pb2.ModelInfo] | None = None
+        self._swap: SoloJob[common_pb2.ModelInfo] = SoloJob("generator: a model swap")
         self._closed = False
 
     async def start(self) -> None:
@@ -74,8 +75,7 @@ class ServingModels:
 
     async def close(self) -> None:
         self._closed = True
-        if self._swap is not None:
-            self._swap.cancel()
+        self._swap.cancel()
         for model in [self.current, *self._retiring]:
             await model.backend.close()
         self._retiring.clear()
@@ -104,18 +104,9 @@ class ServingModels:
         """Serves another model from the next generation on (the old one keeps serving until then,
         and for good if the new one fails). One swap at a time; a swap goes on to its end even if
         its caller leaves (GetModel shows the outcome)."""
-        if self._swap is not None:
-            raise FailedPrecondition("generator: a model swap is already in progress")
+        self._swap.refuse_if_running()
         settings = self._settings_for(model_path, name)
-        swap = asyncio.create_task(self._swap_to(settings, model_path), name="generator-model-swap")
-        self._swap = swap
-        swap.add_done_callback(self._swap_ended)  # before the caller's: a new swap may follow at once
-        return await asyncio.shield(swap)
-
-    def _swap_ended(self, swap: asyncio.Task[common_pb2.ModelInfo]) -> None:
-        self._swap = None
-        if not swap.cancelled():
-            swap.exception()  # retrieved here too: the caller may have left
+        return await self._swap.run(self._swap_to(settings, model_path), name="generator-model-swap")
 
     def _settings_for(self, model_path: str, name: str) -> GeneratorSettings:
         backend = self.settings.backend
