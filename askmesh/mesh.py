@@ -295,16 +295,14 @@ class LocalMesh:
         ]
         popen, log_path = self._spawn(command, dict(os.environ), "milvus")
         self.milvus = Process("milvus", popen, log_path)
-        while True:
-            self._check_alive(self.milvus)
-            try:
-                with socket.create_connection((layout.host, layout.milvus_port), timeout=1):
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise MeshError(f"Milvus Lite server did not open its port in time; see {log_path}")
-            time.sleep(0.2)
+
+        def port_open() -> bool:
+            with socket.create_connection((layout.host, layout.milvus_port), timeout=1):
+                return True
+
+        self._wait_for(
+            self.milvus, deadline, port_open, f"Milvus Lite server did not open its port in time; see {log_path}"
+        )
         self.say(f"  {'milvus':<12} Milvus Lite server on {layout.milvus_uri}")
 
     def _check_alive(self, process: Process) -> None:
@@ -312,21 +310,34 @@ class LocalMesh:
             tail = process.log_path.read_text(errors="replace")[-3000:] if process.log_path.exists() else ""
             raise MeshError(f"{process.name} exited with {process.popen.returncode}; its log ends:\n{tail}")
 
+    def _wait_for(
+        self, process: Process, deadline: float, ready: Callable[[], bool], failure: str, interval_s: float = 0.2
+    ) -> None:
+        """Polls `ready()` until it holds; MeshError if `process` exits or `deadline` passes.
+        `ready` may raise OSError or grpc.RpcError while what it probes is not up yet."""
+        while True:
+            self._check_alive(process)
+            try:
+                if ready():
+                    return
+            except (OSError, grpc.RpcError):
+                pass
+            if time.monotonic() > deadline:
+                raise MeshError(failure)
+            time.sleep(interval_s)
+
     def _wait_serving(self, process: Process, deadline: float) -> None:
         assert process.address is not None
         with grpc.insecure_channel(process.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                self._check_alive(process)
-                try:
-                    reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    raise MeshError(f"{process.name} did not become SERVING in time; see {process.log_path}")
-                time.sleep(0.2)
+
+            def serving() -> bool:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            self._wait_for(
+                process, deadline, serving, f"{process.name} did not become SERVING in time; see {process.log_path}"
+            )
 
     # -- Envoy's view ----------------------------------------------------------------------
     def envoy_hosts(self) -> dict[str, dict[str, bool]]:
@@ -354,16 +365,8 @@ class LocalMesh:
 
     def _wait_envoy(self, deadline: float, condition: Callable[[dict[str, dict[str, bool]]], bool]) -> None:
         assert self.envoy is not None
-        while True:
-            self._check_alive(self.envoy)
-            try:
-                if condition(self.envoy_hosts()):
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise MeshError(f"Envoy did not reach the expected state in time; see {self.envoy.log_path}")
-            time.sleep(0.1)
+        failure = f"Envoy did not reach the expected state in time; see {self.envoy.log_path}"
+        self._wait_for(self.envoy, deadline, lambda: condition(self.envoy_hosts()), failure, interval_s=0.1)
 
     def _publish_endpoints(self, name: str) -> None:
         """Tells Envoy the tier's replicas are now the live ones in `self.replicas`."""
@@ -372,13 +375,17 @@ class LocalMesh:
         envoy.write_endpoints(self.layout.endpoints_dir, name, addresses, self._endpoints_version)
 
     # -- replicas while running ------------------------------------------------------------
-    def add_replica(self, name: str, timeout_s: float = 300.0) -> Process:
-        """Starts one more replica of a tier and returns once Envoy routes to it."""
+    def _refuse_second_embedded_retriever(self, name: str) -> None:
         if name == "retriever" and self.milvus is None and self.replicas[name]:
             raise MeshError(
-                "the retriever uses embedded Milvus Lite, which one process at a time can open: "
-                "start the mesh with --milvus server (or --replicas retriever=2) to run more retriever replicas"
+                "the retriever uses embedded Milvus Lite, which one process at a time can open, so a second "
+                "retriever replica (as a rolling restart starts before it stops the old one) cannot run: "
+                "start the mesh with --milvus server (or --replicas retriever=2)"
             )
+
+    def add_replica(self, name: str, timeout_s: float = 300.0) -> Process:
+        """Starts one more replica of a tier and returns once Envoy routes to it."""
+        self._refuse_second_embedded_retriever(name)
         with self.lock:
             deadline = time.monotonic() + timeout_s
             process = self._spawn_replica(name, free_port(self.layout.host))
@@ -433,11 +440,7 @@ class LocalMesh:
         then retire the old one. The tier never has fewer serving replicas than before."""
         if name not in SERVICES:
             raise ValueError(f"tier: expected one of {', '.join(SERVICES)}, got {name!r}")
-        if name == "retriever" and self.milvus is None:
-            raise MeshError(
-                "the retriever uses embedded Milvus Lite, which one process at a time can open, so it "
-                "cannot be restarted without downtime: start the mesh with --milvus server"
-            )
+        self._refuse_second_embedded_retriever(name)
         report = say or (lambda message, process: self.say(message))
         with self.lock:
             for old in list(self.replicas[name]):

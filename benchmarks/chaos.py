@@ -195,10 +195,6 @@ class ScenarioReport:
         return "\n".join(lines)
 
 
-def summarize(name: str, load: AskLoad, phases: list[str], events: list[str]) -> ScenarioReport:
-    return ScenarioReport(name, load, phases, events)
-
-
 # -- the mesh the scenarios run on ------------------------------------------------------------
 def chaos_env() -> dict[str, str]:
     return {
@@ -259,7 +255,9 @@ def rolling_restart_every_tier(mesh: LocalMesh, load: AskLoad) -> ScenarioReport
         mesh.restart_tier(name, say=lambda message, _process: events.append(message))
         events.append(f"{name}: rolling restart of 2 replicas took {time.monotonic() - started:.1f} s")
     settle(load, "after", 8)
-    return summarize("Rolling restart of every tier, one after another", load, ["before", "during", "after"], events)
+    return ScenarioReport(
+        "Rolling restart of every tier, one after another", load, ["before", "during", "after"], events
+    )
 
 
 def sigterm_generator_mid_stream(mesh: LocalMesh, load: AskLoad) -> tuple[ScenarioReport, Process, float]:
@@ -278,7 +276,7 @@ def sigterm_generator_mid_stream(mesh: LocalMesh, load: AskLoad) -> tuple[Scenar
     replace_dead(mesh, "generator", events)
     settle(load, "after", 6)
     return (
-        summarize("SIGTERM to a generator replica mid-stream", load, ["before", "draining", "after"], events),
+        ScenarioReport("SIGTERM to a generator replica mid-stream", load, ["before", "draining", "after"], events),
         victim,
         drain_s,
     )
@@ -331,7 +329,7 @@ def kill_one_replica_of_each_tier(
     settle(load, "after", 6)
     phases.append("after")
     kills.ended_at = time.monotonic()
-    return summarize("kill -9 of one replica of each tier", load, phases, events), kills
+    return ScenarioReport("kill -9 of one replica of each tier", load, phases, events), kills
 
 
 def hung_generator_is_ejected(mesh: LocalMesh, load: AskLoad) -> tuple[ScenarioReport, float]:
@@ -350,7 +348,7 @@ def hung_generator_is_ejected(mesh: LocalMesh, load: AskLoad) -> tuple[ScenarioR
     events.append(f"SIGCONT {victim.name}: the calls it held resumed")
     wait_until(lambda: mesh.envoy_hosts()["generator"].get(victim.address or "") is True, timeout_s=15)
     settle(load, "after", 6)
-    return summarize(
+    return ScenarioReport(
         "A hung generator replica (SIGSTOP) is ejected", load, ["before", "hung", "ejected", "after"], events
     ), ejected_s
 
@@ -383,7 +381,7 @@ def swap_models_under_load(mesh: LocalMesh, load: AskLoad) -> tuple[ScenarioRepo
                 f"(load {info.load_seconds:.1f} s; {info.retiring_calls} calls still on the old model)"
             )
     settle(load, "after", 12)
-    return summarize(
+    return ScenarioReport(
         "Model hot swap of every generator and embedder replica", load, ["before", "swapping", "after"], events
     ), new_names
 
