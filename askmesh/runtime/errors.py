@@ -70,6 +70,7 @@ class Internal(AskmeshError):
 Request = TypeVar("Request")
 Response = TypeVar("Response")
 Servicer = TypeVar("Servicer")
+Result = TypeVar("Result")
 
 
 def unary_rpc(
@@ -86,14 +87,7 @@ def unary_rpc(
             with calls.track(method.__name__):
                 expiry = _ExpiryCancel(calls.expired)
                 try:
-                    if calls.expired.done():
-                        raise Unavailable(SHUTTING_DOWN)
-                    expiry.armed = True
-                    return await method(self, request, context)
-                except asyncio.CancelledError:
-                    if expiry.taken_back():
-                        raise Unavailable(SHUTTING_DOWN) from None
-                    raise
+                    return await expiry.wait(lambda: method(self, request, context))
                 finally:
                     expiry.close()
         except grpc.aio.AbortError:
@@ -163,7 +157,7 @@ class _ExpiryCancel:
     """Ends a call's wait when the server's drain runs out of time, at no cost per call or message.
 
     While `armed` (the call's task is awaiting the call's own work), the drain's expiry cancels
-    the task: that await raises CancelledError, and `taken_back()` then tells an expiry (the
+    the task: that await raises CancelledError, and `wait()` then tells an expiry (the
     cancellation is taken back, the call ends with UNAVAILABLE) from a caller that left. Racing
     each call or message against the expiry instead costs a task and an asyncio.wait each."""
 
@@ -181,9 +175,20 @@ class _ExpiryCancel:
             self.fired = True
             self.task.cancel()
 
-    def taken_back(self) -> bool:
-        """After a CancelledError: True when the expiry alone caused it (it is then undone)."""
-        return self.fired and self.task.uncancel() == 0
+    async def wait(self, work: Callable[[], Awaitable[Result]]) -> Result:
+        """Awaits `work()`; Unavailable("server shutting down") if the drain expired before or
+        during it (a caller that left still cancels it)."""
+        if self.expired.done():
+            raise Unavailable(SHUTTING_DOWN)
+        self.armed = True
+        try:
+            return await work()
+        except asyncio.CancelledError:
+            if self.fired and self.task.uncancel() == 0:
+                raise Unavailable(SHUTTING_DOWN) from None
+            raise
+        finally:
+            self.armed = False
 
     def close(self) -> None:
         self.expired.remove_done_callback(self._on_expired)
@@ -197,19 +202,10 @@ async def _until_expired(messages: AsyncIterator[Response], calls: CallTracker) 
     iterator = messages.__aiter__()
     try:
         while True:
-            if calls.expired.done():
-                raise Unavailable(SHUTTING_DOWN)
-            expiry.armed = True
             try:
-                message = await iterator.__anext__()
+                message = await expiry.wait(iterator.__anext__)
             except StopAsyncIteration:
                 return
-            except asyncio.CancelledError:
-                if expiry.taken_back():
-                    raise Unavailable(SHUTTING_DOWN) from None
-                raise
-            finally:
-                expiry.armed = False
             yield message
     finally:
         expiry.close()
