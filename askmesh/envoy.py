@@ -6,8 +6,9 @@ cluster speaks HTTP/2 to its replicas with LEAST_REQUEST balancing and active gR
 Routes have no overall timeout (Envoy's 15 s default would cut long LLM streams); an idle timeout
 ends streams that go silent instead. Only idempotent unary calls are retried on UNAVAILABLE /
 RESOURCE_EXHAUSTED; a stream is retried only when it failed before its first response byte
-(connection refused or reset, or a replica refusing it at once with RESOURCE_EXHAUSTED because
-its slots and queue are full), which is when Envoy can retry it at all.
+(connection refused, or a replica refusing it at once with RESOURCE_EXHAUSTED because its slots
+and queue are full), which is when Envoy can retry it at all; an answer stream (Ask, Generate)
+also when its replica reset it before answering (the replica died as the call reached it).
 
 Each cluster's replicas come from a file (Envoy's filesystem EDS, `endpoints_dir/<tier>.yaml`,
 replaced atomically): replicas are added and removed while Envoy runs, which is how a rolling
@@ -61,6 +62,10 @@ class Tier:
     replicas: list[str]  # "host:port" of each replica
     # Unary methods that are safe to retry on another replica.
     idempotent_methods: list[str] = field(default_factory=list)
+    # Streams without side effects (an answer): one whose replica reset it before any response
+    # (it died as the call reached it) is sent again to another replica. Other streams (uploads,
+    # ingestion) are retried only when they certainly never reached a replica.
+    resendable_streams: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -123,9 +128,15 @@ def _routes(tier: Tier, idle_timeout: str) -> list[dict[str, Any]]:
         "retry_host_predicate": previous_hosts,
         "host_selection_retry_max_attempts": HOST_SELECTION_ATTEMPTS,
     }
+    resend_retry = {
+        **stream_route["retry_policy"],
+        "retry_on": "connect-failure,refused-stream,reset,resource-exhausted",
+    }
+    retries = [(method, unary_retry) for method in tier.idempotent_methods]
+    retries += [(method, resend_retry) for method in tier.resendable_streams]
     routes = [
-        {"match": {"path": f"/{tier.grpc_service}/{method}"}, "route": {**stream_route, "retry_policy": unary_retry}}
-        for method in tier.idempotent_methods
+        {"match": {"path": f"/{tier.grpc_service}/{method}"}, "route": {**stream_route, "retry_policy": retry}}
+        for method, retry in retries
     ]
     routes.append({"match": {"prefix": f"/{tier.grpc_service}/"}, "route": stream_route})
     return routes

@@ -42,6 +42,8 @@ GRPC_SERVICE = {
 }
 # Unary calls that may be retried on another replica.
 IDEMPOTENT_METHODS = {"embedder": ["Embed"], "retriever": ["Search"]}
+# Streams that only answer (no side effects): sent again if a replica reset them before answering.
+RESENDABLE_STREAMS = {"generator": ["Generate"], "gateway": ["Ask"]}
 DEFAULT_PORTS = {"embedder": 50061, "retriever": 50062, "generator": 50063, "gateway": 50064}
 MilvusMode = Literal["embedded", "server"]
 
@@ -138,7 +140,13 @@ class MeshLayout:
 
     def envoy_layout(self) -> envoy.EnvoyLayout:
         def tier(name: str) -> envoy.Tier:
-            return envoy.Tier(name, GRPC_SERVICE[name], self.replicas(name), IDEMPOTENT_METHODS.get(name, []))
+            return envoy.Tier(
+                name,
+                GRPC_SERVICE[name],
+                self.replicas(name),
+                IDEMPOTENT_METHODS.get(name, []),
+                RESENDABLE_STREAMS.get(name, []),
+            )
 
         return envoy.EnvoyLayout(
             front=tier("gateway"),

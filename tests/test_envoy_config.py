@@ -100,6 +100,16 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
         key for key, route in routes.items() if "unavailable" in route.get("retry_policy", {}).get("retry_on", "")
     }
     assert retried_on_unavailable == {"/askmesh.v1.Embedder/Embed", "/askmesh.v1.Retriever/Search"}
+    # Answer streams are sent again when a replica reset them before answering; uploads are not.
+    retried_on_reset = {
+        key for key, route in routes.items() if "reset" in route.get("retry_policy", {}).get("retry_on", "").split(",")
+    }
+    assert retried_on_reset == {
+        "/askmesh.v1.Embedder/Embed",
+        "/askmesh.v1.Retriever/Search",
+        "/askmesh.v1.Generator/Generate",
+        "/askmesh.v1.Gateway/Ask",
+    }
     assert routes["/askmesh.v1.Generator/"]["idle_timeout"] == "300s"
 
 
