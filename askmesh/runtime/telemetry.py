@@ -46,18 +46,25 @@ def make_exporter(settings: TelemetrySettings) -> SpanExporter | None:
     return OTLPSpanExporter(endpoint=settings.endpoint, insecure=True)
 
 
-def setup_telemetry(service_name: str, settings: TelemetrySettings | None = None) -> TracerProvider:
-    """Installs the process's tracer provider and instruments gRPC (idempotent)."""
+def setup_telemetry(service_name: str, settings: TelemetrySettings | None = None) -> TracerProvider | None:
+    """Installs the process's tracer provider and instruments gRPC (idempotent).
+
+    With no exporter no SDK provider is installed: the API's default tracer makes non-recording
+    spans, which still carry an incoming `traceparent` on to outgoing calls (so a traced caller's
+    trace continues through this process into the tiers after it) but cost a fraction of a
+    recorded span on every call. Returns the SDK provider, or None when spans are not recorded."""
     global _configured
     settings = settings or TelemetrySettings()
-    provider = TracerProvider(resource=Resource.create({"service.name": f"askmesh-{service_name}"}))
+    provider: TracerProvider | None = None
     exporter = make_exporter(settings)
     if exporter is not None:
+        provider = TracerProvider(resource=Resource.create({"service.name": f"askmesh-{service_name}"}))
         # Local exporters write each span as it ends (so a crash loses nothing); OTLP batches.
         processor = BatchSpanProcessor(exporter) if settings.exporter == "otlp" else SimpleSpanProcessor(exporter)
         provider.add_span_processor(processor)
     if not _configured:
-        trace.set_tracer_provider(provider)
+        if provider is not None:
+            trace.set_tracer_provider(provider)
         GrpcAioInstrumentorServer().instrument()
         GrpcAioInstrumentorClient().instrument()
         _configured = True
