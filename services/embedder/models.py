@@ -55,6 +55,9 @@ class LoadedModel:
             batch_size=self.encode_batch_size,
             normalize_embeddings=True,
             convert_to_numpy=True,
+            # sentence-transformers draws a tqdm bar per call when logging is at INFO: seen in
+            # profiles of the service as CPU and GIL time taken from every batch.
+            show_progress_bar=False,
         )
         return np.asarray(vectors, dtype=np.float32)
 
