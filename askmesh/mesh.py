@@ -174,6 +174,23 @@ class Process:
         return self.popen.poll() is None
 
 
+# How long each tier's OpenMP threads spin before they sleep, when every tier shares a few cores
+# (torch in the embedder and llama.cpp in the generator both use libgomp). Measured on 2 cores
+# (benchmarks/openmp.py, benchmarks/results/2026-11-22-openmp.md and -suite.md): llama.cpp told
+# to sleep at once (OMP_WAIT_POLICY=PASSIVE) makes 38 tokens/s instead of 94-106, so it keeps
+# libgomp's default. torch with the default long spin holds both cores while the generator needs
+# them (single embeddings stalled up to 0.5 s); with no spin its batches reach 82% of in-process
+# throughput instead of 97%; a short spin keeps 92% with no stall (Embed p50 ~60 ms next to two
+# generations, against ~30-40 ms with no spin). Tiers without OpenMP work are told not to spin.
+OPENMP_SETTINGS = frozenset({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"})
+OPENMP_WAITS: dict[str, dict[str, str]] = {
+    "embedder": {"GOMP_SPINCOUNT": "10000"},
+    "generator": {},
+    "retriever": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "gateway": {"OMP_WAIT_POLICY": "PASSIVE"},
+}
+
+
 class LocalMesh:
     def __init__(
         self,
@@ -220,10 +237,9 @@ class LocalMesh:
             "ASKMESH_OTEL_EXPORTER": self.telemetry,
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
-            # torch and llama.cpp both use OpenMP; threads that spin while they wait steal the
-            # few cores the other tiers need (seen here as 0.5 s stalls of single embeddings).
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
         }
+        if not OPENMP_SETTINGS.intersection(os.environ):  # the user's own OpenMP settings win
+            env.update(OPENMP_WAITS.get(name, {}))
         if self.telemetry == "file":
             env["ASKMESH_OTEL_FILE"] = str(layout.data_dir / "spans" / f"{name}-{index}.jsonl")
         env.update(self.env)

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from askmesh import envoy
-from askmesh.mesh import MeshLayout, parse_replicas
+from askmesh.mesh import LocalMesh, MeshLayout, parse_replicas
 
 
 def layout(tmp_path: Path) -> envoy.EnvoyLayout:
@@ -85,6 +85,24 @@ def test_more_than_one_retriever_runs_milvus_lite_as_a_server(tmp_path: Path) ->
     layout = MeshLayout.with_replicas(tmp_path, {"retriever": 2, "generator": 3})
     assert layout.milvus == "server" and layout.milvus_uri == "http://127.0.0.1:19530"
     assert layout.service_ports["generator"] == [50063, 50073, 50083]
+
+
+def test_each_tier_gets_its_openmp_waits_unless_the_user_set_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    mesh = LocalMesh(MeshLayout(data_dir=tmp_path), say=lambda _: None)
+    embedder, generator, gateway = (mesh.service_env(tier, 0, 50100) for tier in ("embedder", "generator", "gateway"))
+    # llama.cpp keeps libgomp's default (told to sleep at once it made a third of the tokens).
+    assert "OMP_WAIT_POLICY" not in generator and "GOMP_SPINCOUNT" not in generator
+    assert embedder["GOMP_SPINCOUNT"] == "10000" and "OMP_WAIT_POLICY" not in embedder
+    assert gateway["OMP_WAIT_POLICY"] == "PASSIVE"
+
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    for tier in ("embedder", "generator", "gateway"):
+        env = mesh.service_env(tier, 0, 50100)
+        assert env["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in env
 
 
 def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_unavailable(tmp_path: Path) -> None:
