@@ -123,7 +123,8 @@ class Settings:
             f"{self.call_timeout_s:.0f} s deadline.",
             f"- Embedder: windows of {self.embed_seconds} s; each Embed call carries one ~40-token sentence, so "
             "concurrency N offers the service N sentences at once. In-process: `model.encode` of batches of N of the "
-            "same sentences for the same window, before the mesh starts.",
+            "same sentences for the same window, in the driver's process (loaded before the mesh starts); each run "
+            "measures in-process, batching and no batching back to back.",
             f"- Retriever: {self.searches} Search calls per run (or fewer: a run stops starting new ones after "
             f"{self.search_seconds:.0f} s), one at a time, measured right after loading (Milvus Lite may still be "
             "compacting and indexing then), a random unit query vector each, "
@@ -169,6 +170,14 @@ def rate(value: float) -> str:
     return f"{value:.2f}" if value < 10 else f"{value:.0f}"
 
 
+def percent(value: float) -> str:
+    return f"{value * 100:.0f}%" if value == value else "-"
+
+
+def times(value: float) -> str:
+    return f"{value:.2f}x" if value == value else "-"
+
+
 async def repeated(
     settings: Settings, label: str, say: Callable[[str], None], run_once: Callable[[int], Awaitable[Run]], pause_s: float = 0.5
 ) -> list[Run]:
@@ -210,53 +219,82 @@ class Section:
 
 
 # -- embedder ---------------------------------------------------------------------------------------
-def in_process_rates(settings: Settings, say: Callable[[str], None]) -> dict[int, list[float]]:
-    """Sentences/s of the model in this process, encoding batches of N, per batch size."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
+class InProcessModel:
+    """The embedding model loaded in this process: the reference the service is compared with."""
 
-    from services.embedder.config import bundled_model_path
+    def __init__(self, say: Callable[[str], None]) -> None:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        from sentence_transformers import SentenceTransformer
 
-    model = SentenceTransformer(str(bundled_model_path()), device="cpu", local_files_only=True)
-    tokens = [len(ids) for ids in model.tokenize(SENTENCES)["input_ids"]]
-    say(f"  sentences: {min(tokens)}-{max(tokens)} tokens each")
-    model.encode(SENTENCES, batch_size=32, normalize_embeddings=True)  # warm-up
-    rates: dict[int, list[float]] = {}
-    for size in settings.embed_concurrency:
+        from services.embedder.config import bundled_model_path
+
+        self.model = SentenceTransformer(str(bundled_model_path()), device="cpu", local_files_only=True)
+        tokens = [len(ids) for ids in self.model.tokenize(SENTENCES)["input_ids"]]
+        say(f"  sentences: {min(tokens)}-{max(tokens)} tokens each")
+        self.model.encode(SENTENCES, batch_size=32, normalize_embeddings=True)  # warm-up
+
+    def rate(self, size: int, seconds: float) -> float:
+        """Sentences/s of `model.encode` on batches of `size` sentences for `seconds`."""
         batch = (SENTENCES * (size // len(SENTENCES) + 1))[:size]
-        rates[size] = []
-        for _ in range(settings.repeats):
-            done = 0
-            started = time.perf_counter()
-            while time.perf_counter() - started < settings.embed_seconds:
-                model.encode(batch, batch_size=size, normalize_embeddings=True, convert_to_numpy=True)
-                done += size
-            rates[size].append(done / (time.perf_counter() - started))
-        say(f"    in-process batch {size}: {median(rates[size]):.0f} sentences/s")
-    return rates
+        done = 0
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            self.model.encode(batch, batch_size=size, normalize_embeddings=True, convert_to_numpy=True)
+            done += size
+        return done / (time.perf_counter() - started)
 
 
-async def embedder_runs(settings: Settings, address: str, say: Callable[[str], None]) -> dict[int, list[Run]]:
-    async with aio_channel(address) as channel:
-        stub = embedder_pb2_grpc.EmbedderStub(channel)
+async def embed_once(settings: Settings, stub: embedder_pb2_grpc.EmbedderStub, number: int) -> Outcome:
+    request = embedder_pb2.EmbedRequest(texts=[SENTENCES[number % len(SENTENCES)]])
+    await stub.Embed(request, timeout=settings.call_timeout_s)
+    return Outcome(items=1)
 
-        async def embed(number: int) -> Outcome:
-            request = embedder_pb2.EmbedRequest(texts=[SENTENCES[number % len(SENTENCES)]])
-            await stub.Embed(request, timeout=settings.call_timeout_s)
-            return Outcome(items=1)
 
-        await drive(embed, concurrency=4, max_calls=16)  # warm-up
-        results = {}
+async def embed_run(settings: Settings, stub: embedder_pb2_grpc.EmbedderStub, concurrency: int) -> Run:
+    return await drive(
+        lambda number: embed_once(settings, stub, number),
+        concurrency=concurrency,
+        duration_s=settings.embed_seconds,
+        error_backoff_s=settings.error_backoff_s,
+    )
+
+
+@dataclass
+class EmbedderRound:
+    """One repeat at one concurrency: the in-process reference and both services, back to back."""
+
+    in_process: float
+    batched: Run
+    unbatched: Run
+
+
+async def embedder_rounds(
+    settings: Settings, reference: InProcessModel, batched_address: str, unbatched_address: str, say: Callable[[str], None]
+) -> dict[int, list[EmbedderRound]]:
+    """Each repeat runs the three back to back, so a ratio compares runs minutes apart at most:
+    on a shared machine the pace of the cores drifts by 10% and more over a few minutes."""
+    async with aio_channel(batched_address) as batched_channel, aio_channel(unbatched_address) as unbatched_channel:
+        batched = embedder_pb2_grpc.EmbedderStub(batched_channel)
+        unbatched = embedder_pb2_grpc.EmbedderStub(unbatched_channel)
+        for stub in (batched, unbatched):  # warm-up
+            await drive(lambda n, stub=stub: embed_once(settings, stub, n), concurrency=4, max_calls=16)
+        results: dict[int, list[EmbedderRound]] = {}
         for concurrency in settings.embed_concurrency:
-            results[concurrency] = await repeated(
-                settings,
-                f"concurrency {concurrency}",
-                say,
-                lambda _, c=concurrency: drive(  # type: ignore[misc]
-                    embed, concurrency=c, duration_s=settings.embed_seconds, error_backoff_s=settings.error_backoff_s
-                ),
-            )
+            results[concurrency] = []
+            for attempt in range(settings.repeats):
+                in_process = await asyncio.to_thread(reference.rate, concurrency, settings.embed_seconds)
+                await asyncio.sleep(0.5)
+                with_batching = await embed_run(settings, batched, concurrency)
+                await asyncio.sleep(0.5)
+                without_batching = await embed_run(settings, unbatched, concurrency)
+                await asyncio.sleep(0.5)
+                results[concurrency].append(EmbedderRound(in_process, with_batching, without_batching))
+                say(
+                    f"    concurrency {concurrency} run {attempt + 1}: in-process {in_process:.0f}, batching "
+                    f"{with_batching.rate():.0f} ({sum(with_batching.errors.values())} failed), no batching "
+                    f"{without_batching.rate():.0f} ({sum(without_batching.errors.values())} failed) sentences/s"
+                )
         return results
 
 
@@ -291,36 +329,40 @@ def stop_process(popen: subprocess.Popen[bytes]) -> None:
 
 
 async def embedder_section(
-    settings: Settings, mesh: LocalMesh, folder: Path, in_process: dict[int, list[float]], say: Callable[[str], None]
+    settings: Settings, mesh: LocalMesh, folder: Path, reference: InProcessModel, say: Callable[[str], None]
 ) -> Section:
     batched_address = mesh.layout.replicas("embedder")[0]
     say("embedder, unbatched: starting a second embedder with ASKMESH_EMBEDDER_BATCHING=false ...")
     popen, unbatched_address = start_unbatched_embedder(mesh, folder)
     try:
-        say(f"embedder with batching ({batched_address}) ...")
-        batched = await embedder_runs(settings, batched_address, say)
-        say(f"embedder without batching ({unbatched_address}) ...")
-        unbatched = await embedder_runs(settings, unbatched_address, say)
+        say(f"embedder: in-process, batching ({batched_address}), no batching ({unbatched_address}) in turn ...")
+        rounds = await embedder_rounds(settings, reference, batched_address, unbatched_address, say)
     finally:
         stop_process(popen)
 
     section = Section(
         "Embedder: sentences/s",
         ["concurrency (in-process: batch)", "service, batching", "service, no batching", "in-process",
+         "batching ÷ in-process", "batching ÷ no batching",
          "latency p50 / p99 ms, batching", "latency p50 / p99 ms, no batching", "errors (batching; no batching)"],
         notes=[
             "Services called directly on their own ports (not through Envoy): the mesh's embedder "
             "(`ASKMESH_EMBEDDER_BATCHING=true`) and a second embedder process with `ASKMESH_EMBEDDER_BATCHING=false`. "
-            "One sentence per Embed call.",
+            "One sentence per Embed call. Each run measures the in-process model, then the service with batching, "
+            "then without, back to back; the ratios are the medians of each run's ratios.",
         ],
     )
     for concurrency in settings.embed_concurrency:
-        with_runs, without_runs = batched[concurrency], unbatched[concurrency]
+        runs = rounds[concurrency]
+        with_runs = [one.batched for one in runs]
+        without_runs = [one.unbatched for one in runs]
         section.rows.append([
             str(concurrency),
             rate(median_of(with_runs, Run.rate)),
             rate(median_of(without_runs, Run.rate)),
-            rate(median(in_process.get(concurrency, []))),
+            rate(median([one.in_process for one in runs])),
+            percent(median([one.batched.rate() / one.in_process for one in runs])),
+            times(median([one.batched.rate() / one.unbatched.rate() for one in runs if one.unbatched.rate()])),
             f"{ms(median_of(with_runs, lambda r: r.p(0.5)))} / {ms(median_of(with_runs, lambda r: r.p(0.99)))}",
             f"{ms(median_of(without_runs, lambda r: r.p(0.5)))} / {ms(median_of(without_runs, lambda r: r.p(0.99)))}",
             f"{errors_text(with_runs)}; {errors_text(without_runs)}",
@@ -570,6 +612,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument("--searches", type=int, help="Search calls per run (default 100)")
     parser.add_argument("--search-seconds", type=float, help="most seconds of each Search run (default 10)")
     parser.add_argument("--sizes", help="knowledge base sizes for Search, comma-separated (default 10000,100000)")
+    parser.add_argument("--embed-concurrency", help="comma-separated (default 1,8,32)")
     parser.add_argument("--ask-concurrency", help="comma-separated (default 1,4,16,64)")
     parser.add_argument("--sections", help="comma-separated subset of embedder,retriever,ask (default all)")
     args = parser.parse_args(argv)
@@ -588,6 +631,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
         settings.search_seconds = args.search_seconds
     if args.sizes:
         settings.search_sizes = tuple(int(s) for s in args.sizes.split(","))
+    if args.embed_concurrency:
+        settings.embed_concurrency = tuple(int(s) for s in args.embed_concurrency.split(","))
     if args.ask_concurrency:
         settings.ask_concurrency = tuple(int(s) for s in args.ask_concurrency.split(","))
     if args.sections:
@@ -601,10 +646,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, argparse.Na
 async def run_suite(settings: Settings, console: Console) -> tuple[list[Section], float]:
     say = lambda text: console.print(text, highlight=False)  # noqa: E731
     sections: list[Section] = []
-    in_process: dict[int, list[float]] = {}
+    reference: InProcessModel | None = None
     if "embedder" in settings.sections:
-        say("embedder in-process (before the mesh starts) ...")
-        in_process = in_process_rates(settings, say)
+        say("loading the embedding model in-process (the reference), before the mesh starts ...")
+        reference = InProcessModel(say)
     with tempfile.TemporaryDirectory(prefix="askmesh-bench-") as name:
         folder = Path(name)
         layout = MeshLayout.on_free_ports(folder)
@@ -613,8 +658,8 @@ async def run_suite(settings: Settings, console: Console) -> tuple[list[Section]
         with LocalMesh(layout, env={"ASKMESH_EMBEDDER_BATCHING": "true"}, say=say) as mesh:
             startup_s = time.perf_counter() - started
             say(f"  mesh up in {startup_s:.0f} s")
-            if "embedder" in settings.sections:
-                sections.append(await embedder_section(settings, mesh, folder, in_process, say))
+            if reference is not None:
+                sections.append(await embedder_section(settings, mesh, folder, reference, say))
                 console.print(sections[-1].table())
             if "retriever" in settings.sections:
                 sections.append(await retriever_section(settings, mesh, say))
