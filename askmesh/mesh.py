@@ -176,19 +176,23 @@ class Process:
 
 # How long each tier's OpenMP threads spin before they sleep, when every tier shares a few cores
 # (torch in the embedder and llama.cpp in the generator both use libgomp). Measured on 2 cores
-# (benchmarks/openmp.py, benchmarks/results/2026-11-22-openmp.md and -suite.md): llama.cpp told
-# to sleep at once (OMP_WAIT_POLICY=PASSIVE) makes 38 tokens/s instead of 94-106, so it keeps
-# libgomp's default. torch with the default long spin holds both cores while the generator needs
-# them (single embeddings stalled up to 0.5 s); with no spin its batches reach 82% of in-process
-# throughput instead of 97%; a short spin keeps 92% with no stall (Embed p50 ~60 ms next to two
-# generations, against ~30-40 ms with no spin). Tiers without OpenMP work are told not to spin.
+# (benchmarks/openmp.py; benchmarks/results/2026-11-22-openmp.md): one generator told to sleep at
+# once (OMP_WAIT_POLICY=PASSIVE) makes 38 tokens/s, 100-112 with a spin; but two busy generators
+# that spin fight over the cores: 0 tokens/s at libgomp's default spin, 8 at 10,000 rounds, 48 at
+# 1,000, 116 at PASSIVE. An embedder with the default long spin stalled single embeddings up to
+# 0.5 s next to a generating generator; sleeping at once cost 15% of its batch throughput; 10,000
+# rounds kept 92% with no stall. So a tier with one replica spins briefly (the generator 1,000
+# rounds: a restart's overlap of two still makes 48 tokens/s), a tier with more sleeps at once,
+# and tiers without OpenMP work never spin.
 OPENMP_SETTINGS = frozenset({"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"})
-OPENMP_WAITS: dict[str, dict[str, str]] = {
-    "embedder": {"GOMP_SPINCOUNT": "10000"},
-    "generator": {},
-    "retriever": {"OMP_WAIT_POLICY": "PASSIVE"},
-    "gateway": {"OMP_WAIT_POLICY": "PASSIVE"},
-}
+OPENMP_SINGLE_REPLICA_SPIN: dict[str, str] = {"embedder": "10000", "generator": "1000"}
+
+
+def openmp_waits(tier: str, replicas: int) -> dict[str, str]:
+    """The OpenMP wait settings `askmesh up` gives each replica of `tier` (see above)."""
+    if tier in OPENMP_SINGLE_REPLICA_SPIN and replicas == 1:
+        return {"GOMP_SPINCOUNT": OPENMP_SINGLE_REPLICA_SPIN[tier]}
+    return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 class LocalMesh:
@@ -239,7 +243,7 @@ class LocalMesh:
             "PYTHONUNBUFFERED": "1",
         }
         if not OPENMP_SETTINGS.intersection(os.environ):  # the user's own OpenMP settings win
-            env.update(OPENMP_WAITS.get(name, {}))
+            env.update(openmp_waits(name, len(layout.service_ports.get(name, []))))
         if self.telemetry == "file":
             env["ASKMESH_OTEL_FILE"] = str(layout.data_dir / "spans" / f"{name}-{index}.jsonl")
         env.update(self.env)

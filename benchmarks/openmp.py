@@ -8,8 +8,9 @@ cores, so that spin is taken from the other tier. For each case this starts a re
 `askmesh serve embedder` and `askmesh serve generator` with that case's environment and measures:
 - the generator alone: tokens/s of 2 concurrent generations;
 - both at once: one Embed call of one ~40-token sentence every 0.1 s while the 2 generations go
-  on, its latency p50/p90/max, and the generator's tokens/s meanwhile.
-askmesh.mesh.OPENMP_WAITS holds the settings chosen from these figures; the embedder's
+  on, its latency p50/p90/max, and the generator's tokens/s meanwhile;
+- then two generator replicas, 2 generations each, per setting: total tokens/s.
+askmesh.mesh.openmp_waits holds the settings chosen from these figures; the embedder's
 throughput under each setting is in the suite (`--sections embedder`), which needs the embedder
 alone.
 """
@@ -41,10 +42,18 @@ CASES: list[tuple[str, dict[str, str], dict[str, str]]] = [
     ("both passive (the mesh before)", PASSIVE, PASSIVE),
     ("both default", {}, {}),
     ("embedder passive, generator default", PASSIVE, {}),
-    ("embedder short spin, generator default (the mesh now)", SHORT_SPIN, {}),
+    ("embedder short spin, generator default", SHORT_SPIN, {}),
+    ("embedder short spin, generator shorter spin (the mesh, one replica each)", SHORT_SPIN, {"GOMP_SPINCOUNT": "1000"}),
     ("embedder default, generator passive", {}, PASSIVE),
 ]
 GENERATIONS = 2
+# Two generator replicas side by side (askmesh up --replicas generator=2, or a restart's overlap).
+REPLICATED_GENERATOR_CASES: list[tuple[str, dict[str, str]]] = [
+    ("default", {}),
+    ("GOMP_SPINCOUNT=10000", SHORT_SPIN),
+    ("GOMP_SPINCOUNT=1000 (the mesh, one replica)", {"GOMP_SPINCOUNT": "1000"}),
+    ("PASSIVE (the mesh, two or more replicas)", PASSIVE),
+]
 
 
 @dataclass
@@ -117,6 +126,39 @@ async def measure(generator_address: str, embedder_address: str, embeds: int, se
     return CaseResult(alone, shared, latencies)
 
 
+async def replicated_tokens_per_s(addresses: list[str], seconds: float) -> float:
+    """Tokens/s of all `addresses` together, each running GENERATIONS generations at a time."""
+    tokens = 0
+    channels = [grpc.aio.insecure_channel(address) for address in addresses]
+
+    async def generate_forever(stub: generator_pb2_grpc.GeneratorStub, worker: str) -> None:
+        nonlocal tokens
+        for number in range(1_000_000):
+            request = generator_pb2.GenerateRequest(
+                messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=f"Write a long story {worker}-{number}.")],
+                parameters=common_pb2.GenerationParameters(max_new_tokens=64),
+            )
+            async for message in stub.Generate(request):
+                tokens += message.HasField("delta")
+
+    workers = [
+        asyncio.create_task(generate_forever(generator_pb2_grpc.GeneratorStub(channel), f"{replica}-{worker}"))
+        for replica, channel in enumerate(channels)
+        for worker in range(GENERATIONS)
+    ]
+    try:
+        await asyncio.sleep(2)
+        before, started = tokens, time.perf_counter()
+        await asyncio.sleep(seconds)
+        return (tokens - before) / (time.perf_counter() - started)
+    finally:
+        for worker in workers:
+            worker.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--embeds", type=int, default=60, help="Embed calls per case, one every 0.1 s")
@@ -148,6 +190,20 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(row)
             table.add_row(*row)
     console.print(table)
+    replicated_rows = []
+    with tempfile.TemporaryDirectory(prefix="askmesh-openmp-") as name:
+        for label, generator_env in REPLICATED_GENERATOR_CASES:
+            console.print(f"two generator replicas, {label} ...", highlight=False)
+            replicas = []
+            try:
+                for _ in range(2):
+                    replicas.append(start("generator", generator_env, Path(name)))
+                rate = asyncio.run(replicated_tokens_per_s([address for _, address in replicas], args.seconds))
+            finally:
+                for popen, _ in replicas:
+                    stop_process(popen)
+            replicated_rows.append([label, f"{rate:.0f}"])
+            console.print(f"  {rate:.0f} tokens/s", highlight=False)
     lines = [
         "# OpenMP waits: embedder and generator on shared cores",
         "",
@@ -163,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
         *["| " + " | ".join(row) + " |" for row in rows],
+        "",
+        f"Two generator replicas, {GENERATIONS} generations each, tokens/s of both together over {args.seconds} s:",
+        "",
+        "| generator setting | tokens/s, two replicas |",
+        "|---|---|",
+        *["| " + " | ".join(row) + " |" for row in replicated_rows],
         "",
     ]
     console.print(f"saved to {save('openmp', chr(10).join(lines))}")

@@ -92,16 +92,21 @@ def test_each_tier_gets_its_openmp_waits_unless_the_user_set_their_own(
 ) -> None:
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    mesh = LocalMesh(MeshLayout(data_dir=tmp_path), say=lambda _: None)
-    embedder, generator, gateway = (mesh.service_env(tier, 0, 50100) for tier in ("embedder", "generator", "gateway"))
-    # llama.cpp keeps libgomp's default (told to sleep at once it made a third of the tokens).
-    assert "OMP_WAIT_POLICY" not in generator and "GOMP_SPINCOUNT" not in generator
+    single = LocalMesh(MeshLayout.with_replicas(tmp_path, {}), say=lambda _: None)
+    embedder, generator, gateway = (single.service_env(tier, 0, 50100) for tier in ("embedder", "generator", "gateway"))
+    # One replica spins briefly (told to sleep at once, llama.cpp made a third of the tokens).
+    assert generator["GOMP_SPINCOUNT"] == "1000" and "OMP_WAIT_POLICY" not in generator
     assert embedder["GOMP_SPINCOUNT"] == "10000" and "OMP_WAIT_POLICY" not in embedder
-    assert gateway["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert gateway["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in gateway
+    # Replicas that spun would fight over the cores (two spinning generators made 0 tokens/s).
+    replicated = LocalMesh(MeshLayout.with_replicas(tmp_path, {"generator": 2}), say=lambda _: None)
+    assert replicated.service_env("generator", 1, 50100)["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert "GOMP_SPINCOUNT" not in replicated.service_env("generator", 1, 50100)
+    assert replicated.service_env("embedder", 0, 50100)["GOMP_SPINCOUNT"] == "10000"
 
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     for tier in ("embedder", "generator", "gateway"):
-        env = mesh.service_env(tier, 0, 50100)
+        env = single.service_env(tier, 0, 50100)
         assert env["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in env
 
 
