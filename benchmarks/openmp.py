@@ -21,20 +21,20 @@ import argparse
 import asyncio
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 import grpc
 from rich.console import Console
 from rich.table import Table
 
-from askmesh.mesh import free_port
+from askmesh.mesh import OPENMP_SETTINGS, free_port
 from askmesh.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc, generator_pb2, generator_pb2_grpc
 from benchmarks.common import machine, percentile, save
-from benchmarks.suite import SENTENCES, stop_process, wait_serving
+from benchmarks.suite import SENTENCES, start_service, stop_process
 
 PASSIVE = {"OMP_WAIT_POLICY": "PASSIVE"}
 SHORT_SPIN = {"GOMP_SPINCOUNT": "10000"}
@@ -65,98 +65,109 @@ class CaseResult:
 
 def start(tier: str, case_env: dict[str, str], folder: Path) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    env = {key: value for key, value in os.environ.items() if key not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env = {key: value for key, value in os.environ.items() if key not in OPENMP_SETTINGS}
     env.update({f"ASKMESH_{tier.upper()}_PORT": str(port), "HF_HUB_OFFLINE": "1", **case_env})
-    log = folder / f"{tier}.log"
-    with log.open("ab") as log_file:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "askmesh.cli", "serve", tier],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-        )
-    address = f"127.0.0.1:{port}"
-    try:
-        wait_serving(address, popen, log)
-    except BaseException:
-        stop_process(popen)
-        raise
-    return popen, address
+    # Each replica of a tier logs to its own file.
+    return start_service(tier, port, env, folder / f"{tier}-{port}.log")
+
+
+class Generations:
+    """GENERATIONS generations at a time on each generator, one after another, tokens counted."""
+
+    def __init__(self, addresses: list[str]) -> None:
+        self.tokens = 0
+        self._channels = [grpc.aio.insecure_channel(address) for address in addresses]
+        self._workers: list[asyncio.Task[None]] = []
+
+    async def __aenter__(self) -> Self:
+        self._workers = [
+            asyncio.create_task(self._generate_forever(generator_pb2_grpc.GeneratorStub(channel), f"{replica}-{worker}"))
+            for replica, channel in enumerate(self._channels)
+            for worker in range(GENERATIONS)
+        ]
+        await asyncio.sleep(2)  # every generation running
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        for worker in self._workers:
+            worker.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        for channel in self._channels:
+            await channel.close()
+
+    async def _generate_forever(self, generator: generator_pb2_grpc.GeneratorStub, worker: str) -> None:
+        for number in range(1_000_000):
+            question = f"Write a long story about ticket {worker}-{number}."
+            request = generator_pb2.GenerateRequest(
+                messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=question)],
+                parameters=common_pb2.GenerationParameters(max_new_tokens=64),
+            )
+            async for message in generator.Generate(request):
+                self.tokens += message.HasField("delta")
+
+    async def tokens_per_s(self, seconds: float) -> float:
+        before, started = self.tokens, time.perf_counter()
+        await asyncio.sleep(seconds)
+        return (self.tokens - before) / (time.perf_counter() - started)
 
 
 async def measure(generator_address: str, embedder_address: str, embeds: int, seconds: float) -> CaseResult:
-    tokens = 0
     async with (
-        grpc.aio.insecure_channel(generator_address) as generator_channel,
+        Generations([generator_address]) as generations,
         grpc.aio.insecure_channel(embedder_address) as embedder_channel,
     ):
-        generator = generator_pb2_grpc.GeneratorStub(generator_channel)
         embedder = embedder_pb2_grpc.EmbedderStub(embedder_channel)
-
-        async def generate_forever(worker: int) -> None:
-            nonlocal tokens
-            for number in range(1_000_000):
-                question = f"Write a long story about ticket {worker}-{number}."
-                request = generator_pb2.GenerateRequest(
-                    messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=question)],
-                    parameters=common_pb2.GenerationParameters(max_new_tokens=64),
-                )
-                async for message in generator.Generate(request):
-                    tokens += message.HasField("delta")
-
-        async def tokens_per_s(window_s: float) -> float:
-            before, started = tokens, time.perf_counter()
-            await asyncio.sleep(window_s)
-            return (tokens - before) / (time.perf_counter() - started)
-
-        workers = [asyncio.create_task(generate_forever(worker)) for worker in range(GENERATIONS)]
-        try:
-            await asyncio.sleep(2)  # both generations running
-            alone = await tokens_per_s(seconds)
-            before, started = tokens, time.perf_counter()
-            latencies = []
-            for number in range(embeds):
-                sent = time.perf_counter()
-                await embedder.Embed(embedder_pb2.EmbedRequest(texts=[SENTENCES[number % len(SENTENCES)]]))
-                latencies.append((time.perf_counter() - sent) * 1000)
-                await asyncio.sleep(0.1)
-            shared = (tokens - before) / (time.perf_counter() - started)
-        finally:
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(*workers, return_exceptions=True)
+        alone = await generations.tokens_per_s(seconds)
+        before, started = generations.tokens, time.perf_counter()
+        latencies = []
+        for number in range(embeds):
+            sent = time.perf_counter()
+            await embedder.Embed(embedder_pb2.EmbedRequest(texts=[SENTENCES[number % len(SENTENCES)]]))
+            latencies.append((time.perf_counter() - sent) * 1000)
+            await asyncio.sleep(0.1)
+        shared = (generations.tokens - before) / (time.perf_counter() - started)
     return CaseResult(alone, shared, latencies)
 
 
 async def replicated_tokens_per_s(addresses: list[str], seconds: float) -> float:
-    """Tokens/s of all `addresses` together, each running GENERATIONS generations at a time."""
-    tokens = 0
-    channels = [grpc.aio.insecure_channel(address) for address in addresses]
+    """Tokens/s of all `addresses` together."""
+    async with Generations(addresses) as generations:
+        return await generations.tokens_per_s(seconds)
 
-    async def generate_forever(stub: generator_pb2_grpc.GeneratorStub, worker: str) -> None:
-        nonlocal tokens
-        for number in range(1_000_000):
-            request = generator_pb2.GenerateRequest(
-                messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=f"Write a long story {worker}-{number}.")],
-                parameters=common_pb2.GenerationParameters(max_new_tokens=64),
-            )
-            async for message in stub.Generate(request):
-                tokens += message.HasField("delta")
 
-    workers = [
-        asyncio.create_task(generate_forever(generator_pb2_grpc.GeneratorStub(channel), f"{replica}-{worker}"))
-        for replica, channel in enumerate(channels)
-        for worker in range(GENERATIONS)
-    ]
-    try:
-        await asyncio.sleep(2)
-        before, started = tokens, time.perf_counter()
-        await asyncio.sleep(seconds)
-        return (tokens - before) / (time.perf_counter() - started)
-    finally:
-        for worker in workers:
-            worker.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
-        for channel in channels:
-            await channel.close()
+async def run_cases(embeds: int, seconds: float, console: Console) -> tuple[list[list[str]], list[list[str]]]:
+    """The table's rows: each case of CASES, then each two-replica case."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="askmesh-openmp-") as name:
+        for label, embedder_env, generator_env in CASES:
+            console.print(f"{label} ...", highlight=False)
+            embedder, embedder_address = await asyncio.to_thread(start, "embedder", embedder_env, Path(name))
+            try:
+                generator, generator_address = await asyncio.to_thread(start, "generator", generator_env, Path(name))
+                try:
+                    result = await measure(generator_address, embedder_address, embeds, seconds)
+                finally:
+                    await asyncio.to_thread(stop_process, generator)
+            finally:
+                await asyncio.to_thread(stop_process, embedder)
+            described = f"{label}: {embedder_env or 'default'}; {generator_env or 'default'}"
+            rows.append([described, f"{result.alone_tokens_per_s:.0f}", f"{result.shared_tokens_per_s:.0f}",
+                         *(f"{percentile(result.embed_ms, fraction):.0f}" for fraction in (0.5, 0.9, 1.0))])
+    replicated_rows = []
+    with tempfile.TemporaryDirectory(prefix="askmesh-openmp-") as name:
+        for label, generator_env in REPLICATED_GENERATOR_CASES:
+            console.print(f"two generator replicas, {label} ...", highlight=False)
+            replicas = []
+            try:
+                for _ in range(2):
+                    replicas.append(await asyncio.to_thread(start, "generator", generator_env, Path(name)))
+                rate = await replicated_tokens_per_s([address for _, address in replicas], seconds)
+            finally:
+                for popen, _ in replicas:
+                    await asyncio.to_thread(stop_process, popen)
+            replicated_rows.append([label, f"{rate:.0f}"])
+            console.print(f"  {rate:.0f} tokens/s", highlight=False)
+    return rows, replicated_rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -170,40 +181,12 @@ def main(argv: list[str] | None = None) -> None:
                "Embed p50 ms", "Embed p90 ms", "Embed max ms"]
     for column in columns:
         table.add_column(column)
-    rows = []
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="askmesh-openmp-") as name:
-        for label, embedder_env, generator_env in CASES:
-            console.print(f"{label} ...", highlight=False)
-            embedder, embedder_address = start("embedder", embedder_env, Path(name))
-            try:
-                generator, generator_address = start("generator", generator_env, Path(name))
-                try:
-                    result = asyncio.run(measure(generator_address, embedder_address, args.embeds, args.seconds))
-                finally:
-                    stop_process(generator)
-            finally:
-                stop_process(embedder)
-            described = f"{label}: {embedder_env or 'default'}; {generator_env or 'default'}"
-            row = [described, f"{result.alone_tokens_per_s:.0f}", f"{result.shared_tokens_per_s:.0f}",
-                   *(f"{percentile(result.embed_ms, fraction):.0f}" for fraction in (0.5, 0.9, 1.0))]
-            rows.append(row)
-            table.add_row(*row)
+    # One event loop for every case: grpc.aio's poller stays bound to the loop it first ran on.
+    rows, replicated_rows = asyncio.run(run_cases(args.embeds, args.seconds, console))
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
-    replicated_rows = []
-    with tempfile.TemporaryDirectory(prefix="askmesh-openmp-") as name:
-        for label, generator_env in REPLICATED_GENERATOR_CASES:
-            console.print(f"two generator replicas, {label} ...", highlight=False)
-            replicas = []
-            try:
-                for _ in range(2):
-                    replicas.append(start("generator", generator_env, Path(name)))
-                rate = asyncio.run(replicated_tokens_per_s([address for _, address in replicas], args.seconds))
-            finally:
-                for popen, _ in replicas:
-                    stop_process(popen)
-            replicated_rows.append([label, f"{rate:.0f}"])
-            console.print(f"  {rate:.0f} tokens/s", highlight=False)
     lines = [
         "# OpenMP waits: embedder and generator on shared cores",
         "",

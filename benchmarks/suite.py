@@ -298,15 +298,12 @@ async def embedder_rounds(
         return results
 
 
-def start_unbatched_embedder(mesh: LocalMesh, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = mesh.service_env("embedder", 99, port)
-    env["ASKMESH_EMBEDDER_BATCHING"] = "false"
-    log = folder / "logs" / "embedder-unbatched.log"
+def start_service(tier: str, port: int, env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """`askmesh serve <tier>` on 127.0.0.1:`port` with `env` (which sets that port), once SERVING."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as log_file:
         popen = subprocess.Popen(
-            [sys.executable, "-m", "askmesh.cli", "serve", "embedder"],
+            [sys.executable, "-m", "askmesh.cli", "serve", tier],
             env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
         )
     address = f"127.0.0.1:{port}"
@@ -316,6 +313,13 @@ def start_unbatched_embedder(mesh: LocalMesh, folder: Path) -> tuple[subprocess.
         stop_process(popen)
         raise
     return popen, address
+
+
+def start_unbatched_embedder(mesh: LocalMesh, folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = mesh.service_env("embedder", 99, port)
+    env["ASKMESH_EMBEDDER_BATCHING"] = "false"
+    return start_service("embedder", port, env, folder / "logs" / "embedder-unbatched.log")
 
 
 def stop_process(popen: subprocess.Popen[bytes]) -> None:
