@@ -25,9 +25,25 @@ from services.embedder.servicer import EmbedderServicer  # noqa: E402
 from services.generator.servicer import GeneratorServicer  # noqa: E402
 from services.gateway.config import GatewaySettings  # noqa: E402
 from services.gateway.main import build as build_gateway  # noqa: E402
-from askmesh.v1 import embedder_pb2_grpc, generator_pb2_grpc, retriever_pb2_grpc  # noqa: E402
+from askmesh.v1 import embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, retriever_pb2_grpc  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+async def collect_generation(
+    stream: AsyncIterator[generator_pb2.GenerateResponse],
+) -> tuple[str, generator_pb2.GenerateDone]:
+    """A Generate stream's text and its done message, checking it ends with exactly one done."""
+    text, done = "", None
+    async for message in stream:
+        assert done is None, "nothing may follow the done message"
+        if message.HasField("delta"):
+            text += message.delta.text
+        else:
+            assert message.HasField("done"), message
+            done = message.done
+    assert done is not None, "the stream must end with done"
+    return text, done
 
 
 async def _nothing() -> None:

@@ -14,7 +14,7 @@ from askmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.generator.backends.local import LlamaCppBackend
 from services.generator.engine import GenerationEngine
 from services.generator.servicer import GeneratorServicer
-from tests.conftest import start_in_process
+from tests.conftest import collect_generation, start_in_process
 
 
 def request(content: str = "List three colours.", **parameters: object) -> generator_pb2.GenerateRequest:
@@ -27,21 +27,8 @@ def request(content: str = "List three colours.", **parameters: object) -> gener
     )
 
 
-async def collect(stream: AsyncIterator[generator_pb2.GenerateResponse]) -> tuple[str, generator_pb2.GenerateDone]:
-    text, done = "", None
-    async for message in stream:
-        assert done is None, "nothing may follow the done message"
-        if message.HasField("delta"):
-            text += message.delta.text
-        else:
-            assert message.HasField("done"), message
-            done = message.done
-    assert done is not None, "the stream must end with done"
-    return text, done
-
-
 async def test_tokens_stream_then_done(generation_engine: GenerationEngine) -> None:
-    text, done = await collect(generation_engine.generate(request(max_new_tokens=8, temperature=0)))
+    text, done = await collect_generation(generation_engine.generate(request(max_new_tokens=8, temperature=0)))
     assert text.strip()
     assert done.finish_reason in (common_pb2.FINISH_REASON_LENGTH, common_pb2.FINISH_REASON_EOS)
     assert 0 < done.usage.completion_tokens <= 8
@@ -51,13 +38,13 @@ async def test_tokens_stream_then_done(generation_engine: GenerationEngine) -> N
 
 
 async def test_greedy_decoding_is_deterministic(generation_engine: GenerationEngine) -> None:
-    first, _ = await collect(generation_engine.generate(request(max_new_tokens=12, temperature=0)))
-    second, _ = await collect(generation_engine.generate(request(max_new_tokens=12, temperature=0)))
+    first, _ = await collect_generation(generation_engine.generate(request(max_new_tokens=12, temperature=0)))
+    second, _ = await collect_generation(generation_engine.generate(request(max_new_tokens=12, temperature=0)))
     assert first == second
 
 
 async def test_a_stop_sequence_ends_the_answer_before_it(generation_engine: GenerationEngine) -> None:
-    text, done = await collect(
+    text, done = await collect_generation(
         generation_engine.generate(request("Count from 1 to 20, one number per line.", max_new_tokens=80, temperature=0, stop=["5"]))
     )
     assert done.finish_reason == common_pb2.FINISH_REASON_STOP_SEQUENCE
@@ -66,7 +53,7 @@ async def test_a_stop_sequence_ends_the_answer_before_it(generation_engine: Gene
 
 async def test_a_prompt_longer_than_the_context_is_refused(generation_engine: GenerationEngine) -> None:
     with pytest.raises(InvalidArgument, match="^messages: the prompt has .* tokens; the model's context holds 4096"):
-        await collect(generation_engine.generate(request("word " * 6000)))
+        await collect_generation(generation_engine.generate(request("word " * 6000)))
 
 
 async def test_closing_the_stream_stops_generation(generation_engine: GenerationEngine) -> None:
@@ -79,7 +66,7 @@ async def test_closing_the_stream_stops_generation(generation_engine: Generation
     await stream.aclose()
     # The next generation queues behind the stopped one on the llama thread, so once it has
     # finished, the stopped one has reported how far it got.
-    await collect(generation_engine.generate(request(max_new_tokens=2)))
+    await collect_generation(generation_engine.generate(request(max_new_tokens=2)))
     assert backend.stopped_early_count == stopped_before + 1
 
 
@@ -99,7 +86,7 @@ async def generator_address(generation_engine: GenerationEngine) -> AsyncIterato
 async def test_generate_over_grpc(generator_address: str) -> None:
     async with grpc.aio.insecure_channel(generator_address) as channel:
         stub = generator_pb2_grpc.GeneratorStub(channel)
-        text, done = await collect(stub.Generate(request(max_new_tokens=6, temperature=0)))
+        text, done = await collect_generation(stub.Generate(request(max_new_tokens=6, temperature=0)))
     assert text and done.usage.completion_tokens <= 6
 
 
@@ -152,7 +139,7 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
     async with grpc.aio.insecure_channel(generator_address) as channel:
         stub = generator_pb2_grpc.GeneratorStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await collect(stub.Generate(bad))
+            await collect_generation(stub.Generate(bad))
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert raised.value.details().startswith(message), raised.value.details()
 
@@ -191,7 +178,7 @@ async def test_beyond_the_slots_and_the_queue_calls_are_refused_at_once() -> Non
     await engine.start()
     running = engine.generate(request())
     await anext(running)  # holds the only slot
-    queued = asyncio.ensure_future(collect(engine.generate(request())))
+    queued = asyncio.ensure_future(collect_generation(engine.generate(request())))
     for _ in range(100):
         if engine.waiting == 1:
             break
@@ -201,10 +188,10 @@ async def test_beyond_the_slots_and_the_queue_calls_are_refused_at_once() -> Non
         await anext(engine.generate(request()))
     assert engine.refused == 1 and backend.started == 1  # the refused call never reached the model
     backend.release.set()
-    await collect(running)
+    await collect_generation(running)
     await queued
     assert (engine.running, engine.waiting) == (0, 0)
-    await collect(engine.generate(request()))  # room again
+    await collect_generation(engine.generate(request()))  # room again
 
 
 async def test_overflow_over_grpc_is_resource_exhausted_with_the_real_model() -> None:
@@ -222,7 +209,7 @@ async def test_overflow_over_grpc_is_resource_exhausted_with_the_real_model() ->
             long_call = stub.Generate(request("Write a very long story.", max_new_tokens=300, temperature=0.8))
             await long_call.read()
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await collect(stub.Generate(request(max_new_tokens=4)))
+                await collect_generation(stub.Generate(request(max_new_tokens=4)))
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "try another replica" in refused.value.details()
             long_call.cancel()

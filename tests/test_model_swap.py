@@ -50,7 +50,7 @@ from services.generator.servicer import GeneratorServicer
 from services.retriever.config import RetrieverSettings
 from services.retriever.engine import RetrievalEngine
 from services.retriever.servicer import RetrieverServicer
-from tests.conftest import start_gateway, start_in_process
+from tests.conftest import collect_generation, start_gateway, start_in_process
 from tests.fakes.openai_server import FakeOpenAIServer, OpenAIScript
 
 MINILM = "all-MiniLM-L6-v2"
@@ -159,18 +159,6 @@ def ask_request(content: str, max_new_tokens: int) -> generator_pb2.GenerateRequ
         messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=content)],
         parameters=common_pb2.GenerationParameters(max_new_tokens=max_new_tokens, temperature=0),
     )
-
-
-async def collect(stream: AsyncIterator[generator_pb2.GenerateResponse]) -> tuple[str, generator_pb2.GenerateDone]:
-    text, done = "", None
-    async for message in stream:
-        if message.HasField("delta"):
-            text += message.delta.text
-        else:
-            assert message.HasField("done"), message
-            done = message.done
-    assert done is not None, "the stream must end with done"
-    return text, done
 
 
 # -- embedder ------------------------------------------------------------------------------------
@@ -415,9 +403,9 @@ async def test_a_generation_in_flight_during_a_swap_finishes_on_the_old_model(
     assert (swapped.name, swapped.replaced, swapped.backend, swapped.swaps) == ("smol-copy", SMOLLM, "local", 1)
     assert swapped.retiring_calls == 1 and swapped.path == str(models["smol-copy"])
     # Queued behind the first for the slot: it starts after the swap, so on the new model.
-    second = asyncio.create_task(collect(generation.generate(ask_request("Say hello.", max_new_tokens=4))))
+    second = asyncio.create_task(collect_generation(generation.generate(ask_request("Say hello.", max_new_tokens=4))))
 
-    _, first_done = await collect(first)
+    _, first_done = await collect_generation(first)
     assert first_done.model == SMOLLM
     second_text, second_done = await second
     assert second_done.model == "smol-copy" and second_text.strip()
@@ -457,7 +445,7 @@ async def test_a_generator_swap_over_grpc_and_what_it_refuses(
             await generator.SwapModel(common_pb2.SwapModelRequest(**fields))  # type: ignore[arg-type]
         assert status_of(error)[0] == code and message in status_of(error)[1], status_of(error)
     assert status_of(error)[1].endswith(f"still serving {SMOLLM}")
-    _, done = await collect(generator.Generate(ask_request("Say hello.", max_new_tokens=2)))
+    _, done = await collect_generation(generator.Generate(ask_request("Say hello.", max_new_tokens=2)))
     assert done.model == SMOLLM
 
     # One swap at a time.
@@ -470,7 +458,7 @@ async def test_a_generator_swap_over_grpc_and_what_it_refuses(
 
     swapped = await generator.SwapModel(common_pb2.SwapModelRequest(model_path=str(bundled_gguf()), model_name="smollm2"))
     assert (swapped.name, swapped.replaced, swapped.swaps) == ("smollm2", "smol-copy", 2)
-    _, done = await collect(generator.Generate(ask_request("Say hello.", max_new_tokens=2)))
+    _, done = await collect_generation(generator.Generate(ask_request("Say hello.", max_new_tokens=2)))
     assert done.model == "smollm2"
 
 
@@ -494,7 +482,7 @@ async def test_a_generator_on_an_openai_compatible_server_swaps_the_model_it_ask
             server.script = OpenAIScript(tokens=["Hi", "!"])
             swapped = await engine.models.swap("large")
             assert (swapped.name, swapped.replaced, swapped.backend) == ("large", "small", "openai")
-            _, done = await collect(engine.generate(ask_request("Say hello.", max_new_tokens=4)))
+            _, done = await collect_generation(engine.generate(ask_request("Say hello.", max_new_tokens=4)))
             assert done.model == "large"
             assert [request.body["model"] for request in server.requests] == ["small", "missing", "large", "large"]
         finally:
