@@ -341,3 +341,12 @@ async def test_the_redis_cache_is_shared_by_gateway_replicas(
         for runner, channel in replicas:
             await channel.close()
             await runner.stop()
+
+
+def test_a_kept_upstream_status_names_its_tier_once() -> None:
+    from services.gateway.upstreams import _mapped
+
+    busy = _mapped("generator", grpc.StatusCode.RESOURCE_EXHAUSTED, "generator: 1 generations running", "-")
+    assert busy.code == grpc.StatusCode.RESOURCE_EXHAUSTED and busy.message == "generator: 1 generations running"
+    late = _mapped("embedder", grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "-")
+    assert late.message == "embedder: Deadline Exceeded"

@@ -33,7 +33,9 @@ def _mapped(tier: str, code: grpc.StatusCode, details: str, unavailable: str) ->
     if code in _CALLER_STATUSES:
         return AskmeshError(details, code=code)
     if code in _KEPT_STATUSES:
-        return AskmeshError(f"{tier}: {details}", code=code)
+        # Named once: the tiers' own messages often start with their name already.
+        named = details if details.startswith(f"{tier}:") else f"{tier}: {details}"
+        return AskmeshError(named, code=code)
     return Unavailable(unavailable)
 
 
