@@ -188,8 +188,10 @@ def ask(
         with channel:
             for message in client.ask(channel, request, timeout):
                 event = message.WhichOneof("event")
-                if event == "sources":
-                    citations = list(message.sources.citations)
+                if event == "queued":
+                    errors.print(_waiting_line(message.queued), markup=False, highlight=False)
+                elif event == "sources":
+                    citations = [c for c in message.sources.citations if c.in_prompt]
                 elif event == "delta":
                     sys.stdout.write(message.delta.text)
                     sys.stdout.flush()
@@ -202,6 +204,16 @@ def ask(
         raise typer.Exit(1) from error
 
 
+def _ordinal(number: int) -> str:
+    suffix = "th" if 10 <= number % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(number % 10, "th")
+    return f"{number}{suffix}"
+
+
+def _waiting_line(status: common_pb2.QueueStatus) -> str:
+    """`waiting: 3rd in line, about 8 s`"""
+    return f"waiting: {_ordinal(status.position)} in line, about {status.estimated_wait_ms / 1000:.0f} s"
+
+
 def _print_sources(citations: list[gateway_pb2.Citation], done: gateway_pb2.AskDone) -> None:
     table = Table(title="Sources", show_lines=False)
     for column in ("#", "document", "title", "score", "excerpt"):
@@ -212,8 +224,11 @@ def _print_sources(citations: list[gateway_pb2.Citation], done: gateway_pb2.AskD
     console.print(table)
     t = done.timings
     reason = common_pb2.FinishReason.Name(done.finish_reason).removeprefix("FINISH_REASON_").lower()
+    waited = f"waited {t.queue_ms / 1000:.1f} s, " if t.queue_ms >= 100 else ""
+    usage = done.usage
     console.print(
-        f"[dim]{done.model}: {done.usage.completion_tokens} tokens, finished by {reason}; "
+        f"[dim]{done.model}: {usage.completion_tokens} tokens from a {usage.prompt_tokens}-token prompt "
+        f"({usage.cached_prompt_tokens} cached), finished by {reason}; {waited}"
         f"embed {t.embed_ms:.0f} ms, search {t.search_ms:.0f} ms, first token {t.time_to_first_token_ms:.0f} ms, "
         f"total {t.total_ms:.0f} ms[/dim]",
         highlight=False,

@@ -43,7 +43,9 @@ GRPC_SERVICE = {
 # Unary calls that may be retried on another replica.
 IDEMPOTENT_METHODS = {"embedder": ["Embed"], "retriever": ["Search"]}
 # Streams that only answer (no side effects): sent again if a replica reset them before answering.
-RESENDABLE_STREAMS = {"generator": ["Generate"], "gateway": ["Ask"]}
+RESENDABLE_STREAMS = {"generator": ["Generate", "AdmitAndGenerate"], "gateway": ["Ask"]}
+# Tiers whose RESOURCE_EXHAUSTED comes from the tiers behind them: not retried on another replica.
+CAPACITY_BEHIND = {"gateway"}
 DEFAULT_PORTS = {"embedder": 50061, "retriever": 50062, "generator": 50063, "gateway": 50064}
 MilvusMode = Literal["embedded", "server"]
 
@@ -146,6 +148,7 @@ class MeshLayout:
                 self.replicas(name),
                 IDEMPOTENT_METHODS.get(name, []),
                 RESENDABLE_STREAMS.get(name, []),
+                capacity_per_replica=name not in CAPACITY_BEHIND,
             )
 
         return envoy.EnvoyLayout(

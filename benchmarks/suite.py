@@ -466,30 +466,29 @@ async def retriever_section(settings: Settings, mesh: LocalMesh, say: Callable[[
 
 
 # -- Ask and the generator direct -------------------------------------------------------------------
-def topic_messages(mesh: LocalMesh) -> list[list[common_pb2.ChatMessage]]:
-    """For each topic, the system message the gateway builds (its prompt and settings' defaults),
-    with the sources the retriever finds for the topic's question."""
+def topic_prompts(mesh: LocalMesh) -> list[generator_pb2.GenerateRequest]:
+    """For each topic, the prompt the gateway sends the generator (its instructions, and the
+    sources the retriever finds for the topic's question as passages), without the question."""
     from services.gateway.config import GatewaySettings
 
     gateway = GatewaySettings()
     with grpc.insecure_channel(mesh.layout.replicas("embedder")[0], options=CHANNEL_OPTIONS) as channel:
         embedded = embedder_pb2_grpc.EmbedderStub(channel).Embed(embedder_pb2.EmbedRequest(texts=TOPICS), timeout=60)
-    systems = []
+    prompts = []
     with grpc.insecure_channel(mesh.layout.replicas("retriever")[0], options=CHANNEL_OPTIONS) as channel:
         retriever = retriever_pb2_grpc.RetrieverStub(channel)
         for embedding in embedded.embeddings:
             found = retriever.Search(
                 retriever_pb2.SearchRequest(knowledge_base=ASK_KB, vector=embedding.values, top_k=gateway.default_top_k), timeout=60
             )
-            budget = gateway.max_context_chars // max(len(found.results), 1)
-            sources = "\n\n".join(
-                f"[{number}] {r.chunk.title or r.chunk.document_id}\n{r.chunk.text[:budget]}"
-                for number, r in enumerate(found.results, start=1)
-            )
-            systems.append([common_pb2.ChatMessage(
-                role=common_pb2.ROLE_SYSTEM, content=f"{gateway.system_prompt}\n\nSources:\n{sources or '(no sources found)'}"
-            )])
-    return systems
+            prompts.append(generator_pb2.GenerateRequest(
+                messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=gateway.system_prompt)],
+                passages=[
+                    generator_pb2.ContextPassage(number=number, title=r.chunk.title or r.chunk.document_id, text=r.chunk.text)
+                    for number, r in enumerate(found.results, start=1)
+                ],
+            ))
+    return prompts
 
 
 @dataclass
@@ -533,7 +532,7 @@ async def ask_section(settings: Settings, mesh: LocalMesh, say: Callable[[str], 
         )
         added = client.load_samples(channel, REPO / "samples", ASK_KB)
     say(f"    {len(added.documents)} documents added")
-    systems = topic_messages(mesh)
+    prompts = topic_prompts(mesh)
     parameters = common_pb2.GenerationParameters(max_new_tokens=settings.max_new_tokens, temperature=0)
     targets = [
         AskTarget("Ask via Envoy front door (full mesh)", layout.front_address),
@@ -554,10 +553,11 @@ async def ask_section(settings: Settings, mesh: LocalMesh, say: Callable[[str], 
                         timeout=settings.call_timeout_s,
                     )
                 else:
-                    messages = [*systems[n % len(TOPICS)], common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=question(n))]
-                    call = generator.Generate(
-                        generator_pb2.GenerateRequest(messages=messages, parameters=parameters), timeout=settings.call_timeout_s
-                    )
+                    prompt = generator_pb2.GenerateRequest()
+                    prompt.CopyFrom(prompts[n % len(TOPICS)])
+                    prompt.messages.append(common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=question(n)))
+                    prompt.parameters.CopyFrom(parameters)
+                    call = generator.Generate(prompt, timeout=settings.call_timeout_s)
                 outcome, cached = await stream_call(call, started)
                 target.cached += cached
                 return outcome

@@ -33,14 +33,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 async def collect_generation(
     stream: AsyncIterator[generator_pb2.GenerateResponse],
 ) -> tuple[str, generator_pb2.GenerateDone]:
-    """A Generate stream's text and its done message, checking it ends with exactly one done."""
-    text, done = "", None
+    """A Generate stream's text and its done message, checking its order: queued messages,
+    started, deltas, then exactly one done."""
+    text, done, started = "", None, False
     async for message in stream:
         assert done is None, "nothing may follow the done message"
-        if message.HasField("delta"):
+        kind = message.WhichOneof("event")
+        if kind == "queued":
+            assert not started, "queued messages come before started"
+        elif kind == "started":
+            assert not started, "one started message"
+            started = True
+        elif kind == "delta":
+            assert started, "started comes before the first delta"
             text += message.delta.text
         else:
-            assert message.HasField("done"), message
+            assert kind == "done", message
             done = message.done
     assert done is not None, "the stream must end with done"
     return text, done

@@ -131,9 +131,17 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
         "/askmesh.v1.Embedder/Embed",
         "/askmesh.v1.Retriever/Search",
         "/askmesh.v1.Generator/Generate",
+        "/askmesh.v1.Generator/AdmitAndGenerate",
         "/askmesh.v1.Gateway/Ask",
     }
     assert routes["/askmesh.v1.Generator/"]["idle_timeout"] == "300s"
+    # A replica's RESOURCE_EXHAUSTED goes to another replica, except the gateway's: it says
+    # every generator replica was full already, and another gateway reaches the same ones.
+    retried_when_full = {
+        key for key, route in routes.items() if "resource-exhausted" in route.get("retry_policy", {}).get("retry_on", "")
+    }
+    assert "/askmesh.v1.Generator/AdmitAndGenerate" in retried_when_full
+    assert not {key for key in retried_when_full if key.startswith("/askmesh.v1.Gateway/")}
 
 
 def test_every_port_binds_to_loopback(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from askmesh.runtime.server import ServiceRunner
 from askmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc
 from services.gateway.knowledge import chunk_id_for
 from tests.conftest import REPO_ROOT, InProcessTiers, start_gateway, start_in_process
+from tests.fakes.generators import ScriptedGenerator
 
 SHORT = common_pb2.GenerationParameters(max_new_tokens=8, temperature=0)
 
@@ -195,14 +196,14 @@ async def test_a_dead_embedder_is_unavailable_naming_the_tier(upstreams: InProce
         await runner.stop()
 
 
-class SlowGenerator(generator_pb2_grpc.GeneratorServicer):
+class SlowGenerator(ScriptedGenerator):
     """Streams a token every 50 ms until cancelled; records the deadline it was given."""
 
     def __init__(self) -> None:
         self.time_remaining: float | None = None
         self.cancelled = asyncio.Event()
 
-    async def Generate(self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[generator_pb2.GenerateResponse]:
+    async def answer(self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[generator_pb2.GenerateResponse]:
         self.time_remaining = context.time_remaining()
         try:
             for _ in range(10_000):
@@ -232,11 +233,15 @@ async def test_the_callers_deadline_reaches_the_generator_and_stops_it(upstreams
         await generator.stop()
 
 
-class FailingGenerator(generator_pb2_grpc.GeneratorServicer):
+class FailingGenerator(ScriptedGenerator):
     """A generator whose model fails after two tokens (as a backend that loses its server)."""
 
     @streaming_rpc(lambda error: generator_pb2.GenerateResponse(error=error))
-    async def Generate(self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[generator_pb2.GenerateResponse]:
+    async def AdmitAndGenerate(self, request_iterator: AsyncIterator[generator_pb2.AdmitAndGenerateRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        async for response in super().AdmitAndGenerate(request_iterator, context):
+            yield response
+
+    async def answer(self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> AsyncIterator[generator_pb2.GenerateResponse]:
         for text in ("Hotels ", "cost "):
             yield generator_pb2.GenerateResponse(delta=common_pb2.TokenDelta(text=text))
         raise Unavailable("generator: TGI connection lost")

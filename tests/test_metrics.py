@@ -36,13 +36,13 @@ from services.embedder.config import EmbedderSettings
 from services.embedder.engine import EmbeddingEngine
 from services.embedder.servicer import EmbedderServicer
 from services.gateway.main import build as build_gateway
-from services.generator.backends.base import FinishEvent, TokenEvent
 from services.generator.config import GeneratorSettings
 from services.generator.engine import GenerationEngine
 from services.generator.servicer import GeneratorServicer
 from services.retriever.config import RetrieverSettings
 from services.retriever.engine import RetrievalEngine
 from services.retriever.servicer import RetrieverServicer
+from tests.fakes.generators import GatedBackend
 from tests.conftest import InProcessTiers, gateway_settings, start_in_process
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -112,24 +112,6 @@ def generate_request(content: str, **parameters: object) -> generator_pb2.Genera
 # -- calls in flight, serving, drain -----------------------------------------------------------
 
 
-class GatedBackend:
-    """Sends one token, then waits for the test before finishing: the stream stays open until told."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-
-    async def start(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-    async def generate(self, request: object) -> AsyncIterator[object]:
-        yield TokenEvent("x")
-        await self.release.wait()
-        yield FinishEvent(reason=common_pb2.FINISH_REASON_EOS, completion_tokens=1)
-
-
 async def test_a_stream_is_in_flight_while_it_runs_and_metrics_stay_up_through_the_drain() -> None:
     name = "generator-drain"
     backend = GatedBackend()
@@ -159,8 +141,10 @@ async def test_a_stream_is_in_flight_while_it_runs_and_metrics_stay_up_through_t
         assert value(before, "askmesh_serving", service=name) == 1
         async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
             call = generator_pb2_grpc.GeneratorStub(channel).Generate(generate_request("Say x."))
-            first = await call.read()
-            assert first.WhichOneof("event") == "delta"
+            kinds = []
+            while not kinds or kinds[-1] == "queued" or kinds[-1] == "started":
+                kinds.append((await call.read()).WhichOneof("event"))
+            assert kinds == ["queued", "started", "delta"]
 
             running = await scrape(port)
             assert value(running, "askmesh_calls_in_flight", **in_flight) == 1

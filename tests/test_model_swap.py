@@ -396,8 +396,8 @@ async def test_a_generation_in_flight_during_a_swap_finishes_on_the_old_model(
 ) -> None:
     old_backend = generation.backend
     first = generation.generate(ask_request("Count from one to thirty.", max_new_tokens=32))
-    opening = await anext(first)
-    assert opening.HasField("delta")  # running on the old model, in the replica's only slot
+    opening = [(await anext(first)).WhichOneof("event") for _ in range(3)]
+    assert opening == ["queued", "started", "delta"]  # running on the old model, in the replica's only slot
 
     swapped = await generation.models.swap(str(models["smol-copy"]))
     assert (swapped.name, swapped.replaced, swapped.backend, swapped.swaps) == ("smol-copy", SMOLLM, "local", 1)
@@ -405,7 +405,7 @@ async def test_a_generation_in_flight_during_a_swap_finishes_on_the_old_model(
     # Queued behind the first for the slot: it starts after the swap, so on the new model.
     second = asyncio.create_task(collect_generation(generation.generate(ask_request("Say hello.", max_new_tokens=4))))
 
-    _, first_done = await collect_generation(first)
+    first_done = [message async for message in first][-1].done
     assert first_done.model == SMOLLM
     second_text, second_done = await second
     assert second_done.model == "smol-copy" and second_text.strip()

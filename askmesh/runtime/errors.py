@@ -23,14 +23,38 @@ from askmesh.v1 import common_pb2
 log = logging.getLogger(__name__)
 
 
+# gRPC's trailer for "ask again after this many milliseconds" (the retry design's server
+# pushback): grpc clients with a retry policy honour it, and others can read it.
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+
+
 class AskmeshError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 
-    def __init__(self, message: str, *, code: grpc.StatusCode | None = None) -> None:
+    def __init__(self, message: str, *, code: grpc.StatusCode | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        # When asking again is likely to succeed (None: no advice); sent as retry pushback.
+        self.retry_after_s = retry_after_s
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        if self.retry_after_s is None:
+            return ()
+        return ((RETRY_PUSHBACK_KEY, str(max(int(self.retry_after_s * 1000), 1))),)
+
+
+def retry_after_of(error: grpc.aio.AioRpcError | grpc.RpcError) -> float | None:
+    """The retry pushback a failed call's trailers carry, in seconds (None: none)."""
+    trailers = error.trailing_metadata() or ()  # type: ignore[attr-defined]
+    for key, value in trailers:
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return max(int(value), 0) / 1000
+            except ValueError:
+                return None
+    return None
 
 
 class InvalidArgument(AskmeshError):
@@ -52,6 +76,8 @@ class FailedPrecondition(AskmeshError):
 
 
 class ResourceExhausted(AskmeshError):
+    """Over capacity; `retry_after_s` says when to ask again, where it is known."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
@@ -93,7 +119,7 @@ def unary_rpc(
         except grpc.aio.AbortError:
             raise
         except AskmeshError as error:
-            await context.abort(error.code, error.message)
+            await context.abort(error.code, error.message, error.trailing_metadata())
         except Exception as error:  # a bug: keep serving, say so, never leak a traceback to clients
             log.exception("unhandled error in %s", method.__qualname__)
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}")
@@ -140,13 +166,13 @@ def streaming_rpc(
             except grpc.aio.AbortError:
                 raise
             except AskmeshError as error:
-                code, text = error.code, error.message
+                code, text, trailers = error.code, error.message, error.trailing_metadata()
             except Exception as error:
                 log.exception("unhandled error in %s", method.__qualname__)
-                code, text = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+                code, text, trailers = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}", ()
             if started:
                 yield error_message(common_pb2.StreamError(code=code.name, message=text))
-            await context.abort(code, text)
+            await context.abort(code, text, trailers)
 
         return wrapper
 

@@ -67,11 +67,17 @@ GENERATION_TOKENS_PER_SECOND = Histogram(
     ["service"],
     buckets=(1, 2, 5, 10, 20, 30, 50, 75, 100, 150, 200, 300, 500, 1000),
 )
-GENERATION_QUEUE = Gauge("askmesh_generation_queue_length", "Generations waiting for a concurrency slot.", ["service"])
+GENERATION_QUEUE = Gauge("askmesh_generation_queue_length", "Generations waiting in line for a concurrency slot.", ["service"])
+GENERATION_QUEUE_WAIT = Histogram(
+    "askmesh_generation_queue_wait_seconds",
+    "Time a generation waited in line for its slot.",
+    ["service"],
+    buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 20, 30, 45, 60, 90, 120),
+)
 GENERATIONS_RUNNING = Gauge("askmesh_generations_running", "Generations holding a concurrency slot.", ["service"])
 GENERATIONS_REJECTED = Counter(
     "askmesh_generations_rejected",
-    "Generations refused with RESOURCE_EXHAUSTED because every slot and queue place was taken.",
+    "Generations refused at once with RESOURCE_EXHAUSTED because their expected wait was too long.",
     ["service"],
 )
 

@@ -10,6 +10,9 @@ from typing import Any
 from askmesh.runtime.errors import InvalidArgument
 from askmesh.v1 import common_pb2
 
+# Titles of documents and passages, everywhere they are taken.
+MAX_TITLE_CHARS = 1024
+
 KNOWLEDGE_BASE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 DECLARED_FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 DECLARABLE_TYPES = frozenset(

@@ -26,19 +26,19 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61skmesh/v1/common.proto\x12\naskmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"p\n\x0b\x46ilterValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\":\n\x0f\x46ilterValueList\x12\'\n\x06values\x18\x01 \x03(\x0b\x32\x17.askmesh.v1.FilterValue\"q\n\x0b\x46ilterRange\x12\x0f\n\x02gt\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03gte\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x02lt\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x10\n\x03lte\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x05\n\x03_gtB\x06\n\x04_gteB\x05\n\x03_ltB\x06\n\x04_lte\"\xbe\x01\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12)\n\x06\x65quals\x18\x02 \x01(\x0b\x32\x17.askmesh.v1.FilterValueH\x00\x12)\n\x02in\x18\x03 \x01(\x0b\x32\x1b.askmesh.v1.FilterValueListH\x00\x12(\n\x05range\x18\x04 \x01(\x0b\x32\x17.askmesh.v1.FilterRangeH\x00\x12\x10\n\x06\x65xists\x18\x05 \x01(\x08H\x00\x42\x0b\n\tcondition\">\n\x0b\x43hatMessage\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.askmesh.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb8\x01\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x1a\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"S\n\x0f\x43hunkingOptions\x12\x12\n\nchunk_size\x18\x01 \x01(\r\x12\x1a\n\rchunk_overlap\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_chunk_overlap\"E\n\rMetadataField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.askmesh.v1.MetadataType\"\x9f\x01\n\x05\x43hunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x03 \x01(\r\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10\x64ocument_version\x18\x07 \x01(\r\"\xc9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\x12-\n\tloaded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05swaps\x18\x07 \x01(\r\x12\x10\n\x08replaced\x18\x08 \x01(\t\x12\x16\n\x0eretiring_calls\x18\t \x01(\r\"\x11\n\x0fGetModelRequest\"k\n\x10SwapModelRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1e\n\x16\x61llow_dimension_change\x18\x04 \x01(\x08*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03*\x8f\x01\n\x0cMetadataType\x12\x1d\n\x19METADATA_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14METADATA_TYPE_STRING\x10\x01\x12\x15\n\x11METADATA_TYPE_INT\x10\x02\x12\x17\n\x13METADATA_TYPE_FLOAT\x10\x03\x12\x16\n\x12METADATA_TYPE_BOOL\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x61skmesh/v1/common.proto\x12\naskmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"p\n\x0b\x46ilterValue\x12\x16\n\x0cstring_value\x18\x01 \x01(\tH\x00\x12\x13\n\tint_value\x18\x02 \x01(\x03H\x00\x12\x16\n\x0c\x64ouble_value\x18\x03 \x01(\x01H\x00\x12\x14\n\nbool_value\x18\x04 \x01(\x08H\x00\x42\x06\n\x04kind\":\n\x0f\x46ilterValueList\x12\'\n\x06values\x18\x01 \x03(\x0b\x32\x17.askmesh.v1.FilterValue\"q\n\x0b\x46ilterRange\x12\x0f\n\x02gt\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x03gte\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x0f\n\x02lt\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x10\n\x03lte\x18\x04 \x01(\x01H\x03\x88\x01\x01\x42\x05\n\x03_gtB\x06\n\x04_gteB\x05\n\x03_ltB\x06\n\x04_lte\"\xbe\x01\n\x0eMetadataFilter\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12)\n\x06\x65quals\x18\x02 \x01(\x0b\x32\x17.askmesh.v1.FilterValueH\x00\x12)\n\x02in\x18\x03 \x01(\x0b\x32\x1b.askmesh.v1.FilterValueListH\x00\x12(\n\x05range\x18\x04 \x01(\x0b\x32\x17.askmesh.v1.FilterRangeH\x00\x12\x10\n\x06\x65xists\x18\x05 \x01(\x08H\x00\x42\x0b\n\tcondition\">\n\x0b\x43hatMessage\x12\x1e\n\x04role\x18\x01 \x01(\x0e\x32\x10.askmesh.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb8\x01\n\x14GenerationParameters\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x1a\n\nTokenDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\r\":\n\x0bQueueStatus\x12\x10\n\x08position\x18\x01 \x01(\r\x12\x19\n\x11\x65stimated_wait_ms\x18\x02 \x01(\x01\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"S\n\x0f\x43hunkingOptions\x12\x12\n\nchunk_size\x18\x01 \x01(\r\x12\x1a\n\rchunk_overlap\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\x10\n\x0e_chunk_overlap\"E\n\rMetadataField\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04type\x18\x02 \x01(\x0e\x32\x18.askmesh.v1.MetadataType\"\x9f\x01\n\x05\x43hunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x03 \x01(\r\x12\r\n\x05title\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x18\n\x10\x64ocument_version\x18\x07 \x01(\r\"\xc9\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x11\n\tdimension\x18\x04 \x01(\r\x12\x14\n\x0cload_seconds\x18\x05 \x01(\x01\x12-\n\tloaded_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05swaps\x18\x07 \x01(\r\x12\x10\n\x08replaced\x18\x08 \x01(\t\x12\x16\n\x0eretiring_calls\x18\t \x01(\r\"\x11\n\x0fGetModelRequest\"k\n\x10SwapModelRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1e\n\x16\x61llow_dimension_change\x18\x04 \x01(\x08*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*\x7f\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03*\x8f\x01\n\x0cMetadataType\x12\x1d\n\x19METADATA_TYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14METADATA_TYPE_STRING\x10\x01\x12\x15\n\x11METADATA_TYPE_INT\x10\x02\x12\x17\n\x13METADATA_TYPE_FLOAT\x10\x03\x12\x16\n\x12METADATA_TYPE_BOOL\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'askmesh.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1618
-  _globals['_ROLE']._serialized_end=1698
-  _globals['_FINISHREASON']._serialized_start=1700
-  _globals['_FINISHREASON']._serialized_end=1827
-  _globals['_METADATATYPE']._serialized_start=1830
-  _globals['_METADATATYPE']._serialized_end=1973
+  _globals['_ROLE']._serialized_start=1708
+  _globals['_ROLE']._serialized_end=1788
+  _globals['_FINISHREASON']._serialized_start=1790
+  _globals['_FINISHREASON']._serialized_end=1917
+  _globals['_METADATATYPE']._serialized_start=1920
+  _globals['_METADATATYPE']._serialized_end=2063
   _globals['_FILTERVALUE']._serialized_start=102
   _globals['_FILTERVALUE']._serialized_end=214
   _globals['_FILTERVALUELIST']._serialized_start=216
@@ -54,19 +54,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENDELTA']._serialized_start=835
   _globals['_TOKENDELTA']._serialized_end=861
   _globals['_USAGE']._serialized_start=863
-  _globals['_USAGE']._serialized_end=920
-  _globals['_STREAMERROR']._serialized_start=922
-  _globals['_STREAMERROR']._serialized_end=966
-  _globals['_CHUNKINGOPTIONS']._serialized_start=968
-  _globals['_CHUNKINGOPTIONS']._serialized_end=1051
-  _globals['_METADATAFIELD']._serialized_start=1053
-  _globals['_METADATAFIELD']._serialized_end=1122
-  _globals['_CHUNK']._serialized_start=1125
-  _globals['_CHUNK']._serialized_end=1284
-  _globals['_MODELINFO']._serialized_start=1287
-  _globals['_MODELINFO']._serialized_end=1488
-  _globals['_GETMODELREQUEST']._serialized_start=1490
-  _globals['_GETMODELREQUEST']._serialized_end=1507
-  _globals['_SWAPMODELREQUEST']._serialized_start=1509
-  _globals['_SWAPMODELREQUEST']._serialized_end=1616
+  _globals['_USAGE']._serialized_end=950
+  _globals['_QUEUESTATUS']._serialized_start=952
+  _globals['_QUEUESTATUS']._serialized_end=1010
+  _globals['_STREAMERROR']._serialized_start=1012
+  _globals['_STREAMERROR']._serialized_end=1056
+  _globals['_CHUNKINGOPTIONS']._serialized_start=1058
+  _globals['_CHUNKINGOPTIONS']._serialized_end=1141
+  _globals['_METADATAFIELD']._serialized_start=1143
+  _globals['_METADATAFIELD']._serialized_end=1212
+  _globals['_CHUNK']._serialized_start=1215
+  _globals['_CHUNK']._serialized_end=1374
+  _globals['_MODELINFO']._serialized_start=1377
+  _globals['_MODELINFO']._serialized_end=1578
+  _globals['_GETMODELREQUEST']._serialized_start=1580
+  _globals['_GETMODELREQUEST']._serialized_end=1597
+  _globals['_SWAPMODELREQUEST']._serialized_start=1599
+  _globals['_SWAPMODELREQUEST']._serialized_end=1706
 # @@protoc_insertion_point(module_scope)

@@ -9,7 +9,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class AskRequest(_message.Message):
-    __slots__ = ("question", "knowledge_base", "top_k", "score_threshold", "filters", "history", "parameters")
+    __slots__ = ("question", "knowledge_base", "top_k", "score_threshold", "filters", "history", "parameters", "context_token_budget")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class AskRequest(_message.Message):
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     question: str
     knowledge_base: str
     top_k: int
@@ -24,10 +25,11 @@ class AskRequest(_message.Message):
     filters: _containers.RepeatedCompositeFieldContainer[_common_pb2.MetadataFilter]
     history: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     parameters: _common_pb2.GenerationParameters
-    def __init__(self, question: _Optional[str] = ..., knowledge_base: _Optional[str] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ...) -> None: ...
+    context_token_budget: int
+    def __init__(self, question: _Optional[str] = ..., knowledge_base: _Optional[str] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., context_token_budget: _Optional[int] = ...) -> None: ...
 
 class Citation(_message.Message):
-    __slots__ = ("number", "document_id", "title", "text", "score", "metadata", "chunk_id", "chunk_index")
+    __slots__ = ("number", "document_id", "title", "text", "score", "metadata", "chunk_id", "chunk_index", "in_prompt")
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -36,6 +38,7 @@ class Citation(_message.Message):
     METADATA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
+    IN_PROMPT_FIELD_NUMBER: _ClassVar[int]
     number: int
     document_id: str
     title: str
@@ -44,7 +47,8 @@ class Citation(_message.Message):
     metadata: _struct_pb2.Struct
     chunk_id: str
     chunk_index: int
-    def __init__(self, number: _Optional[int] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_id: _Optional[str] = ..., chunk_index: _Optional[int] = ...) -> None: ...
+    in_prompt: bool
+    def __init__(self, number: _Optional[int] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., in_prompt: _Optional[bool] = ...) -> None: ...
 
 class Sources(_message.Message):
     __slots__ = ("citations",)
@@ -53,20 +57,22 @@ class Sources(_message.Message):
     def __init__(self, citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
 
 class AskTimings(_message.Message):
-    __slots__ = ("embed_ms", "search_ms", "time_to_first_token_ms", "generate_ms", "total_ms", "gateway_overhead_ms")
+    __slots__ = ("embed_ms", "search_ms", "time_to_first_token_ms", "generate_ms", "total_ms", "gateway_overhead_ms", "queue_ms")
     EMBED_MS_FIELD_NUMBER: _ClassVar[int]
     SEARCH_MS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     GENERATE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_OVERHEAD_MS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     embed_ms: float
     search_ms: float
     time_to_first_token_ms: float
     generate_ms: float
     total_ms: float
     gateway_overhead_ms: float
-    def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., gateway_overhead_ms: _Optional[float] = ...) -> None: ...
+    queue_ms: float
+    def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., gateway_overhead_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
 
 class AskDone(_message.Message):
     __slots__ = ("finish_reason", "usage", "timings", "model", "cached", "embedding_model")
@@ -85,16 +91,18 @@ class AskDone(_message.Message):
     def __init__(self, finish_reason: _Optional[_Union[_common_pb2.FinishReason, str]] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., timings: _Optional[_Union[AskTimings, _Mapping]] = ..., model: _Optional[str] = ..., cached: _Optional[bool] = ..., embedding_model: _Optional[str] = ...) -> None: ...
 
 class AskResponse(_message.Message):
-    __slots__ = ("sources", "delta", "done", "error")
+    __slots__ = ("sources", "delta", "done", "error", "queued")
     SOURCES_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     sources: Sources
     delta: _common_pb2.TokenDelta
     done: AskDone
     error: _common_pb2.StreamError
-    def __init__(self, sources: _Optional[_Union[Sources, _Mapping]] = ..., delta: _Optional[_Union[_common_pb2.TokenDelta, _Mapping]] = ..., done: _Optional[_Union[AskDone, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.StreamError, _Mapping]] = ...) -> None: ...
+    queued: _common_pb2.QueueStatus
+    def __init__(self, sources: _Optional[_Union[Sources, _Mapping]] = ..., delta: _Optional[_Union[_common_pb2.TokenDelta, _Mapping]] = ..., done: _Optional[_Union[AskDone, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.StreamError, _Mapping]] = ..., queued: _Optional[_Union[_common_pb2.QueueStatus, _Mapping]] = ...) -> None: ...
 
 class Document(_message.Message):
     __slots__ = ("id", "title", "text", "metadata")

@@ -52,8 +52,12 @@ class GatewayServicer:
     """
 
     def Ask(self, request, context):
-        """Answers a question from a knowledge base. The stream carries, in order: one sources
-        message, token deltas, then exactly one final message, done or error.
+        """Answers a question from a knowledge base. The stream carries, in order: queued messages
+        while the question waits for the generator (its place in line and the expected wait; none
+        when it need not wait), one sources message, token deltas, then exactly one final message,
+        done or error. A question that would wait longer than the generators' longest wait (or than
+        its deadline allows) is refused before any work with RESOURCE_EXHAUSTED, trailing metadata
+        grpc-retry-pushback-ms saying when to ask again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

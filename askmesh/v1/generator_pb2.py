@@ -25,21 +25,29 @@ _sym_db = _symbol_database.Default()
 from askmesh.v1 import common_pb2 as askmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/generator.proto\x12\naskmesh.v1\x1a\x17\x61skmesh/v1/common.proto\"r\n\x0fGenerateRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.askmesh.v1.ChatMessage\x12\x34\n\nparameters\x18\x02 \x01(\x0b\x32 .askmesh.v1.GenerationParameters\"p\n\x0fGenerateTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\"\x9e\x01\n\x0cGenerateDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.askmesh.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.askmesh.v1.Usage\x12,\n\x07timings\x18\x03 \x01(\x0b\x32\x1b.askmesh.v1.GenerateTimings\x12\r\n\x05model\x18\x04 \x01(\t\"\x98\x01\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.askmesh.v1.TokenDeltaH\x00\x12(\n\x04\x64one\x18\x02 \x01(\x0b\x32\x18.askmesh.v1.GenerateDoneH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.askmesh.v1.StreamErrorH\x00\x42\x07\n\x05\x65vent2\xd6\x01\n\tGenerator\x12G\n\x08Generate\x12\x1b.askmesh.v1.GenerateRequest\x1a\x1c.askmesh.v1.GenerateResponse0\x01\x12>\n\x08GetModel\x12\x1b.askmesh.v1.GetModelRequest\x1a\x15.askmesh.v1.ModelInfo\x12@\n\tSwapModel\x12\x1c.askmesh.v1.SwapModelRequest\x1a\x15.askmesh.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/generator.proto\x12\naskmesh.v1\x1a\x17\x61skmesh/v1/common.proto\"\xbe\x01\n\x0fGenerateRequest\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.askmesh.v1.ChatMessage\x12\x34\n\nparameters\x18\x02 \x01(\x0b\x32 .askmesh.v1.GenerationParameters\x12,\n\x08passages\x18\x03 \x03(\x0b\x32\x1a.askmesh.v1.ContextPassage\x12\x1c\n\x14\x63ontext_token_budget\x18\x04 \x01(\r\"=\n\x0e\x43ontextPassage\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\"\x1f\n\tAdmission\x12\x12\n\nmax_wait_s\x18\x01 \x01(\x01\"~\n\x17\x41\x64mitAndGenerateRequest\x12*\n\tadmission\x18\x01 \x01(\x0b\x32\x15.askmesh.v1.AdmissionH\x00\x12/\n\x08generate\x18\x02 \x01(\x0b\x32\x1b.askmesh.v1.GenerateRequestH\x00\x42\x06\n\x04step\":\n\x0fGenerateStarted\x12\x15\n\rpassages_used\x18\x01 \x03(\r\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\"p\n\x0fGenerateTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x04 \x01(\x01\"\x9e\x01\n\x0cGenerateDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.askmesh.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.askmesh.v1.Usage\x12,\n\x07timings\x18\x03 \x01(\x0b\x32\x1b.askmesh.v1.GenerateTimings\x12\r\n\x05model\x18\x04 \x01(\t\"\xf3\x01\n\x10GenerateResponse\x12\'\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x16.askmesh.v1.TokenDeltaH\x00\x12(\n\x04\x64one\x18\x02 \x01(\x0b\x32\x18.askmesh.v1.GenerateDoneH\x00\x12(\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x17.askmesh.v1.StreamErrorH\x00\x12)\n\x06queued\x18\x04 \x01(\x0b\x32\x17.askmesh.v1.QueueStatusH\x00\x12.\n\x07started\x18\x05 \x01(\x0b\x32\x1b.askmesh.v1.GenerateStartedH\x00\x42\x07\n\x05\x65vent2\xb1\x02\n\tGenerator\x12G\n\x08Generate\x12\x1b.askmesh.v1.GenerateRequest\x1a\x1c.askmesh.v1.GenerateResponse0\x01\x12Y\n\x10\x41\x64mitAndGenerate\x12#.askmesh.v1.AdmitAndGenerateRequest\x1a\x1c.askmesh.v1.GenerateResponse(\x01\x30\x01\x12>\n\x08GetModel\x12\x1b.askmesh.v1.GetModelRequest\x1a\x15.askmesh.v1.ModelInfo\x12@\n\tSwapModel\x12\x1c.askmesh.v1.SwapModelRequest\x1a\x15.askmesh.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'askmesh.v1.generator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATEREQUEST']._serialized_start=67
-  _globals['_GENERATEREQUEST']._serialized_end=181
-  _globals['_GENERATETIMINGS']._serialized_start=183
-  _globals['_GENERATETIMINGS']._serialized_end=295
-  _globals['_GENERATEDONE']._serialized_start=298
-  _globals['_GENERATEDONE']._serialized_end=456
-  _globals['_GENERATERESPONSE']._serialized_start=459
-  _globals['_GENERATERESPONSE']._serialized_end=611
-  _globals['_GENERATOR']._serialized_start=614
-  _globals['_GENERATOR']._serialized_end=828
+  _globals['_GENERATEREQUEST']._serialized_start=68
+  _globals['_GENERATEREQUEST']._serialized_end=258
+  _globals['_CONTEXTPASSAGE']._serialized_start=260
+  _globals['_CONTEXTPASSAGE']._serialized_end=321
+  _globals['_ADMISSION']._serialized_start=323
+  _globals['_ADMISSION']._serialized_end=354
+  _globals['_ADMITANDGENERATEREQUEST']._serialized_start=356
+  _globals['_ADMITANDGENERATEREQUEST']._serialized_end=482
+  _globals['_GENERATESTARTED']._serialized_start=484
+  _globals['_GENERATESTARTED']._serialized_end=542
+  _globals['_GENERATETIMINGS']._serialized_start=544
+  _globals['_GENERATETIMINGS']._serialized_end=656
+  _globals['_GENERATEDONE']._serialized_start=659
+  _globals['_GENERATEDONE']._serialized_end=817
+  _globals['_GENERATERESPONSE']._serialized_start=820
+  _globals['_GENERATERESPONSE']._serialized_end=1063
+  _globals['_GENERATOR']._serialized_start=1066
+  _globals['_GENERATOR']._serialized_end=1371
 # @@protoc_insertion_point(module_scope)

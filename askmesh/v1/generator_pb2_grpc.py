@@ -40,6 +40,11 @@ class GeneratorStub:
                 request_serializer=askmesh_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=askmesh_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.AdmitAndGenerate = channel.stream_stream(
+                '/askmesh.v1.Generator/AdmitAndGenerate',
+                request_serializer=askmesh_dot_v1_dot_generator__pb2.AdmitAndGenerateRequest.SerializeToString,
+                response_deserializer=askmesh_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.GetModel = channel.unary_unary(
                 '/askmesh.v1.Generator/GetModel',
                 request_serializer=askmesh_dot_v1_dot_common__pb2.GetModelRequest.SerializeToString,
@@ -58,6 +63,24 @@ class GeneratorServicer:
     def Generate(self, request, context):
         """Streams the model's answer to a conversation: token deltas, then exactly one final
         message, done or error. Cancelling the call stops generation upstream.
+
+        The call first waits for a generation slot in a first-come, first-served queue that is
+        bounded by time: a call whose expected wait is longer than the replica's max_queue_wait_s
+        (or than its own deadline allows) is refused at once with RESOURCE_EXHAUSTED, trailing
+        metadata grpc-retry-pushback-ms saying when to try again; a call that is let in gets queued
+        messages while it waits, then started, then its deltas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdmitAndGenerate(self, request_iterator, context):
+        """The same generation, for a caller that must work to build its prompt (the gateway's
+        retrieval) and should not do that work for a call that would be refused: the first request
+        message asks for a place in the queue (admission), and the answer is a refusal at once or a
+        first queued message (position 0: a slot is free now). The caller then sends the prompt
+        (generate), which may arrive while it still waits; a slot given before the prompt arrived
+        waits for it. Leaving the call gives the place (or the slot) up.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -86,6 +109,11 @@ def add_GeneratorServicer_to_server(servicer, server):
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=askmesh_dot_v1_dot_generator__pb2.GenerateRequest.FromString,
+                    response_serializer=askmesh_dot_v1_dot_generator__pb2.GenerateResponse.SerializeToString,
+            ),
+            'AdmitAndGenerate': grpc.stream_stream_rpc_method_handler(
+                    servicer.AdmitAndGenerate,
+                    request_deserializer=askmesh_dot_v1_dot_generator__pb2.AdmitAndGenerateRequest.FromString,
                     response_serializer=askmesh_dot_v1_dot_generator__pb2.GenerateResponse.SerializeToString,
             ),
             'GetModel': grpc.unary_unary_rpc_method_handler(
@@ -125,6 +153,33 @@ class Generator:
             target,
             '/askmesh.v1.Generator/Generate',
             askmesh_dot_v1_dot_generator__pb2.GenerateRequest.SerializeToString,
+            askmesh_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdmitAndGenerate(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/askmesh.v1.Generator/AdmitAndGenerate',
+            askmesh_dot_v1_dot_generator__pb2.AdmitAndGenerateRequest.SerializeToString,
             askmesh_dot_v1_dot_generator__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

@@ -34,8 +34,9 @@ class GatewaySettings(ServiceSettings):
     max_question_chars: int = Field(default=4000, ge=1)
     max_history_messages: int = Field(default=20, ge=0)
     max_history_chars: int = Field(default=8000, ge=0)
-    # Characters of source text put into the prompt, shared among the sources.
-    max_context_chars: int = Field(default=4000, ge=100)
+    # The most prompt tokens a question may give its sources (context_token_budget); the
+    # generator's own limit may be lower, and its default applies when a question sets none.
+    max_context_token_budget: int = Field(default=2048, ge=16)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
     # Answer cache for repeated questions: off, memory (an LRU in each replica) or redis

@@ -8,17 +8,18 @@ deadline is passed on to every hop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
-import grpc
 from google.protobuf import json_format
 
 from askmesh.runtime import metrics
 from askmesh.runtime.errors import Unavailable
-from askmesh.v1 import common_pb2, embedder_pb2, gateway_pb2, generator_pb2, retriever_pb2
+from askmesh.v1 import common_pb2, gateway_pb2, generator_pb2, retriever_pb2
 from askmesh.runtime.inflight import InFlight
 from services.gateway.cache import AnswerCache, MemoryAnswerCache, RedisAnswerCache, cache_key
 from services.gateway.config import GatewaySettings
@@ -26,12 +27,63 @@ from services.gateway.knowledge import AsyncStore, DocumentWrite, KnowledgeEngin
 from services.gateway.parsing import Section
 from services.gateway.store import SqliteStore
 from services.gateway.ingestion import Ingestion
-from services.gateway.upstreams import Deadline, Upstreams, stream_error, upstream_error
+from services.gateway.upstreams import Deadline, Upstreams
 
 
 # A search that keeps racing document changes is returned as the last one found: by then the
 # knowledge base is changing faster than questions are asked, and one more try would not help.
 MAX_SEARCH_ATTEMPTS = 3
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    citations: list[gateway_pb2.Citation]
+    embedding_model: str
+
+
+@dataclass
+class AskClock:
+    """When each step of one Ask ended, and how long it waited on other tiers."""
+
+    started: float
+    upstream_wait_s: float = 0.0
+    embed_started: float | None = None
+    embedded_at: float | None = None
+    searched_at: float | None = None
+    first_token_at: float | None = None
+    queue_s: float = 0.0
+
+    async def waiting(self, work: Awaitable[T]) -> T:
+        """`work`'s result, its time counted as waiting on a tier."""
+        waiting_since = time.perf_counter()
+        try:
+            return await work
+        finally:
+            self.upstream_wait_s += time.perf_counter() - waiting_since
+
+    def done(self, generated: generator_pb2.GenerateDone, embedding_model: str) -> gateway_pb2.AskDone:
+        finished = time.perf_counter()
+        embed_started = self.embed_started or finished
+        embedded_at = self.embedded_at or finished
+        searched_at = self.searched_at or finished
+        total = finished - self.started
+        return gateway_pb2.AskDone(
+            finish_reason=generated.finish_reason,
+            usage=generated.usage,
+            model=generated.model,
+            embedding_model=embedding_model,
+            timings=gateway_pb2.AskTimings(
+                embed_ms=(embedded_at - embed_started) * 1000,
+                search_ms=(searched_at - embedded_at) * 1000,
+                time_to_first_token_ms=((self.first_token_at or finished) - self.started) * 1000,
+                generate_ms=(finished - searched_at) * 1000,
+                total_ms=total * 1000,
+                gateway_overhead_ms=max(total - self.upstream_wait_s, 0.0) * 1000,
+                queue_ms=self.queue_s * 1000,
+            ),
+        )
 
 
 def make_answer_cache(settings: GatewaySettings) -> AnswerCache | None:
@@ -72,16 +124,18 @@ class GatewayEngine:
     async def ask(self, request: gateway_pb2.AskRequest, deadline: Deadline) -> AsyncIterator[gateway_pb2.AskResponse]:
         """Sources, token deltas, then done. Raises AskmeshError (after validation by the servicer)."""
         with self.questions.track():
-            async for response in self._ask(request, deadline):
-                yield response
+            async with contextlib.aclosing(self._ask(request, deadline)) as responses:
+                async for response in responses:
+                    yield response
 
     async def _ask(self, request: gateway_pb2.AskRequest, deadline: Deadline) -> AsyncIterator[gateway_pb2.AskResponse]:
         started = time.perf_counter()
         knowledge_base = request.knowledge_base or self.settings.default_knowledge_base
         record = await self.knowledge.require(knowledge_base)
         if self.cache is None:
-            async for response in self._answer(request, knowledge_base, deadline, started):
-                yield response
+            async with contextlib.aclosing(self._answer(request, knowledge_base, deadline, started)) as responses:
+                async for response in responses:
+                    yield response
             return
         key = cache_key(knowledge_base, record.generation, await self.knowledge.visibility_epoch(knowledge_base), request)
         cached = await self.cache.get(key)
@@ -95,23 +149,54 @@ class GatewayEngine:
             yield done
             return
         answer: list[gateway_pb2.AskResponse] = []
-        async for response in self._answer(request, knowledge_base, deadline, started):
-            answer.append(response)
-            yield response
+        async with contextlib.aclosing(self._answer(request, knowledge_base, deadline, started)) as responses:
+            async for response in responses:
+                if not response.HasField("queued"):  # a replay need not wait
+                    answer.append(response)
+                yield response
         await self.cache.put(key, answer)  # only a complete answer gets here
 
     async def _answer(
         self, request: gateway_pb2.AskRequest, knowledge_base: str, deadline: Deadline, started: float
     ) -> AsyncIterator[gateway_pb2.AskResponse]:
-        """Embed, search, sources, then the generator's stream, timing every wait on a tier:
-        the rest of the total is the gateway's own overhead."""
-        embed_started = time.perf_counter()
-        embedded = await self.upstreams.call(
-            "embedder",
-            self.upstreams.embedder.Embed(embedder_pb2.EmbedRequest(texts=[request.question]), timeout=deadline.unary_timeout()),
-        )
-        embedded_at = time.perf_counter()
-        upstream_wait = embedded_at - embed_started
+        """A place in a generator's line first (a question that would wait too long is refused
+        here, before it costs an embedding or a search); then, while it waits, the sources;
+        once it has its slot, the sources that fit the prompt, the tokens and done. Every wait on
+        a tier is timed: the rest of the total is the gateway's own overhead."""
+        clock = AskClock(started)
+        session = await clock.waiting(self.upstreams.admit_generation(deadline))
+        try:
+            if session.standing.position:
+                yield gateway_pb2.AskResponse(queued=session.standing)
+            retrieved = await self._retrieve(request, knowledge_base, deadline, clock)
+            await session.send_prompt(self._generate_request(request, retrieved))
+            while (message := await clock.waiting(session.read())) is not None:
+                event = message.WhichOneof("event")
+                if event == "queued" and message.queued.position:
+                    yield gateway_pb2.AskResponse(queued=message.queued)
+                elif event == "started":
+                    clock.queue_s = message.started.queue_ms / 1000
+                    yield gateway_pb2.AskResponse(sources=self._sources(retrieved, message.started))
+                elif event == "delta":
+                    if clock.first_token_at is None:
+                        clock.first_token_at = time.perf_counter()
+                        metrics.ASK_TTFT.labels("gateway").observe(clock.first_token_at - started)
+                    yield gateway_pb2.AskResponse(delta=message.delta)
+                elif event == "done":
+                    yield gateway_pb2.AskResponse(done=clock.done(message.done, retrieved.embedding_model))
+                    await session.finish()
+                    return
+        finally:
+            session.close()  # the caller went away or we failed: give the place or generation up
+        raise Unavailable("generator tier unavailable: the stream ended without a final message")
+
+    async def _retrieve(
+        self, request: gateway_pb2.AskRequest, knowledge_base: str, deadline: Deadline, clock: AskClock
+    ) -> Retrieved:
+        """The question's embedding, then the knowledge base's best chunks as citations."""
+        clock.embed_started = time.perf_counter()
+        embedded = await clock.waiting(self.upstreams.embed([request.question], deadline))
+        clock.embedded_at = time.perf_counter()
         search = retriever_pb2.SearchRequest(
             knowledge_base=knowledge_base,
             vector=embedded.embeddings[0].values,
@@ -120,10 +205,8 @@ class GatewayEngine:
         )
         if request.HasField("score_threshold"):
             search.score_threshold = request.score_threshold
-        found, search_wait = await self.search_consistently(search, deadline)
-        upstream_wait += search_wait
-        searched_at = time.perf_counter()
-
+        found = await clock.waiting(self.search_consistently(search, deadline))
+        clock.searched_at = time.perf_counter()
         citations = [
             gateway_pb2.Citation(
                 number=number,
@@ -137,93 +220,49 @@ class GatewayEngine:
             )
             for number, result in enumerate(found.results, start=1)
         ]
-        yield gateway_pb2.AskResponse(sources=gateway_pb2.Sources(citations=citations))
+        return Retrieved(citations, embedded.model)
 
-        generate = generator_pb2.GenerateRequest(
-            messages=self.build_messages(request, citations), parameters=request.parameters
+    def _generate_request(self, request: gateway_pb2.AskRequest, retrieved: Retrieved) -> generator_pb2.GenerateRequest:
+        """The instructions, the conversation so far and the question; the citations go as
+        passages, which the generator fits to the context budget after the instructions."""
+        return generator_pb2.GenerateRequest(
+            messages=[
+                common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=self.settings.system_prompt),
+                *request.history,
+                common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=request.question),
+            ],
+            parameters=request.parameters,
+            passages=[
+                generator_pb2.ContextPassage(number=c.number, title=c.title or c.document_id, text=c.text)
+                for c in retrieved.citations
+            ],
+            context_token_budget=request.context_token_budget,
         )
-        call = self.upstreams.generator.Generate(generate, timeout=deadline.stream_timeout())
-        messages = call.__aiter__()
-        first_token_at: float | None = None
-        try:
-            while True:
-                waiting_since = time.perf_counter()
-                try:
-                    message = await messages.__anext__()
-                except StopAsyncIteration:
-                    break
-                upstream_wait += time.perf_counter() - waiting_since
-                event = message.WhichOneof("event")
-                if event == "delta":
-                    if first_token_at is None:
-                        first_token_at = time.perf_counter()
-                        metrics.ASK_TTFT.labels("gateway").observe(first_token_at - started)
-                    yield gateway_pb2.AskResponse(delta=message.delta)
-                elif event == "done":
-                    finished = time.perf_counter()
-                    total = finished - started
-                    yield gateway_pb2.AskResponse(
-                        done=gateway_pb2.AskDone(
-                            finish_reason=message.done.finish_reason,
-                            usage=message.done.usage,
-                            model=message.done.model,
-                            embedding_model=embedded.model,
-                            timings=gateway_pb2.AskTimings(
-                                embed_ms=(embedded_at - embed_started) * 1000,
-                                search_ms=(searched_at - embedded_at) * 1000,
-                                time_to_first_token_ms=((first_token_at or finished) - started) * 1000,
-                                generate_ms=(finished - searched_at) * 1000,
-                                total_ms=total * 1000,
-                                gateway_overhead_ms=max(total - upstream_wait, 0.0) * 1000,
-                            ),
-                        )
-                    )
-                    # Let the call end with the generator's own OK status: cancelling it now
-                    # would reset a stream that finished well.
-                    await call.code()
-                    return
-                elif event == "error":
-                    raise stream_error("generator", message.error)
-        except grpc.aio.AioRpcError as error:
-            raise upstream_error("generator", error) from error
-        finally:
-            if not call.done():
-                # The caller went away or we failed: stop the generation upstream too.
-                call.cancel()
-        raise Unavailable("generator tier unavailable: the stream ended without a final message")
+
+    @staticmethod
+    def _sources(retrieved: Retrieved, started: generator_pb2.GenerateStarted) -> gateway_pb2.Sources:
+        used = set(started.passages_used)
+        citations = []
+        for index, citation in enumerate(retrieved.citations):
+            copy = gateway_pb2.Citation()
+            copy.CopyFrom(citation)
+            copy.in_prompt = index in used
+            citations.append(copy)
+        return gateway_pb2.Sources(citations=citations)
 
     async def search_consistently(
         self, search: retriever_pb2.SearchRequest, deadline: Deadline
-    ) -> tuple[retriever_pb2.SearchResponse, float]:
+    ) -> retriever_pb2.SearchResponse:
         """Searches with the store's pins; if a document changed while the search ran (the
-        visibility epoch moved), searches again with fresh pins, so no answer mixes versions.
-        Returns the result and the seconds spent waiting on the retriever."""
-        waited = 0.0
+        visibility epoch moved), searches again with fresh pins, so no answer mixes versions."""
         for _ in range(MAX_SEARCH_ATTEMPTS):
             epoch, pins = await self.knowledge.visibility(search.knowledge_base)
             del search.pins[:]
             search.pins.extend(pins)
-            search_started = time.perf_counter()
-            found = await self.upstreams.call("retriever", self.upstreams.retriever.Search(search, timeout=deadline.unary_timeout()))
-            waited += time.perf_counter() - search_started
+            found = await self.upstreams.search(search, deadline)
             if await self.knowledge.visibility_epoch(search.knowledge_base) == epoch:
                 break
-        return found, waited
-
-    def build_messages(
-        self, request: gateway_pb2.AskRequest, citations: list[gateway_pb2.Citation]
-    ) -> list[common_pb2.ChatMessage]:
-        """System prompt with the numbered sources, the conversation so far, then the question."""
-        budget = self.settings.max_context_chars // max(len(citations), 1)
-        sources = "\n\n".join(
-            f"[{c.number}] {c.title or c.document_id}\n{c.text[:budget]}" for c in citations
-        )
-        system = f"{self.settings.system_prompt}\n\nSources:\n{sources or '(no sources found)'}"
-        return [
-            common_pb2.ChatMessage(role=common_pb2.ROLE_SYSTEM, content=system),
-            *request.history,
-            common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content=request.question),
-        ]
+        return found
 
     # -- AddDocuments ------------------------------------------------------------------------
     async def add_documents(

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
 
 from askmesh.runtime.errors import InvalidArgument, NotFound, streaming_rpc, unary_rpc
 from askmesh.runtime.validation import (
+    MAX_TITLE_CHARS,
     check_count,
     check_generation_parameters,
     check_knowledge_base_name,
@@ -29,7 +31,6 @@ from services.gateway.ingestion import STATE_NAMES, task_message
 from services.gateway.knowledge import document_info
 from services.gateway.upstreams import Deadline
 
-MAX_TITLE_CHARS = 1024
 MAX_DOCUMENT_ID_CHARS = 256
 
 
@@ -39,6 +40,10 @@ def validate_ask(request: gateway_pb2.AskRequest, settings: GatewaySettings) -> 
         check_knowledge_base_name(request.knowledge_base)
     if request.top_k > settings.max_top_k:
         raise InvalidArgument("top_k", f"{request.top_k} is out of range 1..{settings.max_top_k}")
+    if request.context_token_budget > settings.max_context_token_budget:
+        raise InvalidArgument(
+            "context_token_budget", f"{request.context_token_budget} is out of range 1..{settings.max_context_token_budget}"
+        )
     if request.HasField("score_threshold") and not -1.0 <= request.score_threshold <= 1.0:
         raise InvalidArgument("score_threshold", f"{request.score_threshold:g} is outside [-1, 1]")
     check_count("history", len(request.history), settings.max_history_messages)
@@ -86,8 +91,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.AskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.AskResponse]:
         validate_ask(request, self.settings)
-        async for response in self.engine.ask(request, self._deadline(context)):
-            yield response
+        async with contextlib.aclosing(self.engine.ask(request, self._deadline(context))) as responses:
+            async for response in responses:
+                yield response
 
     @unary_rpc
     async def AddDocuments(

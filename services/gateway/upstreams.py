@@ -11,8 +11,16 @@ from typing import TypeVar
 import grpc
 
 from askmesh.runtime.channels import open_channel
-from askmesh.runtime.errors import AskmeshError, Unavailable
-from askmesh.v1 import common_pb2, embedder_pb2_grpc, generator_pb2_grpc, retriever_pb2_grpc
+from askmesh.runtime.errors import AskmeshError, Unavailable, retry_after_of
+from askmesh.v1 import (
+    common_pb2,
+    embedder_pb2,
+    embedder_pb2_grpc,
+    generator_pb2,
+    generator_pb2_grpc,
+    retriever_pb2,
+    retriever_pb2_grpc,
+)
 from services.gateway.config import GatewaySettings
 
 T = TypeVar("T")
@@ -29,19 +37,22 @@ _CALLER_STATUSES = {
 _KEPT_STATUSES = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
-def _mapped(tier: str, code: grpc.StatusCode, details: str, unavailable: str) -> AskmeshError:
+def _mapped(
+    tier: str, code: grpc.StatusCode, details: str, unavailable: str, retry_after_s: float | None = None
+) -> AskmeshError:
     if code in _CALLER_STATUSES:
         return AskmeshError(details, code=code)
     if code in _KEPT_STATUSES:
         # Named once: the tiers' own messages often start with their name already.
         named = details if details.startswith(f"{tier}:") else f"{tier}: {details}"
-        return AskmeshError(named, code=code)
+        return AskmeshError(named, code=code, retry_after_s=retry_after_s)
     return Unavailable(unavailable)
 
 
 def upstream_error(tier: str, error: grpc.aio.AioRpcError) -> AskmeshError:
+    """The tier's failure as the gateway's caller sees it; a retry pushback is passed on."""
     code, details = error.code(), error.details() or ""
-    return _mapped(tier, code, details, f"{tier} tier unavailable: {code.name}: {details}")
+    return _mapped(tier, code, details, f"{tier} tier unavailable: {code.name}: {details}", retry_after_of(error))
 
 
 def stream_error(tier: str, error: common_pb2.StreamError) -> AskmeshError:
@@ -79,6 +90,34 @@ class Upstreams:
         self.retriever = retriever_pb2_grpc.RetrieverStub(self._channels[1])
         self.generator = generator_pb2_grpc.GeneratorStub(self._channels[2])
 
+    async def embed(self, texts: list[str], deadline: Deadline) -> embedder_pb2.EmbedResponse:
+        request = embedder_pb2.EmbedRequest(texts=texts)
+        return await self.call("embedder", self.embedder.Embed(request, timeout=deadline.unary_timeout()))
+
+    async def search(self, request: retriever_pb2.SearchRequest, deadline: Deadline) -> retriever_pb2.SearchResponse:
+        return await self.call("retriever", self.retriever.Search(request, timeout=deadline.unary_timeout()))
+
+    async def admit_generation(self, deadline: Deadline) -> GenerationSession:
+        """A place in a generator's line, before any work is spent on the prompt; raises
+        ResourceExhausted (with the generator's time to retry after) when none would serve it
+        within its longest wait, on any replica Envoy tried."""
+        call = self.generator.AdmitAndGenerate(timeout=deadline.stream_timeout())
+        session = GenerationSession(call)
+        try:
+            await call.write(generator_pb2.AdmitAndGenerateRequest(admission=generator_pb2.Admission()))
+            first = await session.read()
+        except grpc.aio.AioRpcError as error:
+            session.close()
+            raise upstream_error("generator", error) from error
+        except BaseException:
+            session.close()
+            raise
+        if first is None or first.WhichOneof("event") != "queued":
+            session.close()
+            raise Unavailable("generator tier unavailable: the admission was not answered")
+        session.standing = first.queued
+        return session
+
     async def call(self, tier: str, call: Awaitable[T]) -> T:
         try:
             return await call
@@ -88,3 +127,42 @@ class Upstreams:
     async def close(self) -> None:
         for channel in self._channels:
             await channel.close()
+
+
+class GenerationSession:
+    """One AdmitAndGenerate call: admitted first (`standing` is where it stands then), the
+    prompt sent once built, then the generator's messages read to the end."""
+
+    def __init__(self, call: grpc.aio.StreamStreamCall) -> None:
+        self._call = call
+        self.standing = common_pb2.QueueStatus()
+
+    async def send_prompt(self, request: generator_pb2.GenerateRequest) -> None:
+        try:
+            await self._call.write(generator_pb2.AdmitAndGenerateRequest(generate=request))
+            await self._call.done_writing()
+        except grpc.aio.AioRpcError as error:
+            raise upstream_error("generator", error) from error
+
+    async def read(self) -> generator_pb2.GenerateResponse | None:
+        """The next message; None at the stream's end. A message carrying an error, or a
+        failed call, raises the error as the gateway's caller should see it."""
+        try:
+            message = await self._call.read()
+        except grpc.aio.AioRpcError as error:
+            raise upstream_error("generator", error) from error
+        if message is grpc.aio.EOF:
+            return None
+        if message.WhichOneof("event") == "error":
+            raise stream_error("generator", message.error)
+        return message  # type: ignore[no-any-return]
+
+    async def finish(self) -> None:
+        """Lets a call that ended well end with the generator's own OK status: cancelling it
+        now would reset a stream that finished well."""
+        await self._call.code()
+
+    def close(self) -> None:
+        """Gives the place (or the generation) up if the call is still open."""
+        if not self._call.done():
+            self._call.cancel()

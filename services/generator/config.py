@@ -47,11 +47,23 @@ class GeneratorSettings(ServiceSettings):
     # The name reported in responses; empty: derived from the backend.
     model_name: str = ""
     # Admission control. Generations run at once on this replica (one llama.cpp context runs one
-    # at a time), and generations that may wait for a slot; beyond both, a call is refused at
-    # once with RESOURCE_EXHAUSTED, so the load balancer sends it to another replica instead of
-    # letting a queue pile up here.
+    # at a time); the others wait in a first-come, first-served line bounded by time: a call whose
+    # expected wait (from how long recent generations held their slots) is longer than
+    # max_queue_wait_s, or than its deadline allows, is refused at once with RESOURCE_EXHAUSTED
+    # and a time to retry after, so the load balancer can try another replica and the caller
+    # knows when to come back. Nobody who is let in is refused later.
     max_concurrent_generations: int = Field(default=0, ge=0)  # 0: 1 for local, 16 for remote
-    max_queued_generations: int = Field(default=8, ge=0)
+    max_queue_wait_s: float = Field(default=60.0, gt=0)
+    # A slot given to an AdmitAndGenerate call whose prompt has not arrived waits this long for it.
+    prompt_wait_s: float = Field(default=30.0, gt=0)
+
+    # Context passages: the prompt tokens they may take when a request does not say, and the
+    # most a request may ask for.
+    default_context_tokens: int = Field(default=384, ge=16)
+    max_context_tokens: int = Field(default=2048, ge=16)
+    # Remote backends (their tokenizer is on the server): characters per prompt token assumed
+    # when passages are fitted to the budget.
+    chars_per_token: float = Field(default=4.0, gt=0)
 
     # Request limits and defaults.
     default_max_new_tokens: int = Field(default=256, ge=1)

@@ -2,29 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
 
 from askmesh.runtime.errors import InvalidArgument, Unavailable, streaming_rpc, unary_rpc
-from askmesh.runtime.validation import check_count, check_generation_parameters
+from askmesh.runtime.validation import MAX_TITLE_CHARS, check_count, check_generation_parameters, check_text
 from askmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.generator.config import GeneratorSettings
 from services.generator.engine import GenerationEngine
 
 
 
-def validate_messages(messages: list[common_pb2.ChatMessage], settings: GeneratorSettings) -> None:
-    check_count("messages", len(messages), settings.max_messages, minimum=1)
+def validate_messages(messages: list[common_pb2.ChatMessage], settings: GeneratorSettings, field: str = "messages") -> None:
+    check_count(field, len(messages), settings.max_messages, minimum=1)
     total = 0
     for index, message in enumerate(messages):
         if message.role == common_pb2.ROLE_UNSPECIFIED or message.role not in common_pb2.Role.values():
-            raise InvalidArgument(f"messages[{index}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
+            raise InvalidArgument(f"{field}[{index}].role", "must be ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT")
         if not message.content.strip():
-            raise InvalidArgument(f"messages[{index}].content", "is empty")
+            raise InvalidArgument(f"{field}[{index}].content", "is empty")
         total += len(message.content)
     if total > settings.max_prompt_chars:
-        raise InvalidArgument("messages", f"{total} characters in all exceed the limit of {settings.max_prompt_chars}")
+        raise InvalidArgument(field, f"{total} characters in all exceed the limit of {settings.max_prompt_chars}")
 
 
 def validate_parameters(
@@ -38,6 +40,37 @@ def validate_parameters(
     )
 
 
+MAX_PASSAGES = 64
+
+
+def validate_request(request: generator_pb2.GenerateRequest, settings: GeneratorSettings, field: str = "") -> None:
+    """The whole prompt: messages, parameters, passages and their budget (`field` prefixes the
+    names in messages). AdmitAndGenerate's prompt is checked with Generate's names, which are
+    the names the gateway's callers know too."""
+    validate_messages(list(request.messages), settings, f"{field}messages")
+    validate_parameters(request.parameters, settings, f"{field}parameters")
+    check_count(f"{field}passages", len(request.passages), MAX_PASSAGES)
+    total = sum(len(m.content) for m in request.messages)
+    for index, passage in enumerate(request.passages):
+        check_text(f"{field}passages[{index}].text", passage.text, settings.max_prompt_chars)
+        check_text(f"{field}passages[{index}].title", passage.title, MAX_TITLE_CHARS, required=False)
+        total += len(passage.text)
+    if total > settings.max_prompt_chars:
+        raise InvalidArgument(f"{field}passages", f"{total} characters in all exceed the limit of {settings.max_prompt_chars}")
+    if request.context_token_budget > settings.max_context_tokens:
+        raise InvalidArgument(
+            f"{field}context_token_budget",
+            f"{request.context_token_budget} is out of range 1..{settings.max_context_tokens}",
+        )
+
+
+def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """Seconds left before the caller's deadline; None when it set none."""
+    remaining = context.time_remaining()
+    # grpc reports "no deadline" as a very large number of seconds.
+    return remaining if remaining is not None and remaining < 10**8 else None
+
+
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def __init__(self, engine: GenerationEngine) -> None:
         self.engine = engine
@@ -46,10 +79,40 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     async def Generate(
         self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generator_pb2.GenerateResponse]:
-        validate_messages(list(request.messages), self.engine.settings)
-        validate_parameters(request.parameters, self.engine.settings)
-        async for response in self.engine.generate(request):
-            yield response
+        validate_request(request, self.engine.settings)
+        ticket = self.engine.admit(deadline_s=call_deadline(context))
+        async with contextlib.aclosing(self.engine.run(ticket, request)) as responses:
+            async for response in responses:
+                yield response
+
+    @streaming_rpc(lambda error: generator_pb2.GenerateResponse(error=error))
+    async def AdmitAndGenerate(
+        self,
+        request_iterator: AsyncIterator[generator_pb2.AdmitAndGenerateRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        requests = request_iterator.__aiter__()
+        first = await anext(requests, None)
+        if first is None or first.WhichOneof("step") != "admission":
+            raise InvalidArgument("admission", "the first message must be the admission")
+        max_wait_s = first.admission.max_wait_s
+        if not 0 <= max_wait_s < 10**6:
+            raise InvalidArgument("admission.max_wait_s", f"{max_wait_s:g} is out of range 0..1000000")
+        ticket = self.engine.admit(max_wait_s or None, call_deadline(context))
+        prompt = asyncio.ensure_future(self._prompt(requests))
+        try:
+            async with contextlib.aclosing(self.engine.run(ticket, prompt)) as responses:
+                async for response in responses:
+                    yield response
+        finally:
+            prompt.cancel()
+
+    async def _prompt(self, requests: AsyncIterator[generator_pb2.AdmitAndGenerateRequest]) -> generator_pb2.GenerateRequest:
+        second = await anext(requests, None)
+        if second is None or second.WhichOneof("step") != "generate":
+            raise InvalidArgument("generate", "the second message must be the prompt")
+        validate_request(second.generate, self.engine.settings)
+        return second.generate
 
     @unary_rpc
     async def GetModel(self, request: common_pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:

@@ -31,6 +31,8 @@ class FinishEvent:
     reason: common_pb2.FinishReason.ValueType
     completion_tokens: int
     prompt_tokens: int = 0  # 0 when the backend does not report it
+    # Of prompt_tokens, those taken from the backend's prefix cache (0 when it does not say).
+    cached_prompt_tokens: int = 0
 
 
 BackendEvent = TokenEvent | FinishEvent
@@ -47,7 +49,16 @@ class GenerationBackend(Protocol):
         """
         ...
 
+    def count_tokens(self, text: str) -> int:
+        """Prompt tokens `text` takes (exact with a local tokenizer, else estimated)."""
+        ...
+
     async def close(self) -> None: ...
+
+
+def estimated_tokens(text: str, chars_per_token: float) -> int:
+    """For a backend whose tokenizer is on its server."""
+    return max(1, round(len(text) / chars_per_token)) if text else 0
 
 
 async def warm_up(backend: GenerationBackend, max_new_tokens: int = 1) -> None:

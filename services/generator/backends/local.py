@@ -36,6 +36,14 @@ log = logging.getLogger("askmesh.generator.local")
 _DONE = object()
 
 
+def _reused_prefix(llama: Llama, tokens: list[int]) -> int:
+    """Prompt tokens llama.cpp will not compute again: the prefix this prompt shares with what
+    its context holds now (the last prompt and answer), as `Llama.generate` reuses it; a prompt
+    held whole recomputes its last token to get fresh logits."""
+    shared = llama.longest_token_prefix(llama._input_ids.tolist(), tokens)
+    return shared - 1 if shared == len(tokens) else shared
+
+
 class LlamaCppBackend:
     def __init__(self, settings: GeneratorSettings) -> None:
         self.settings = settings
@@ -85,6 +93,13 @@ class LlamaCppBackend:
         if llama is not None:
             llama.close()
 
+    def count_tokens(self, text: str) -> int:
+        # Tokenizing reads only the model's vocabulary, so it is safe beside a generation running
+        # on the llama thread.
+        if self._llama is None:
+            raise Unavailable("generator: model is not loaded")
+        return len(self._llama.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
     def _prompt_tokens(self, request: GenerationInput) -> tuple[list[int], list[str]]:
         assert self._llama is not None and self._formatter is not None
         formatted = self._formatter(messages=request.messages)
@@ -108,6 +123,7 @@ class LlamaCppBackend:
                 ))
                 return
             max_tokens = min(request.max_new_tokens, room)
+            cached = _reused_prefix(llama, tokens)
             matcher = StopSequenceMatcher(request.stop)
             completion_tokens = 0
             reason: common_pb2.FinishReason.ValueType = common_pb2.FINISH_REASON_LENGTH
@@ -147,7 +163,14 @@ class LlamaCppBackend:
                 rest = matcher.flush()
                 if rest:
                     emit(TokenEvent(rest))
-            emit(FinishEvent(reason=reason, completion_tokens=completion_tokens, prompt_tokens=len(tokens)))
+            emit(
+                FinishEvent(
+                    reason=reason,
+                    completion_tokens=completion_tokens,
+                    prompt_tokens=len(tokens),
+                    cached_prompt_tokens=cached,
+                )
+            )
         except Exception as error:  # reported to the caller as a stream error
             emit(error)
 

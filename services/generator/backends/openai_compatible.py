@@ -15,7 +15,14 @@ from openai.types.chat import ChatCompletionChunk
 
 from askmesh.runtime.errors import AskmeshError, InvalidArgument, ResourceExhausted, Unavailable
 from askmesh.v1 import common_pb2
-from services.generator.backends.base import BackendEvent, FinishEvent, GenerationInput, TokenEvent, warm_up
+from services.generator.backends.base import (
+    BackendEvent,
+    FinishEvent,
+    GenerationInput,
+    TokenEvent,
+    estimated_tokens,
+    warm_up,
+)
 from services.generator.config import GeneratorSettings
 
 
@@ -34,6 +41,9 @@ class OpenAICompatibleBackend:
 
     async def close(self) -> None:
         await self._client.close()
+
+    def count_tokens(self, text: str) -> int:
+        return estimated_tokens(text, self.settings.chars_per_token)
 
     async def generate(self, request: GenerationInput) -> AsyncIterator[BackendEvent]:
         deltas, reason, usage = 0, None, None
@@ -55,6 +65,8 @@ class OpenAICompatibleBackend:
             # Without usage (a server that ignores include_usage) deltas are the best estimate.
             completion_tokens=usage.completion_tokens if usage else deltas,
             prompt_tokens=usage.prompt_tokens if usage else 0,
+            # vLLM (with prefix caching) and others report the prompt tokens served from cache.
+            cached_prompt_tokens=_cached_tokens(usage),
         )
 
     def _finish_reason(self, choice: Any) -> common_pb2.FinishReason.ValueType:
@@ -113,6 +125,11 @@ class OpenAICompatibleBackend:
         if isinstance(error, openai.APIStatusError):
             return Unavailable(f"generator: {server} answered HTTP {error.status_code}: {detail}")
         return Unavailable(f"generator: {server} failed during generation: {detail}")
+
+
+def _cached_tokens(usage: Any) -> int:
+    details = getattr(usage, "prompt_tokens_details", None)
+    return int(getattr(details, "cached_tokens", None) or 0)
 
 
 def _detail(error: openai.APIError) -> str:

@@ -40,6 +40,7 @@ from services.generator.backends.base import (
     StopSequenceMatcher,
     TokenEvent,
     chatml_prompt,
+    estimated_tokens,
 )
 from services.generator.config import GeneratorSettings
 
@@ -80,6 +81,9 @@ class TgiBackend:
 
     async def close(self) -> None:
         await self._http.aclose()
+
+    def count_tokens(self, text: str) -> int:
+        return estimated_tokens(text, self.settings.chars_per_token)
 
     async def generate(self, request: GenerationInput) -> AsyncIterator[BackendEvent]:
         stops = list(dict.fromkeys([*request.stop, CHATML_STOP]))
