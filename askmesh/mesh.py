@@ -13,6 +13,7 @@ every retriever replica reaches by URI.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,9 +56,20 @@ class MeshError(RuntimeError):
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` different free ports: each socket stays bound until all are picked (one closed
+    before the next is asked for may be handed out again, which once gave Envoy's two listeners
+    the same port)."""
+    with contextlib.ExitStack() as sockets:
+        ports = []
+        for _ in range(count):
+            sock = sockets.enter_context(socket.socket())
+            sock.bind((host, 0))
+            ports.append(int(sock.getsockname()[1]))
+        return ports
 
 
 def parse_replicas(text: str) -> dict[str, int]:
@@ -99,14 +111,16 @@ class MeshLayout:
     @classmethod
     def on_free_ports(cls, data_dir: Path, replicas: dict[str, int] | None = None, **options: object) -> MeshLayout:
         replicas = replicas or {}
+        counts = {name: replicas.get(name, 1) for name in SERVICES}
+        ports = iter(free_ports(5 + sum(counts.values())))
         return cls(
             data_dir=data_dir,
-            front_port=free_port(),
-            internal_port=free_port(),
-            admin_port=free_port(),
-            control_port=free_port(),
-            milvus_port=free_port(),
-            service_ports={name: [free_port() for _ in range(replicas.get(name, 1))] for name in SERVICES},
+            front_port=next(ports),
+            internal_port=next(ports),
+            admin_port=next(ports),
+            control_port=next(ports),
+            milvus_port=next(ports),
+            service_ports={name: [next(ports) for _ in range(count)] for name, count in counts.items()},
             **options,  # type: ignore[arg-type]
         ).with_milvus_for_replicas()
 
@@ -268,11 +282,20 @@ class LocalMesh:
             )
         return popen, log_path
 
+    def _free_port_outside_layout(self) -> int:
+        """A free port that none of the layout's own ports (some not bound yet) can be."""
+        layout = self.layout
+        taken = {layout.front_port, layout.internal_port, layout.admin_port, layout.control_port, layout.milvus_port}
+        taken.update(port for ports in layout.service_ports.values() for port in ports)
+        while (port := free_port(layout.host)) in taken:
+            pass
+        return port
+
     def _spawn_replica(self, name: str, port: int) -> Process:
         index = self._started[name]
         self._started[name] += 1
         label = f"{name}-{index}"
-        metrics_port = free_port(self.layout.host) if self.layout.metrics else 0
+        metrics_port = self._free_port_outside_layout() if self.layout.metrics else 0
         command = [sys.executable, "-m", "askmesh.cli", "serve", name]
         popen, log_path = self._spawn(command, self.service_env(name, index, port, metrics_port), label)
         host = self.layout.host
@@ -419,7 +442,7 @@ class LocalMesh:
         self._refuse_second_embedded_retriever(name)
         with self.lock:
             deadline = time.monotonic() + timeout_s
-            process = self._spawn_replica(name, free_port(self.layout.host))
+            process = self._spawn_replica(name, self._free_port_outside_layout())
             try:
                 self._wait_serving(process, deadline)
                 self._publish_endpoints(name)

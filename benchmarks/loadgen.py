@@ -3,15 +3,17 @@
 `drive` runs `concurrency` workers; each calls `call(number)` again and again until the window
 (`duration_s`) closes or `max_calls` calls have been started, then the calls in flight finish.
 A call returns what it measured (`Outcome`); a failure is counted by its status code name and
-the worker pauses `error_backoff_s` before its next call, as a client backing off would (a
-refusal comes back at once: without the pause the driver would only measure how fast it can be
-refused, and steal the CPU of the thing it measures).
+the worker pauses before its next call, as a client backing off would: for the time the server
+asked for (gRPC retry pushback, with jitter so refused clients do not come back together) when
+it did, else `error_backoff_s` (a refusal comes back at once: without the pause the driver would
+only measure how fast it can be refused, and steal the CPU of the thing it measures).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import random
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -19,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from askmesh.runtime.errors import retry_after_of
 from benchmarks.common import median, percentile
 
 
@@ -26,6 +29,7 @@ from benchmarks.common import median, percentile
 class Outcome:
     items: int = 1  # e.g. sentences embedded by the call
     first_s: float | None = None  # time to the first streamed message that counts (first token)
+    prompt_tokens: int | None = None  # of an answer, as the generator counted them
 
 
 class StreamFailed(Exception):
@@ -44,6 +48,9 @@ class Run:
     firsts_s: list[float] = field(default_factory=list)  # of successful calls, time to first token
     items: int = 0
     errors: Counter[str] = field(default_factory=Counter)
+    # Whole-call times of failed calls, by status (how long a refusal took).
+    failed_s: dict[str, list[float]] = field(default_factory=dict)
+    prompt_tokens: list[int] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -60,6 +67,13 @@ class Run:
 
     def p(self, fraction: float, first: bool = False) -> float:
         return percentile(self.firsts_s if first else self.latencies_s, fraction)
+
+
+def pushback_s(error: BaseException) -> float | None:
+    """The time a failed call's server asked the caller to wait before asking again."""
+    if isinstance(error, grpc.aio.AioRpcError):
+        return retry_after_of(error)
+    return getattr(error, "retry_after_s", None)
 
 
 def error_code(error: BaseException) -> str:
@@ -99,13 +113,19 @@ async def drive(
             try:
                 outcome = await call(number)
             except Exception as error:  # every failure is counted, none stops the run
-                run.errors[error_code(error)] += 1
-                if error_backoff_s:
-                    await asyncio.sleep(error_backoff_s)
+                code = error_code(error)
+                run.errors[code] += 1
+                run.failed_s.setdefault(code, []).append(time.perf_counter() - call_started)
+                asked = pushback_s(error)
+                pause = asked * random.uniform(1.0, 1.5) if asked is not None else error_backoff_s
+                if pause:
+                    await asyncio.sleep(min(pause, max(window_ends - time.perf_counter(), 0.0)))
                 continue
             run.latencies_s.append(time.perf_counter() - call_started)
             if outcome.first_s is not None:
                 run.firsts_s.append(outcome.first_s)
+            if outcome.prompt_tokens is not None:
+                run.prompt_tokens.append(outcome.prompt_tokens)
             run.items += outcome.items
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
