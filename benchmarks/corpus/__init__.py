@@ -1,0 +1,1 @@
+"""Labelled retrieval benchmark corpora built from public text that ships in packages."""
