@@ -167,7 +167,9 @@ async def test_a_waiting_question_is_told_when_it_moves_up_and_gets_its_sources_
     await messages_until(holder, "delta")
     ahead = mesh.gateway.Ask(question("What is the hotel limit in Paris?"))
     assert (await ahead.read()).queued.position == 1
-    mine = mesh.gateway.Ask(question("How are meals paid?"))
+    roomy = question("How are meals paid?")
+    roomy.context_token_budget = 2000  # every source fits
+    mine = mesh.gateway.Ask(roomy)
     assert (await mine.read()).queued.position == 2
     ahead.cancel()  # the one ahead gives up
     moved = await mine.read()
@@ -177,8 +179,13 @@ async def test_a_waiting_question_is_told_when_it_moves_up_and_gets_its_sources_
     kinds = [m.WhichOneof("event") for m in received]
     assert kinds[0] == "sources" and kinds[-1] == "done" and "queued" not in kinds
     citations = received[0].sources.citations
-    assert citations and all(c.in_prompt for c in citations)  # GatedBackend counts words: all fit
+    assert len(citations) >= 2 and all(c.in_prompt for c in citations)
     done = received[-1].done
     assert done.timings.queue_ms > 0 and done.timings.time_to_first_token_ms >= done.timings.queue_ms
     await rest_of(holder)
     await until(lambda: mesh.generator.running + mesh.generator.waiting == 0, "every place is given up")
+    # A small budget (GatedBackend counts words) holds the best source alone, shortened.
+    tight = question("How are meals paid?")
+    tight.context_token_budget = 20
+    sources = (await messages_until(mesh.gateway.Ask(tight), "sources"))[-1].sources.citations
+    assert len(sources) >= 2 and [c.in_prompt for c in sources] == [True] + [False] * (len(sources) - 1)

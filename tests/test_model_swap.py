@@ -412,7 +412,7 @@ async def test_a_generation_in_flight_during_a_swap_finishes_on_the_old_model(
 
     await asyncio.gather(*generation.models._closing)
     assert generation.models.info().retiring_calls == 0
-    assert old_backend._llama is None, "the old llama.cpp model was not freed"  # type: ignore[attr-defined]
+    assert old_backend.closed, "the old llama.cpp model was not freed"  # type: ignore[attr-defined]
 
 
 @pytest.fixture

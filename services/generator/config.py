@@ -35,8 +35,15 @@ class GeneratorSettings(ServiceSettings):
 
     # local backend
     model_path: Path | None = None  # empty: the bundled SmolLM2-135M-Instruct
-    context_tokens: int = Field(default=4096, ge=256)
+    context_tokens: int = Field(default=4096, ge=256)  # per sequence
+    # Sequences the local model decodes at once (continuous batching on one llama.cpp context);
+    # also the local backend's generation slots.
+    parallel_sequences: int = Field(default=4, ge=1, le=64)
     threads: int = Field(default=0, ge=0)  # 0: one per core
+    # llama.cpp's fused attention: prompts are read faster on the CPU too (measured in
+    # benchmarks.flash_attention). The order of floating-point sums changes, so a greedy answer
+    # may differ in wording from the one without it.
+    flash_attention: bool = True
 
     # remote backends
     url: str = ""  # e.g. http://tgi:8080 or http://vllm:8000
@@ -52,14 +59,16 @@ class GeneratorSettings(ServiceSettings):
     # max_queue_wait_s, or than its deadline allows, is refused at once with RESOURCE_EXHAUSTED
     # and a time to retry after, so the load balancer can try another replica and the caller
     # knows when to come back. Nobody who is let in is refused later.
-    max_concurrent_generations: int = Field(default=0, ge=0)  # 0: 1 for local, 16 for remote
+    max_concurrent_generations: int = Field(default=0, ge=0)  # 0: parallel_sequences for local, 16 for remote
     max_queue_wait_s: float = Field(default=60.0, gt=0)
     # A slot given to an AdmitAndGenerate call whose prompt has not arrived waits this long for it.
     prompt_wait_s: float = Field(default=30.0, gt=0)
 
     # Context passages: the prompt tokens they may take when a request does not say, and the
     # most a request may ask for.
-    default_context_tokens: int = Field(default=384, ge=16)
+    # The default is chosen by benchmarks.retrieval and benchmarks.concurrency (README: "Many
+    # people asking at once").
+    default_context_tokens: int = Field(default=192, ge=16)
     max_context_tokens: int = Field(default=2048, ge=16)
     # Remote backends (their tokenizer is on the server): characters per prompt token assumed
     # when passages are fitted to the budget.
@@ -87,4 +96,4 @@ class GeneratorSettings(ServiceSettings):
     def resolved_concurrency(self) -> int:
         if self.max_concurrent_generations:
             return self.max_concurrent_generations
-        return 1 if self.backend == "local" else 16
+        return self.parallel_sequences if self.backend == "local" else 16
