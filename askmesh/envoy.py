@@ -32,6 +32,8 @@ from typing import Any
 
 import yaml
 
+from askmesh.runtime.channels import HEALTH_SERVICE_HEADER
+
 ROUTER = {
     "name": "envoy.filters.http.router",
     "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -151,10 +153,28 @@ def _routes(tier: Tier, idle_timeout: str) -> list[dict[str, Any]]:
     return routes
 
 
+def _health_routes(tiers: list[Tier], idle_timeout: str) -> list[dict[str, Any]]:
+    """`grpc.health.v1.Health` is one path for every tier, and Envoy cannot read the service
+    name inside the request: a caller that means one tier names it in a header too (the gateway
+    does while it waits for its upstreams), and the check goes to that tier's replicas."""
+    return [
+        {
+            "match": {
+                "prefix": "/grpc.health.v1.Health/",
+                "headers": [{"name": HEALTH_SERVICE_HEADER, "string_match": {"exact": tier.grpc_service}}],
+            },
+            "route": {"cluster": tier.name, "timeout": "0s", "idle_timeout": idle_timeout},
+        }
+        for tier in tiers
+    ]
+
+
 def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier]) -> dict[str, Any]:
     idle = _duration(layout.stream_idle_timeout_s)
-    # Health checks and reflection on the front door go to the gateway tier.
-    routes = [route for tier in tiers for route in _routes(tier, idle)]
+    # Health checks and reflection go to the first tier (on the front door, the gateway tier),
+    # unless a health check names its tier in HEALTH_SERVICE_HEADER.
+    routes = _health_routes(tiers, idle) if len(tiers) > 1 else []
+    routes += [route for tier in tiers for route in _routes(tier, idle)]
     routes.append(
         {"match": {"prefix": "/"}, "route": {"cluster": tiers[0].name, "timeout": "0s", "idle_timeout": idle}}
     )

@@ -182,10 +182,18 @@ async def test_bad_documents_are_refused_and_nothing_is_stored(
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND  # no "default" knowledge base was created
 
 
-async def test_a_dead_embedder_is_unavailable_naming_the_tier(upstreams: InProcessTiers) -> None:
-    from askmesh.mesh import free_port
+async def test_a_dead_embedder_is_unavailable_naming_the_tier(
+    upstreams: InProcessTiers, gateway: gateway_pb2_grpc.GatewayStub  # `gateway` fills 'policies'
+) -> None:
+    from askmesh.v1 import embedder_pb2_grpc
 
-    runner, stub, channel = await start_gateway_stub({**upstreams.addresses, "embedder": f"127.0.0.1:{free_port()}"})
+    # A gateway becomes ready only once every tier has answered: the embedder answers, then dies.
+    embedder = await start_in_process(
+        "embedder", "askmesh.v1.Embedder",
+        lambda s: embedder_pb2_grpc.add_EmbedderServicer_to_server(embedder_pb2_grpc.EmbedderServicer(), s),
+    )
+    runner, stub, channel = await start_gateway_stub({**upstreams.addresses, "embedder": f"127.0.0.1:{embedder.port}"})
+    await embedder.stop()
     try:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await ask(stub, question="Hello?", knowledge_base="policies")

@@ -15,6 +15,11 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_send_message_length", 64 * 1024 * 1024),
 ]
 
+# A health check sent through a proxy that routes many tiers on one address (the local mesh's
+# Envoy) names the tier's gRPC service in this header too, so the proxy can route it: the
+# service name inside the request is not visible to it. Elsewhere the header is ignored.
+HEALTH_SERVICE_HEADER = "askmesh-health-service"
+
 
 def open_channel(address: str) -> grpc.aio.Channel:
     """An insecure channel to `host:port`; raises ValueError for a malformed address."""

@@ -110,7 +110,10 @@ class GatewayEngine:
         self.ingestion = Ingestion(settings, self.store, self.knowledge, self.questions)
 
     async def start(self) -> None:
-        """The gateway holds no model: it is ready once its store is open and its workers run."""
+        """The gateway holds no model: it is ready (SERVING) once every upstream tier has
+        answered SERVING once, so that an Ask could be answered, and its workers run. The
+        workers start last: each of their tasks needs the tiers too."""
+        await self.upstreams.wait_until_serving()
         self.ingestion.start()
 
     async def close(self) -> None:

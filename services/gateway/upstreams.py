@@ -3,14 +3,17 @@ the tier, and the caller's deadline carried to every hop."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from askmesh.runtime.channels import open_channel
+from askmesh.runtime.channels import HEALTH_SERVICE_HEADER, open_channel
 from askmesh.runtime.errors import AskmeshError, Unavailable, retry_after_of
 from askmesh.v1 import (
     common_pb2,
@@ -24,6 +27,19 @@ from askmesh.v1 import (
 from services.gateway.config import GatewaySettings
 
 T = TypeVar("T")
+log = logging.getLogger("askmesh.gateway")
+
+# The gRPC service each upstream tier reports its health under.
+TIER_SERVICES = {
+    "embedder": "askmesh.v1.Embedder",
+    "retriever": "askmesh.v1.Retriever",
+    "generator": "askmesh.v1.Generator",
+}
+# While waiting for the tiers at start: how often each is asked, how long one answer may take,
+# and how often the wait is logged (a model can take a minute to load).
+READY_POLL_INTERVAL_S = 0.5
+READY_CHECK_TIMEOUT_S = 2.0
+READY_LOG_INTERVAL_S = 10.0
 
 # Statuses that describe the request itself: passed on as they are (their messages name the
 # request field, and the field has the same name in the gateway's API).
@@ -81,14 +97,57 @@ class Deadline:
 
 class Upstreams:
     def __init__(self, settings: GatewaySettings) -> None:
-        self._channels = [
-            open_channel(settings.embedder_address),
-            open_channel(settings.retriever_address),
-            open_channel(settings.generator_address),
-        ]
-        self.embedder = embedder_pb2_grpc.EmbedderStub(self._channels[0])
-        self.retriever = retriever_pb2_grpc.RetrieverStub(self._channels[1])
-        self.generator = generator_pb2_grpc.GeneratorStub(self._channels[2])
+        self.addresses = {
+            "embedder": settings.embedder_address,
+            "retriever": settings.retriever_address,
+            "generator": settings.generator_address,
+        }
+        self._by_tier = {tier: open_channel(address) for tier, address in self.addresses.items()}
+        self.embedder = embedder_pb2_grpc.EmbedderStub(self._by_tier["embedder"])
+        self.retriever = retriever_pb2_grpc.RetrieverStub(self._by_tier["retriever"])
+        self.generator = generator_pb2_grpc.GeneratorStub(self._by_tier["generator"])
+
+    async def wait_until_serving(self) -> None:
+        """Returns once every tier has answered SERVING to a health check (with its service
+        name), each at least once since this call began; logs which tiers it still waits for.
+
+        Called once, at start: a gateway is ready when an Ask could be answered. After that its
+        readiness does not follow the tiers (see the README's operating notes).
+        """
+        waiting = dict(TIER_SERVICES)
+        last_answer = {tier: "no answer yet" for tier in waiting}
+        started = next_log = time.monotonic()
+        while waiting:
+            for tier, service in list(waiting.items()):
+                answer = await self._health(tier, service)
+                if answer == "SERVING":
+                    del waiting[tier]
+                    log.info("[UPSTREAM] %s tier at %s is SERVING", tier, self.addresses[tier])
+                else:
+                    last_answer[tier] = answer
+            if not waiting:
+                return
+            if time.monotonic() >= next_log:
+                next_log = time.monotonic() + READY_LOG_INTERVAL_S
+                log.info(
+                    "[UPSTREAM] not ready after %.0f s: waiting for %s",
+                    time.monotonic() - started,
+                    "; ".join(f"{tier} at {self.addresses[tier]} ({last_answer[tier]})" for tier in waiting),
+                )
+            await asyncio.sleep(READY_POLL_INTERVAL_S)
+
+    async def _health(self, tier: str, service: str) -> str:
+        """The tier's health as one word ("SERVING", "NOT_SERVING"), or why it did not answer."""
+        stub = health_pb2_grpc.HealthStub(self._by_tier[tier])
+        try:
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=READY_CHECK_TIMEOUT_S,
+                metadata=[(HEALTH_SERVICE_HEADER, service)],
+            )
+        except grpc.aio.AioRpcError as error:
+            return f"{error.code().name}: {error.details()}"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     async def embed(self, texts: list[str], deadline: Deadline) -> embedder_pb2.EmbedResponse:
         request = embedder_pb2.EmbedRequest(texts=texts)
@@ -125,7 +184,7 @@ class Upstreams:
             raise upstream_error(tier, error) from error
 
     async def close(self) -> None:
-        for channel in self._channels:
+        for channel in self._by_tier.values():
             await channel.close()
 
 
