@@ -27,9 +27,12 @@ test: install
 	$(PY) -m pytest -ra
 
 # The benchmark suite on the real local mesh (about 10 minutes on 2 cores; `--quick` for a
-# smoke test); prints tables and writes benchmarks/results/<date>-suite.md.
+# smoke test), then the concurrency sweep beside the Chatchat-style baseline (about 25 minutes);
+# print tables and write benchmarks/results/<date>-suite.md and <date>-concurrency.md.
 bench: install
+	$(PY) -m pip install -e '.[dev,bench]'
 	$(PY) -m benchmarks.suite
+	$(PY) -m benchmarks.concurrency
 
 protos: install
 	$(PY) -m askmesh.codegen
