@@ -7,6 +7,7 @@ import importlib
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -31,6 +32,30 @@ app = typer.Typer(help="askmesh: question answering over private documents, as g
 console = Console()
 errors = Console(stderr=True)
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class _Options:
+    # --debug: a failure also shows the error in full (status, debug string, traceback).
+    debug = False
+
+
+@app.callback()
+def options(
+    debug: Annotated[bool, typer.Option("--debug", help="On a failure, also show its full details and traceback.")] = False,
+) -> None:
+    """askmesh: question answering over private documents, as gRPC microservices."""
+    _Options.debug = debug
+
+
+def _one_line(text: str) -> str:
+    """A message as one line (a server's or a tool's text may hold newlines)."""
+    return " ".join(text.split())
+
+
+def _show_debug(error: BaseException) -> None:
+    """With --debug: the error in full, after its one-line summary."""
+    if _Options.debug:
+        errors.print("".join(traceback.format_exception(error)), markup=False, highlight=False, soft_wrap=True)
 
 
 class Service(str, Enum):
@@ -68,7 +93,7 @@ def up(
     ] = MilvusChoice.auto,
 ) -> None:
     """Start the whole local mesh (every service and Envoy) on 127.0.0.1 until Ctrl-C."""
-    from askmesh.mesh import LocalMesh, MeshError, MeshLayout, parse_replicas
+    from askmesh.mesh import LocalMesh, MeshLayout, parse_replicas
     from askmesh.mesh_control import ControlServer
 
     try:
@@ -82,18 +107,23 @@ def up(
         )
     if milvus is not MilvusChoice.auto:
         layout.milvus = milvus.value  # type: ignore[assignment]
-    mesh = LocalMesh(layout, telemetry=telemetry, say=console.print)
+    # The samples are loaded before the front door opens: once it answers, they can be asked about.
+    mesh = LocalMesh(layout, telemetry=telemetry, say=console.print, samples_dir=REPO_ROOT / "samples" if samples else None)
     control = ControlServer(mesh)
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        mesh.interrupted.set()  # a start-up still waiting gives up at once
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     console.print(f"[bold]Starting askmesh[/bold] (logs in {layout.data_dir / 'logs'}) ...")
     try:
         mesh.start()
         control_address = control.start()
-        if samples:
-            with client.connect(layout.front_address) as channel:
-                added = client.load_samples(channel, REPO_ROOT / "samples")
+        if mesh.samples_loaded is not None:
+            added = mesh.samples_loaded
             console.print(
                 f"Loaded {len(added.documents)} sample documents ({added.chunk_count} chunks) into 'default'."
             )
@@ -111,14 +141,30 @@ def up(
             control.run_pending(wait_s=0.5)
             for dead in mesh.reap():
                 errors.print(f"{dead.name} exited with {dead.popen.returncode}; see {dead.log_path}", highlight=False)
-    except (MeshError, ValueError, grpc.RpcError) as error:
-        errors.print(f"[red]askmesh up failed:[/red] {error}", markup=True, highlight=False)
+    except Exception as error:
+        if stop.is_set():
+            errors.print("Interrupted during start-up.", markup=False, highlight=False)
+        else:
+            errors.print(f"[red]askmesh up failed:[/red] {escape(_up_failure(error))}", highlight=False, soft_wrap=True)
+        _show_debug(error)
         raise typer.Exit(1) from error
     finally:
         console.print("Stopping every process ...")
         control.stop()
         mesh.stop()
         console.print("Stopped.")
+
+
+def _up_failure(error: Exception) -> str:
+    """Why `askmesh up` failed, as one sentence that says what to do."""
+    from askmesh.mesh import MeshError
+
+    if isinstance(error, grpc.RpcError):
+        return client.describe_rpc_error(error)
+    if isinstance(error, (MeshError, OSError, ValueError)):
+        first, _, rest = str(error).strip().partition("\n")
+        return first + (" (run `askmesh --debug up` for the rest)" if rest.strip() else "")
+    return f"unexpected {type(error).__name__}: {_one_line(str(error))}; run `askmesh --debug up` to see where"
 
 
 ControlAddress = Annotated[str, typer.Option("--control", help="The control channel of `askmesh up`.")]
@@ -129,7 +175,7 @@ def replicas_command(control: ControlAddress = "127.0.0.1:50050") -> None:
     """List every replica of a running `askmesh up`, with Envoy's view of its health."""
     from askmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-    with _reported_errors(), grpc.insecure_channel(control) as channel:
+    with _reported_errors(control), grpc.insecure_channel(control) as channel:
         reply = mesh_pb2_grpc.MeshControlStub(channel).ListReplicas(mesh_pb2.ListReplicasRequest(), timeout=10)
     table = Table("tier", "replica", "address", "pid", "Envoy", "metrics")
     for replica in reply.replicas:
@@ -146,7 +192,7 @@ def restart(tier: Service, control: ControlAddress = "127.0.0.1:50050") -> None:
     SERVING before each old one is taken out of Envoy and drained."""
     from askmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-    with _reported_errors(), grpc.insecure_channel(control) as channel:
+    with _reported_errors(control), grpc.insecure_channel(control) as channel:
         stub = mesh_pb2_grpc.MeshControlStub(channel)
         for event in stub.RestartTier(mesh_pb2.RestartTierRequest(tier=tier.value)):
             console.print(f"{event.replica.name:<14} {event.message}", highlight=False)
@@ -200,7 +246,7 @@ def ask(
                     _print_sources(citations, message.done)
     except grpc.RpcError as error:
         sys.stdout.write("\n")
-        errors.print(f"error: {error.code().name}: {error.details()}", markup=False)  # type: ignore[attr-defined]
+        _print_rpc_error(error, target=address)
         raise typer.Exit(1) from error
 
 
@@ -250,7 +296,7 @@ def add(
         errors.print(f"error: {error}", markup=False)
         raise typer.Exit(2) from error
     except grpc.RpcError as error:
-        errors.print(f"error: {error.code().name}: {error.details()}", markup=False)  # type: ignore[attr-defined]
+        _print_rpc_error(error, target=address)
         raise typer.Exit(1) from error
     for document in result.documents:
         console.print(f"{document.id}: {document.chunk_count} chunks")
@@ -262,20 +308,23 @@ ChunkSize = Annotated[Optional[int], typer.Option(help="Target chunk size in cha
 ChunkOverlap = Annotated[Optional[int], typer.Option(help="Characters shared by consecutive chunks.")]
 
 
-def _print_rpc_error(error: grpc.RpcError, prefix: str = "") -> None:
-    errors.print(f"{prefix}error: {client.status_of(error).name}: {error.details()}", markup=False, highlight=False, soft_wrap=True)  # type: ignore[attr-defined]
+def _print_rpc_error(error: grpc.RpcError, prefix: str = "", target: str = "") -> None:
+    """`error: CODE: details; what to do` on one line (client.describe_rpc_error)."""
+    errors.print(f"{prefix}error: {client.describe_rpc_error(error, target)}", markup=False, highlight=False, soft_wrap=True)
+    _show_debug(error)
 
 
 @contextmanager
-def _reported_errors() -> Iterator[None]:
+def _reported_errors(target: str = "") -> Iterator[None]:
     """gRPC errors: `error: CODE: details`, exit 1. Bad local input: `error: ...`, exit 2."""
     try:
         yield
     except grpc.RpcError as error:
-        _print_rpc_error(error)
+        _print_rpc_error(error, target=target)
         raise typer.Exit(1) from error
     except (OSError, ValueError) as error:
-        errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        errors.print(f"error: {_one_line(str(error))}", markup=False, highlight=False, soft_wrap=True)
+        _show_debug(error)
         raise typer.Exit(2) from error
 
 
@@ -437,7 +486,7 @@ def kb_create(
     address: Address = "127.0.0.1:50051",
 ) -> None:
     """Create a knowledge base, with typed metadata fields (fast filters) and default chunking."""
-    with _reported_errors():
+    with _reported_errors(address):
         fields = [client.parse_field(f) for f in field or []]
         options = client.chunking(chunk_size, chunk_overlap)
         with client.connect(address) as channel:
@@ -448,7 +497,7 @@ def kb_create(
 @kb_app.command("list")
 def kb_list(address: Address = "127.0.0.1:50051") -> None:
     """List the knowledge bases."""
-    with _reported_errors(), client.connect(address) as channel:
+    with _reported_errors(address), client.connect(address) as channel:
         kbs = client.list_knowledge_bases(channel)
     table = Table(title="Knowledge bases")
     for column in ("name", "documents", "chunks", "size", "model", "dimension", "generation", "state"):
@@ -464,7 +513,7 @@ def kb_list(address: Address = "127.0.0.1:50051") -> None:
 @kb_app.command("show")
 def kb_show(name: str, address: Address = "127.0.0.1:50051") -> None:
     """Show one knowledge base: its counts, model, chunking and metadata fields."""
-    with _reported_errors(), client.connect(address) as channel:
+    with _reported_errors(address), client.connect(address) as channel:
         kb = client.get_knowledge_base(channel, name)
     grid = Table(show_header=False, box=None, padding=(0, 2))
     grid.add_column(style="bold")
@@ -497,7 +546,7 @@ def kb_delete(
     address: Address = "127.0.0.1:50051",
 ) -> None:
     """Delete a knowledge base with its documents and their chunks."""
-    with _reported_errors(), client.connect(address) as channel:
+    with _reported_errors(address), client.connect(address) as channel:
         if not yes:
             kb = client.get_knowledge_base(channel, name)
             typer.confirm(
@@ -516,10 +565,10 @@ def kb_rebuild(
     address: Address = "127.0.0.1:50051",
 ) -> None:
     """Re-chunk and re-embed every document into a new generation (the current one keeps serving)."""
-    with _reported_errors():
+    with _reported_errors(address):
         options = client.chunking(chunk_size, chunk_overlap)
         channel = client.connect(address)
-    with _reported_errors(), channel:
+    with _reported_errors(address), channel:
         task = client.rebuild_knowledge_base(channel, name, options)
         console.print(f"Rebuild of {name!r} queued as task {task.id}.", highlight=False)
         if not wait:
@@ -536,7 +585,7 @@ def kb_rebuild(
 @kb_app.command("docs")
 def kb_docs(name: str, address: Address = "127.0.0.1:50051") -> None:
     """List the documents of a knowledge base."""
-    with _reported_errors(), client.connect(address) as channel:
+    with _reported_errors(address), client.connect(address) as channel:
         documents = list(client.list_documents(channel, name))
     table = Table(title=f"Documents in {name}")
     for column in ("id", "title", "version", "chunks", "size", "file name"):
@@ -561,7 +610,7 @@ def ingest(
 
     Each file becomes a background task on the server; with --wait (the default) a progress bar follows each one, and the command exits 1 unless every file succeeded.
     """
-    with _reported_errors():
+    with _reported_errors(address):
         files = client.files_to_ingest(paths)
         for path in files:
             if path.stat().st_size == 0:
@@ -575,7 +624,7 @@ def ingest(
                 task = client.upload_file(channel, path, client.upload_header(path, kb, metadata=meta))
             except (grpc.RpcError, OSError) as error:
                 if isinstance(error, grpc.RpcError):
-                    _print_rpc_error(error, prefix=f"{path.name}: ")
+                    _print_rpc_error(error, prefix=f"{path.name}: ", target=address)
                 else:
                     errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
                 if queued:
@@ -610,7 +659,7 @@ def tasks_command(
 ) -> None:
     """List ingestion and rebuild tasks, newest first."""
     states = [ingestion_pb2.TaskState.Value(f"TASK_STATE_{s.value.upper()}") for s in state or []]
-    with _reported_errors(), client.connect(address) as channel:
+    with _reported_errors(address), client.connect(address) as channel:
         found = client.list_tasks(channel, knowledge_base=kb or "", states=states, limit=limit)
     table = Table(title="Tasks")
     table.add_column("id", no_wrap=True, min_width=32)
@@ -629,7 +678,7 @@ def tasks_command(
 @app.command()
 def cancel(task_id: str, address: Address = "127.0.0.1:50051") -> None:
     """Cancel a queued or running task; what it stored so far is removed."""
-    with _reported_errors(), client.connect(address) as channel:
+    with _reported_errors(address), client.connect(address) as channel:
         task = client.cancel_task(channel, task_id)
     state = _task_state(task)
     pending = " (cancel requested)" if task.cancel_requested and task.state not in client.TERMINAL_TASK_STATES else ""
@@ -663,7 +712,7 @@ def _replica_addresses(tier: str, addresses: list[str] | None, control: str) -> 
         return addresses
     from askmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-    with _reported_errors(), grpc.insecure_channel(control) as channel:
+    with _reported_errors(control), grpc.insecure_channel(control) as channel:
         reply = mesh_pb2_grpc.MeshControlStub(channel).ListReplicas(mesh_pb2.ListReplicasRequest(), timeout=10)
     return [replica.address for replica in reply.replicas if replica.tier == tier]
 
@@ -688,7 +737,7 @@ def model_show(tier: ModelTier, address: ReplicaAddresses = None, control: Contr
             with client.connect(replica) as channel:
                 info = client.get_model(channel, tier.value)
         except grpc.RpcError as error:
-            _print_rpc_error(error, prefix=f"{replica}: ")
+            _print_rpc_error(error, prefix=f"{replica}: ", target=replica)
             failed = True
             continue
         except ValueError as error:
@@ -731,7 +780,7 @@ def model_swap(
                     allow_dimension_change=allow_dimension_change,
                 )
         except grpc.RpcError as error:
-            _print_rpc_error(error, prefix=f"{replica}: ")
+            _print_rpc_error(error, prefix=f"{replica}: ", target=replica)
             for skipped in address[index + 1 :]:
                 errors.print(f"{skipped}: not swapped (stopped after {replica} failed)", markup=False, highlight=False)
             raise typer.Exit(1) from error

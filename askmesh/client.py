@@ -50,6 +50,42 @@ def status_of(error: grpc.RpcError) -> grpc.StatusCode:
     return code
 
 
+# What a person can do about a failure with this status; the others' messages already say what
+# to fix (the field, the missing knowledge base, the conflicting write).
+RPC_HINTS = {
+    grpc.StatusCode.UNAVAILABLE: "try again in a moment; `askmesh replicas` shows which replicas are up",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "try again with a longer deadline",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "try again later, when fewer questions are waiting",
+    grpc.StatusCode.INTERNAL: "this is a bug; the service's log says more",
+    grpc.StatusCode.UNKNOWN: "this is a bug; the service's log says more",
+    grpc.StatusCode.UNIMPLEMENTED: "the server there is not an askmesh service of this version",
+}
+NOT_CONNECTED_HINT = "is askmesh running there? `askmesh up` starts it"
+
+
+def describe_rpc_error(error: grpc.RpcError, target: str = "") -> str:
+    """A failed call as one line for a person: `CODE: what failed; what to do`.
+
+    Never the error object itself, whose str() is a multi-line Python repr
+    (`<_InactiveRpcError of RPC that terminated with: ...>`). `target` is the address called,
+    named when nothing answered there.
+    """
+    code_of, details_of = getattr(error, "code", None), getattr(error, "details", None)
+    if not callable(code_of) or not callable(details_of):  # an RpcError that carries no status
+        return f"the call{f' to {target}' if target else ''} failed without a status; run again with --debug"
+    code = status_of(error)
+    details = " ".join(str(details_of() or "").split())  # one line, whatever the server sent
+    hint = RPC_HINTS.get(code, "")
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect to all addresses"):
+        # grpc's own text: "failed to connect to all addresses; last error: UNKNOWN: ipv4:...:
+        # Failed to connect to remote host: connect: Connection refused (111)"
+        reason = details.rsplit(": ", 1)[-1]
+        details = f"nothing answers at {target or 'that address'} ({reason})"
+        hint = NOT_CONNECTED_HINT
+    text = f"{code.name}: {details or 'no details given'}"
+    return f"{text}; {hint}" if hint else text
+
+
 def document_from_file(path: Path, root: Path | None = None) -> gateway_pb2.Document:
     """A text or Markdown file as a document: id from its name, title from its first heading."""
     text = path.read_text(encoding="utf-8")
@@ -70,10 +106,11 @@ def add_documents(
 
 
 def load_samples(
-    channel: grpc.Channel, samples_dir: Path, knowledge_base: str = "default"
+    channel: grpc.Channel, samples_dir: Path, knowledge_base: str = "default", timeout_s: float = 600
 ) -> gateway_pb2.AddDocumentsResponse:
     paths = sorted(p for p in samples_dir.iterdir() if p.suffix.lower() in TEXT_SUFFIXES)
-    return add_documents(channel, knowledge_base, [document_from_file(p, samples_dir.parent) for p in paths])
+    documents = [document_from_file(p, samples_dir.parent) for p in paths]
+    return add_documents(channel, knowledge_base, documents, timeout_s)
 
 
 def parse_filter(text: str) -> common_pb2.MetadataFilter:

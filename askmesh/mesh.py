@@ -9,6 +9,12 @@ The same class starts the mesh for `make run`, for the end-to-end tests and for 
 Milvus Lite embedded in the retriever admits one process per data folder, so a mesh with more
 than one retriever replica (or asked for it) runs Milvus Lite as its own server process, which
 every retriever replica reaches by URI.
+
+The front door opens last: Envoy starts with no gateway in its endpoints (its health check
+answers UNAVAILABLE "no healthy upstream"), and the gateways are published only once every
+replica is SERVING, Envoy routes to every tier, and the sample documents (when asked for) are
+loaded through a gateway's own address. The first SERVING at the front door means an Ask can
+be answered.
 """
 
 from __future__ import annotations
@@ -32,7 +38,8 @@ from typing import Literal
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from askmesh import envoy
+from askmesh import client, envoy
+from askmesh.v1 import gateway_pb2
 
 SERVICES = ("embedder", "retriever", "generator", "gateway")
 GRPC_SERVICE = {
@@ -52,7 +59,8 @@ MilvusMode = Literal["embedded", "server"]
 
 
 class MeshError(RuntimeError):
-    pass
+    """A failure of the mesh, as one sentence that names what failed and where to look; a log's
+    tail, when there is one, is attached as a note (shown in tracebacks, not in the sentence)."""
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -154,12 +162,15 @@ class MeshLayout:
     def replicas(self, name: str) -> list[str]:
         return [f"{self.host}:{port}" for port in self.service_ports[name]]
 
-    def envoy_layout(self) -> envoy.EnvoyLayout:
+    def envoy_layout(self, front_open: bool = True) -> envoy.EnvoyLayout:
+        """Envoy's layout; with `front_open` False the gateway tier starts with no replicas in
+        its endpoints (the front door answers nothing until they are published)."""
+
         def tier(name: str) -> envoy.Tier:
             return envoy.Tier(
                 name,
                 GRPC_SERVICE[name],
-                self.replicas(name),
+                self.replicas(name) if front_open or name != "gateway" else [],
                 IDEMPOTENT_METHODS.get(name, []),
                 RESENDABLE_STREAMS.get(name, []),
                 capacity_per_replica=name not in CAPACITY_BEHIND,
@@ -220,11 +231,17 @@ class LocalMesh:
         env: dict[str, str] | None = None,
         telemetry: str = "none",
         say: Callable[[str], None] = print,
+        samples_dir: Path | None = None,
     ) -> None:
         self.layout = layout
         self.env = env or {}
         self.telemetry = telemetry
         self.say = say
+        # Loaded into the `default` knowledge base by `start()` before the front door opens.
+        self.samples_dir = samples_dir
+        self.samples_loaded: gateway_pb2.AddDocumentsResponse | None = None
+        # Set (by a signal handler) to abandon a start-up that is still waiting.
+        self.interrupted = threading.Event()
         self.replicas: dict[str, list[Process]] = {name: [] for name in SERVICES}
         self.envoy: Process | None = None
         self.milvus: Process | None = None
@@ -312,11 +329,16 @@ class LocalMesh:
 
     # -- start -----------------------------------------------------------------------------
     def start(self, timeout_s: float = 600.0) -> None:
+        """Starts every process; returns once the front door answers SERVING, which it does
+        only after every replica is SERVING (a gateway only once its tiers are), Envoy routes
+        to each of them, and `samples_dir`'s documents are in the `default` knowledge base.
+        Raises MeshError (one sentence) when a process exits, time runs out, the samples cannot
+        be loaded, or `interrupted` is set."""
         layout = self.layout
         deadline = time.monotonic() + timeout_s
         if layout.milvus == "server":
             self._start_milvus(deadline)
-        config = envoy.write_config(layout.envoy_layout(), layout.data_dir / "envoy.yaml")
+        config = envoy.write_config(layout.envoy_layout(front_open=False), layout.data_dir / "envoy.yaml")
         envoy.validate_config(config)
         for name in SERVICES:
             for port in layout.service_ports[name]:
@@ -329,8 +351,50 @@ class LocalMesh:
             for replica in self.replicas[name]:
                 self._wait_serving(replica, deadline)
                 self.say(f"  {replica.name:<12} SERVING on {replica.address}")
-        self._wait_envoy(deadline, lambda hosts: all(any(hosts.get(name, {}).values()) for name in SERVICES))
+        tiers = SERVICES[:3]
+        self._wait_envoy(deadline, lambda hosts: all(self._routes_to_all(hosts, name) for name in tiers))
+        if self.samples_dir is not None:
+            self.samples_loaded = self._load_samples(self.samples_dir, deadline)
+            self.say(
+                f"  {'samples':<12} {len(self.samples_loaded.documents)} documents "
+                f"({self.samples_loaded.chunk_count} chunks) in 'default'"
+            )
+        self._publish_endpoints("gateway")
+        self._wait_envoy(deadline, lambda hosts: self._routes_to_all(hosts, "gateway"))
+        self._wait_front_door(deadline)
         self.say(f"  {'envoy':<12} front door on {layout.front_address}, tiers on {layout.internal_address}")
+
+    def _routes_to_all(self, hosts: dict[str, dict[str, bool]], name: str) -> bool:
+        """Whether Envoy routes to every replica of the tier (each in its view and healthy)."""
+        view = hosts.get(name, {})
+        return all(view.get(p.address or "") is True for p in self.replicas[name])
+
+    def _load_samples(self, samples_dir: Path, deadline: float) -> gateway_pb2.AddDocumentsResponse:
+        """The documents of `samples_dir` into `default`, through the first gateway replica's
+        own address (the front door is not open yet)."""
+        gateway = self.replicas["gateway"][0]
+        assert gateway.address is not None
+        try:
+            with client.connect(gateway.address) as channel:
+                return client.load_samples(channel, samples_dir, timeout_s=max(deadline - time.monotonic(), 1.0))
+        except grpc.RpcError as error:
+            raise MeshError(
+                f"loading the sample documents of {samples_dir} into 'default' failed "
+                f"({client.describe_rpc_error(error, gateway.address)}); see {gateway.log_path}, "
+                "or start without them: `askmesh up --no-samples`"
+            ) from error
+
+    def _wait_front_door(self, deadline: float) -> None:
+        assert self.envoy is not None
+        with grpc.insecure_channel(self.layout.front_address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def serving() -> bool:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            failure = f"Envoy's front door did not answer SERVING in time; see {self.envoy.log_path}"
+            self._wait_for(self.envoy, deadline, serving, failure)
 
     def _start_milvus(self, deadline: float) -> None:
         layout = self.layout
@@ -361,8 +425,10 @@ class LocalMesh:
 
     def _check_alive(self, process: Process) -> None:
         if not process.alive:
-            tail = process.log_path.read_text(errors="replace")[-3000:] if process.log_path.exists() else ""
-            raise MeshError(f"{process.name} exited with {process.popen.returncode}; its log ends:\n{tail}")
+            error = MeshError(f"{process.name} exited with code {process.popen.returncode}; see {process.log_path}")
+            if process.log_path.exists():
+                error.add_note(f"{process.log_path} ends:\n{process.log_path.read_text(errors='replace')[-3000:]}")
+            raise error
 
     def _wait_for(
         self, process: Process, deadline: float, ready: Callable[[], bool], failure: str, interval_s: float = 0.2
@@ -371,6 +437,8 @@ class LocalMesh:
         `ready` may raise OSError or grpc.RpcError while what it probes is not up yet."""
         while True:
             self._check_alive(process)
+            if self.interrupted.is_set():
+                raise MeshError(f"interrupted while waiting for {process.name}")
             try:
                 if ready():
                     return

@@ -1,18 +1,22 @@
 """The CLI's knowledge-base, ingestion and task commands, run as subprocesses against the real
-local mesh (four service processes and Envoy on loopback), started once for the module."""
+local mesh (four service processes and Envoy on loopback), started once for the module; and
+how the CLI reports failures (one sentence, never a Python repr), which needs no mesh."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from typer.testing import CliRunner
 
-from askmesh import client
-from askmesh.mesh import LocalMesh, MeshLayout
+from askmesh import cli, client
+from askmesh.mesh import LocalMesh, MeshError, MeshLayout, free_port
 
 pytestmark = pytest.mark.mesh
 ASKMESH = Path(sys.executable).parent / "askmesh"
@@ -106,3 +110,66 @@ def test_bad_local_input_exits_2_and_server_errors_exit_1(address: str, tmp_path
     assert no_kb.returncode == 1 and "error: NOT_FOUND: knowledge_base: 'nope' does not exist" in no_kb.stderr
     no_task = askmesh(address, "cancel", "0" * 32)
     assert no_task.returncode == 1 and "error: NOT_FOUND:" in no_task.stderr
+
+
+# -- failures as one sentence (no mesh needed) ---------------------------------------------------
+def assert_one_sentence(stderr: str, starts_with: str) -> None:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith(starts_with), stderr
+    assert "_InactiveRpcError" not in stderr and "<" not in stderr and "Traceback" not in stderr, stderr
+
+
+def test_a_failed_call_is_one_line_naming_what_failed_and_what_to_do() -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    for args in (["ask", "hello", "--address", nobody], ["kb", "list", "--address", nobody], ["replicas", "--control", nobody]):
+        result = subprocess.run([str(ASKMESH), *args], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 1, (args, result.stderr)
+        assert_one_sentence(result.stderr, f"error: UNAVAILABLE: nothing answers at {nobody}")
+        assert "askmesh up" in result.stderr  # what to do
+    debug = subprocess.run(
+        [str(ASKMESH), "--debug", "kb", "list", "--address", nobody], capture_output=True, text=True, timeout=60
+    )
+    assert debug.returncode == 1 and "_InactiveRpcError" in debug.stderr  # --debug shows the rest
+
+
+def failed_call() -> grpc.RpcError:
+    """A real failed call, the kind `askmesh up` once printed as `<_InactiveRpcError of RPC ...>`."""
+    with client.connect(f"127.0.0.1:{free_port()}") as channel:
+        try:
+            client.list_knowledge_bases(channel, timeout_s=10)
+        except grpc.RpcError as error:
+            return error
+    raise AssertionError("a call to a free port succeeded")
+
+
+def crashed_replica() -> MeshError:
+    error = MeshError("gateway-0 exited with code 1; see .askmesh/logs/gateway-0.log")
+    error.add_note("Traceback (most recent call last):\n  File <stdin>, line 1\nRuntimeError: <boom>")
+    return error
+
+
+@pytest.mark.parametrize(
+    ("failure", "sentence"),
+    [
+        (failed_call, "askmesh up failed: UNAVAILABLE: nothing answers at"),
+        (crashed_replica, "askmesh up failed: gateway-0 exited with code 1; see .askmesh/logs/gateway-0.log"),
+    ],
+)
+def test_askmesh_up_reports_a_failure_as_one_sentence(
+    failure: object, sentence: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    error = failure()  # type: ignore[operator]
+
+    def failing_start(self: LocalMesh, timeout_s: float = 600.0) -> None:
+        raise error
+
+    monkeypatch.setattr(LocalMesh, "start", failing_start)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:  # `up` installs its own signal handlers
+        result = CliRunner().invoke(cli.app, ["up", "--data-dir", str(tmp_path)])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert result.exit_code == 1, result.output
+    assert_one_sentence(result.stderr, sentence)
