@@ -47,9 +47,17 @@ class Api:
         return [task async for task in self.ingest.WatchTask(ingestion_pb2.WatchTaskRequest(id=task_id), timeout=120)]
 
     async def sources(self, kb: str, question: str, **fields: object) -> list[gateway_pb2.Citation]:
+        """The sources of an answer; the call is hung up once they arrive (leaving an iteration
+        alone would keep the call, and its place in the generator's line, open)."""
         request = gateway_pb2.AskRequest(question=question, knowledge_base=kb, parameters=ONE_TOKEN, **fields)  # type: ignore[arg-type]
-        async for message in self.gateway.Ask(request):
-            return list(message.sources.citations)
+        call = self.gateway.Ask(request, timeout=120)
+        try:
+            async for message in call:
+                if message.HasField("sources"):
+                    return list(message.sources.citations)
+                assert message.HasField("queued"), f"the sources come first, after any waiting: {message}"
+        finally:
+            call.cancel()
         raise AssertionError("no sources message")
 
 

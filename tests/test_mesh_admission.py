@@ -28,9 +28,10 @@ QUESTIONS = 12
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     layout = MeshLayout.on_free_ports(tmp_path_factory.mktemp("mesh"), {"generator": 2})
-    # A generation is first expected to take 2 s: each replica lets in one running and two
-    # waiting (2 s and 4 s), so 12 questions at once are more than both take.
-    mesh = LocalMesh(layout, env={"ASKMESH_GENERATOR_MAX_QUEUE_WAIT_S": "4"}, say=lambda _: None)
+    # One generation at a time per replica, first expected to take 2 s: each replica lets in
+    # one running and two waiting (2 s and 4 s), so 12 questions at once are more than both take.
+    env = {"ASKMESH_GENERATOR_MAX_QUEUE_WAIT_S": "4", "ASKMESH_GENERATOR_PARALLEL_SEQUENCES": "1"}
+    mesh = LocalMesh(layout, env=env, say=lambda _: None)
     with mesh:
         with client.connect(layout.front_address) as channel:
             client.load_samples(channel, REPO_ROOT / "samples")
