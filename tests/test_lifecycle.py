@@ -61,7 +61,7 @@ async def test_not_serving_until_warm_then_serving_then_not_serving_on_stop() ->
 
 # -- draining on stop --------------------------------------------------------------------------
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
@@ -128,6 +128,21 @@ async def start_ticking(grace_s: float) -> tuple[ServiceRunner, TickingGenerator
     return runner, servicer
 
 
+async def first_refusal(
+    call: Callable[[], AsyncIterator[generator_pb2.GenerateResponse]], timeout_s: float = 10.0
+) -> grpc.aio.AioRpcError:
+    """Makes the call again and again until the server refuses it; fails after `timeout_s`."""
+    give_up = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < give_up:
+        try:
+            async for _ in call():
+                pass
+        except grpc.aio.AioRpcError as error:
+            return error
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the server still took new calls {timeout_s} s after its stop began")
+
+
 def ticks(count: int) -> generator_pb2.GenerateRequest:
     return generator_pb2.GenerateRequest(
         messages=[common_pb2.ChatMessage(role=common_pb2.ROLE_USER, content="go")],
@@ -144,11 +159,9 @@ async def test_a_stream_in_flight_finishes_within_the_grace_period_and_new_calls
         assert first.HasField("delta")
         assert runner.calls.total == 1
         stopping = asyncio.ensure_future(runner.stop())
-        await asyncio.sleep(0.2)
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            async for _ in stub.Generate(ticks(1)):
-                pass
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        # New calls are refused once the stop has begun: until then one may still be taken.
+        refused = await first_refusal(lambda: stub.Generate(ticks(1)))
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
         rest = []
         while (message := await call.read()) != grpc.aio.EOF:
             rest.append(message)
