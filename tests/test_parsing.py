@@ -1,18 +1,28 @@
 """Document parsing: real small files of every format, made here (PDF with reportlab, DOCX with
-python-docx, the text formats as strings), parsed from bytes."""
+python-docx, the text formats as strings), parsed from bytes; and the parser's sandbox (a child
+process under time and memory limits) against real hostile files."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import io
+import os
 import random
+import signal
+import sys
 import zipfile
+from dataclasses import replace
+from pathlib import Path
 
 import docx
 import pytest
 from reportlab.lib import pdfencrypt
 from reportlab.pdfgen import canvas
 
+from services.gateway import parse_worker
 from services.gateway.chunking import SectionChunk, chunk_sections
+from services.gateway.parse_worker import ParseLimits, parse_file
 from services.gateway.parsing import (
     SUPPORTED_CONTENT_TYPES,
     ParsedDocument,
@@ -418,3 +428,157 @@ def test_chunk_sections_on_a_parsed_pdf() -> None:
 def test_chunk_sections_rejects_overlap_not_smaller_than_size() -> None:
     with pytest.raises(ValueError, match="overlap"):
         chunk_sections([], size=50, overlap=50)
+
+
+# ----------------------------------------------------------------------------- hostile files
+
+
+@functools.cache
+def docx_zip_bomb(inflated_mib: int = 512) -> bytes:
+    """A real Word document whose document.xml inflates from about 1 KB per MiB to
+    `inflated_mib` MiB of one paragraph's text: python-docx reads the whole part into memory."""
+    document = docx.Document()
+    document.add_paragraph("hello")
+    buffer = io.BytesIO()
+    document.save(buffer)
+    original = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as archive:
+        for item in original.infolist():
+            if item.filename != "word/document.xml":
+                archive.writestr(item, original.read(item.filename))
+                continue
+            with archive.open("word/document.xml", "w", force_zip64=True) as part:
+                part.write(
+                    b'<?xml version="1.0" encoding="UTF-8" standalone="yes"?><w:document xmlns:w='
+                    b'"http://schemas.openxmlformats.org/wordprocessingml/2006/main"><w:body><w:p><w:r><w:t>'
+                )
+                block = b"a" * (1 << 20)
+                for _ in range(inflated_mib):
+                    part.write(block)
+                part.write(b"</w:t></w:r></w:p></w:body></w:document>")
+    return bomb.getvalue()
+
+
+def html_memory_hog(tags: int = 250_000) -> bytes:
+    """2 MB of HTML that BeautifulSoup turns into a quarter of a million tag objects (over 300 MB)."""
+    return b"<html><body>" + b"<b>x</b>" * tags + b"</body></html>"
+
+
+@functools.cache
+def slow_pdf(pages: int = 400) -> bytes:
+    """A valid PDF of 400 full pages: pypdf takes some seconds to extract its text."""
+    buffer = io.BytesIO()
+    pdf = canvas.Canvas(buffer)
+    for page in range(pages):
+        for line in range(50):
+            pdf.drawString(40, 800 - line * 15, f"Page {page} line {line}: the travel policy explains hotels and trains.")
+        pdf.showPage()
+    pdf.save()
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- the sandbox
+
+SANDBOX = ParseLimits(timeout_s=60, max_memory_bytes=256 * 1024 * 1024, max_chars=10_000_000)
+
+
+async def sandboxed(tmp_path: Path, data: bytes, file_name: str, **limits: object) -> ParsedDocument:
+    path = tmp_path / "spooled.upload"
+    path.write_bytes(data)
+    return await parse_file(path, file_name, "", replace(SANDBOX, **limits))  # type: ignore[arg-type]
+
+
+async def test_the_sandbox_parses_every_format_as_the_parser_does(tmp_path: Path) -> None:
+    for name, data in (("t.docx", make_docx()), ("t.pdf", make_pdf(["One.", "Two."], title="Two pages")),
+                       ("t.md", b"# Title\n\nBody text."), ("t.html", b"<h1>Gym</h1><p>Kettlebells.</p>")):  # fmt: skip
+        assert await sandboxed(tmp_path, data, name) == parse_document(data, name), name
+
+
+async def test_a_file_that_cannot_be_read_fails_with_the_parsers_reason(tmp_path: Path) -> None:
+    with pytest.raises(ParseError, match="^'broken.pdf' is not a PDF file"):
+        await sandboxed(tmp_path, b"not a pdf at all", "broken.pdf")
+    with pytest.raises(ParseError, match="^the upload of 'gone.txt' is gone from the spool$"):
+        await parse_file(tmp_path / "missing.upload", "gone.txt", "", SANDBOX)
+
+
+async def test_a_docx_zip_bomb_fails_on_the_memory_limit(tmp_path: Path) -> None:
+    bomb = docx_zip_bomb()
+    assert len(bomb) < 2_000_000  # a small upload ...
+    with pytest.raises(ParseError) as raised:  # ... that would need over 512 MiB
+        await sandboxed(tmp_path, bomb, "bomb.docx")
+    assert str(raised.value) == "'bomb.docx' needs more memory to parse than the limit of 256 MiB (parse_max_memory_bytes)"
+
+
+async def test_a_file_that_makes_the_parser_use_too_much_memory_fails_on_the_limit(tmp_path: Path) -> None:
+    with pytest.raises(ParseError, match=r"^'tags.html' needs more memory to parse than the limit of 128 MiB"):
+        await sandboxed(tmp_path, html_memory_hog(), "tags.html", max_memory_bytes=128 * 1024 * 1024)
+
+
+async def test_a_file_that_parses_longer_than_the_limit_is_stopped_at_the_limit(tmp_path: Path) -> None:
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(ParseError) as raised:
+        await sandboxed(tmp_path, slow_pdf(), "slow.pdf", timeout_s=1.0)
+    assert str(raised.value) == "'slow.pdf' took longer to parse than the limit of 1 s (parse_timeout_s)"
+    assert asyncio.get_running_loop().time() - started < 30  # stopped there, not when it finished
+
+
+async def test_text_beyond_what_a_task_may_store_never_leaves_the_child(tmp_path: Path) -> None:
+    with pytest.raises(ParseError) as raised:
+        await sandboxed(tmp_path, b"word " * 1000, "long.txt", max_chars=500, max_chars_meaning="5 chunks of 100 characters")
+    assert str(raised.value) == "'long.txt' has 4999 characters of text, more than one task may store (5 chunks of 100 characters)"
+
+
+@pytest.mark.parametrize(
+    ("child", "message"),
+    [
+        ("import os, signal; os.kill(os.getpid(), signal.SIGSEGV)", "the parser was ended by SIGSEGV while reading 'x.pdf'"),
+        ("import sys; sys.exit(7)", "the parser stopped with exit status 7 while reading 'x.pdf'"),
+        ("print('no json here')", "the parser gave no readable result for 'x.pdf'"),
+        # A child its gateway did not stop: its own CPU limit (here a 1 s one) ends it.
+        ("import resource; resource.setrlimit(resource.RLIMIT_CPU, (1, 2))\nwhile True: pass",
+         "'x.pdf' needs more CPU time to parse than the limit of 60 s (parse_timeout_s)"),
+    ],
+)  # fmt: skip
+async def test_a_child_that_crashes_or_misbehaves_fails_with_a_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, child: str, message: str
+) -> None:
+    monkeypatch.setattr(parse_worker, "WORKER_COMMAND", [sys.executable, "-c", child])
+    with pytest.raises(ParseError) as raised:
+        await sandboxed(tmp_path, b"%PDF-1.4", "x.pdf")
+    assert str(raised.value) == message
+
+
+async def test_a_cancelled_parse_kills_its_child(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid_file = tmp_path / "child.pid"
+    child = f"import os, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(600)"
+    monkeypatch.setattr(parse_worker, "WORKER_COMMAND", [sys.executable, "-c", child])
+    parsing = asyncio.create_task(sandboxed(tmp_path, b"text", "x.txt"))
+    for _ in range(600):  # the child has started once it wrote its pid
+        if pid_file.exists() and pid_file.read_text():
+            break
+        await asyncio.sleep(0.05)
+    pid = int(pid_file.read_text())
+    parsing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await parsing
+    with pytest.raises(ProcessLookupError):  # killed and reaped
+        os.kill(pid, 0)
+
+
+async def test_the_event_loop_stays_free_while_a_hostile_file_is_parsed(tmp_path: Path) -> None:
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    ticker = asyncio.create_task(tick())
+    try:
+        with pytest.raises(ParseError, match="took longer to parse"):
+            await sandboxed(tmp_path, slow_pdf(), "slow.pdf", timeout_s=1.0)
+    finally:
+        ticker.cancel()
+    assert ticks >= 20  # at 10 ms a tick, about a second of parsing left the loop running

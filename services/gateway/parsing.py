@@ -66,7 +66,8 @@ _EXTENSIONS: dict[str, str] = {
 HEADING_SEPARATOR = " > "
 
 
-def _label(file_name: str) -> str:
+def display_name(file_name: str) -> str:
+    """How messages name a file: quoted, or 'the file' when it has no name."""
     return repr(file_name) if file_name else "the file"
 
 
@@ -81,20 +82,20 @@ def detect_format(file_name: str, content_type: str) -> str:
         return _EXTENSIONS[suffix]
     declared = f" (content type {content_type!r})" if content_type else ""
     raise ParseError(
-        f"unsupported file type: {_label(file_name)}{declared}; "
+        f"unsupported file type: {display_name(file_name)}{declared}; "
         "supported are PDF, Word (.docx), Markdown, HTML and plain text"
     )
 
 
 def parse_document(data: bytes, file_name: str, content_type: str = "") -> ParsedDocument:
     fmt = detect_format(file_name, content_type)
-    name = _label(file_name)
+    name = display_name(file_name)
     if not data:
         raise ParseError(f"{name} is empty")
     parser = _PARSERS[fmt]
     try:
         title, sections = parser(data, name)
-    except ParseError:
+    except (ParseError, MemoryError):  # running out of memory says nothing about the file's format
         raise
     except Exception as exc:  # a library failing in a way we did not foresee is still a bad file
         log.debug("parsing %s as %s failed", name, fmt, exc_info=True)
@@ -374,6 +375,8 @@ def _parse_pdf(data: bytes, name: str) -> tuple[str | None, list[Section]]:
     for number, page in enumerate(pages, start=1):
         try:
             text = page.extract_text() or ""
+        except MemoryError:
+            raise
         except Exception:  # one broken page should not lose the others
             log.warning("could not extract text from page %d of %s", number, name, exc_info=True)
             continue
@@ -410,16 +413,19 @@ def _parse_docx(data: bytes, name: str) -> tuple[str | None, list[Section]]:
         document = docx.Document(io.BytesIO(data))
     except (zipfile.BadZipFile, zipfile.LargeZipFile) as exc:
         raise ParseError(f"{name} is not a readable Word (.docx) document (damaged zip archive)") from exc
+    except MemoryError:
+        raise
     except Exception as exc:  # a zip without Word parts, broken XML, ...
         log.debug("python-docx could not open %s", name, exc_info=True)
         raise ParseError(f"{name} is not a readable Word (.docx) document (no Word content found)") from exc
 
     title = _squash(document.core_properties.title or "") or None
+    styles = _DocxStyles(document)
     builder = _SectionBuilder()
     for item in document.iter_inner_content():
         if isinstance(item, Paragraph):
             text = item.text
-            level = _docx_heading_level(item)
+            level = styles.heading_level(item)
             if level is None:
                 builder.add_block(_tidy_lines(text))
             else:
@@ -433,15 +439,36 @@ def _parse_docx(data: bytes, name: str) -> tuple[str | None, list[Section]]:
     return title, builder.sections
 
 
-def _docx_heading_level(paragraph) -> int | None:
-    try:
-        style = (paragraph.style.name or "") if paragraph.style is not None else ""
-    except Exception:
-        return None
-    if style == "Title":
-        return 0
-    match = re.fullmatch(r"Heading (\d)", style)
-    return int(match.group(1)) if match else None
+class _DocxStyles:
+    """Paragraph style names by style id, looked up once per document.
+
+    python-docx's `Paragraph.style` finds the default style by scanning every style, for each
+    paragraph without a style of its own: 3 ms a paragraph, 35 s for a 20,000-paragraph file."""
+
+    def __init__(self, document) -> None:  # document: docx.document.Document
+        from docx.enum.style import WD_STYLE_TYPE
+
+        self.names: dict[str, str] = {}
+        self.default = ""
+        try:
+            for style in document.styles:
+                if style.type != WD_STYLE_TYPE.PARAGRAPH:
+                    continue
+                self.names[style.style_id] = style.name or ""
+                if style.element.default:
+                    self.default = style.name or ""
+        except MemoryError:
+            raise
+        except Exception:  # broken styles: no headings, but the text is still read
+            log.debug("could not read the styles of a Word document", exc_info=True)
+
+    def heading_level(self, paragraph) -> int | None:  # paragraph: docx.text.paragraph.Paragraph
+        style_id = paragraph._p.style  # the w:pStyle value; None means the default style
+        style = self.names.get(style_id, self.default) if style_id else self.default
+        if style == "Title":
+            return 0
+        match = re.fullmatch(r"Heading (\d)", style)
+        return int(match.group(1)) if match else None
 
 
 def _docx_table_rows(table) -> Iterable[str]:
