@@ -663,14 +663,14 @@ def tasks_command(
         found = client.list_tasks(channel, knowledge_base=kb or "", states=states, limit=limit)
     table = Table(title="Tasks")
     table.add_column("id", no_wrap=True, min_width=32)
-    for column in ("kind", "kb", "document", "file", "state", "stage", "progress", "error", "updated"):
+    for column in ("kind", "kb", "document", "file", "state", "stage", "progress", "attempts", "error", "updated"):
         table.add_column(column, overflow="fold")
     for task in found:
         total, done, unit = _task_counts(task)
         _add_row(
             table, task.id, _name(ingestion_pb2.TaskKind, task.kind, "TASK_KIND_"), task.knowledge_base, task.document_id,
             task.file_name, _task_state(task), _task_stage(task), f"{done}/{total} {unit}" if total else "",
-            task.error, _time(task.updated_at),
+            f"{task.attempts} of {task.max_attempts}" if task.attempts else "", task.error, _time(task.updated_at),
         )
     console.print(table)
 

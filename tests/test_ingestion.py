@@ -3,14 +3,19 @@ embedder, retriever (Milvus Lite) and generator behind it."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import os
+import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.protobuf import struct_pb2
 
+from askmesh.runtime.errors import Unavailable
 from askmesh.runtime.server import ServiceRunner
 from askmesh.v1 import (
     common_pb2,
@@ -21,10 +26,13 @@ from askmesh.v1 import (
     knowledge_pb2,
     knowledge_pb2_grpc,
 )
+from services.gateway.store import KIND_INGEST_FILE, TASK_CANCELLED, SqliteStore, TaskRecord
 from tests.conftest import InProcessTiers, start_gateway
+from tests.test_parsing import docx_zip_bomb, html_memory_hog, slow_pdf
 
 STRING, INT = common_pb2.METADATA_TYPE_STRING, common_pb2.METADATA_TYPE_INT
 ONE_TOKEN = common_pb2.GenerationParameters(max_new_tokens=1, temperature=0)
+ENDED = (ingestion_pb2.TASK_STATE_SUCCEEDED, ingestion_pb2.TASK_STATE_FAILED, ingestion_pb2.TASK_STATE_CANCELLED)
 
 
 class Api:
@@ -82,6 +90,11 @@ async def create_kb(api: Api, name: str, schema: Sequence[tuple[str, int]] = (),
             chunking=common_pb2.ChunkingOptions(**chunking),
         )
     )
+
+
+def spooled(upstreams: InProcessTiers, task_id: str) -> bool:
+    """Whether the module gateway's spool still holds the task's upload."""
+    return (Path(upstreams.addresses["data"]) / "uploads" / f"{task_id}.upload").exists()
 
 
 def struct(**values: object) -> struct_pb2.Struct:
@@ -164,7 +177,7 @@ async def test_bad_knowledge_bases_are_refused(api: Api, request_fields: dict[st
     assert raised.value.details().startswith(message), raised.value.details()
 
 
-async def test_every_format_is_ingested_with_progress_and_citable(api: Api) -> None:
+async def test_every_format_is_ingested_with_progress_and_citable(api: Api, upstreams: InProcessTiers) -> None:
     await create_kb(api, "formats", [("team", STRING)])
     tasks = {name: await api.upload("formats", name, data, metadata=struct(team="ops")) for name, (data, _, _) in FILES.items()}
     for name, task in tasks.items():
@@ -172,6 +185,7 @@ async def test_every_format_is_ingested_with_progress_and_citable(api: Api) -> N
         updates = await api.watch(task.id)
         final = updates[-1]
         assert final.state == ingestion_pb2.TASK_STATE_SUCCEEDED, (name, final.error)
+        assert not spooled(upstreams, task.id), "a task that succeeded leaves no spooled upload"
         assert final.stage == ingestion_pb2.TASK_STAGE_DONE
         assert [u.stage for u in updates] == sorted(u.stage for u in updates), "stages only move forward"
         assert 0 < final.progress.chunks_stored == final.progress.chunks_total
@@ -194,7 +208,7 @@ async def test_every_format_is_ingested_with_progress_and_citable(api: Api) -> N
     assert described.document_count == 5 and described.chunk_count >= 5 and described.size_bytes > 0
 
 
-async def test_a_bad_file_fails_its_own_task_and_harms_nothing_else(api: Api) -> None:
+async def test_a_bad_file_fails_its_own_task_and_harms_nothing_else(api: Api, upstreams: InProcessTiers) -> None:
     await create_kb(api, "mixed")
     bad = {
         "broken.pdf": b"%PDF-1.7 this is not really a pdf",
@@ -207,6 +221,7 @@ async def test_a_bad_file_fails_its_own_task_and_harms_nothing_else(api: Api) ->
         final = (await api.watch(task.id))[-1]
         assert final.state == ingestion_pb2.TASK_STATE_FAILED, name
         assert name in final.error or "unsupported" in final.error, final.error
+        assert not spooled(upstreams, task.id), "a task that failed leaves no spooled upload"
     assert (await api.watch(good.id))[-1].state == ingestion_pb2.TASK_STATE_SUCCEEDED
     listed = await api.kb.ListDocuments(knowledge_pb2.ListDocumentsRequest(knowledge_base="mixed"))
     assert [d.id for d in listed.documents] == ["wiki"]
@@ -242,7 +257,7 @@ async def test_a_file_name_is_only_a_label(api: Api, upstreams: InProcessTiers) 
     assert windows.file_name == "boot.ini"
 
 
-async def test_cancel_stops_a_task_and_removes_what_it_stored(api: Api) -> None:
+async def test_cancel_stops_a_task_and_removes_what_it_stored(api: Api, upstreams: InProcessTiers) -> None:
     await create_kb(api, "cancels", chunk_size=100, chunk_overlap=0)
     long_text = " ".join(f"Paragraph {i} describes the warehouse shelf number {i} in detail." for i in range(600)).encode()
     task = await api.upload("cancels", "long.txt", long_text)
@@ -254,6 +269,7 @@ async def test_cancel_stops_a_task_and_removes_what_it_stored(api: Api) -> None:
     final = (await api.watch(task.id))[-1]
     assert final.state == ingestion_pb2.TASK_STATE_CANCELLED
     assert final.progress.chunks_stored < final.progress.chunks_total
+    assert not spooled(upstreams, task.id), "a task cancelled while it ran leaves no spooled upload"
     described = await api.kb.GetKnowledgeBase(knowledge_pb2.GetKnowledgeBaseRequest(name="cancels"))
     assert described.document_count == 0
     assert await api.sources("cancels", "warehouse shelf") == []  # nothing of it is searchable
@@ -374,10 +390,20 @@ async def test_a_file_over_the_chunk_limit_fails_its_task(upstreams: InProcessTi
     limited = Api(channel)
     try:
         await create_kb(limited, "limited", chunk_size=100, chunk_overlap=0)
+        # More text than 5 chunks of 100 characters hold: refused by the parser's process.
         text = " ".join(f"Sentence {i} is about the limit." for i in range(40)).encode()
         final = (await limited.watch((await limited.upload("limited", "big.txt", text)).id))[-1]
         assert final.state == ingestion_pb2.TASK_STATE_FAILED
-        assert "makes" in final.error and "the limit is 5 per task" in final.error, final.error
+        assert final.error == (
+            f"'big.txt' has {len(text)} characters of text, more than one task may store "
+            "(5 chunks of 100 characters, max_chunks_per_task)"
+        )
+        # Little enough text, but in more chunks (one sentence does not fit beside another).
+        text = " ".join(f"Sentence {i} is about the limit on chunks in one task." for i in range(8)).encode()
+        assert len(text) <= 500
+        final = (await limited.watch((await limited.upload("limited", "many.txt", text)).id))[-1]
+        assert final.state == ingestion_pb2.TASK_STATE_FAILED
+        assert final.error == "'many.txt' makes 8 chunks; the limit is 5 per task", final.error
         assert (await limited.kb.ListDocuments(knowledge_pb2.ListDocumentsRequest(knowledge_base="limited"))).documents == []
     finally:
         await channel.close()
@@ -419,3 +445,147 @@ async def test_add_documents_checks_chunking_against_the_knowledge_bases_own_siz
     request.chunking.chunk_overlap = 20
     added = await api.gateway.AddDocuments(request)
     assert added.chunk_count == 1 and added.embed_ms > 0 and added.upsert_ms > 0
+
+
+# -- tasks that must end: hostile files, passing problems, the spool -----------------------------
+
+
+async def ended(api: Api, task_id: str, timeout_s: float = 120.0) -> ingestion_pb2.Task:
+    give_up = time.monotonic() + timeout_s
+    while time.monotonic() < give_up:
+        task = await api.ingest.GetTask(ingestion_pb2.GetTaskRequest(id=task_id), timeout=10)
+        if task.state in ENDED:
+            return task
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"task {task_id} did not end within {timeout_s} s")
+
+
+async def test_hostile_files_fail_their_own_tasks_on_the_limits_while_questions_are_answered(
+    upstreams: InProcessTiers, tmp_path: Path
+) -> None:
+    runner, channel = await start_gateway(
+        upstreams.addresses,
+        # The memory hogs reach 160 MiB within a few seconds; the 4000-page PDF parses for some
+        # 25 s on this machine, alone.
+        parse_timeout_s=15.0,
+        parse_max_memory_bytes=160 * 1024 * 1024,
+        store_path=tmp_path / "hostile.sqlite3",
+        spool_dir=tmp_path / "uploads",
+    )
+    hostile = Api(channel)
+    try:
+        await create_kb(hostile, "hostile")
+        good = await hostile.upload("hostile", "wiki.md", FILES["wiki.md"][0])
+        assert (await hostile.watch(good.id))[-1].state == ingestion_pb2.TASK_STATE_SUCCEEDED
+        files = {"bomb.docx": docx_zip_bomb(), "tags.html": html_memory_hog(), "slow.pdf": slow_pdf(4000)}
+        tasks = {name: (await hostile.upload("hostile", name, data)).id for name, data in files.items()}
+        answered_meanwhile = 0
+        while True:
+            states = [(await hostile.ingest.GetTask(ingestion_pb2.GetTaskRequest(id=t))).state for t in tasks.values()]
+            if all(state in ENDED for state in states):
+                break
+            citations = await hostile.sources("hostile", "Bicycles basement cage")  # the gateway keeps answering
+            assert citations and citations[0].document_id == "wiki"
+            answered_meanwhile += 1
+        assert answered_meanwhile > 0
+        reasons = {}
+        for name, task_id in tasks.items():
+            final = await hostile.ingest.GetTask(ingestion_pb2.GetTaskRequest(id=task_id))
+            assert final.state == ingestion_pb2.TASK_STATE_FAILED and final.attempts == 1, (name, final)
+            assert not (tmp_path / "uploads" / f"{task_id}.upload").exists(), name
+            reasons[name] = final.error
+        memory = "needs more memory to parse than the limit of 160 MiB (parse_max_memory_bytes)"
+        assert reasons["bomb.docx"] == f"'bomb.docx' {memory}"
+        assert reasons["tags.html"] == f"'tags.html' {memory}"
+        assert reasons["slow.pdf"] in (
+            "'slow.pdf' took longer to parse than the limit of 15 s (parse_timeout_s)",
+            "'slow.pdf' needs more CPU time to parse than the limit of 15 s (parse_timeout_s)",
+        ), reasons["slow.pdf"]
+        listed = await hostile.kb.ListDocuments(knowledge_pb2.ListDocumentsRequest(knowledge_base="hostile"))
+        assert [d.id for d in listed.documents] == ["wiki"]
+    finally:
+        await channel.close()
+        await runner.stop()
+
+
+async def test_a_task_that_meets_a_passing_problem_is_retried_then_fails_with_the_reason(
+    upstreams: InProcessTiers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.gateway.knowledge import KnowledgeEngine
+
+    stores: list[float] = []
+
+    async def unavailable(self: KnowledgeEngine, *args: Any, **kwargs: Any) -> None:
+        stores.append(time.monotonic())
+        raise Unavailable("embedder tier unavailable: every replica is restarting")
+
+    runner, channel = await start_gateway(
+        upstreams.addresses, task_retry_delay_s=0.3, task_poll_interval_s=0.05, store_path=tmp_path / "passing.sqlite3", spool_dir=tmp_path / "uploads"
+    )
+    passing = Api(channel)
+    try:
+        await create_kb(passing, "passing")
+        monkeypatch.setattr(KnowledgeEngine, "store_chunks", unavailable)
+        task = await passing.upload("passing", "wiki.md", FILES["wiki.md"][0])
+        seen: list[ingestion_pb2.Task] = []
+        while (current := await passing.ingest.GetTask(ingestion_pb2.GetTaskRequest(id=task.id))).state not in ENDED:
+            seen.append(current)
+            await asyncio.sleep(0.05)
+        assert current.state == ingestion_pb2.TASK_STATE_FAILED
+        assert current.error == "embedder tier unavailable: every replica is restarting (gave up after 3 attempts)"
+        assert current.attempts == 3 and current.max_attempts == 3
+        assert len(stores) == 3 and stores[1] - stores[0] >= 0.3 and stores[2] - stores[1] >= 0.6  # the delay doubles
+        # While it waited to be retried, the task said why its last attempt failed.
+        waiting = [t for t in seen if t.state == ingestion_pb2.TASK_STATE_QUEUED and t.attempts]
+        assert waiting and all(t.error.startswith("embedder tier unavailable") for t in waiting)
+        assert not (tmp_path / "uploads" / f"{task.id}.upload").exists()
+        monkeypatch.undo()
+        again = await passing.upload("passing", "wiki.md", FILES["wiki.md"][0])
+        assert (await ended(passing, again.id)).state == ingestion_pb2.TASK_STATE_SUCCEEDED
+    finally:
+        await channel.close()
+        await runner.stop()
+
+
+async def test_the_spool_of_every_ended_task_is_removed_and_an_old_orphan_too(upstreams: InProcessTiers, tmp_path: Path) -> None:
+    spool = tmp_path / "uploads"
+    where = dict(store_path=tmp_path / "spool.sqlite3", spool_dir=spool)
+    idle, channel = await start_gateway(upstreams.addresses, ingest_workers=0, **where)  # takes uploads, runs none
+    try:
+        api = Api(channel)
+        await create_kb(api, "spooled")
+        queued = await api.upload("spooled", "wiki.md", FILES["wiki.md"][0])
+        kept = await api.upload("spooled", "notes.txt", b"Notes about the canteen opening hours.")
+        assert (spool / f"{queued.id}.upload").exists()
+        cancelled = await api.ingest.CancelTask(ingestion_pb2.CancelTaskRequest(id=queued.id))
+        assert cancelled.state == ingestion_pb2.TASK_STATE_CANCELLED
+        assert not (spool / f"{queued.id}.upload").exists(), "a task cancelled while queued keeps its upload"
+    finally:
+        await channel.close()
+        await idle.stop()
+    # Uploads of tasks that ended elsewhere (here: written into the store directly), and files
+    # that never became a task: old ones go, a young one may be an upload still arriving.
+    store = SqliteStore(tmp_path / "spool.sqlite3")
+    try:
+        other = store.create_task(
+            TaskRecord(id="ended-elsewhere", kind=KIND_INGEST_FILE, knowledge_base="spooled", document_id="x", file_name="x.txt")
+        )
+        store.request_cancel(other.id)
+        assert store.get_task(other.id).state == TASK_CANCELLED  # type: ignore[union-attr]
+    finally:
+        store.close()
+    for name in ("ended-elsewhere", "old-orphan", "young-orphan"):
+        (spool / f"{name}.upload").write_bytes(b"bytes")
+    two_hours_ago = time.time() - 7200
+    os.utime(spool / "old-orphan.upload", (two_hours_ago, two_hours_ago))
+    worker, channel = await start_gateway(upstreams.addresses, spool_sweep_interval_s=0.2, **where)
+    try:
+        api = Api(channel)
+        assert (await ended(api, kept.id)).state == ingestion_pb2.TASK_STATE_SUCCEEDED
+        give_up = time.monotonic() + 30
+        while {p.name for p in spool.glob("*.upload")} != {"young-orphan.upload"}:
+            assert time.monotonic() < give_up, sorted(p.name for p in spool.glob("*.upload"))
+            await asyncio.sleep(0.1)
+    finally:
+        await channel.close()
+        await worker.stop()

@@ -69,7 +69,9 @@ def _add_doc(store: SqliteStore, doc: str, kb: str = "kb", *, chunks: int = 3, s
     return committed
 
 
-def _task(store: SqliteStore, task_id: str, *, kb: str = "kb", kind: str = KIND_INGEST_FILE, created: float = 0.0, **kw) -> TaskRecord:
+def _task(store: SqliteStore, task_id: str, *, kb: str = "kb", kind: str = KIND_INGEST_FILE, created: float = 1.0, **kw) -> TaskRecord:
+    # Created on the tests' clock (claims happen at now=100.0 and so on): a task is claimable
+    # from its creation on.
     return store.create_task(TaskRecord(id=task_id, kind=kind, knowledge_base=kb, created_at=created, **kw))
 
 
@@ -267,7 +269,7 @@ def test_new_document_is_invisible_until_commit(store: SqliteStore) -> None:
     assert committed == DocumentRecord(
         knowledge_base="kb", id="doc", title="Title", metadata={"lang": "en"}, version=1,
         pending_version=0, deleting=False, chunk_count=4, size_bytes=99, file_name="doc.md",
-        content_type="text/markdown", updated_at=7.0,
+        content_type="text/markdown", updated_at=7.0, settling=True, lease_until=7.0,
     )  # fmt: skip
     assert store.get_document("kb", "doc") == committed
     assert store.list_documents("kb") == [committed]
@@ -396,8 +398,10 @@ def test_document_delete(store: SqliteStore) -> None:
     doc = store.begin_document_delete("kb", "doc")
     assert doc.deleting and doc.version == 1 and not doc.visible
     assert store.get_document("kb", "doc").deleting
-    with pytest.raises(Conflict, match="document 'doc'"):
-        store.begin_document_delete("kb", "doc")
+    again = store.begin_document_delete("kb", "doc")  # an interrupted delete is taken up again
+    assert again.deleting and again.version == 1
+    with pytest.raises(Conflict, match="is being deleted"):
+        _begin(store, "doc")
     assert store.list_documents("kb") == []
     assert store.all_documents_for_rebuild("kb") == []
 
@@ -611,6 +615,19 @@ def test_request_cancel(store: SqliteStore) -> None:
     assert store.claim_next_task("w", lease_s=10, now=100.0) is None
 
 
+def test_cancelling_a_task_put_back_with_something_stored_leaves_the_clean_up_to_a_worker_at_once(store: SqliteStore) -> None:
+    _task(store, "held", created=1.0)
+    store.claim_next_task("w1", lease_s=10, now=100.0)
+    store.update_task("held", owner="w1", stage="embedding", checkpoint={"version": 3})
+    store.requeue_task("held", "w1", now=101.0, delay_s=60.0, attempt_failed=True, error="retriever tier unavailable")
+    cancelled = store.request_cancel("held")
+    # It holds version 3: not cancelled here, where nothing could remove its chunks ...
+    assert (cancelled.state, cancelled.cancel_requested) == (TASK_QUEUED, True)
+    # ... but claimable at once (not after its 60 s delay) by a worker that cleans up.
+    claimed = store.claim_next_task("w2", lease_s=10, now=102.0)
+    assert (claimed.id, claimed.cancel_requested, claimed.checkpoint) == ("held", True, {"version": 3})
+
+
 def test_claim_takes_oldest_queued_and_sets_the_lease(store: SqliteStore) -> None:
     assert store.claim_next_task("w", lease_s=30, now=100.0) is None
     _task(store, "newer", created=2.0)
@@ -666,10 +683,10 @@ def test_ingest_blocked_by_running_rebuild_also_when_resuming(store: SqliteStore
     _task(store, "ingest", created=1.0)
     _task(store, "rebuild", kind=KIND_REBUILD, created=2.0)
     assert store.claim_next_task("w1", lease_s=10, now=100.0).id == "ingest"
-    store.release_task("ingest", "w1")  # its worker shut down: running, but no live lease
+    assert store.requeue_task("ingest", "w1", now=100.5)  # its worker shut down: handed back
     # A rebuild is not blocked by a task without a live lease (a worker asking for rebuilds).
     assert store.claim_next_task("w2", lease_s=10, now=101.0, kinds=[KIND_REBUILD]).id == "rebuild"
-    # Now the released ingest must not be resumed under the running rebuild.
+    # Now the handed-back ingest must not be resumed under the running rebuild.
     assert store.claim_next_task("w3", lease_s=10, now=102.0) is None
 
 
@@ -698,15 +715,115 @@ def test_renew_lease(store: SqliteStore) -> None:
     assert not store.renew_lease("t", "w1", lease_s=10, now=106.0)  # finished tasks have no lease
 
 
-def test_release_task_lets_another_worker_resume_at_once(store: SqliteStore) -> None:
-    _task(store, "t")
-    store.claim_next_task("w1", lease_s=60, now=100.0)
-    store.release_task("t", "w2")  # not the owner: nothing happens
+def test_a_task_handed_back_by_its_stopping_worker_keeps_its_place_and_its_attempt(store: SqliteStore) -> None:
+    _task(store, "t", created=1.0)
+    _task(store, "later", created=2.0)
+    assert store.claim_next_task("w1", lease_s=60, now=100.0).attempts == 1
+    assert not store.requeue_task("t", "w2", now=101.0)  # not the owner: nothing happens
     assert store.get_task("t").owner == "w1"
-    store.release_task("t", "w1")
+    assert store.requeue_task("t", "w1", now=101.0)
     task = store.get_task("t")
-    assert (task.owner, task.lease_until, task.state) == ("", 0.0, TASK_RUNNING)
-    assert store.claim_next_task("w2", lease_s=60, now=101.0).owner == "w2"  # long before 160
+    assert (task.owner, task.lease_until, task.state, task.attempts, task.available_at) == ("", 0.0, TASK_QUEUED, 0, 1.0)
+    resumed = store.claim_next_task("w2", lease_s=60, now=101.5)  # long before 160, and before "later"
+    assert (resumed.id, resumed.owner, resumed.attempts) == ("t", "w2", 1)
+    assert not store.requeue_task("t", "w1", now=102.0)  # w1 let it go: it cannot hand it back again
+
+
+def test_every_claim_counts_an_attempt_and_a_dead_worker_keeps_it_counted(store: SqliteStore) -> None:
+    _task(store, "t", created=1.0)
+    for attempt in (1, 2, 3):
+        now = 100.0 + 20 * attempt  # the previous claimant's 10 s lease has run out
+        claimed = store.claim_next_task(f"w{attempt}", lease_s=10, now=now)
+        assert (claimed.id, claimed.attempts, claimed.owner) == ("t", attempt, f"w{attempt}")
+        assert store.get_task("t").attempts == attempt
+    assert store.claim_next_task("w4", lease_s=10, now=165.0) is None  # w3's lease holds
+
+
+def test_a_failed_attempt_is_retried_after_its_delay_behind_the_others(store: SqliteStore) -> None:
+    _task(store, "a", created=1.0)
+    _task(store, "b", created=2.0)
+    assert store.claim_next_task("w1", lease_s=10, now=100.0).id == "a"
+    assert store.requeue_task(
+        "a", "w1", now=101.0, delay_s=5.0, attempt_failed=True, error="embedder tier unavailable: restarting"
+    )  # fmt: skip
+    failed = store.get_task("a")
+    assert (failed.state, failed.owner, failed.attempts, failed.available_at) == (TASK_QUEUED, "", 1, 106.0)
+    assert failed.error == "embedder tier unavailable: restarting"
+    assert store.claim_next_task("w1", lease_s=10, now=102.0).id == "b"
+    assert store.claim_next_task("w1", lease_s=10, now=105.9) is None  # "a" waits out its delay
+    retried = store.claim_next_task("w1", lease_s=10, now=106.0)
+    assert (retried.id, retried.attempts, retried.error) == ("a", 2, "embedder tier unavailable: restarting")
+
+
+def test_a_task_put_back_behind_another_write_does_not_starve_the_others(store: SqliteStore) -> None:
+    # "blocked" is the oldest, and its document is being written by someone else for as long as
+    # this test runs: every claim of it is handed straight back (no delay at all). The others
+    # must all be claimed, each at its first try, and the waits are not failed attempts.
+    _task(store, "blocked", created=1.0)
+    for index in range(5):
+        _task(store, f"other-{index}", created=2.0 + index)
+    claims: list[str] = []
+    now = 100.0
+    while len(claims) < 12:
+        task = store.claim_next_task("w", lease_s=10, now=now)
+        assert task is not None
+        claims.append(task.id)
+        if task.id == "blocked":
+            assert store.requeue_task(task.id, "w", now=now, delay_s=0.0, stage="received")
+        else:
+            store.update_task(task.id, owner="w", state=TASK_SUCCEEDED, stage="done")
+        now += 1.0
+    assert claims[:6] == ["blocked", *(f"other-{i}" for i in range(5))], claims
+    assert set(claims[6:]) == {"blocked"}  # only it is left, and it is still claimable
+    assert store.get_task("blocked").attempts == 0  # a wait is not a failed attempt: each gave its claim back
+
+
+# The tasks table as askmesh's schema version 2 made it, before attempts and queue places.
+_TASKS_V2 = """CREATE TABLE tasks (
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, knowledge_base TEXT NOT NULL,
+    document_id TEXT NOT NULL DEFAULT '', file_name TEXT NOT NULL DEFAULT '', state TEXT NOT NULL,
+    stage TEXT NOT NULL, bytes INTEGER NOT NULL DEFAULT 0, documents_total INTEGER NOT NULL DEFAULT 0,
+    documents_done INTEGER NOT NULL DEFAULT 0, chunks_total INTEGER NOT NULL DEFAULT 0,
+    chunks_stored INTEGER NOT NULL DEFAULT 0, error TEXT NOT NULL DEFAULT '',
+    cancel_requested INTEGER NOT NULL DEFAULT 0, spec TEXT NOT NULL DEFAULT '{}',
+    checkpoint TEXT NOT NULL DEFAULT '{}', owner TEXT NOT NULL DEFAULT '',
+    lease_until REAL NOT NULL DEFAULT 0, created_at REAL NOT NULL, updated_at REAL NOT NULL)"""
+
+
+def test_tasks_of_an_older_store_file_are_kept_claimed_in_order_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute(_TASKS_V2)
+    rows = [  # (id, state, owner, lease_until, created_at), in the order they were created
+        ("old-running", TASK_RUNNING, "dead-worker", 50.0, 3.0),  # its worker died under the old version
+        ("old-queued", TASK_QUEUED, "", 0.0, 4.0),
+        ("old-done", TASK_SUCCEEDED, "w", 0.0, 5.0),
+    ]
+    for task_id, state, owner, lease_until, created in rows:
+        old.execute(
+            "INSERT INTO tasks (id, kind, knowledge_base, state, stage, owner, lease_until, checkpoint, created_at, updated_at)"
+            " VALUES (?, 'ingest_file', 'kb', ?, 'embedding', ?, ?, '{\"batches_done\": 2}', ?, ?)",
+            (task_id, state, owner, lease_until, created, created),
+        )
+    old.execute("PRAGMA user_version = 2")
+    old.commit()
+    old.close()
+
+    store = SqliteStore(path)
+    try:
+        _task(store, "new", created=6.0)
+        assert store.get_task("old-queued").attempts == 0
+        claimed = [store.claim_next_task("w", lease_s=10, now=100.0) for _ in range(4)]
+        assert [t.id if t else None for t in claimed] == ["old-running", "old-queued", "new", None]
+        assert claimed[0].checkpoint == {"batches_done": 2} and all(t.attempts == 1 for t in claimed[:3])
+        assert store.get_task("old-done").state == TASK_SUCCEEDED
+    finally:
+        store.close()
+    reopened = SqliteStore(path)  # opening a migrated file again changes nothing
+    try:
+        assert reopened.get_task("old-running").attempts == 1
+    finally:
+        reopened.close()
 
 
 # -- several threads, several stores, several processes -------------------------------------
@@ -736,7 +853,7 @@ def test_racing_stores_never_claim_one_task_twice(db_path: Path) -> None:
     stores = [SqliteStore(db_path), SqliteStore(db_path)]
     total = 120
     for i in range(total):
-        _task(stores[0], f"t{i:03d}", kb=f"kb{i % 7}", created=float(i))
+        _task(stores[0], f"t{i:03d}", kb=f"kb{i % 7}", created=(i + 1) / 100)
     claims: list[tuple[str, str]] = []
     guard = threading.Lock()
     start = threading.Barrier(6)
@@ -783,7 +900,7 @@ def test_racing_processes_never_claim_one_task_twice(db_path: Path, tmp_path: Pa
     store = SqliteStore(db_path)
     total = 150
     for i in range(total):
-        _task(store, f"t{i:03d}", kb=f"kb{i % 5}", created=float(i))
+        _task(store, f"t{i:03d}", kb=f"kb{i % 5}", created=(i + 1) / 100)
     go = tmp_path / "go"
     procs = [
         subprocess.Popen(
@@ -875,3 +992,92 @@ def test_a_commit_keeps_readers_pinned_until_old_versions_are_gone_and_moves_the
     assert epochs == sorted(set(epochs)), f"every change moves the epoch once: {epochs}"
     store.begin_document_delete("kb", "d")
     assert store.visibility_pins("kb") == [("d", 0)] and store.visibility_epoch("kb") > epochs[-1]
+
+
+# -- intents: leases, the abandoned versions, what the reconciler finishes ------------------------
+
+
+def test_a_write_whose_lease_ran_out_is_superseded_and_its_version_left_to_clean_up(store: SqliteStore) -> None:
+    _kb(store)
+    first = store.begin_document_version(
+        "kb", "doc", title="t", metadata={}, file_name="", content_type="", now=10.0, owner="dead", lease_s=30.0
+    )
+    with pytest.raises(Conflict, match="being written by another request"):  # its lease holds
+        store.begin_document_version("kb", "doc", title="t", metadata={}, file_name="", content_type="", now=39.0)
+    second = store.begin_document_version(
+        "kb", "doc", title="t", metadata={}, file_name="", content_type="", now=41.0, owner="alive", lease_s=30.0
+    )
+    assert second == first + 1
+    assert store.abandoned_versions() == [("kb", "doc", first)]
+    # The dead writer cannot take its version back; the new one renews its own.
+    assert not store.renew_document_lease("kb", "doc", first, owner="dead", lease_s=30.0, now=42.0)
+    assert store.renew_document_lease("kb", "doc", second, owner="alive", lease_s=30.0, now=42.0)
+    store.forget_abandoned_version("kb", "doc", first)
+    assert store.abandoned_versions() == []
+    # An aborted write is recorded too (its chunks may be stored).
+    store.abort_document_version("kb", "doc", second)
+    assert store.abandoned_versions() == [("kb", "doc", second)]
+    assert store.get_document("kb", "doc") is None
+
+
+def test_stale_intents_are_listed_for_the_reconciler_except_writes_of_live_tasks(store: SqliteStore) -> None:
+    _kb(store)
+    for doc in ("written", "settled", "deleted", "tasked"):
+        _add_doc(store, doc)
+
+    def begin(doc: str, owner: str) -> int:
+        return store.begin_document_version(
+            "kb", doc, title=doc, metadata={}, file_name="", content_type="", now=100.0, owner=owner, lease_s=10.0
+        )
+
+    begin("written", "request-1")
+    version = begin("settled", "request-2")
+    store.commit_document_version("kb", "settled", version, chunk_count=1, size_bytes=1, now=100.0, lease_s=10.0)
+    store.begin_document_delete("kb", "deleted", owner="request-3", lease_s=10.0, now=100.0)
+    store.create_task(TaskRecord(id="task-1", kind="ingest_file", knowledge_base="kb", document_id="tasked", created_at=1.0))
+    begin("tasked", "task-1")
+    assert store.stale_documents(now=105.0) == []  # every lease holds
+    stale = {d.id: d for d in store.stale_documents(now=111.0)}
+    assert set(stale) == {"written", "settled", "deleted"}  # the task resumes its own write
+    assert stale["written"].pending_version == 2 and stale["settled"].settling and stale["deleted"].deleting
+
+
+def test_a_knowledge_base_delete_is_a_tombstone_first(store: SqliteStore) -> None:
+    _kb(store)
+    _add_doc(store, "a")
+    assert store.begin_knowledge_base_delete("kb", lease_s=10.0, now=50.0) == 1
+    assert store.get_knowledge_base("kb").state == "deleting"
+    with pytest.raises(NotFoundError):  # nothing may be written into it any more
+        _begin(store, "b")
+    assert store.begin_knowledge_base_delete("kb", lease_s=10.0, now=51.0) == 1  # idempotent
+    assert store.stale_knowledge_bases(now=55.0) == []
+    assert [kb.name for kb in store.stale_knowledge_bases(now=70.0)] == ["kb"]
+    assert store.lease_knowledge_base("kb", state="deleting", lease_s=10.0, now=70.0)
+    assert not store.lease_knowledge_base("kb", state="deleting", lease_s=10.0, now=71.0)  # held now
+    store.finish_knowledge_base_delete("kb")
+    store.finish_knowledge_base_delete("kb")
+    assert store.get_knowledge_base("kb") is None and store.get_document("kb", "a") is None
+
+
+def test_an_older_store_file_gains_the_new_columns(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE knowledge_bases (name TEXT PRIMARY KEY, description TEXT NOT NULL DEFAULT '',"
+        " metadata_schema TEXT NOT NULL DEFAULT '[]', chunk_size INTEGER NOT NULL, chunk_overlap INTEGER NOT NULL,"
+        " embedding_model TEXT NOT NULL DEFAULT '', dimension INTEGER NOT NULL DEFAULT 0,"
+        " generation INTEGER NOT NULL DEFAULT 1, rebuilding_generation INTEGER NOT NULL DEFAULT 0,"
+        " created_at REAL NOT NULL, updated_at REAL NOT NULL)"
+    )
+    old.execute("INSERT INTO knowledge_bases (name, chunk_size, chunk_overlap, created_at, updated_at) VALUES ('kb', 800, 100, 1, 1)")
+    old.execute("PRAGMA user_version = 2")
+    old.commit()
+    old.close()
+    store = SqliteStore(path)
+    try:
+        record = store.get_knowledge_base("kb")
+        assert record is not None and record.state == "ready" and record.ready
+        _add_doc(store, "doc")
+        assert store.get_document("kb", "doc").visible
+    finally:
+        store.close()

@@ -27,19 +27,19 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from askmesh.v1 import common_pb2 as askmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/ingestion.proto\x12\naskmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17\x61skmesh/v1/common.proto\"\xd1\x01\n\x10UploadFileHeader\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\x08\x63hunking\x18\x07 \x01(\x0b\x32\x1b.askmesh.v1.ChunkingOptions\"[\n\x11UploadFileRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.askmesh.v1.UploadFileHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"{\n\x0cTaskProgress\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x64ocuments_total\x18\x02 \x01(\r\x12\x16\n\x0e\x64ocuments_done\x18\x03 \x01(\r\x12\x14\n\x0c\x63hunks_total\x18\x04 \x01(\r\x12\x15\n\rchunks_stored\x18\x05 \x01(\r\"\xf7\x02\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.askmesh.v1.TaskKind\x12\x16\n\x0eknowledge_base\x18\x03 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x04 \x01(\t\x12\x11\n\tfile_name\x18\x05 \x01(\t\x12$\n\x05state\x18\x06 \x01(\x0e\x32\x15.askmesh.v1.TaskState\x12$\n\x05stage\x18\x07 \x01(\x0e\x32\x15.askmesh.v1.TaskStage\x12*\n\x08progress\x18\x08 \x01(\x0b\x32\x18.askmesh.v1.TaskProgress\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\n \x01(\x08\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"x\n\x10ListTasksRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12%\n\x06states\x18\x02 \x03(\x0e\x32\x15.askmesh.v1.TaskState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"M\n\x11ListTasksResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.askmesh.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t*W\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15TASK_KIND_INGEST_FILE\x10\x01\x12\x15\n\x11TASK_KIND_REBUILD\x10\x02*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05*\xbb\x01\n\tTaskStage\x12\x1a\n\x16TASK_STAGE_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STAGE_RECEIVED\x10\x01\x12\x16\n\x12TASK_STAGE_PARSING\x10\x02\x12\x17\n\x13TASK_STAGE_CHUNKING\x10\x03\x12\x18\n\x14TASK_STAGE_EMBEDDING\x10\x04\x12\x19\n\x15TASK_STAGE_FINALIZING\x10\x05\x12\x13\n\x0fTASK_STAGE_DONE\x10\x06\x32\xcd\x02\n\tIngestion\x12?\n\nUploadFile\x12\x1d.askmesh.v1.UploadFileRequest\x1a\x10.askmesh.v1.Task(\x01\x12\x37\n\x07GetTask\x12\x1a.askmesh.v1.GetTaskRequest\x1a\x10.askmesh.v1.Task\x12=\n\tWatchTask\x12\x1c.askmesh.v1.WatchTaskRequest\x1a\x10.askmesh.v1.Task0\x01\x12H\n\tListTasks\x12\x1c.askmesh.v1.ListTasksRequest\x1a\x1d.askmesh.v1.ListTasksResponse\x12=\n\nCancelTask\x12\x1d.askmesh.v1.CancelTaskRequest\x1a\x10.askmesh.v1.Taskb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/ingestion.proto\x12\naskmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17\x61skmesh/v1/common.proto\"\xd1\x01\n\x10UploadFileHeader\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x11\n\tfile_name\x18\x02 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x03 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x04 \x01(\t\x12\r\n\x05title\x18\x05 \x01(\t\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12-\n\x08\x63hunking\x18\x07 \x01(\x0b\x32\x1b.askmesh.v1.ChunkingOptions\"[\n\x11UploadFileRequest\x12.\n\x06header\x18\x01 \x01(\x0b\x32\x1c.askmesh.v1.UploadFileHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"{\n\x0cTaskProgress\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x17\n\x0f\x64ocuments_total\x18\x02 \x01(\r\x12\x16\n\x0e\x64ocuments_done\x18\x03 \x01(\r\x12\x14\n\x0c\x63hunks_total\x18\x04 \x01(\r\x12\x15\n\rchunks_stored\x18\x05 \x01(\r\"\x9f\x03\n\x04Task\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x04kind\x18\x02 \x01(\x0e\x32\x14.askmesh.v1.TaskKind\x12\x16\n\x0eknowledge_base\x18\x03 \x01(\t\x12\x13\n\x0b\x64ocument_id\x18\x04 \x01(\t\x12\x11\n\tfile_name\x18\x05 \x01(\t\x12$\n\x05state\x18\x06 \x01(\x0e\x32\x15.askmesh.v1.TaskState\x12$\n\x05stage\x18\x07 \x01(\x0e\x32\x15.askmesh.v1.TaskStage\x12*\n\x08progress\x18\x08 \x01(\x0b\x32\x18.askmesh.v1.TaskProgress\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x18\n\x10\x63\x61ncel_requested\x18\n \x01(\x08\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x61ttempts\x18\r \x01(\r\x12\x14\n\x0cmax_attempts\x18\x0e \x01(\r\"\x1c\n\x0eGetTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x1e\n\x10WatchTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t\"x\n\x10ListTasksRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12%\n\x06states\x18\x02 \x03(\x0e\x32\x15.askmesh.v1.TaskState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"M\n\x11ListTasksResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.askmesh.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11\x43\x61ncelTaskRequest\x12\n\n\x02id\x18\x01 \x01(\t*W\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x19\n\x15TASK_KIND_INGEST_FILE\x10\x01\x12\x15\n\x11TASK_KIND_REBUILD\x10\x02*\xa1\x01\n\tTaskState\x12\x1a\n\x16TASK_STATE_UNSPECIFIED\x10\x00\x12\x15\n\x11TASK_STATE_QUEUED\x10\x01\x12\x16\n\x12TASK_STATE_RUNNING\x10\x02\x12\x18\n\x14TASK_STATE_SUCCEEDED\x10\x03\x12\x15\n\x11TASK_STATE_FAILED\x10\x04\x12\x18\n\x14TASK_STATE_CANCELLED\x10\x05*\xbb\x01\n\tTaskStage\x12\x1a\n\x16TASK_STAGE_UNSPECIFIED\x10\x00\x12\x17\n\x13TASK_STAGE_RECEIVED\x10\x01\x12\x16\n\x12TASK_STAGE_PARSING\x10\x02\x12\x17\n\x13TASK_STAGE_CHUNKING\x10\x03\x12\x18\n\x14TASK_STAGE_EMBEDDING\x10\x04\x12\x19\n\x15TASK_STAGE_FINALIZING\x10\x05\x12\x13\n\x0fTASK_STAGE_DONE\x10\x06\x32\xcd\x02\n\tIngestion\x12?\n\nUploadFile\x12\x1d.askmesh.v1.UploadFileRequest\x1a\x10.askmesh.v1.Task(\x01\x12\x37\n\x07GetTask\x12\x1a.askmesh.v1.GetTaskRequest\x1a\x10.askmesh.v1.Task\x12=\n\tWatchTask\x12\x1c.askmesh.v1.WatchTaskRequest\x1a\x10.askmesh.v1.Task0\x01\x12H\n\tListTasks\x12\x1c.askmesh.v1.ListTasksRequest\x1a\x1d.askmesh.v1.ListTasksResponse\x12=\n\nCancelTask\x12\x1d.askmesh.v1.CancelTaskRequest\x1a\x10.askmesh.v1.Taskb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'askmesh.v1.ingestion_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TASKKIND']._serialized_start=1234
-  _globals['_TASKKIND']._serialized_end=1321
-  _globals['_TASKSTATE']._serialized_start=1324
-  _globals['_TASKSTATE']._serialized_end=1485
-  _globals['_TASKSTAGE']._serialized_start=1488
-  _globals['_TASKSTAGE']._serialized_end=1675
+  _globals['_TASKKIND']._serialized_start=1274
+  _globals['_TASKKIND']._serialized_end=1361
+  _globals['_TASKSTATE']._serialized_start=1364
+  _globals['_TASKSTATE']._serialized_end=1525
+  _globals['_TASKSTAGE']._serialized_start=1528
+  _globals['_TASKSTAGE']._serialized_end=1715
   _globals['_UPLOADFILEHEADER']._serialized_start=131
   _globals['_UPLOADFILEHEADER']._serialized_end=340
   _globals['_UPLOADFILEREQUEST']._serialized_start=342
@@ -47,17 +47,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TASKPROGRESS']._serialized_start=435
   _globals['_TASKPROGRESS']._serialized_end=558
   _globals['_TASK']._serialized_start=561
-  _globals['_TASK']._serialized_end=936
-  _globals['_GETTASKREQUEST']._serialized_start=938
-  _globals['_GETTASKREQUEST']._serialized_end=966
-  _globals['_WATCHTASKREQUEST']._serialized_start=968
-  _globals['_WATCHTASKREQUEST']._serialized_end=998
-  _globals['_LISTTASKSREQUEST']._serialized_start=1000
-  _globals['_LISTTASKSREQUEST']._serialized_end=1120
-  _globals['_LISTTASKSRESPONSE']._serialized_start=1122
-  _globals['_LISTTASKSRESPONSE']._serialized_end=1199
-  _globals['_CANCELTASKREQUEST']._serialized_start=1201
-  _globals['_CANCELTASKREQUEST']._serialized_end=1232
-  _globals['_INGESTION']._serialized_start=1678
-  _globals['_INGESTION']._serialized_end=2011
+  _globals['_TASK']._serialized_end=976
+  _globals['_GETTASKREQUEST']._serialized_start=978
+  _globals['_GETTASKREQUEST']._serialized_end=1006
+  _globals['_WATCHTASKREQUEST']._serialized_start=1008
+  _globals['_WATCHTASKREQUEST']._serialized_end=1038
+  _globals['_LISTTASKSREQUEST']._serialized_start=1040
+  _globals['_LISTTASKSREQUEST']._serialized_end=1160
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1162
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1239
+  _globals['_CANCELTASKREQUEST']._serialized_start=1241
+  _globals['_CANCELTASKREQUEST']._serialized_end=1272
+  _globals['_INGESTION']._serialized_start=1718
+  _globals['_INGESTION']._serialized_end=2051
 # @@protoc_insertion_point(module_scope)

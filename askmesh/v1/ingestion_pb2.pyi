@@ -94,7 +94,7 @@ class TaskProgress(_message.Message):
     def __init__(self, bytes: _Optional[int] = ..., documents_total: _Optional[int] = ..., documents_done: _Optional[int] = ..., chunks_total: _Optional[int] = ..., chunks_stored: _Optional[int] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "kind", "knowledge_base", "document_id", "file_name", "state", "stage", "progress", "error", "cancel_requested", "created_at", "updated_at")
+    __slots__ = ("id", "kind", "knowledge_base", "document_id", "file_name", "state", "stage", "progress", "error", "cancel_requested", "created_at", "updated_at", "attempts", "max_attempts")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
@@ -107,6 +107,8 @@ class Task(_message.Message):
     CANCEL_REQUESTED_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: TaskKind
     knowledge_base: str
@@ -119,7 +121,9 @@ class Task(_message.Message):
     cancel_requested: bool
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., knowledge_base: _Optional[str] = ..., document_id: _Optional[str] = ..., file_name: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., stage: _Optional[_Union[TaskStage, str]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., error: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    attempts: int
+    max_attempts: int
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[_Union[TaskKind, str]] = ..., knowledge_base: _Optional[str] = ..., document_id: _Optional[str] = ..., file_name: _Optional[str] = ..., state: _Optional[_Union[TaskState, str]] = ..., stage: _Optional[_Union[TaskStage, str]] = ..., progress: _Optional[_Union[TaskProgress, _Mapping]] = ..., error: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., attempts: _Optional[int] = ..., max_attempts: _Optional[int] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
     __slots__ = ("id",)

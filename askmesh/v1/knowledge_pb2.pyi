@@ -81,10 +81,12 @@ class GetKnowledgeBaseRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class DeleteKnowledgeBaseRequest(_message.Message):
-    __slots__ = ("name",)
+    __slots__ = ("name", "allow_missing")
     NAME_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_MISSING_FIELD_NUMBER: _ClassVar[int]
     name: str
-    def __init__(self, name: _Optional[str] = ...) -> None: ...
+    allow_missing: bool
+    def __init__(self, name: _Optional[str] = ..., allow_missing: _Optional[bool] = ...) -> None: ...
 
 class DeleteKnowledgeBaseResponse(_message.Message):
     __slots__ = ("deleted_documents",)
@@ -151,12 +153,14 @@ class GetDocumentRequest(_message.Message):
     def __init__(self, knowledge_base: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
 
 class DeleteDocumentRequest(_message.Message):
-    __slots__ = ("knowledge_base", "id")
+    __slots__ = ("knowledge_base", "id", "allow_missing")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_MISSING_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
     id: str
-    def __init__(self, knowledge_base: _Optional[str] = ..., id: _Optional[str] = ...) -> None: ...
+    allow_missing: bool
+    def __init__(self, knowledge_base: _Optional[str] = ..., id: _Optional[str] = ..., allow_missing: _Optional[bool] = ...) -> None: ...
 
 class DeleteDocumentResponse(_message.Message):
     __slots__ = ("deleted_chunks",)

@@ -101,7 +101,8 @@ class KnowledgeBasesServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteKnowledgeBase(self, request, context):
-        """Deletes the knowledge base, its documents and their chunks.
+        """Deletes the knowledge base, its documents and their chunks. It is gone for every caller at
+        once; a delete interrupted by a crash is finished by the gateways (or by calling again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

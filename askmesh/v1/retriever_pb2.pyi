@@ -82,18 +82,22 @@ class UpsertResponse(_message.Message):
     def __init__(self, upserted: _Optional[int] = ...) -> None: ...
 
 class DeleteRequest(_message.Message):
-    __slots__ = ("knowledge_base", "document_ids", "from_chunk_index", "except_version", "generation")
+    __slots__ = ("knowledge_base", "document_ids", "from_chunk_index", "except_version", "generation", "below_version", "only_version")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
     FROM_CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     EXCEPT_VERSION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    BELOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    ONLY_VERSION_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
     document_ids: _containers.RepeatedScalarFieldContainer[str]
     from_chunk_index: int
     except_version: int
     generation: int
-    def __init__(self, knowledge_base: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., from_chunk_index: _Optional[int] = ..., except_version: _Optional[int] = ..., generation: _Optional[int] = ...) -> None: ...
+    below_version: int
+    only_version: int
+    def __init__(self, knowledge_base: _Optional[str] = ..., document_ids: _Optional[_Iterable[str]] = ..., from_chunk_index: _Optional[int] = ..., except_version: _Optional[int] = ..., generation: _Optional[int] = ..., below_version: _Optional[int] = ..., only_version: _Optional[int] = ...) -> None: ...
 
 class DeleteResponse(_message.Message):
     __slots__ = ("deleted",)

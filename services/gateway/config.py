@@ -75,11 +75,31 @@ class GatewaySettings(ServiceSettings):
     ingest_yield_to_questions_s: float = Field(default=5.0, ge=0)
     # A worker that stops renewing its lease (crashed) loses its task to another after this.
     task_lease_s: float = Field(default=30.0, gt=0)
+    # A document write, a delete or a knowledge base's create/delete holds a lease this long,
+    # renewed as it progresses; one whose lease ran out (its process died) is finished or undone
+    # by the reconciler, which every gateway runs at start-up and then every reconcile_interval_s.
+    write_lease_s: float = Field(default=30.0, gt=0)
+    reconcile_interval_s: float = Field(default=30.0, gt=0)
     task_poll_interval_s: float = Field(default=0.5, gt=0)
     max_upload_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     max_chunks_per_task: int = Field(default=50_000, ge=1)
-    # Attempts of a task whose upstream tier is unavailable before it fails.
-    task_max_attempts: int = Field(default=5, ge=1)
+    # Attempts of one ingestion task or rebuild: each time a worker claims it is one. An attempt
+    # fails when its worker dies (its lease expires) or meets a passing problem (a tier
+    # unavailable or at capacity, an unexpected error); the task then resumes from its last
+    # checkpoint after task_retry_delay_s, doubled for each failed attempt, and after
+    # task_max_attempts failed attempts it ends FAILED with the reason. A file that cannot be
+    # read fails at once: it would fail the same way again.
+    task_max_attempts: int = Field(default=3, ge=1)
+    task_retry_delay_s: float = Field(default=5.0, ge=0)
+    # Every upload is parsed in a child process of its own under these limits (wall-clock time,
+    # which is its CPU-time limit too, and address space), so a hostile file (a zip bomb, a
+    # pathological PDF) fails its own task and nothing else. Generous: a legitimate 64 MiB file
+    # parses well within them; they are there to end the ones that never would.
+    parse_timeout_s: float = Field(default=300.0, gt=0)
+    parse_max_memory_bytes: int = Field(default=1024 * 1024 * 1024, ge=128 * 1024 * 1024)
+    # Spooled uploads whose task has ended (or that never became a task) are removed at start-up
+    # and then this often, by every replica that runs workers.
+    spool_sweep_interval_s: float = Field(default=60.0, gt=0)
 
     @field_validator("embedder_address", "retriever_address", "generator_address")
     @classmethod

@@ -27,6 +27,7 @@ from services.gateway.knowledge import AsyncStore, DocumentWrite, KnowledgeEngin
 from services.gateway.parsing import Section
 from services.gateway.store import SqliteStore
 from services.gateway.ingestion import Ingestion
+from services.gateway.reconciler import Reconciler
 from services.gateway.upstreams import Deadline, Upstreams
 
 
@@ -108,15 +109,20 @@ class GatewayEngine:
         self.questions = InFlight()
         self.cache = make_answer_cache(settings)
         self.ingestion = Ingestion(settings, self.store, self.knowledge, self.questions)
+        self.reconciler = Reconciler(settings, self.store, self.knowledge)
 
     async def start(self) -> None:
         """The gateway holds no model: it is ready (SERVING) once every upstream tier has
         answered SERVING once, so that an Ask could be answered, and its workers run. The
         workers start last: each of their tasks needs the tiers too."""
         await self.upstreams.wait_until_serving()
+        # What a crash left half done is finished or undone before the first call is taken.
+        await self.reconciler.run_once_logged()
+        self.reconciler.start()
         self.ingestion.start()
 
     async def close(self) -> None:
+        await self.reconciler.stop()
         await self.ingestion.stop()
         if self.cache is not None:
             await self.cache.close()
@@ -275,6 +281,8 @@ class GatewayEngine:
         knowledge base is created (with the server's defaults) once the request is known good."""
         name = request.knowledge_base or self.settings.default_knowledge_base
         record = await self.store(self.store.store.get_knowledge_base, name)
+        if record is not None and not record.ready:
+            record = None  # being created (perhaps by a request that crashed): create takes it over
         if record is None:
             chunk_size, chunk_overlap = resolve_chunking(
                 request.chunking,

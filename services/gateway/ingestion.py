@@ -4,6 +4,12 @@ A task's record lives in the store, so any gateway replica can report it, and a 
 dies (kill -9) leaves a lease that expires: the next worker to claim the task resumes it from its
 last checkpoint (the parsed text is saved after parsing; every embedded batch is recorded),
 and deterministic chunk ids make the re-upsert of a half-done batch harmless.
+
+Every task ends. Each claim is an attempt; an attempt whose worker died, or that met a passing
+problem (a tier unavailable), counts as failed, and after task_max_attempts of them the task
+fails with the reason. A file is parsed in a child process under time and memory limits
+(parse_worker), so a hostile one fails its own task instead of the gateway. However a task ends,
+its spooled upload is removed; a sweep removes those of tasks that ended without a worker.
 """
 
 from __future__ import annotations
@@ -20,11 +26,11 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from askmesh.runtime import metrics
+from askmesh.runtime.crashpoints import crash_point
 from askmesh.runtime.inflight import InFlight
-from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound
 from askmesh.v1 import common_pb2, ingestion_pb2, retriever_pb2
 from services.gateway.config import GatewaySettings
 from services.gateway.knowledge import (
@@ -35,10 +41,12 @@ from services.gateway.knowledge import (
     sections_to_json,
     timestamp,
 )
-from services.gateway.parsing import ParseError, detect_format, parse_document
+from services.gateway.parse_worker import ParseLimits, parse_file
+from services.gateway.parsing import ParseError, detect_format
 from services.gateway.store import (
     KIND_INGEST_FILE,
     KIND_REBUILD,
+    STAGE_RECEIVED,
     TASK_CANCELLED,
     TASK_FAILED,
     TASK_QUEUED,
@@ -69,6 +77,14 @@ STAGES = {
 }
 KINDS = {KIND_INGEST_FILE: ingestion_pb2.TASK_KIND_INGEST_FILE, KIND_REBUILD: ingestion_pb2.TASK_KIND_REBUILD}
 MAX_FILE_NAME = 255
+SPOOL_SUFFIX = ".upload"
+# A spooled file without a task is an upload still arriving (its file is written as the bytes
+# come) or one whose gateway died before it queued the task: removed once this old.
+ORPHAN_SPOOL_AGE_S = 3600.0
+# Statuses of a passing problem: an attempt that meets one is retried (from its checkpoint).
+PASSING_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
 
 
 class TaskCancelled(Exception):
@@ -83,7 +99,7 @@ class WaitForOtherWrite(Exception):
     """The document is being written by another task (or a rebuild runs): try again later."""
 
 
-def task_message(task: TaskRecord) -> ingestion_pb2.Task:
+def task_message(task: TaskRecord, max_attempts: int) -> ingestion_pb2.Task:
     return ingestion_pb2.Task(
         id=task.id,
         kind=KINDS.get(task.kind, ingestion_pb2.TASK_KIND_UNSPECIFIED),
@@ -103,6 +119,8 @@ def task_message(task: TaskRecord) -> ingestion_pb2.Task:
         cancel_requested=task.cancel_requested,
         created_at=timestamp(task.created_at),
         updated_at=timestamp(task.updated_at),
+        attempts=task.attempts,
+        max_attempts=max_attempts,
     )
 
 
@@ -133,7 +151,7 @@ class Ingestion:
 
     # -- uploads ---------------------------------------------------------------------------
     def spool_path(self, task_id: str) -> Path:
-        return self.settings.spool_dir / f"{task_id}.upload"
+        return self.settings.spool_dir / f"{task_id}{SPOOL_SUFFIX}"
 
     async def receive_upload(
         self, header: ingestion_pb2.UploadFileHeader, parts: AsyncIterator[bytes], deadline: Deadline
@@ -176,7 +194,11 @@ class Ingestion:
                 "chunk_overlap": chunk_overlap,
             },
         )
-        created = await self.store(self.store.store.create_task, task)
+        try:
+            created = await self.store(self.store.store.create_task, task)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         log.info("task %s: %s (%d bytes) queued for %s", task_id, label, size, record.name)
         return created
 
@@ -195,15 +217,17 @@ class Ingestion:
     def start(self) -> None:
         for index in range(self.settings.ingest_workers):
             self._workers.append(asyncio.create_task(self._work(f"worker-{index}"), name=f"ingest-{index}"))
+        if self.settings.ingest_workers:
+            self._workers.append(asyncio.create_task(self._sweep_periodically(), name="spool-sweep"))
 
     async def stop(self) -> None:
         for worker in self._workers:
             worker.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
-        # Hand unfinished tasks back at once, so another replica resumes them without waiting
-        # for the lease to expire.
+        # Hand unfinished tasks back at once (the attempt is not counted: it did not fail), so
+        # another replica resumes them without waiting for the lease to expire.
         for task_id in list(self._current.values()):
-            await self.store(self.store.store.release_task, task_id, self.worker_id)
+            await self.store(self.store.store.requeue_task, task_id, self.worker_id, now=time.time())
         self._workers.clear()
 
     async def _work(self, name: str) -> None:
@@ -222,13 +246,133 @@ class Ingestion:
             metrics.INGESTION_TASKS_RUNNING.labels("gateway").inc()
             try:
                 await self.run_task(task)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("task %s crashed its worker", task.id)
             finally:
                 self._current.pop(name, None)
                 metrics.INGESTION_TASKS_RUNNING.labels("gateway").dec()
+
+    async def run_task(self, task: TaskRecord) -> None:
+        """One attempt at a claimed task, its lease renewed every task_lease_s / 3 while it runs
+        (a long parse too, not only between batches). If the lease is lost all the same (the
+        task was cancelled with its knowledge base, or another worker took it over after a
+        stall), the attempt stops at once."""
+        work = asyncio.create_task(self._attempt(task), name=f"task-{task.id}")
+        heartbeat = asyncio.create_task(self._heartbeat(task.id), name=f"lease-{task.id}")
+        try:
+            done, _ = await asyncio.wait({work, heartbeat}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:
+                log.warning("task %s is no longer held by this worker; its attempt stops here", task.id)
+        finally:
+            work.cancel()
+            heartbeat.cancel()
+            await asyncio.gather(work, heartbeat, return_exceptions=True)
+        if not work.cancelled() and work.exception() is not None:
+            log.error("task %s: its attempt failed unexpectedly", task.id, exc_info=work.exception())
+
+    async def _heartbeat(self, task_id: str) -> None:
+        """Renews the task's lease every task_lease_s / 3; returns once this worker no longer
+        holds it (a failed renewal is tried again: it may be the store being busy)."""
+        while True:
+            await asyncio.sleep(self.settings.task_lease_s / 3)
+            try:
+                renewed = await self.store(
+                    self.store.store.renew_lease, task_id, self.worker_id, lease_s=self.settings.task_lease_s, now=time.time()
+                )
+            except Exception:
+                log.warning("task %s: renewing its lease failed", task_id, exc_info=True)
+                continue
+            if not renewed:
+                return
+
+    async def _attempt(self, task: TaskRecord) -> None:
+        """Runs the task and records how this attempt ended: done; failed or cancelled (what
+        it stored is removed); handed back to wait for another write (not counted); or, for a
+        passing problem, handed back to be retried, until task_max_attempts attempts failed."""
+        limit = self.settings.task_max_attempts
+        if task.checkpoint:
+            log.info(
+                "task %s (%s) resumed at stage %s (attempt %d of %d) after batch %s",
+                task.id, task.kind, task.stage, task.attempts, limit, task.checkpoint.get("batches_done", 0),
+            )  # fmt: skip
+        else:
+            log.info("task %s (%s) started (attempt %d of %d)", task.id, task.kind, task.attempts, limit)
+        try:
+            await self._run_and_record(task)
+        except LostLease as error:  # also while recording the end: the new owner records it
+            log.warning("task %s: %s; leaving it to its new owner", task.id, error)
+
+    async def _run_and_record(self, task: TaskRecord) -> None:
+        try:
+            if task.cancel_requested:
+                raise TaskCancelled()
+            if task.attempts > self.settings.task_max_attempts:  # every attempt's worker died
+                await self._end(task, TASK_FAILED, self._stopped_reason(task))
+            elif task.kind == KIND_REBUILD:
+                await self._rebuild(task)
+            else:
+                await self._ingest(task)
+        except LostLease:
+            raise
+        except TaskCancelled:
+            await self._end(task, TASK_CANCELLED, "cancelled")
+        except WaitForOtherWrite as error:
+            # Back in the queue, behind the tasks waiting already, so that it cannot hold the
+            # head of the queue while the other write goes on.
+            log.info("task %s waits: %s", task.id, error)
+            await self._requeue(task, delay_s=self.settings.task_poll_interval_s * 4, stage=STAGE_RECEIVED)
+        except ParseError as error:
+            await self._end(task, TASK_FAILED, str(error))
+        except AskmeshError as error:
+            if error.code in PASSING_CODES:
+                await self._retry_or_end(task, error.message)
+            else:
+                await self._end(task, TASK_FAILED, error.message)
+        except Exception as error:
+            log.exception("task %s: attempt %d failed unexpectedly", task.id, task.attempts)
+            await self._retry_or_end(task, f"{type(error).__name__}: {error}")
+
+    def _stopped_reason(self, task: TaskRecord) -> str:
+        stops = task.attempts - 1
+        if task.error:  # an earlier one failed with an error of its own
+            return (
+                f"the worker processing it stopped (crashed or was killed) on its last attempt, "
+                f"after an earlier attempt failed: {task.error}"
+            )
+        return f"the worker processing it stopped {stops} times (crashed or was killed)"
+
+    async def _retry_or_end(self, task: TaskRecord, reason: str) -> None:
+        if task.attempts >= self.settings.task_max_attempts:
+            await self._end(task, TASK_FAILED, f"{reason} (gave up after {task.attempts} attempts)")
+            return
+        delay = self.settings.task_retry_delay_s * 2 ** (task.attempts - 1)
+        log.warning(
+            "task %s: attempt %d of %d failed (%s); it resumes in %g s",
+            task.id, task.attempts, self.settings.task_max_attempts, reason, delay,
+        )  # fmt: skip
+        await self._requeue(task, delay_s=delay, attempt_failed=True, error=reason)
+
+    async def _requeue(self, task: TaskRecord, **how: Any) -> None:
+        requeued = await self.store(self.store.store.requeue_task, task.id, self.worker_id, now=time.time(), **how)
+        if not requeued:
+            log.warning("task %s was no longer held by this worker when it was handed back", task.id)
+
+    async def _end(self, task: TaskRecord, state: str, reason: str) -> None:
+        """Removes what the task stored (its spooled upload first: it is never read again), then
+        records its end. If the removal fails, the attempt counts as failed and the task ends
+        on a later one; on its last attempt it ends regardless (the reconciler removes a version
+        it left behind)."""
+        self.spool_path(task.id).unlink(missing_ok=True)
+        try:
+            await self._clean_up(task)
+        except (LostLease, asyncio.CancelledError):
+            raise
+        except Exception as error:
+            problem = error.message if isinstance(error, AskmeshError) else f"{type(error).__name__}: {error}"
+            if task.attempts < self.settings.task_max_attempts:
+                await self._retry_or_end(task, f"removing what it stored failed: {problem}")
+                return
+            log.warning("task %s: removing what it stored failed (%s); it ends all the same", task.id, problem)
+        log.log(logging.INFO if state == TASK_CANCELLED else logging.WARNING, "task %s %s: %s", task.id, state, reason)
+        await self._update(task, state=state, error=reason)
 
     async def _update(self, task: TaskRecord, **changes: Any) -> TaskRecord:
         try:
@@ -250,45 +394,6 @@ class Ingestion:
             raise TaskCancelled()
         return updated
 
-    async def run_task(self, task: TaskRecord) -> None:
-        if task.checkpoint:
-            log.info(
-                "task %s (%s) resumed at stage %s after batch %s",
-                task.id, task.kind, task.stage, task.checkpoint.get("batches_done", 0),
-            )
-        else:
-            log.info("task %s (%s) started", task.id, task.kind)
-        try:
-            if task.cancel_requested:
-                raise TaskCancelled()
-            if task.kind == KIND_REBUILD:
-                await self._rebuild(task)
-            else:
-                await self._ingest(task)
-        except TaskCancelled:
-            await self._cancelled(task)
-        except LostLease as error:
-            log.warning("task %s: %s; leaving it to its new owner", task.id, error)
-        except WaitForOtherWrite as error:
-            log.info("task %s waits: %s", task.id, error)
-            await asyncio.sleep(self.settings.task_poll_interval_s * 4)
-            await self._update(task, state=TASK_QUEUED, stage="received")
-            await self.store(self.store.store.release_task, task.id, self.worker_id)
-        except ParseError as error:
-            await self._failed(task, str(error))
-        except AskmeshError as error:
-            await self._failed(task, error.message)
-
-    async def _failed(self, task: TaskRecord, reason: str) -> None:
-        await self._clean_up(task)
-        log.warning("task %s failed: %s", task.id, reason)
-        await self._update(task, state=TASK_FAILED, error=reason)
-
-    async def _cancelled(self, task: TaskRecord) -> None:
-        await self._clean_up(task)
-        log.info("task %s cancelled", task.id)
-        await self._update(task, state=TASK_CANCELLED, error="cancelled")
-
     async def _clean_up(self, task: TaskRecord) -> None:
         """Removes what an unfinished task stored; what was visible before stays visible."""
         latest = await self.store(self.store.store.get_task, task.id) or task
@@ -299,12 +404,55 @@ class Ingestion:
             if version and record is not None and latest.stage != "done":
                 write = self._write_for(latest, record, [])
                 await self.knowledge.abandon_version(write, version, deadline)
-            self.spool_path(task.id).unlink(missing_ok=True)
         elif latest.kind == KIND_REBUILD:
             generation = int(latest.checkpoint.get("generation", 0))
             record = await self.store(self.store.store.get_knowledge_base, latest.knowledge_base)
             if record is not None and generation and record.rebuilding_generation == generation:
                 await self.store(self.store.store.update_knowledge_base, record.name, rebuilding_generation=0)
+
+    async def cancel(self, task_id: str) -> TaskRecord:
+        """Asks for the task to be cancelled. One that nobody works on and that stored nothing
+        ends at once, and its spooled upload goes with it (if this replica holds it; the sweep
+        of the replica that does removes it otherwise); a running one ends when its worker
+        notices, which removes what it stored."""
+        task = await self.store(self.store.store.request_cancel, task_id)
+        if task.state == TASK_CANCELLED:
+            self.spool_path(task.id).unlink(missing_ok=True)
+        return task
+
+    # -- the spool ---------------------------------------------------------------------------
+    async def sweep_spool(self, now: float | None = None) -> list[str]:
+        """Removes spooled uploads whose task has ended (a task cancelled while queued, or with
+        its knowledge base, ends without a worker), or that never became a task and are older
+        than ORPHAN_SPOOL_AGE_S (a younger one may be an upload still arriving); returns the
+        task ids whose upload it removed."""
+        now = time.time() if now is None else now
+        removed: list[str] = []
+        for path in await asyncio.to_thread(sorted, self.settings.spool_dir.glob(f"*{SPOOL_SUFFIX}")):
+            task_id = path.name.removesuffix(SPOOL_SUFFIX)
+            task = await self.store(self.store.store.get_task, task_id)
+            if task is None:
+                try:
+                    if now - path.stat().st_mtime < ORPHAN_SPOOL_AGE_S:
+                        continue
+                except FileNotFoundError:
+                    continue
+            elif task.state not in TERMINAL_STATES:
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(task_id)
+        return removed
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            try:
+                removed = await self.sweep_spool()
+            except Exception:
+                log.exception("sweeping the upload spool failed")
+            else:
+                if removed:
+                    log.info("removed %d spooled uploads of ended tasks", len(removed))
+            await asyncio.sleep(self.settings.spool_sweep_interval_s)
 
     def _write_for(self, task: TaskRecord, record: Any, sections: list[Any]) -> DocumentWrite:
         spec = task.spec
@@ -320,16 +468,15 @@ class Ingestion:
             content_type=task.checkpoint.get("content_type", spec.get("content_type", "")),
         )
 
-    async def _retrying(self, work: Any) -> Any:
-        """Retries work that failed because a tier was briefly unavailable (a restart, a swap)."""
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(Unavailable),
-            stop=stop_after_attempt(self.settings.task_max_attempts),
-            wait=wait_exponential(multiplier=0.5, max=10),
-            reraise=True,
-        ):
-            with attempt:
-                return await work()
+    def _parse_limits(self, task: TaskRecord) -> ParseLimits:
+        chunk_size = int(task.spec["chunk_size"])
+        most = self.settings.max_chunks_per_task
+        return ParseLimits(
+            timeout_s=self.settings.parse_timeout_s,
+            max_memory_bytes=self.settings.parse_max_memory_bytes,
+            max_chars=most * chunk_size,
+            max_chars_meaning=f"{most} chunks of {chunk_size} characters, max_chunks_per_task",
+        )
 
     async def _ingest(self, task: TaskRecord) -> None:
         record = await self.knowledge.require(task.knowledge_base)
@@ -340,20 +487,21 @@ class Ingestion:
 
         if saved is None:
             task = await self._checkpoint(task, stage="parsing")
-            data = await asyncio.to_thread(self.spool_path(task.id).read_bytes)
+            crash_point("task.parsing")
             content_type = task.spec.get("content_type", "")
-            parsed = await asyncio.to_thread(parse_document, data, task.file_name, content_type)
+            parsed = await parse_file(self.spool_path(task.id), task.file_name, content_type, self._parse_limits(task))
             checkpoint["title"] = parsed.title or ""
             checkpoint["content_type"] = content_type or detect_format(task.file_name, content_type)
             sections = parsed.sections
             task.checkpoint = checkpoint
             write = self._write_for(task, record, sections)
             try:
-                version = await self.knowledge.begin_version(write)
+                version = await self.knowledge.begin_version(write, task.id)
             except FailedPrecondition as error:  # another write of this document is under way
                 raise WaitForOtherWrite(error.message) from error
             checkpoint["version"] = version
             await self.store(self.store.store.save_source, record.name, task.document_id, version, sections_to_json(sections))
+            crash_point("task.source_saved")
             task = await self._checkpoint(task, checkpoint=checkpoint, stage="chunking")
         else:
             sections = sections_from_json(saved)
@@ -372,15 +520,13 @@ class Ingestion:
             checkpoint["batches_done"] = batches_done
             task = await self._checkpoint(task, checkpoint=checkpoint, chunks_stored=chunks_stored)
 
-        await self._retrying(
-            lambda: self.knowledge.store_chunks(
-                record, chunks, deadline, start_batch=int(checkpoint.get("batches_done", 0)), after_batch=after_batch
-            )
+        await self.knowledge.store_chunks(
+            record, chunks, deadline, start_batch=int(checkpoint.get("batches_done", 0)), after_batch=after_batch
         )
         task = await self._checkpoint(task, stage="finalizing", chunks_stored=len(chunks))
-        await self._retrying(lambda: self.knowledge.finish_version(write, version, len(chunks), deadline))
+        await self.knowledge.finish_version(write, version, len(chunks), deadline)
         self.spool_path(task.id).unlink(missing_ok=True)
-        await self._update(task, state=TASK_SUCCEEDED, stage="done", documents_done=1)
+        await self._update(task, state=TASK_SUCCEEDED, stage="done", documents_done=1, error="")
         log.info("task %s stored %s: %d chunks (version %d)", task.id, task.document_id, len(chunks), version)
 
     async def _rebuild(self, task: TaskRecord) -> None:
@@ -399,6 +545,7 @@ class Ingestion:
             checkpoint.update(generation=generation, embedding_model=model, dimension=dimension, done=[])
             record = await self.store(self.store.store.update_knowledge_base, record.name, rebuilding_generation=generation)
             task = await self._checkpoint(task, checkpoint=checkpoint, stage="embedding")
+            crash_point("rebuild.planned")
         schema = [common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema]  # type: ignore[arg-type]
         await self.knowledge.upstreams.call(
             "retriever",
@@ -425,7 +572,8 @@ class Ingestion:
                 chunk_overlap=int(task.spec["chunk_overlap"]),
             )
             chunks = self.knowledge.plan_chunks(write, document.version)
-            await self._retrying(lambda: self.knowledge.store_chunks(record, chunks, deadline, generation=generation))
+            await self.knowledge.store_chunks(record, chunks, deadline, generation=generation)
+            crash_point("rebuild.document")
             done.append(document.id)
             checkpoint["done"] = done
             task = await self._checkpoint(
@@ -439,6 +587,7 @@ class Ingestion:
                 timeout=deadline.unary_timeout(),
             ),
         )
+        crash_point("rebuild.switched")
         await self.store(
             self.store.store.update_knowledge_base,
             record.name,
@@ -449,7 +598,7 @@ class Ingestion:
             embedding_model=checkpoint["embedding_model"],
             dimension=int(checkpoint["dimension"]),
         )
-        await self._update(task, state=TASK_SUCCEEDED, stage="done")
+        await self._update(task, state=TASK_SUCCEEDED, stage="done", error="")
         log.info("task %s rebuilt %s into generation %d", task.id, record.name, generation)
 
     async def _generation_exists(self, knowledge_base: str, generation: int, deadline: Deadline) -> bool:

@@ -3,6 +3,14 @@
 A document update is atomic for readers: the new version's chunks are written while the store
 pins the document to its old version (searches pass the pins to the retriever), then one store
 commit makes the new version the visible one, and the old chunks are removed after.
+
+Every change that spans the store and the retriever records its intent in the store first
+(a pending version, a document or knowledge base marked deleting or creating, a committed
+version settling), under a lease its request renews as it goes; each later step is idempotent.
+A request that dies anywhere in between leaves an intent with an expired lease, which the
+reconciler (reconciler.py) finishes or undoes, and which a retry of the same call takes over:
+nothing stays locked and no half-done change becomes visible. `crash_point` marks each step
+boundary for the crash-point tests.
 """
 
 from __future__ import annotations
@@ -10,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import json
+import uuid
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +29,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
+from askmesh.runtime.crashpoints import crash_point
 from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound
 from askmesh.runtime.validation import typed_value
 from askmesh.v1 import (
@@ -31,6 +42,8 @@ from services.gateway.chunking import chunk_sections
 from services.gateway.config import GatewaySettings
 from services.gateway.parsing import Section
 from services.gateway.store import (
+    KB_CREATING,
+    KB_DELETING,
     AlreadyExists,
     Conflict,
     DocumentRecord,
@@ -43,6 +56,8 @@ from services.gateway.upstreams import Deadline, Upstreams
 
 T = TypeVar("T")
 PROBE_TEXT = "askmesh dimension probe"
+# How often a write waiting for another write of the same document looks again.
+OTHER_WRITE_POLL_S = 0.2
 
 
 class AsyncStore:
@@ -117,6 +132,16 @@ class StoreTimings:
 
     embed_s: float = 0.0
     upsert_s: float = 0.0
+
+
+def content_hash(write: DocumentWrite, embedding_model: str) -> str:
+    """What a document's chunks are made from: the same hash means a write would change nothing."""
+    material = json.dumps(
+        [write.title, write.metadata, sections_to_json(write.sections), write.chunk_size, write.chunk_overlap,
+         write.file_name, write.content_type, embedding_model],
+        sort_keys=True,
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
 
 
 def chunk_id_for(knowledge_base: str, document_id: str, version: int, index: int) -> str:
@@ -194,37 +219,74 @@ class KnowledgeEngine:
             default_overlap=self.settings.chunk_overlap,
             max_size=self.settings.max_chunk_size,
         )
-        model, dimension = await self.probe_embedder(deadline)
-        record = KnowledgeBaseRecord(
-            name=name,
+        wanted = dict(
             description=description,
             metadata_schema=[(f.name, int(f.type)) for f in schema],
             chunk_size=chunk_size,
             chunk_overlap=chunk_overlap,
-            embedding_model=model,
-            dimension=dimension,
-            generation=1,
         )
-        created = await self.store(self.store.store.create_knowledge_base, record)
+        existing = await self.store(self.store.store.get_knowledge_base, name)
+        if existing is not None:
+            return await self._existing_for_create(existing, wanted, deadline)
+        model, dimension = await self.probe_embedder(deadline)
+        record = KnowledgeBaseRecord(
+            name=name, embedding_model=model, dimension=dimension, generation=1,
+            state=KB_CREATING, lease_until=time.time() + self.settings.write_lease_s, **wanted,  # type: ignore[arg-type]
+        )
         try:
-            await self.upstreams.call(
-                "retriever",
-                self.upstreams.retriever.CreateCollection(
-                    retriever_pb2.CreateCollectionRequest(
-                        knowledge_base=name, generation=1, dimension=dimension, embedding_model=model,
-                        metadata_schema=list(schema),
-                    ),
-                    timeout=deadline.unary_timeout(),
-                ),
-            )
+            created = await self.store(self.store.store.create_knowledge_base, record)
+        except AskmeshError as error:
+            if error.code != grpc.StatusCode.ALREADY_EXISTS:
+                raise
+            raced = await self.store(self.store.store.get_knowledge_base, name)  # another request won
+            if raced is None:
+                raise
+            return await self._existing_for_create(raced, wanted, deadline)
+        crash_point("kb.create.recorded")
+        try:
+            return await self.finish_create(created, deadline)
         except AskmeshError:
-            await self.store(self.store.store.delete_knowledge_base, name)
+            await self.store(self.store.store.delete_knowledge_base, name)  # refused: leaves no trace
             raise
-        return created
+
+    async def _existing_for_create(
+        self, existing: KnowledgeBaseRecord, wanted: dict[str, Any], deadline: Deadline
+    ) -> KnowledgeBaseRecord:
+        """A create of a name that exists: the same knowledge base again is a retry (answered
+        with it, finishing an interrupted create first); anything else is ALREADY_EXISTS."""
+        name = existing.name
+        if existing.state == KB_DELETING:
+            raise FailedPrecondition(f"name: knowledge base {name!r} is being deleted; create it again once that has finished")
+        same = all(getattr(existing, key) == value for key, value in wanted.items())
+        if not same:
+            raise AskmeshError(f"name: knowledge base {name!r} already exists", code=grpc.StatusCode.ALREADY_EXISTS)
+        if existing.ready:
+            return existing
+        if not await self.store(
+            self.store.store.lease_knowledge_base, name, state=KB_CREATING, lease_s=self.settings.write_lease_s, now=time.time()
+        ):
+            raise FailedPrecondition(f"name: knowledge base {name!r} is being created by another request; try again in a moment")
+        return await self.finish_create(existing, deadline)
+
+    async def finish_create(self, record: KnowledgeBaseRecord, deadline: Deadline) -> KnowledgeBaseRecord:
+        """Creates the collection (idempotent) and makes the knowledge base ready."""
+        await self.upstreams.call(
+            "retriever",
+            self.upstreams.retriever.CreateCollection(
+                retriever_pb2.CreateCollectionRequest(
+                    knowledge_base=record.name, generation=record.generation, dimension=record.dimension,
+                    embedding_model=record.embedding_model,
+                    metadata_schema=[common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema],  # type: ignore[arg-type]
+                ),
+                timeout=deadline.unary_timeout(),
+            ),
+        )
+        crash_point("kb.create.collection")
+        return await self.store(self.store.store.update_knowledge_base, record.name, state="ready", lease_until=0.0)
 
     async def require(self, name: str) -> KnowledgeBaseRecord:
         record = self.store.inline(self.store.hot.get_knowledge_base, name)
-        if record is None:
+        if record is None or not record.ready:  # one being created or deleted does not exist yet, or any more
             raise NotFound(f"knowledge_base: {name!r} does not exist")
         return record
 
@@ -251,15 +313,27 @@ class KnowledgeEngine:
         )
 
     async def delete(self, name: str, deadline: Deadline) -> int:
-        await self.require(name)
-        deleted = await self.store(self.store.store.delete_knowledge_base, name)
+        """Tombstone first (the knowledge base is gone for readers and writers from here on),
+        then its collections, then its records: a retry after a crash anywhere takes it up."""
+        record = await self.store(self.store.store.get_knowledge_base, name)
+        if record is None:
+            raise NotFound(f"name: knowledge base {name!r} does not exist")
+        deleted = await self.store(
+            self.store.store.begin_knowledge_base_delete, name, lease_s=self.settings.write_lease_s, now=time.time()
+        )
+        crash_point("kb.delete.marked")
+        await self.finish_delete(name, deadline)
+        return deleted
+
+    async def finish_delete(self, name: str, deadline: Deadline) -> None:
         await self.upstreams.call(
             "retriever",
             self.upstreams.retriever.DropKnowledgeBase(
                 retriever_pb2.DropKnowledgeBaseRequest(knowledge_base=name), timeout=deadline.unary_timeout()
             ),
         )
-        return deleted
+        crash_point("kb.delete.dropped")
+        await self.store(self.store.store.finish_knowledge_base_delete, name)
 
     def chunking_for(
         self, record: KnowledgeBaseRecord, options: common_pb2.ChunkingOptions, field: str = "chunking"
@@ -342,6 +416,7 @@ class KnowledgeEngine:
                 upsert.generation = generation
             upsert_started = time.perf_counter()
             await self.upstreams.call("retriever", self.upstreams.retriever.Upsert(upsert, timeout=deadline.unary_timeout()))
+            crash_point("doc.write.batch")
             timings.embed_s += upsert_started - embed_started
             timings.upsert_s += time.perf_counter() - upsert_started
             if after_batch is not None:
@@ -349,33 +424,83 @@ class KnowledgeEngine:
         return timings
 
     async def remove_versions(
-        self, knowledge_base: str, document_id: str, keep_version: int, deadline: Deadline, generation: int | None = None
+        self,
+        knowledge_base: str,
+        document_id: str,
+        deadline: Deadline,
+        *,
+        below: int = 0,
+        only: int = 0,
+        generation: int | None = None,
     ) -> int:
-        """Removes every stored version of a document but `keep_version` (0: all of it)."""
+        """Removes a document's stored chunks: those of versions older than `below`, or of
+        version `only`, or (neither) all of them."""
         request = retriever_pb2.DeleteRequest(knowledge_base=knowledge_base, document_ids=[document_id])
-        if keep_version:
-            request.except_version = keep_version
+        if below:
+            request.below_version = below
+        if only:
+            request.only_version = only
         if generation is not None:
             request.generation = generation
         reply = await self.upstreams.call("retriever", self.upstreams.retriever.Delete(request, timeout=deadline.unary_timeout()))
         return reply.deleted
 
-    async def begin_version(self, write: DocumentWrite) -> int:
-        """Starts writing a new version, invisible until finish_version."""
+    async def begin_version(self, write: DocumentWrite, owner: str, wait_s: float = 0.0) -> int:
+        """Starts writing a new version for `owner` (a request or a task), invisible until
+        finish_version; the write holds a lease that `renew` keeps. Another write or a delete
+        of the document under way is waited for, up to `wait_s` (then FailedPrecondition): it
+        ends, or its lease runs out (its request died) and this write takes over."""
         if write.knowledge_base.rebuilding_generation:
             raise FailedPrecondition(
                 f"knowledge_base: {write.knowledge_base.name!r} is being rebuilt; documents can change after the rebuild"
             )
-        return await self.store(
-            self.store.store.begin_document_version,
+        give_up = time.monotonic() + wait_s
+        while True:
+            try:
+                version = await self.store(
+                    self.store.store.begin_document_version,
+                    write.knowledge_base.name,
+                    write.document_id,
+                    title=write.title,
+                    metadata=write.metadata,
+                    file_name=write.file_name,
+                    content_type=write.content_type,
+                    now=time.time(),
+                    owner=owner,
+                    lease_s=self.settings.write_lease_s,
+                    content_hash=content_hash(write, write.knowledge_base.embedding_model),
+                )
+                break
+            except FailedPrecondition:
+                if time.monotonic() >= give_up:
+                    raise
+                await asyncio.sleep(OTHER_WRITE_POLL_S)
+        crash_point("doc.write.begun")
+        return version
+
+    async def renew(self, write: DocumentWrite, version: int, owner: str) -> None:
+        """Keeps the write's lease (and takes it back after a restart of its task); FailedPrecondition
+        when the version was given up meanwhile (its writer was thought dead)."""
+        if not await self.store(
+            self.store.store.renew_document_lease,
             write.knowledge_base.name,
             write.document_id,
-            title=write.title,
-            metadata=write.metadata,
-            file_name=write.file_name,
-            content_type=write.content_type,
+            version,
+            owner=owner,
+            lease_s=self.settings.write_lease_s,
             now=time.time(),
-        )
+        ):
+            raise FailedPrecondition(
+                f"document {write.document_id!r}: the write stopped for too long and was given up; write it again"
+            )
+
+    async def unchanged(self, write: DocumentWrite) -> DocumentRecord | None:
+        """The visible document when it was made from exactly this content (a write would change
+        nothing: a retry, or `askmesh up` loading the samples again)."""
+        current = await self.store(self.store.store.get_document, write.knowledge_base.name, write.document_id)
+        if current is None or not current.visible or current.pending_version or current.settling:
+            return None
+        return current if current.content_hash == content_hash(write, write.knowledge_base.embedding_model) else None
 
     async def finish_version(self, write: DocumentWrite, version: int, chunk_count: int, deadline: Deadline) -> DocumentRecord:
         """Makes `version` the visible one with one store commit, then removes the older chunks.
@@ -394,24 +519,42 @@ class KnowledgeEngine:
                 chunk_count=chunk_count,
                 size_bytes=write.size_bytes,
                 now=time.time(),
+                lease_s=self.settings.write_lease_s,
             )
-        await self.remove_versions(name, write.document_id, version, deadline)
-        await self.store(self.store.store.finish_settling, name, write.document_id)
-        await self.store(self.store.store.delete_sources, name, write.document_id, except_version=version)
+        crash_point("doc.write.committed")
+        await self.settle(name, write.document_id, version, deadline)
         return current
+
+    async def settle(self, knowledge_base: str, document_id: str, version: int, deadline: Deadline) -> None:
+        """Removes the versions older than the committed `version`, then unpins the document."""
+        await self.remove_versions(knowledge_base, document_id, deadline, below=version)
+        crash_point("doc.write.settled_chunks")
+        await self.store(self.store.store.finish_settling, knowledge_base, document_id)
+        await self.store(self.store.store.delete_sources, knowledge_base, document_id, except_version=version)
 
     async def abandon_version(self, write: DocumentWrite, version: int, deadline: Deadline) -> None:
         """Removes what a failed or cancelled write stored; the visible version stays as it was."""
         name = write.knowledge_base.name
-        current = await self.store(self.store.store.get_document, name, write.document_id)
-        visible = current.version if current is not None and current.version != version else 0
-        await self.remove_versions(name, write.document_id, visible, deadline)
+        # Recorded as abandoned first: if this dies before its chunks are gone, the reconciler
+        # removes them.
         await self.store(self.store.store.abort_document_version, name, write.document_id, version)
-        await self.store(self.store.store.delete_sources, name, write.document_id, except_version=visible or None)
+        await self.forget_version(name, write.document_id, version, deadline)
+
+    async def forget_version(self, knowledge_base: str, document_id: str, version: int, deadline: Deadline) -> None:
+        """Removes an abandoned version's chunks, then its record."""
+        await self.remove_versions(knowledge_base, document_id, deadline, only=version)
+        await self.store(self.store.store.forget_abandoned_version, knowledge_base, document_id, version)
 
     async def write_document(self, write: DocumentWrite, deadline: Deadline) -> tuple[DocumentRecord, StoreTimings]:
-        """The whole write of one document, inline (AddDocuments)."""
-        version = await self.begin_version(write)
+        """The whole write of one document, inline (AddDocuments); the same content again is
+        answered with the stored document and writes nothing."""
+        unchanged = await self.unchanged(write)
+        if unchanged is not None:
+            return unchanged, StoreTimings()
+        owner = f"request-{uuid.uuid4().hex}"
+        # A write of the same document under way (or left by a request that died, until its
+        # lease runs out) is waited for rather than refused: writes of one document take turns.
+        version = await self.begin_version(write, owner, wait_s=min(deadline.unary_timeout(), 2 * self.settings.write_lease_s))
         try:
             chunks = self.plan_chunks(write, version)
             if len(chunks) > self.settings.max_chunks_per_task:
@@ -419,7 +562,11 @@ class KnowledgeEngine:
                     "documents", f"{write.document_id!r} makes {len(chunks)} chunks; the limit is {self.settings.max_chunks_per_task}"
                 )
             await self.store(self.store.store.save_source, write.knowledge_base.name, write.document_id, version, sections_to_json(write.sections))
-            timings = await self.store_chunks(write.knowledge_base, chunks, deadline)
+
+            async def renewed(batches_done: int, chunks_stored: int) -> None:
+                await self.renew(write, version, owner)
+
+            timings = await self.store_chunks(write.knowledge_base, chunks, deadline, after_batch=renewed)
         except BaseException:
             await asyncio.shield(self.abandon_version(write, version, deadline))
             raise
@@ -429,8 +576,20 @@ class KnowledgeEngine:
         record = await self.require(knowledge_base)
         if record.rebuilding_generation:
             raise FailedPrecondition(f"knowledge_base: {knowledge_base!r} is being rebuilt; documents can change after the rebuild")
-        await self.store(self.store.store.begin_document_delete, knowledge_base, document_id)
-        deleted = await self.remove_versions(knowledge_base, document_id, 0, deadline)
+        await self.store(
+            self.store.store.begin_document_delete,
+            knowledge_base,
+            document_id,
+            owner=f"request-{uuid.uuid4().hex}",
+            lease_s=self.settings.write_lease_s,
+            now=time.time(),
+        )
+        crash_point("doc.delete.marked")
+        return await self.finish_document_delete(knowledge_base, document_id, deadline)
+
+    async def finish_document_delete(self, knowledge_base: str, document_id: str, deadline: Deadline) -> int:
+        deleted = await self.remove_versions(knowledge_base, document_id, deadline)
+        crash_point("doc.delete.removed")
         await self.store(self.store.store.finish_document_delete, knowledge_base, document_id)
         return deleted
 

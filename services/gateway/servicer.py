@@ -28,6 +28,7 @@ from askmesh.v1 import (
 from services.gateway.config import GatewaySettings
 from services.gateway.engine import GatewayEngine
 from services.gateway.ingestion import STATE_NAMES, task_message
+from services.gateway.store import TaskRecord
 from services.gateway.knowledge import document_info
 from services.gateway.upstreams import Deadline
 
@@ -146,7 +147,8 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
     ) -> knowledge_pb2.ListKnowledgeBasesResponse:
         records = await self.engine.store(self.engine.store.store.list_knowledge_bases)
         return knowledge_pb2.ListKnowledgeBasesResponse(
-            knowledge_bases=[await self.knowledge.describe(r) for r in records]
+            # One being created or deleted is not there yet, or any more.
+            knowledge_bases=[await self.knowledge.describe(r) for r in records if r.ready]
         )
 
     @unary_rpc
@@ -161,7 +163,12 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         self, request: knowledge_pb2.DeleteKnowledgeBaseRequest, context: grpc.aio.ServicerContext
     ) -> knowledge_pb2.DeleteKnowledgeBaseResponse:
         check_knowledge_base_name(request.name, "name")
-        deleted = await self.knowledge.delete(request.name, self._deadline(context))
+        try:
+            deleted = await self.knowledge.delete(request.name, self._deadline(context))
+        except NotFound:
+            if not request.allow_missing:
+                raise
+            deleted = 0
         return knowledge_pb2.DeleteKnowledgeBaseResponse(deleted_documents=deleted)
 
     @unary_rpc
@@ -169,7 +176,8 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         self, request: knowledge_pb2.RebuildKnowledgeBaseRequest, context: grpc.aio.ServicerContext
     ) -> ingestion_pb2.Task:
         check_knowledge_base_name(request.name, "name")
-        return task_message(await self.engine.ingestion.queue_rebuild(request.name, request.chunking))
+        queued = await self.engine.ingestion.queue_rebuild(request.name, request.chunking)
+        return task_message(queued, self.engine.settings.task_max_attempts)
 
     @unary_rpc
     async def ListDocuments(
@@ -205,7 +213,12 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
     ) -> knowledge_pb2.DeleteDocumentResponse:
         check_knowledge_base_name(request.knowledge_base)
         check_document_id(request.id)
-        deleted = await self.knowledge.delete_document(request.knowledge_base, request.id, self._deadline(context))
+        try:
+            deleted = await self.knowledge.delete_document(request.knowledge_base, request.id, self._deadline(context))
+        except NotFound:
+            if not request.allow_missing:
+                raise
+            deleted = 0
         return knowledge_pb2.DeleteDocumentResponse(deleted_chunks=deleted)
 
 
@@ -239,7 +252,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
                 yield message.data
 
         deadline = Deadline(remaining_s=context.time_remaining(), default_s=self.settings.upstream_timeout_s)
-        return task_message(await self.ingestion.receive_upload(header, data(), deadline))
+        return self._message(await self.ingestion.receive_upload(header, data(), deadline))
 
     async def _task(self, task_id: str) -> ingestion_pb2.Task:
         if not task_id or len(task_id) > 64:
@@ -247,7 +260,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
         record = await self.engine.store(self.engine.store.store.get_task, task_id)
         if record is None:
             raise NotFound(f"id: task {task_id!r} does not exist")
-        return task_message(record)
+        return self._message(record)
 
     @unary_rpc
     async def GetTask(self, request: ingestion_pb2.GetTaskRequest, context: grpc.aio.ServicerContext) -> ingestion_pb2.Task:
@@ -259,7 +272,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
     ) -> AsyncIterator[ingestion_pb2.Task]:
         await self._task(request.id)
         async for record in self.ingestion.watch(request.id):
-            yield task_message(record)
+            yield self._message(record)
 
     @unary_rpc
     async def ListTasks(
@@ -282,9 +295,12 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
         more = len(records) > limit
         records = records[:limit]
         token = f"{records[-1].created_at!r}/{records[-1].id}" if more else ""
-        return ingestion_pb2.ListTasksResponse(tasks=[task_message(r) for r in records], next_page_token=token)
+        return ingestion_pb2.ListTasksResponse(tasks=[self._message(r) for r in records], next_page_token=token)
 
     @unary_rpc
     async def CancelTask(self, request: ingestion_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext) -> ingestion_pb2.Task:
         await self._task(request.id)
-        return task_message(await self.engine.store(self.engine.store.store.request_cancel, request.id))
+        return self._message(await self.ingestion.cancel(request.id))
+
+    def _message(self, record: TaskRecord) -> ingestion_pb2.Task:
+        return task_message(record, self.engine.settings.task_max_attempts)

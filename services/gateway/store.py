@@ -48,6 +48,12 @@ STAGE_FINALIZING = "finalizing"
 STAGE_DONE = "done"
 STAGES = (STAGE_RECEIVED, STAGE_PARSING, STAGE_CHUNKING, STAGE_EMBEDDING, STAGE_FINALIZING, STAGE_DONE)
 
+# A knowledge base is created and deleted in steps (its record, then its Milvus collection):
+# the state records which step it is in, so a crash in between is finished by the reconciler.
+KB_CREATING = "creating"
+KB_READY = "ready"
+KB_DELETING = "deleting"
+
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 5.0
 
@@ -82,6 +88,13 @@ class KnowledgeBaseRecord:
     rebuilding_generation: int = 0  # >0 while a rebuild writes that generation
     created_at: float = 0.0
     updated_at: float = 0.0
+    state: str = KB_READY
+    # While creating or deleting: until when the request doing it is expected to be alive.
+    lease_until: float = 0.0
+
+    @property
+    def ready(self) -> bool:
+        return self.state == KB_READY
 
 
 @dataclass
@@ -98,6 +111,14 @@ class DocumentRecord:
     file_name: str = ""
     content_type: str = ""
     updated_at: float = 0.0
+    settling: bool = False  # committed, older versions' chunks still being removed
+    # Who is writing, deleting or settling the document, and until when it is expected to be
+    # alive (it renews as it progresses): an expired lease is an intent the reconciler finishes.
+    lease_owner: str = ""
+    lease_until: float = 0.0
+    # What the visible version was made from (title, metadata, text, chunking): a write of the
+    # same content is a no-op.
+    content_hash: str = ""
 
     @property
     def visible(self) -> bool:
@@ -127,6 +148,13 @@ class TaskRecord:
     lease_until: float = 0.0
     created_at: float = 0.0
     updated_at: float = 0.0
+    # Claims so far: each is one attempt. One handed back unfailed (its worker stopping, a wait
+    # for another write of the document) is given back; a worker that died keeps it counted.
+    attempts: int = 0
+    # Its place in the queue: when it was created, or put back to wait for another write or to
+    # be retried (then later than now: the delay). Claims go by it, so a task put back waits
+    # behind those that waited before it.
+    available_at: float = 0.0
 
 
 class Store(Protocol):
@@ -161,6 +189,23 @@ class Store(Protocol):
         cancel its queued/running tasks; returns the number of (visible) documents deleted."""
         ...
 
+    def lease_knowledge_base(self, name: str, *, state: str, lease_s: float, now: float) -> bool:
+        """Take over an unfinished create or delete (`state`) whose lease expired: True if taken."""
+        ...
+
+    def begin_knowledge_base_delete(self, name: str, *, lease_s: float, now: float) -> int:
+        """Hide the knowledge base (state deleting) and cancel its tasks before its collections
+        are dropped (idempotent); returns its visible documents; NotFoundError if missing."""
+        ...
+
+    def finish_knowledge_base_delete(self, name: str) -> None:
+        """Remove a deleted knowledge base's records (idempotent)."""
+        ...
+
+    def stale_knowledge_bases(self, now: float) -> list[KnowledgeBaseRecord]:
+        """Knowledge bases left creating or deleting, their lease expired."""
+        ...
+
     def knowledge_base_stats(self, name: str) -> tuple[int, int, int]:
         """(visible documents, sum of their chunks, sum of their bytes); NotFoundError if
         the knowledge base is missing."""
@@ -178,10 +223,33 @@ class Store(Protocol):
         file_name: str,
         content_type: str,
         now: float,
+        owner: str = "",
+        lease_s: float = 0.0,
+        content_hash: str = "",
     ) -> int:
-        """Reserve a new, never used version number for a document about to be (re)written;
-        Conflict if another write or a delete of it is under way."""
+        """Reserve a new, never used version number for a document about to be (re)written by
+        `owner` for `lease_s` (renewed as it goes); Conflict if a delete of it, or another write
+        whose lease holds, is under way (a write whose lease ran out is superseded: its version
+        is recorded as abandoned). NotFoundError unless the knowledge base is ready."""
         ...
+
+    def renew_document_lease(
+        self, knowledge_base: str, document_id: str, version: int, *, owner: str, lease_s: float, now: float
+    ) -> bool:
+        """Keep, or take back (own owner, or lease expired), the write of `version`; False when
+        it is no longer the version being written."""
+        ...
+
+    def stale_documents(self, now: float, limit: int = 100) -> list[DocumentRecord]:
+        """Documents with a write, delete or settling whose lease expired (writes of live
+        ingestion tasks excepted)."""
+        ...
+
+    def abandoned_versions(self, limit: int = 100) -> list[tuple[str, str, int]]:
+        """Given-up versions whose chunks may remain in the vector store."""
+        ...
+
+    def forget_abandoned_version(self, knowledge_base: str, document_id: str, version: int) -> None: ...
 
     def commit_document_version(
         self,
@@ -192,8 +260,10 @@ class Store(Protocol):
         chunk_count: int,
         size_bytes: int,
         now: float,
+        lease_s: float = 0.0,
     ) -> DocumentRecord:
-        """Make `version` the visible one (Conflict if it is not the pending version)."""
+        """Make `version` the visible one (Conflict if it is not the pending version); the
+        document settles (older versions' chunks being removed) under a lease of `lease_s`."""
         ...
 
     def abort_document_version(self, knowledge_base: str, document_id: str, version: int) -> None:
@@ -201,9 +271,12 @@ class Store(Protocol):
         version disappears."""
         ...
 
-    def begin_document_delete(self, knowledge_base: str, document_id: str) -> DocumentRecord:
-        """Hide a visible document while its chunks are deleted (NotFoundError if it has no
-        visible version, Conflict if a write or a delete of it is under way)."""
+    def begin_document_delete(
+        self, knowledge_base: str, document_id: str, *, owner: str = "", lease_s: float = 0.0, now: float = 0.0
+    ) -> DocumentRecord:
+        """Hide a document while its chunks are deleted (NotFoundError if it has no visible
+        version and no delete under way; Conflict if a write whose lease holds is under way).
+        A delete already under way is taken up again."""
         ...
 
     def finish_document_delete(self, knowledge_base: str, document_id: str) -> None:
@@ -282,13 +355,29 @@ class Store(Protocol):
     def claim_next_task(
         self, owner: str, *, lease_s: float, now: float, kinds: Sequence[str] = ()
     ) -> TaskRecord | None:
-        """Atomically take the oldest runnable task (queued, or running with an expired
-        lease: to be resumed from its checkpoint) for `owner`."""
+        """Atomically take, for `owner`, the runnable task that became claimable first (queued
+        and available, or running with an expired lease: its worker died, and it resumes from
+        its checkpoint); each claim counts one attempt."""
         ...
 
     def renew_lease(self, task_id: str, owner: str, *, lease_s: float, now: float) -> bool: ...
 
-    def release_task(self, task_id: str, owner: str) -> None: ...
+    def requeue_task(
+        self,
+        task_id: str,
+        owner: str,
+        *,
+        now: float,
+        delay_s: float | None = None,
+        attempt_failed: bool = False,
+        error: str | None = None,
+        stage: str | None = None,
+    ) -> bool:
+        """Hand a task `owner` holds back to the queue: with `delay_s`, behind the tasks
+        already waiting, claimable `delay_s` from `now` (a wait for another write, a retry);
+        without, in its place (its worker stopping). Unless `attempt_failed`, the attempt is
+        given back. False if `owner` no longer held it."""
+        ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,7 +394,9 @@ CREATE TABLE IF NOT EXISTS knowledge_bases (
     generation INTEGER NOT NULL DEFAULT 1,
     rebuilding_generation INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'ready',
+    lease_until REAL NOT NULL DEFAULT 0
 );
 
 CREATE TABLE IF NOT EXISTS documents (
@@ -329,6 +420,10 @@ CREATE TABLE IF NOT EXISTS documents (
     pending_metadata TEXT NOT NULL DEFAULT '{}',
     pending_file_name TEXT NOT NULL DEFAULT '',
     pending_content_type TEXT NOT NULL DEFAULT '',
+    lease_owner TEXT NOT NULL DEFAULT '',
+    lease_until REAL NOT NULL DEFAULT 0,
+    content_hash TEXT NOT NULL DEFAULT '',
+    pending_content_hash TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (knowledge_base, id)
 ) WITHOUT ROWID;
 
@@ -356,6 +451,16 @@ CREATE TABLE IF NOT EXISTS document_versions (
     document_id TEXT NOT NULL,
     last_version INTEGER NOT NULL,
     PRIMARY KEY (knowledge_base, document_id)
+) WITHOUT ROWID;
+
+-- Versions given up (aborted, or superseded after their writer died) whose chunks may still be
+-- in the vector store: a durable to-do for the reconciler, so a crash between giving a
+-- version up and deleting its chunks cannot leave them behind.
+CREATE TABLE IF NOT EXISTS abandoned_versions (
+    knowledge_base TEXT NOT NULL,
+    document_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    PRIMARY KEY (knowledge_base, document_id, version)
 ) WITHOUT ROWID;
 
 CREATE TABLE IF NOT EXISTS sources (
@@ -387,7 +492,10 @@ CREATE TABLE IF NOT EXISTS tasks (
     owner TEXT NOT NULL DEFAULT '',
     lease_until REAL NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    -- 0 in rows of older versions: they sort first, in the order they were created.
+    available_at REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS tasks_by_state ON tasks (state, created_at);
 CREATE INDEX IF NOT EXISTS tasks_by_knowledge_base ON tasks (knowledge_base, created_at, id);
@@ -407,6 +515,27 @@ def _bump_epoch(conn: sqlite3.Connection, knowledge_base: str) -> None:
         (knowledge_base,),
     )
 
+
+
+# Columns added after a store was first created: (table, column, declaration). Added to an
+# older file at start-up when missing (idempotent, so it needs no version number of its own).
+_ADDED_COLUMNS = (
+    ("knowledge_bases", "state", "TEXT NOT NULL DEFAULT 'ready'"),
+    ("knowledge_bases", "lease_until", "REAL NOT NULL DEFAULT 0"),
+    ("documents", "lease_owner", "TEXT NOT NULL DEFAULT ''"),
+    ("documents", "lease_until", "REAL NOT NULL DEFAULT 0"),
+    ("documents", "content_hash", "TEXT NOT NULL DEFAULT ''"),
+    ("documents", "pending_content_hash", "TEXT NOT NULL DEFAULT ''"),
+    ("tasks", "attempts", "INTEGER NOT NULL DEFAULT 0"),
+    ("tasks", "available_at", "REAL NOT NULL DEFAULT 0"),
+)
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    for table, column, declaration in _ADDED_COLUMNS:
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        if column not in present:
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
 
 def _schema_statements() -> Iterator[str]:
@@ -449,6 +578,7 @@ def _doc_from_row(row: sqlite3.Row) -> DocumentRecord:
     values = {name: row[name] for name in _DOC_FIELDS}
     values["metadata"] = json.loads(row["metadata"])
     values["deleting"] = bool(row["deleting"])
+    values["settling"] = bool(row["settling"])
     return DocumentRecord(**values)
 
 
@@ -518,6 +648,7 @@ class SqliteStore:
                 conn.execute("DROP INDEX IF EXISTS documents_in_flight")
             for statement in _schema_statements():
                 conn.execute(statement)
+            _add_missing_columns(conn)
             if found < SCHEMA_VERSION:
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
@@ -601,21 +732,70 @@ class SqliteStore:
         with self._write() as conn:
             if not conn.execute("SELECT 1 FROM knowledge_bases WHERE name = ?", (name,)).fetchone():
                 raise NotFoundError(f"knowledge base {name!r} not found")
-            # Running tasks lose their lease too: their worker's next owner-checked update
-            # or lease renewal fails, so it stops instead of resurrecting the task.
-            conn.execute(
-                "UPDATE tasks SET state = ?, error = 'knowledge base deleted', cancel_requested = 1,"
-                " owner = '', lease_until = 0, updated_at = ?"
-                " WHERE knowledge_base = ? AND state IN (?, ?)",
-                (TASK_CANCELLED, now, name, TASK_QUEUED, TASK_RUNNING),
-            )
+            self._cancel_tasks_of(conn, name, now)
             deleted = conn.execute(
                 "SELECT COUNT(*) FROM documents WHERE knowledge_base = ? AND version > 0", (name,)
             ).fetchone()[0]
             conn.execute("DELETE FROM sources WHERE knowledge_base = ?", (name,))
             conn.execute("DELETE FROM documents WHERE knowledge_base = ?", (name,))
+            conn.execute("DELETE FROM abandoned_versions WHERE knowledge_base = ?", (name,))
             conn.execute("DELETE FROM knowledge_bases WHERE name = ?", (name,))
         return int(deleted)
+
+    def lease_knowledge_base(self, name: str, *, state: str, lease_s: float, now: float) -> bool:
+        """Takes over a knowledge base's unfinished create or delete: True (and a fresh lease)
+        when it is in `state` and its lease has expired, else False."""
+        with self._write() as conn:
+            changed = conn.execute(
+                "UPDATE knowledge_bases SET lease_until = ? WHERE name = ? AND state = ? AND lease_until < ?",
+                (now + lease_s, name, state, now),
+            ).rowcount
+        return bool(changed)
+
+    def begin_knowledge_base_delete(self, name: str, *, lease_s: float, now: float) -> int:
+        """Hides the knowledge base (a tombstone: readers get not-found from here on) and
+        cancels its tasks, before its collections are dropped; returns its visible documents.
+        Idempotent: a delete that was interrupted is taken up again."""
+        with self._write() as conn:
+            if not conn.execute("SELECT 1 FROM knowledge_bases WHERE name = ?", (name,)).fetchone():
+                raise NotFoundError(f"knowledge base {name!r} not found")
+            self._cancel_tasks_of(conn, name, now)
+            conn.execute(
+                "UPDATE knowledge_bases SET state = ?, lease_until = ?, updated_at = ? WHERE name = ?",
+                (KB_DELETING, now + lease_s, now, name),
+            )
+            _bump_epoch(conn, name)
+            deleted = conn.execute(
+                "SELECT COUNT(*) FROM documents WHERE knowledge_base = ? AND version > 0 AND deleting = 0", (name,)
+            ).fetchone()[0]
+        return int(deleted)
+
+    def finish_knowledge_base_delete(self, name: str) -> None:
+        """Removes a deleted knowledge base's records, once its collections are gone (idempotent)."""
+        with self._write() as conn:
+            conn.execute("DELETE FROM sources WHERE knowledge_base = ?", (name,))
+            conn.execute("DELETE FROM documents WHERE knowledge_base = ?", (name,))
+            conn.execute("DELETE FROM abandoned_versions WHERE knowledge_base = ?", (name,))
+            conn.execute("DELETE FROM knowledge_bases WHERE name = ?", (name,))
+
+    def stale_knowledge_bases(self, now: float) -> list[KnowledgeBaseRecord]:
+        """Knowledge bases left creating or deleting by a request that is gone (lease expired)."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM knowledge_bases WHERE state <> ? AND lease_until < ? ORDER BY name", (KB_READY, now)
+            ).fetchall()
+        return [_kb_from_row(row) for row in rows]
+
+    @staticmethod
+    def _cancel_tasks_of(conn: sqlite3.Connection, name: str, now: float) -> None:
+        # Running tasks lose their lease too: their worker's next owner-checked update or lease
+        # renewal fails, so it stops instead of resurrecting the task.
+        conn.execute(
+            "UPDATE tasks SET state = ?, error = 'knowledge base deleted', cancel_requested = 1,"
+            " owner = '', lease_until = 0, updated_at = ?"
+            " WHERE knowledge_base = ? AND state IN (?, ?)",
+            (TASK_CANCELLED, now, name, TASK_QUEUED, TASK_RUNNING),
+        )
 
     def knowledge_base_stats(self, name: str) -> tuple[int, int, int]:
         with self._read() as conn:
@@ -646,19 +826,34 @@ class SqliteStore:
         file_name: str,
         content_type: str,
         now: float,
+        owner: str = "",
+        lease_s: float = 0.0,
+        content_hash: str = "",
     ) -> int:
-        pending = (title, json.dumps(metadata), file_name, content_type)
+        pending = (title, json.dumps(metadata), file_name, content_type, content_hash, owner, now + lease_s)
         with self._write() as conn:
             if not conn.execute(
-                "SELECT 1 FROM knowledge_bases WHERE name = ?", (knowledge_base,)
+                "SELECT 1 FROM knowledge_bases WHERE name = ? AND state = ?", (knowledge_base, KB_READY)
             ).fetchone():
                 raise NotFoundError(f"knowledge base {knowledge_base!r} not found")
             row = self._doc_row(conn, knowledge_base, document_id)
-            if row is not None and (row["pending_version"] or row["deleting"]):
-                what = "deleted" if row["deleting"] else f"written (version {row['pending_version']})"
+            if row is not None and row["deleting"]:
                 raise Conflict(
-                    f"document {document_id!r} in knowledge base {knowledge_base!r} is being {what}"
+                    f"document {document_id!r} in knowledge base {knowledge_base!r} is being deleted; "
+                    "try again when the delete has finished"
                 )
+            if row is not None and row["pending_version"]:
+                # The same owner beginning again (a task resumed before it recorded its version)
+                # takes its own write over.
+                own = bool(owner) and row["lease_owner"] == owner
+                if not own and self._write_held(conn, row, now):
+                    raise Conflict(
+                        f"document {document_id!r} in knowledge base {knowledge_base!r} is being written by "
+                        "another request; try again when it has finished"
+                    )
+                # Its writer is gone (the lease ran out): the new write takes over, and the old
+                # version's chunks are left to the reconciler.
+                self._abandon(conn, knowledge_base, document_id, row["pending_version"])
             last = conn.execute(
                 "SELECT last_version FROM document_versions WHERE knowledge_base = ? AND document_id = ?",
                 (knowledge_base, document_id),
@@ -673,20 +868,92 @@ class SqliteStore:
             if row is None:
                 conn.execute(
                     "INSERT INTO documents (knowledge_base, id, pending_version, updated_at,"
-                    " pending_title, pending_metadata, pending_file_name, pending_content_type)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " pending_title, pending_metadata, pending_file_name, pending_content_type,"
+                    " pending_content_hash, lease_owner, lease_until)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (knowledge_base, document_id, version, now, *pending),
                 )
             else:
                 # updated_at stays: it describes the visible version until commit.
                 conn.execute(
                     "UPDATE documents SET pending_version = ?, pending_title = ?,"
-                    " pending_metadata = ?, pending_file_name = ?, pending_content_type = ?"
+                    " pending_metadata = ?, pending_file_name = ?, pending_content_type = ?,"
+                    " pending_content_hash = ?, lease_owner = ?, lease_until = ?"
                     " WHERE knowledge_base = ? AND id = ?",
                     (version, *pending, knowledge_base, document_id),
                 )
             _bump_epoch(conn, knowledge_base)
         return version
+
+    @staticmethod
+    def _write_held(conn: sqlite3.Connection, row: sqlite3.Row, now: float) -> bool:
+        """Whether the document's pending write is still someone's: its lease holds, or it
+        belongs to an ingestion task that is queued or running (the task resumes it)."""
+        if row["lease_until"] >= now:
+            return True
+        return conn.execute(
+            "SELECT 1 FROM tasks WHERE id = ? AND state IN (?, ?)", (row["lease_owner"], TASK_QUEUED, TASK_RUNNING)
+        ).fetchone() is not None
+
+    @staticmethod
+    def _abandon(conn: sqlite3.Connection, knowledge_base: str, document_id: str, version: int) -> None:
+        """Records a given-up version for the reconciler (its chunks may be stored) and drops
+        its parsed source (numbers are never reused, so it can never be used again)."""
+        conn.execute(
+            "INSERT OR IGNORE INTO abandoned_versions (knowledge_base, document_id, version) VALUES (?, ?, ?)",
+            (knowledge_base, document_id, version),
+        )
+        conn.execute(
+            "DELETE FROM sources WHERE knowledge_base = ? AND document_id = ? AND version = ?",
+            (knowledge_base, document_id, version),
+        )
+
+    def renew_document_lease(
+        self, knowledge_base: str, document_id: str, version: int, *, owner: str, lease_s: float, now: float
+    ) -> bool:
+        """Keeps (or, for its own owner or when the lease ran out, takes back) the write of
+        `version`: False when that version is no longer the one being written."""
+        with self._write() as conn:
+            changed = conn.execute(
+                "UPDATE documents SET lease_owner = ?, lease_until = ?"
+                " WHERE knowledge_base = ? AND id = ? AND pending_version = ? AND pending_version > 0"
+                " AND deleting = 0 AND (lease_owner = ? OR lease_until < ?)",
+                (owner, now + lease_s, knowledge_base, document_id, version, owner, now),
+            ).rowcount
+        return bool(changed)
+
+    def stale_documents(self, now: float, limit: int = 100) -> list[DocumentRecord]:
+        """Documents whose write, delete or settling stopped (the lease ran out), but for writes
+        owned by an ingestion task that is still queued or running: the task resumes those."""
+        _check_limit(limit)
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT * FROM documents WHERE (pending_version > 0 OR deleting <> 0 OR settling <> 0)"
+                " AND lease_until < ? AND NOT (pending_version > 0 AND deleting = 0 AND lease_owner IN"
+                " (SELECT id FROM tasks WHERE state IN (?, ?)))"
+                " ORDER BY knowledge_base, id LIMIT ?",
+                (now, TASK_QUEUED, TASK_RUNNING, limit),
+            ).fetchall()
+        return [_doc_from_row(row) for row in rows]
+
+    def abandoned_versions(self, limit: int = 100) -> list[tuple[str, str, int]]:
+        """(knowledge base, document id, version) of given-up versions whose chunks may remain."""
+        _check_limit(limit)
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT knowledge_base, document_id, version FROM abandoned_versions"
+                " ORDER BY knowledge_base, document_id, version LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [(row[0], row[1], int(row[2])) for row in rows]
+
+    def forget_abandoned_version(self, knowledge_base: str, document_id: str, version: int) -> None:
+        """Its chunks are gone."""
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM abandoned_versions WHERE knowledge_base = ? AND document_id = ? AND version = ?",
+                (knowledge_base, document_id, version),
+            )
 
     def commit_document_version(
         self,
@@ -697,6 +964,7 @@ class SqliteStore:
         chunk_count: int,
         size_bytes: int,
         now: float,
+        lease_s: float = 0.0,
     ) -> DocumentRecord:
         with self._write() as conn:
             row = self._doc_row(conn, knowledge_base, document_id)
@@ -710,14 +978,17 @@ class SqliteStore:
                     f"{version} is not pending (pending: {row['pending_version']})"
                 )
             _bump_epoch(conn, knowledge_base)
+            # Settling is leased too: if the writer dies before the older versions are
+            # removed, the reconciler removes them.
             conn.execute(
                 "UPDATE documents SET version = pending_version, pending_version = 0, settling = 1,"
                 " title = pending_title, metadata = pending_metadata, file_name = pending_file_name,"
-                " content_type = pending_content_type, chunk_count = ?, size_bytes = ?,"
+                " content_type = pending_content_type, content_hash = pending_content_hash,"
+                " chunk_count = ?, size_bytes = ?, lease_until = ?,"
                 " updated_at = ?, pending_title = '', pending_metadata = '{}',"
-                " pending_file_name = '', pending_content_type = ''"
+                " pending_file_name = '', pending_content_type = '', pending_content_hash = ''"
                 " WHERE knowledge_base = ? AND id = ?",
-                (chunk_count, size_bytes, now, knowledge_base, document_id),
+                (chunk_count, size_bytes, now + lease_s, now, knowledge_base, document_id),
             )
             row = self._doc_row(conn, knowledge_base, document_id)
         return _doc_from_row(row)
@@ -727,12 +998,7 @@ class SqliteStore:
             row = self._doc_row(conn, knowledge_base, document_id)
             if row is None or version <= 0 or row["pending_version"] != version:
                 return  # already committed, aborted or superseded: nothing to undo
-            # The aborted version's parsed source can never be used again (numbers are not
-            # reused), so it goes with it.
-            conn.execute(
-                "DELETE FROM sources WHERE knowledge_base = ? AND document_id = ? AND version = ?",
-                (knowledge_base, document_id, version),
-            )
+            self._abandon(conn, knowledge_base, document_id, version)
             _bump_epoch(conn, knowledge_base)
             if row["version"] == 0:
                 conn.execute(
@@ -742,26 +1008,34 @@ class SqliteStore:
             else:
                 conn.execute(
                     "UPDATE documents SET pending_version = 0, pending_title = '',"
-                    " pending_metadata = '{}', pending_file_name = '', pending_content_type = ''"
+                    " pending_metadata = '{}', pending_file_name = '', pending_content_type = '',"
+                    " pending_content_hash = '', lease_owner = '', lease_until = 0"
                     " WHERE knowledge_base = ? AND id = ?",
                     (knowledge_base, document_id),
                 )
 
-    def begin_document_delete(self, knowledge_base: str, document_id: str) -> DocumentRecord:
+    def begin_document_delete(
+        self, knowledge_base: str, document_id: str, *, owner: str = "", lease_s: float = 0.0, now: float = 0.0
+    ) -> DocumentRecord:
         with self._write() as conn:
             row = self._doc_row(conn, knowledge_base, document_id)
-            if row is None or row["version"] == 0:
+            if row is None or (row["version"] == 0 and not row["deleting"]):
                 raise NotFoundError(
                     f"document {document_id!r} in knowledge base {knowledge_base!r} not found"
                 )
-            if row["pending_version"] or row["deleting"]:
-                what = "deleted" if row["deleting"] else f"written (version {row['pending_version']})"
-                raise Conflict(
-                    f"document {document_id!r} in knowledge base {knowledge_base!r} is being {what}"
-                )
+            # A delete already under way (or interrupted) is simply taken up again: every step
+            # of a delete is idempotent.
+            if row["pending_version"] and not row["deleting"]:
+                if self._write_held(conn, row, now):
+                    raise Conflict(
+                        f"document {document_id!r} in knowledge base {knowledge_base!r} is being written by "
+                        "another request; try again when it has finished"
+                    )
+                self._abandon(conn, knowledge_base, document_id, row["pending_version"])
             conn.execute(
-                "UPDATE documents SET deleting = 1 WHERE knowledge_base = ? AND id = ?",
-                (knowledge_base, document_id),
+                "UPDATE documents SET deleting = 1, pending_version = 0, lease_owner = ?, lease_until = ?"
+                " WHERE knowledge_base = ? AND id = ?",
+                (owner, now + lease_s, knowledge_base, document_id),
             )
             _bump_epoch(conn, knowledge_base)
             row = self._doc_row(conn, knowledge_base, document_id)
@@ -781,7 +1055,8 @@ class SqliteStore:
     def finish_settling(self, knowledge_base: str, document_id: str) -> None:
         with self._write() as conn:
             changed = conn.execute(
-                "UPDATE documents SET settling = 0 WHERE knowledge_base = ? AND id = ? AND settling <> 0",
+                "UPDATE documents SET settling = 0, lease_until = CASE WHEN pending_version > 0 THEN lease_until"
+                " ELSE 0 END WHERE knowledge_base = ? AND id = ? AND settling <> 0",
                 (knowledge_base, document_id),
             ).rowcount
             if changed:
@@ -881,7 +1156,10 @@ class SqliteStore:
 
     def create_task(self, record: TaskRecord) -> TaskRecord:
         now = time.time()
-        record = replace(record, created_at=record.created_at or now, updated_at=record.updated_at or now)
+        created = record.created_at or now
+        record = replace(
+            record, created_at=created, updated_at=record.updated_at or now, available_at=record.available_at or created
+        )
         values = {name: _task_to_db(name, value) for name, value in asdict(record).items()}
         columns = ", ".join(values)
         marks = ", ".join(f":{name}" for name in values)
@@ -952,16 +1230,22 @@ class SqliteStore:
                 raise NotFoundError(f"task {task_id!r} not found")
             if row["state"] in TERMINAL_STATES:
                 return _task_from_row(row)
-            if row["state"] == TASK_QUEUED and not row["owner"]:
-                # Nobody works on it: cancel now rather than wait for a worker to notice.
+            if row["state"] == TASK_QUEUED and not row["owner"] and json.loads(row["checkpoint"]) == {}:
+                # Nobody works on it and it stored nothing: cancel now rather than wait for a
+                # worker to notice.
                 conn.execute(
                     "UPDATE tasks SET state = ?, error = 'cancelled', cancel_requested = 1,"
                     " updated_at = ? WHERE id = ?",
                     (TASK_CANCELLED, now, task_id),
                 )
             else:
+                # A worker must remove what it stored (a task put back to be retried holds a
+                # version): in its original place, not after a retry's delay.
                 conn.execute(
-                    "UPDATE tasks SET cancel_requested = 1, updated_at = ? WHERE id = ?", (now, task_id)
+                    "UPDATE tasks SET cancel_requested = 1, updated_at = ?,"
+                    " available_at = CASE WHEN state = ? THEN MIN(available_at, created_at) ELSE available_at END"
+                    " WHERE id = ?",
+                    (now, TASK_QUEUED, task_id),
                 )
             row = self._task_row(conn, task_id)
         return _task_from_row(row)
@@ -974,7 +1258,7 @@ class SqliteStore:
         kind_clause = f" AND t.kind IN ({', '.join('?' for _ in kinds)})" if kinds else ""
         query = (
             "SELECT t.id FROM tasks t"
-            " WHERE (t.state = ? OR (t.state = ? AND t.lease_until < ?))" + kind_clause +
+            " WHERE ((t.state = ? AND t.available_at <= ?) OR (t.state = ? AND t.lease_until < ?))" + kind_clause +
             # documents must not change under a rebuild of their knowledge base ...
             " AND NOT EXISTS (SELECT 1 FROM tasks r WHERE r.knowledge_base = t.knowledge_base"
             "   AND r.id <> t.id AND r.kind = ? AND r.state = ? AND r.lease_until >= ?)"
@@ -982,10 +1266,13 @@ class SqliteStore:
             " AND (t.kind <> ? OR NOT EXISTS (SELECT 1 FROM tasks o"
             "   WHERE o.knowledge_base = t.knowledge_base AND o.id <> t.id"
             "   AND o.state = ? AND o.lease_until >= ?))"
-            " ORDER BY t.created_at, t.rowid LIMIT 1"
+            # First come, first served by when each became claimable. A task whose worker died
+            # keeps its place: it may hold what others wait for (a version, a rebuild), and its
+            # attempts are limited. One put back to wait or to be retried went to the back.
+            " ORDER BY t.available_at, t.rowid LIMIT 1"
         )
         params = (
-            TASK_QUEUED, TASK_RUNNING, now, *kinds,
+            TASK_QUEUED, now, TASK_RUNNING, now, *kinds,
             KIND_REBUILD, TASK_RUNNING, now,
             KIND_REBUILD, TASK_RUNNING, now,
         )  # fmt: skip
@@ -994,7 +1281,8 @@ class SqliteStore:
             if found is None:
                 return None
             conn.execute(
-                "UPDATE tasks SET state = ?, owner = ?, lease_until = ?, updated_at = ? WHERE id = ?",
+                "UPDATE tasks SET state = ?, owner = ?, lease_until = ?, attempts = attempts + 1,"
+                " updated_at = ? WHERE id = ?",
                 (TASK_RUNNING, owner, now + lease_s, now, found[0]),
             )
             row = self._task_row(conn, found[0])
@@ -1010,11 +1298,26 @@ class SqliteStore:
             )
             return cursor.rowcount == 1
 
-    def release_task(self, task_id: str, owner: str) -> None:
+    def requeue_task(
+        self,
+        task_id: str,
+        owner: str,
+        *,
+        now: float,
+        delay_s: float | None = None,
+        attempt_failed: bool = False,
+        error: str | None = None,
+        stage: str | None = None,
+    ) -> bool:
         if not owner:
-            return
+            return False
+        available_at = None if delay_s is None else now + delay_s
         with self._write() as conn:
-            conn.execute(
-                "UPDATE tasks SET owner = '', lease_until = 0 WHERE id = ? AND owner = ?",
-                (task_id, owner),
+            cursor = conn.execute(
+                "UPDATE tasks SET state = ?, owner = '', lease_until = 0, available_at = COALESCE(?, available_at),"
+                " attempts = CASE WHEN ? THEN attempts ELSE MAX(attempts - 1, 0) END,"
+                " error = COALESCE(?, error), stage = COALESCE(?, stage), updated_at = ?"
+                " WHERE id = ? AND owner = ? AND state = ?",
+                (TASK_QUEUED, available_at, int(attempt_failed), error, stage, now, task_id, owner, TASK_RUNNING),
             )
+            return cursor.rowcount == 1

@@ -338,6 +338,10 @@ class RetrievalEngine:
                 expression += f" and chunk_index >= {request.from_chunk_index}"
             if request.HasField("except_version"):
                 expression += f" and document_version != {request.except_version}"
+            if request.HasField("below_version"):
+                expression += f" and document_version < {request.below_version}"
+            if request.HasField("only_version"):
+                expression += f" and document_version == {request.only_version}"
 
             # Count first: Milvus Lite's delete result does not report rows removed by a filter.
             existing = self.client.query(state.name, filter=expression, output_fields=["id"])
