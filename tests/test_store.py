@@ -1012,7 +1012,9 @@ def test_a_write_whose_lease_ran_out_is_superseded_and_its_version_left_to_clean
     # The dead writer cannot take its version back; the new one renews its own.
     assert not store.renew_document_lease("kb", "doc", first, owner="dead", lease_s=30.0, now=42.0)
     assert store.renew_document_lease("kb", "doc", second, owner="alive", lease_s=30.0, now=42.0)
-    store.forget_abandoned_version("kb", "doc", first)
+    store.forget_abandoned_versions_below("kb", "doc", first)  # not below itself
+    assert store.abandoned_versions() == [("kb", "doc", first)]
+    store.forget_abandoned_versions_below("kb", "doc", second)  # the new version settled: gone
     assert store.abandoned_versions() == []
     # An aborted write is recorded too (its chunks may be stored).
     store.abort_document_version("kb", "doc", second)

@@ -530,6 +530,8 @@ class KnowledgeEngine:
         await self.remove_versions(knowledge_base, document_id, deadline, below=version)
         crash_point("doc.write.settled_chunks")
         await self.store(self.store.store.finish_settling, knowledge_base, document_id)
+        # A version abandoned by a write this one took over had its chunks removed just now.
+        await self.store(self.store.store.forget_abandoned_versions_below, knowledge_base, document_id, version)
         await self.store(self.store.store.delete_sources, knowledge_base, document_id, except_version=version)
 
     async def abandon_version(self, write: DocumentWrite, version: int, deadline: Deadline) -> None:

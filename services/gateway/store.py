@@ -251,6 +251,10 @@ class Store(Protocol):
 
     def forget_abandoned_version(self, knowledge_base: str, document_id: str, version: int) -> None: ...
 
+    def forget_abandoned_versions_below(self, knowledge_base: str, document_id: str, version: int) -> None:
+        """The chunks of every version of the document below `version` are gone (it settled)."""
+        ...
+
     def commit_document_version(
         self,
         knowledge_base: str,
@@ -952,6 +956,13 @@ class SqliteStore:
         with self._write() as conn:
             conn.execute(
                 "DELETE FROM abandoned_versions WHERE knowledge_base = ? AND document_id = ? AND version = ?",
+                (knowledge_base, document_id, version),
+            )
+
+    def forget_abandoned_versions_below(self, knowledge_base: str, document_id: str, version: int) -> None:
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM abandoned_versions WHERE knowledge_base = ? AND document_id = ? AND version < ?",
                 (knowledge_base, document_id, version),
             )
 
