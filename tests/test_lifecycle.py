@@ -131,14 +131,18 @@ async def start_ticking(grace_s: float) -> tuple[ServiceRunner, TickingGenerator
 async def first_refusal(
     call: Callable[[], AsyncIterator[generator_pb2.GenerateResponse]], timeout_s: float = 10.0
 ) -> grpc.aio.AioRpcError:
-    """Makes the call again and again until the server refuses it; fails after `timeout_s`."""
+    """Makes the call again and again until the server refuses it with UNAVAILABLE; fails after
+    `timeout_s`. A call that arrives just as grpc's own shutdown begins may be CANCELLED by it
+    (a call received but not yet matched to a handler); once the shutdown is under way, every
+    new call is UNAVAILABLE."""
     give_up = asyncio.get_running_loop().time() + timeout_s
     while asyncio.get_running_loop().time() < give_up:
         try:
             async for _ in call():
                 pass
         except grpc.aio.AioRpcError as error:
-            return error
+            if error.code() != grpc.StatusCode.CANCELLED:
+                return error
         await asyncio.sleep(0.01)
     raise AssertionError(f"the server still took new calls {timeout_s} s after its stop began")
 
