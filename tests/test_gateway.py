@@ -275,6 +275,35 @@ async def test_a_generator_failing_mid_stream_ends_the_answer_with_an_error_mess
         await failing.stop()
 
 
+class VanishingGenerator(ScriptedGenerator):
+    """Admits a call and then ends it, before the prompt can arrive (as a replica killed while
+    the gateway embeds and searches)."""
+
+    async def AdmitAndGenerate(self, request_iterator: AsyncIterator[generator_pb2.AdmitAndGenerateRequest], context: grpc.aio.ServicerContext) -> AsyncIterator[generator_pb2.GenerateResponse]:
+        await anext(request_iterator.__aiter__())
+        yield generator_pb2.GenerateResponse(queued=common_pb2.QueueStatus(position=0))
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "generator: going away")
+
+
+async def test_a_generator_gone_before_the_prompt_is_sent_is_unavailable_naming_the_tier(
+    upstreams: InProcessTiers, gateway: gateway_pb2_grpc.GatewayStub  # the module gateway made "policies"
+) -> None:
+    vanishing = await start_in_process(
+        "generator", "askmesh.v1.Generator", lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(VanishingGenerator(), s)
+    )
+    runner, stub, channel = await start_gateway_stub({**upstreams.addresses, "generator": f"127.0.0.1:{vanishing.port}"})
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            async for _ in stub.Ask(gateway_pb2.AskRequest(question="Hotel cost?", knowledge_base="policies"), timeout=30):
+                pass
+        assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert raised.value.details() == "generator tier unavailable: UNAVAILABLE: generator: going away"
+    finally:
+        await channel.close()
+        await runner.stop()
+        await vanishing.stop()
+
+
 # -- answer cache and the gateway's own overhead -----------------------------------------------
 
 

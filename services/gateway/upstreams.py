@@ -202,6 +202,11 @@ class GenerationSession:
             await self._call.done_writing()
         except grpc.aio.AioRpcError as error:
             raise upstream_error("generator", error) from error
+        except asyncio.InvalidStateError:
+            # What grpc raises when the call has already ended (the generator went away while
+            # the question was embedded and searched): the call's own status says why.
+            code, details = await self._call.code(), await self._call.details() or ""
+            raise _mapped("generator", code, details, f"generator tier unavailable: {code.name}: {details}", None) from None
 
     async def read(self) -> generator_pb2.GenerateResponse | None:
         """The next message; None at the stream's end. A message carrying an error, or a
