@@ -135,9 +135,12 @@ def _routes(tier: Tier, idle_timeout: str) -> list[dict[str, Any]]:
             "retry_back_off": RETRY_BACK_OFF,
         },
     }
+    # An idempotent call may be tried again whatever cut it short, including CANCELLED: what
+    # grpc's own shutdown answers a call that reaches a replica just as it begins to stop (seen
+    # once in a rolling restart under load).
     unary_retry = {
         **stream_route["retry_policy"],
-        "retry_on": "unavailable,connect-failure,refused-stream,reset" + capacity,
+        "retry_on": "unavailable,cancelled,connect-failure,refused-stream,reset" + capacity,
     }
     resend_retry = {
         **stream_route["retry_policy"],
