@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -36,6 +37,23 @@ REMOTE = (REPO_ROOT / "samples" / "remote-work-policy.md").read_text()
 async def start_gateway_stub(addresses: dict[str, str]) -> tuple[ServiceRunner, gateway_pb2_grpc.GatewayStub, grpc.aio.Channel]:
     runner, channel = await start_gateway(addresses)
     return runner, gateway_pb2_grpc.GatewayStub(channel), channel
+
+
+@contextlib.asynccontextmanager
+async def gateway_behind(
+    upstreams: InProcessTiers, generator: generator_pb2_grpc.GeneratorServicer
+) -> AsyncIterator[gateway_pb2_grpc.GatewayStub]:
+    """A gateway of its own whose generator tier is `generator` (the other tiers are the real ones)."""
+    server = await start_in_process(
+        "generator", "askmesh.v1.Generator", lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(generator, s)
+    )
+    runner, stub, channel = await start_gateway_stub({**upstreams.addresses, "generator": f"127.0.0.1:{server.port}"})
+    try:
+        yield stub
+    finally:
+        await channel.close()
+        await runner.stop()
+        await server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -224,21 +242,13 @@ class SlowGenerator(ScriptedGenerator):
 
 async def test_the_callers_deadline_reaches_the_generator_and_stops_it(upstreams: InProcessTiers) -> None:
     slow = SlowGenerator()
-    generator = await start_in_process(
-        "generator", "askmesh.v1.Generator", lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(slow, s)
-    )
-    runner, stub, channel = await start_gateway_stub({**upstreams.addresses, "generator": f"127.0.0.1:{generator.port}"})
-    try:
+    async with gateway_behind(upstreams, slow) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for _ in stub.Ask(gateway_pb2.AskRequest(question="Sing", knowledge_base="policies"), timeout=3):
                 pass
         assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert slow.time_remaining is not None and slow.time_remaining < 3
         await asyncio.wait_for(slow.cancelled.wait(), timeout=10)
-    finally:
-        await channel.close()
-        await runner.stop()
-        await generator.stop()
 
 
 class FailingGenerator(ScriptedGenerator):
@@ -256,12 +266,8 @@ class FailingGenerator(ScriptedGenerator):
 
 
 async def test_a_generator_failing_mid_stream_ends_the_answer_with_an_error_message(upstreams: InProcessTiers) -> None:
-    failing = await start_in_process(
-        "generator", "askmesh.v1.Generator", lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(FailingGenerator(), s)
-    )
-    runner, stub, channel = await start_gateway_stub({**upstreams.addresses, "generator": f"127.0.0.1:{failing.port}"})
     received: list[gateway_pb2.AskResponse] = []
-    try:
+    async with gateway_behind(upstreams, FailingGenerator()) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for message in stub.Ask(gateway_pb2.AskRequest(question="Hotel cost?", knowledge_base="policies")):
                 received.append(message)
@@ -269,10 +275,6 @@ async def test_a_generator_failing_mid_stream_ends_the_answer_with_an_error_mess
         assert [m.WhichOneof("event") for m in received] == ["sources", "delta", "delta", "error"]
         assert received[-1].error.code == "UNAVAILABLE"
         assert "TGI connection lost" in received[-1].error.message
-    finally:
-        await channel.close()
-        await runner.stop()
-        await failing.stop()
 
 
 class VanishingGenerator(ScriptedGenerator):
@@ -288,20 +290,12 @@ class VanishingGenerator(ScriptedGenerator):
 async def test_a_generator_gone_before_the_prompt_is_sent_is_unavailable_naming_the_tier(
     upstreams: InProcessTiers, gateway: gateway_pb2_grpc.GatewayStub  # the module gateway made "policies"
 ) -> None:
-    vanishing = await start_in_process(
-        "generator", "askmesh.v1.Generator", lambda s: generator_pb2_grpc.add_GeneratorServicer_to_server(VanishingGenerator(), s)
-    )
-    runner, stub, channel = await start_gateway_stub({**upstreams.addresses, "generator": f"127.0.0.1:{vanishing.port}"})
-    try:
+    async with gateway_behind(upstreams, VanishingGenerator()) as stub:
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             async for _ in stub.Ask(gateway_pb2.AskRequest(question="Hotel cost?", knowledge_base="policies"), timeout=30):
                 pass
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert raised.value.details() == "generator tier unavailable: UNAVAILABLE: generator: going away"
-    finally:
-        await channel.close()
-        await runner.stop()
-        await vanishing.stop()
 
 
 # -- answer cache and the gateway's own overhead -----------------------------------------------
