@@ -89,7 +89,7 @@ def main() -> None:
     console = Console()
 
     data = document_text(args.chunks)
-    from services.gateway.chunking import chunk_text
+    from services.ingestor.chunking import chunk_text
 
     texts = chunk_text(data.decode(), CHUNK_SIZE, 0)
     console.print(f"{len(texts)} chunks of up to {CHUNK_SIZE} characters; measuring the model in-process ...")

@@ -31,7 +31,7 @@ from rich.table import Table
 from askmesh.v1 import generator_pb2
 from benchmarks.common import machine, save
 from benchmarks.corpus.manpages import CorpusDocument, LabelledQuestion, build_corpus, load_questions, normalize
-from services.gateway.chunking import chunk_text
+from services.ingestor.chunking import chunk_text
 from services.generator.prompting import fit_passages
 
 TOP_K = 5

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from services.gateway.chunking import chunk_text, split_blocks, split_sentences
+from services.ingestor.chunking import chunk_text, split_blocks, split_sentences
 
 TEXT = (
     "# Title\n\nFirst sentence here. Second sentence follows! Third one?\n"

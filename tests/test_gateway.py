@@ -17,7 +17,7 @@ from google.protobuf import struct_pb2
 from askmesh.runtime.errors import Unavailable, streaming_rpc
 from askmesh.runtime.server import ServiceRunner
 from askmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, generator_pb2, generator_pb2_grpc
-from services.gateway.knowledge import chunk_id_for
+from services.ingestor.knowledge import chunk_id_for
 from tests.conftest import REPO_ROOT, InProcessTiers, start_gateway, start_in_process
 from tests.fakes.generators import ScriptedGenerator
 

@@ -26,7 +26,7 @@ from askmesh.v1 import (
     knowledge_pb2,
     knowledge_pb2_grpc,
 )
-from services.gateway.store import KIND_INGEST_FILE, TASK_CANCELLED, SqliteStore, TaskRecord
+from services.ingestor.store import KIND_INGEST_FILE, TASK_CANCELLED, SqliteStore, TaskRecord
 from tests.conftest import InProcessTiers, start_gateway
 from tests.test_parsing import docx_zip_bomb, html_memory_hog, slow_pdf
 
@@ -511,7 +511,7 @@ async def test_hostile_files_fail_their_own_tasks_on_the_limits_while_questions_
 async def test_a_task_that_meets_a_passing_problem_is_retried_then_fails_with_the_reason(
     upstreams: InProcessTiers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from services.gateway.knowledge import KnowledgeEngine
+    from services.ingestor.knowledge import KnowledgeEngine
 
     stores: list[float] = []
 

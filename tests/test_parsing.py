@@ -20,10 +20,10 @@ import pytest
 from reportlab.lib import pdfencrypt
 from reportlab.pdfgen import canvas
 
-from services.gateway import parse_worker
-from services.gateway.chunking import SectionChunk, chunk_sections
-from services.gateway.parse_worker import ParseLimits, parse_file
-from services.gateway.parsing import (
+from services.ingestor import parse_worker
+from services.ingestor.chunking import SectionChunk, chunk_sections
+from services.ingestor.parse_worker import ParseLimits, parse_file
+from services.ingestor.parsing import (
     SUPPORTED_CONTENT_TYPES,
     ParsedDocument,
     ParseError,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from services.gateway.store import (
+from services.ingestor.store import (
     KIND_INGEST_FILE,
     KIND_REBUILD,
     SCHEMA_VERSION,
@@ -434,7 +434,7 @@ def test_visibility_pins(store: SqliteStore) -> None:
 
 
 def test_visibility_pins_uses_the_in_flight_index(store: SqliteStore) -> None:
-    from services.gateway.store import _PINS_QUERY
+    from services.ingestor.store import _PINS_QUERY
 
     _kb(store)
     for i in range(50):
@@ -883,7 +883,7 @@ def test_racing_stores_never_claim_one_task_twice(db_path: Path) -> None:
 _CLAIMER = """
 import json, sys, time
 from pathlib import Path
-from services.gateway.store import SqliteStore
+from services.ingestor.store import SqliteStore
 path, go, name = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 store = SqliteStore(path)
 while not go.exists():

@@ -23,11 +23,11 @@ from askmesh.v1 import common_pb2, gateway_pb2, generator_pb2, retriever_pb2
 from askmesh.runtime.inflight import InFlight
 from services.gateway.cache import AnswerCache, MemoryAnswerCache, RedisAnswerCache, cache_key
 from services.gateway.config import GatewaySettings
-from services.gateway.knowledge import AsyncStore, DocumentWrite, KnowledgeEngine, resolve_chunking
-from services.gateway.parsing import Section
-from services.gateway.store import SqliteStore
-from services.gateway.ingestion import Ingestion
-from services.gateway.reconciler import Reconciler
+from services.ingestor.knowledge import AsyncStore, DocumentWrite, KnowledgeEngine, resolve_chunking
+from services.ingestor.parsing import Section
+from services.ingestor.store import SqliteStore
+from services.ingestor.ingestion import Ingestion
+from services.ingestor.reconciler import Reconciler
 from services.gateway.upstreams import Deadline, Upstreams
 
 

@@ -27,9 +27,9 @@ from askmesh.v1 import (
 )
 from services.gateway.config import GatewaySettings
 from services.gateway.engine import GatewayEngine
-from services.gateway.ingestion import STATE_NAMES, task_message
-from services.gateway.store import TaskRecord
-from services.gateway.knowledge import document_info
+from services.ingestor.ingestion import STATE_NAMES, task_message
+from services.ingestor.store import TaskRecord
+from services.ingestor.knowledge import document_info
 from services.gateway.upstreams import Deadline
 
 MAX_DOCUMENT_ID_CHARS = 256

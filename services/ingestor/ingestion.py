@@ -33,7 +33,7 @@ from askmesh.runtime.inflight import InFlight
 from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound
 from askmesh.v1 import common_pb2, ingestion_pb2, retriever_pb2
 from services.gateway.config import GatewaySettings
-from services.gateway.knowledge import (
+from services.ingestor.knowledge import (
     AsyncStore,
     DocumentWrite,
     KnowledgeEngine,
@@ -41,9 +41,9 @@ from services.gateway.knowledge import (
     sections_to_json,
     timestamp,
 )
-from services.gateway.parse_worker import ParseLimits, parse_file
-from services.gateway.parsing import ParseError, detect_format
-from services.gateway.store import (
+from services.ingestor.parse_worker import ParseLimits, parse_file
+from services.ingestor.parsing import ParseError, detect_format
+from services.ingestor.store import (
     KIND_INGEST_FILE,
     KIND_REBUILD,
     STAGE_RECEIVED,

@@ -4,7 +4,7 @@ Why a process: a hostile or broken file (a DOCX zip bomb, a pathological PDF, a 
 a parser into a loop or makes it crash) must fail its own task and nothing else. Parsed inside
 the gateway, it could take the process down with every Ask stream on it, and the task would be
 claimed again after each crash. So every upload is parsed by
-`python -m services.gateway.parse_worker`, which first limits its own address space
+`python -m services.ingestor.parse_worker`, which first limits its own address space
 (RLIMIT_AS) and CPU time (RLIMIT_CPU), then parses the spooled file and writes one JSON object
 on stdout. The gateway (`parse_file`) waits for it without blocking its event loop, kills it
 when the time limit is up, and turns every way it can end into a one-sentence reason.
@@ -31,12 +31,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from services.gateway.parsing import ParsedDocument, ParseError, Section, display_name, parse_document
+from services.ingestor.parsing import ParsedDocument, ParseError, Section, display_name, parse_document
 
 log = logging.getLogger("askmesh.gateway.parsing")
 
 # The command that runs the child half of this module; tests put a slow or crashing one here.
-WORKER_COMMAND: list[str] = [sys.executable, "-m", "services.gateway.parse_worker"]
+WORKER_COMMAND: list[str] = [sys.executable, "-m", "services.ingestor.parse_worker"]
 # The child's exit status when it ran out of memory (a MemoryError, caught before anything else
 # that would need memory runs).
 EXIT_OUT_OF_MEMORY = 3

@@ -38,10 +38,10 @@ from askmesh.v1 import (
     knowledge_pb2,
     retriever_pb2,
 )
-from services.gateway.chunking import chunk_sections
+from services.ingestor.chunking import chunk_sections
 from services.gateway.config import GatewaySettings
-from services.gateway.parsing import Section
-from services.gateway.store import (
+from services.ingestor.parsing import Section
+from services.ingestor.store import (
     KB_CREATING,
     KB_DELETING,
     AlreadyExists,

@@ -30,8 +30,8 @@ import grpc
 
 from askmesh.runtime.errors import AskmeshError
 from services.gateway.config import GatewaySettings
-from services.gateway.knowledge import AsyncStore, KnowledgeEngine
-from services.gateway.store import KB_CREATING, KB_DELETING, KIND_REBUILD, TASK_QUEUED, TASK_RUNNING
+from services.ingestor.knowledge import AsyncStore, KnowledgeEngine
+from services.ingestor.store import KB_CREATING, KB_DELETING, KIND_REBUILD, TASK_QUEUED, TASK_RUNNING
 from services.gateway.upstreams import Deadline
 
 log = logging.getLogger("askmesh.gateway.reconciler")

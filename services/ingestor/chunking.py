@@ -106,7 +106,7 @@ def chunk_text(text: str, size: int, overlap: int) -> list[str]:
 
 
 class _SectionLike(Protocol):
-    """What chunk_sections needs; services.gateway.parsing.Section fits."""
+    """What chunk_sections needs; services.ingestor.parsing.Section fits."""
 
     @property
     def text(self) -> str: ...
