@@ -25,7 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn
 from rich.table import Table
 from rich.text import Text
 
-from askmesh import client
+from askmesh import client, tiers
 from askmesh.v1 import common_pb2, gateway_pb2, ingestion_pb2, knowledge_pb2
 
 app = typer.Typer(help="askmesh: question answering over private documents, as gRPC microservices.", no_args_is_help=True)
@@ -58,15 +58,11 @@ def _show_debug(error: BaseException) -> None:
         errors.print("".join(traceback.format_exception(error)), markup=False, highlight=False, soft_wrap=True)
 
 
-class Service(str, Enum):
-    embedder = "embedder"
-    retriever = "retriever"
-    generator = "generator"
-    gateway = "gateway"
+Service = Enum("Service", {name: name for name in tiers.NAMES}, type=str)  # type: ignore[misc]
 
 
 @app.command()
-def serve(service: Service) -> None:
+def serve(service: Service) -> None:  # type: ignore[valid-type]
     """Run one service alone (what a container runs). Settings come from ASKMESH_* variables."""
     importlib.import_module(f"services.{service.value}.main").main()
 
@@ -91,6 +87,13 @@ def up(
             help="Milvus Lite embedded in the retriever, or as its own server (auto: a server when retriever>1)."
         ),
     ] = MilvusChoice.auto,
+    store: Annotated[
+        str,
+        typer.Option(
+            help="Where knowledge bases, documents and tasks are kept: sqlite (a file in --data-dir), "
+            "postgres (a local PostgreSQL server the mesh starts) or a postgresql:// URL."
+        ),
+    ] = "sqlite",
 ) -> None:
     """Start the whole local mesh (every service and Envoy) on 127.0.0.1 until Ctrl-C."""
     from askmesh.mesh import LocalMesh, MeshLayout, parse_replicas
@@ -107,6 +110,9 @@ def up(
         )
     if milvus is not MilvusChoice.auto:
         layout.milvus = milvus.value  # type: ignore[assignment]
+    if store not in ("sqlite", "postgres") and not store.startswith(("postgresql://", "postgres://")):
+        raise typer.BadParameter(f"{store!r}: expected sqlite, postgres or a postgresql:// URL", param_hint="--store")
+    layout.store = store
     # The samples are loaded before the front door opens: once it answers, they can be asked about.
     mesh = LocalMesh(layout, telemetry=telemetry, say=console.print, samples_dir=REPO_ROOT / "samples" if samples else None)
     control = ControlServer(mesh)
@@ -187,7 +193,7 @@ def replicas_command(control: ControlAddress = "127.0.0.1:50050") -> None:
 
 
 @app.command()
-def restart(tier: Service, control: ControlAddress = "127.0.0.1:50050") -> None:
+def restart(tier: Service, control: ControlAddress = "127.0.0.1:50050") -> None:  # type: ignore[valid-type]
     """Rolling restart of one tier of a running `askmesh up`: a new replica is started and
     SERVING before each old one is taken out of Envoy and drained."""
     from askmesh.v1 import mesh_pb2, mesh_pb2_grpc

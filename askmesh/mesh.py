@@ -33,28 +33,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from askmesh import client, envoy
+from askmesh import client, envoy, tiers
 from askmesh.v1 import gateway_pb2
 
-SERVICES = ("embedder", "retriever", "generator", "gateway")
-GRPC_SERVICE = {
-    "embedder": "askmesh.v1.Embedder",
-    "retriever": "askmesh.v1.Retriever",
-    "generator": "askmesh.v1.Generator",
-    "gateway": "askmesh.v1.Gateway",
-}
-# Unary calls that may be retried on another replica.
-IDEMPOTENT_METHODS = {"embedder": ["Embed"], "retriever": ["Search"]}
-# Streams that only answer (no side effects): sent again if a replica reset them before answering.
-RESENDABLE_STREAMS = {"generator": ["Generate", "AdmitAndGenerate"], "gateway": ["Ask"]}
-# Tiers whose RESOURCE_EXHAUSTED comes from the tiers behind them: not retried on another replica.
-CAPACITY_BEHIND = {"gateway"}
-DEFAULT_PORTS = {"embedder": 50061, "retriever": 50062, "generator": 50063, "gateway": 50064}
+if TYPE_CHECKING:
+    from askmesh.local_postgres import LocalPostgres
+
+SERVICES = tiers.NAMES  # in start-up order
+DEFAULT_PORTS = {tier.name: tier.default_port for tier in tiers.TIERS}
 MilvusMode = Literal["embedded", "server"]
 
 
@@ -109,6 +100,11 @@ class MeshLayout:
     # "server": Milvus Lite as its own process (required for more than one retriever replica).
     milvus: MilvusMode = "embedded"
     metrics: bool = True  # each replica serves Prometheus metrics on a port of its own
+    # Where knowledge bases, documents, tasks and uploads are kept: a SQLite file in data_dir
+    # (one machine), a local PostgreSQL server the mesh starts ("postgres"), or any PostgreSQL
+    # by URL ("postgresql://...").
+    store: str = "sqlite"
+    postgres_port: int = 55432
 
     @classmethod
     def with_replicas(cls, data_dir: Path, replicas: dict[str, int], **options: object) -> MeshLayout:
@@ -120,7 +116,7 @@ class MeshLayout:
     def on_free_ports(cls, data_dir: Path, replicas: dict[str, int] | None = None, **options: object) -> MeshLayout:
         replicas = replicas or {}
         counts = {name: replicas.get(name, 1) for name in SERVICES}
-        ports = iter(free_ports(5 + sum(counts.values())))
+        ports = iter(free_ports(6 + sum(counts.values())))
         return cls(
             data_dir=data_dir,
             front_port=next(ports),
@@ -128,6 +124,7 @@ class MeshLayout:
             admin_port=next(ports),
             control_port=next(ports),
             milvus_port=next(ports),
+            postgres_port=next(ports),
             service_ports={name: [next(ports) for _ in range(count)] for name, count in counts.items()},
             **options,  # type: ignore[arg-type]
         ).with_milvus_for_replicas()
@@ -156,6 +153,10 @@ class MeshLayout:
         return str(self.data_dir / "data" / "milvus.db")
 
     @property
+    def sqlite_path(self) -> Path:
+        return self.data_dir / "data" / "store.sqlite3"
+
+    @property
     def endpoints_dir(self) -> Path:
         return self.data_dir / "endpoints"
 
@@ -166,19 +167,25 @@ class MeshLayout:
         """Envoy's layout; with `front_open` False the gateway tier starts with no replicas in
         its endpoints (the front door answers nothing until they are published)."""
 
-        def tier(name: str) -> envoy.Tier:
+        def tier(name: str, routes: tuple[str, ...]) -> envoy.Tier:
+            spec = tiers.BY_NAME[name]
             return envoy.Tier(
                 name,
-                GRPC_SERVICE[name],
+                spec.health_service,
                 self.replicas(name) if front_open or name != "gateway" else [],
-                IDEMPOTENT_METHODS.get(name, []),
-                RESENDABLE_STREAMS.get(name, []),
-                capacity_per_replica=name not in CAPACITY_BEHIND,
+                list(routes),
+                list(spec.idempotent_methods),
+                list(spec.resendable_streams),
+                capacity_per_replica=spec.capacity_per_replica,
             )
 
         return envoy.EnvoyLayout(
-            front=tier("gateway"),
-            internal=[tier("embedder"), tier("retriever"), tier("generator")],
+            front=[tier(name, tiers.BY_NAME[name].public_routes) for name in tiers.FRONT],
+            internal=[
+                tier(spec.name, tuple(s for s in spec.grpc_services if s != tiers.GATEWAY.health_service))
+                for spec in tiers.TIERS
+                if spec.name != "gateway"
+            ],
             host=self.host,
             front_port=self.front_port,
             internal_port=self.internal_port,
@@ -245,6 +252,8 @@ class LocalMesh:
         self.replicas: dict[str, list[Process]] = {name: [] for name in SERVICES}
         self.envoy: Process | None = None
         self.milvus: Process | None = None
+        self.postgres: LocalPostgres | None = None
+        self.store_url = str(layout.sqlite_path) if layout.store == "sqlite" else layout.store
         self.retired: list[Process] = []  # replicas taken out by a restart or a test
         self._started = {name: 0 for name in SERVICES}  # replica numbers, never reused
         self._endpoints_version = 1
@@ -267,15 +276,14 @@ class LocalMesh:
             prefix + "PORT": str(port),
             prefix + "METRICS_PORT": str(metrics_port),
             "ASKMESH_RETRIEVER_MILVUS_URI": layout.milvus_uri,
-            "ASKMESH_GATEWAY_STORE_PATH": str(layout.data_dir / "data" / "gateway.sqlite3"),
-            "ASKMESH_GATEWAY_SPOOL_DIR": str(layout.data_dir / "data" / "uploads"),
-            "ASKMESH_GATEWAY_EMBEDDER_ADDRESS": layout.internal_address,
-            "ASKMESH_GATEWAY_RETRIEVER_ADDRESS": layout.internal_address,
-            "ASKMESH_GATEWAY_GENERATOR_ADDRESS": layout.internal_address,
+            "ASKMESH_INGESTOR_STORE_URL": self.store_url,
             "ASKMESH_OTEL_EXPORTER": self.telemetry,
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
         }
+        # Every tier reaches the others through Envoy's internal listener.
+        for other in tiers.BY_NAME[name].needs:
+            env[f"{prefix}{other.upper()}_ADDRESS"] = layout.internal_address
         if not OPENMP_SETTINGS.intersection(os.environ):  # the user's own OpenMP settings win
             env.update(openmp_waits(name, len(layout.service_ports.get(name, []))))
         if self.telemetry == "file":
@@ -302,7 +310,10 @@ class LocalMesh:
     def _free_port_outside_layout(self) -> int:
         """A free port that none of the layout's own ports (some not bound yet) can be."""
         layout = self.layout
-        taken = {layout.front_port, layout.internal_port, layout.admin_port, layout.control_port, layout.milvus_port}
+        taken = {
+            layout.front_port, layout.internal_port, layout.admin_port, layout.control_port, layout.milvus_port,
+            layout.postgres_port,
+        }
         taken.update(port for ports in layout.service_ports.values() for port in ports)
         while (port := free_port(layout.host)) in taken:
             pass
@@ -336,6 +347,7 @@ class LocalMesh:
         be loaded, or `interrupted` is set."""
         layout = self.layout
         deadline = time.monotonic() + timeout_s
+        self._start_store()
         if layout.milvus == "server":
             self._start_milvus(deadline)
         config = envoy.write_config(layout.envoy_layout(front_open=False), layout.data_dir / "envoy.yaml")
@@ -351,8 +363,8 @@ class LocalMesh:
             for replica in self.replicas[name]:
                 self._wait_serving(replica, deadline)
                 self.say(f"  {replica.name:<12} SERVING on {replica.address}")
-        tiers = SERVICES[:3]
-        self._wait_envoy(deadline, lambda hosts: all(self._routes_to_all(hosts, name) for name in tiers))
+        behind_gateway = [name for name in SERVICES if name != "gateway"]
+        self._wait_envoy(deadline, lambda hosts: all(self._routes_to_all(hosts, name) for name in behind_gateway))
         if self.samples_dir is not None:
             self.samples_loaded = self._load_samples(self.samples_dir, deadline)
             self.say(
@@ -370,17 +382,17 @@ class LocalMesh:
         return all(view.get(p.address or "") is True for p in self.replicas[name])
 
     def _load_samples(self, samples_dir: Path, deadline: float) -> gateway_pb2.AddDocumentsResponse:
-        """The documents of `samples_dir` into `default`, through the first gateway replica's
+        """The documents of `samples_dir` into `default`, through the first ingestor replica's
         own address (the front door is not open yet)."""
-        gateway = self.replicas["gateway"][0]
-        assert gateway.address is not None
+        ingestor = self.replicas["ingestor"][0]
+        assert ingestor.address is not None
         try:
-            with client.connect(gateway.address) as channel:
+            with client.connect(ingestor.address) as channel:
                 return client.load_samples(channel, samples_dir, timeout_s=max(deadline - time.monotonic(), 1.0))
         except grpc.RpcError as error:
             raise MeshError(
                 f"loading the sample documents of {samples_dir} into 'default' failed "
-                f"({client.describe_rpc_error(error, gateway.address)}); see {gateway.log_path}, "
+                f"({client.describe_rpc_error(error, ingestor.address)}); see {ingestor.log_path}, "
                 "or start without them: `askmesh up --no-samples`"
             ) from error
 
@@ -395,6 +407,22 @@ class LocalMesh:
 
             failure = f"Envoy's front door did not answer SERVING in time; see {self.envoy.log_path}"
             self._wait_for(self.envoy, deadline, serving, failure)
+
+    def _start_store(self) -> None:
+        """A local PostgreSQL server for `store="postgres"`; for SQLite, the file of a mesh made
+        before the ingestor tier existed is taken over under its new name."""
+        layout = self.layout
+        if layout.store == "postgres":
+            from askmesh.local_postgres import LocalPostgres
+
+            self.postgres = LocalPostgres(layout.data_dir / "data" / "postgres", host=layout.host, port=layout.postgres_port)
+            self.store_url = self.postgres.start()
+            self.say(f"  {'postgres':<12} on {layout.host}:{layout.postgres_port}")
+        elif layout.store == "sqlite" and not layout.sqlite_path.exists():
+            old = layout.sqlite_path.with_name("gateway.sqlite3")
+            for suffix in ("", "-wal", "-shm"):
+                if Path(f"{old}{suffix}").exists():
+                    os.replace(f"{old}{suffix}", f"{layout.sqlite_path}{suffix}")
 
     def _start_milvus(self, deadline: float) -> None:
         layout = self.layout
@@ -574,8 +602,9 @@ class LocalMesh:
 
     # -- stop ------------------------------------------------------------------------------
     def stop(self, grace_s: float = 20.0) -> None:
-        """SIGTERM the gateways first, then the other tiers, then Milvus and Envoy; SIGKILL what lingers."""
-        order = [*self.replicas["gateway"], *(p for name in SERVICES[:3] for p in self.replicas[name])]
+        """SIGTERM each tier before the tiers it needs (the gateways first), then Milvus, Envoy and
+        PostgreSQL; SIGKILL what lingers."""
+        order = [p for name in reversed(SERVICES) for p in self.replicas[name]]
         order += [p for p in (self.milvus, self.envoy) if p is not None]
         order += self.retired
         for process in order:
@@ -588,6 +617,9 @@ class LocalMesh:
             except subprocess.TimeoutExpired:
                 process.popen.kill()
                 process.popen.wait()
+        if self.postgres is not None:
+            self.postgres.stop()
+            self.postgres = None
         self.replicas = {name: [] for name in SERVICES}
         self.envoy = self.milvus = None
         self.retired.clear()

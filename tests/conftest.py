@@ -3,7 +3,10 @@ in-process gRPC servers on loopback ports for the contract tests."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import subprocess
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -25,6 +28,10 @@ from services.embedder.servicer import EmbedderServicer  # noqa: E402
 from services.generator.servicer import GeneratorServicer  # noqa: E402
 from services.gateway.config import GatewaySettings  # noqa: E402
 from services.gateway.main import build as build_gateway  # noqa: E402
+from services.ingestor.config import IngestorSettings  # noqa: E402
+from services.ingestor.main import build as build_ingestor  # noqa: E402
+from askmesh import envoy, tiers  # noqa: E402
+from askmesh.mesh import free_ports  # noqa: E402
 from askmesh.v1 import embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, retriever_pb2_grpc  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -130,25 +137,128 @@ async def upstreams(
     await retrieval.close()
 
 
+def _split_overrides(overrides: dict[str, object]) -> tuple[dict[str, object], dict[str, object]]:
+    """Each setting to the tier (or both tiers) that has it."""
+    gateway: dict[str, object] = {}
+    ingestor: dict[str, object] = {}
+    for name, value in overrides.items():
+        known = False
+        if name in GatewaySettings.model_fields:
+            gateway[name], known = value, True
+        if name in IngestorSettings.model_fields:
+            ingestor[name], known = value, True
+        if not known:
+            raise TypeError(f"no gateway or ingestor setting is called {name!r}")
+    return gateway, ingestor
+
+
 def gateway_settings(addresses: dict[str, str], **overrides: object) -> GatewaySettings:
     values: dict[str, object] = dict(
         embedder_address=addresses["embedder"],
         retriever_address=addresses["retriever"],
         generator_address=addresses["generator"],
+        ingestor_address=addresses.get("ingestor", "127.0.0.1:1"),
         upstream_timeout_s=5,
-        store_path=addresses["data"] + "/gateway.sqlite3",
-        spool_dir=addresses["data"] + "/uploads",
-        task_poll_interval_s=0.1,
     )
     values.update(overrides)
     return GatewaySettings(**values)  # type: ignore[arg-type]
 
 
-async def start_gateway(addresses: dict[str, str], **overrides: object) -> tuple[ServiceRunner, grpc.aio.Channel]:
-    """The whole gateway process's services (Gateway, KnowledgeBases, Ingestion) in this process."""
-    runner = ServiceRunner(build_gateway(gateway_settings(addresses, **overrides)), ServiceSettings(port=1, grace_period_s=1))
+def ingestor_settings(addresses: dict[str, str], **overrides: object) -> IngestorSettings:
+    values: dict[str, object] = dict(
+        embedder_address=addresses["embedder"],
+        retriever_address=addresses["retriever"],
+        upstream_timeout_s=5,
+        store_url=addresses["data"] + "/store.sqlite3",
+        spool_dir=addresses["data"] + "/uploads",
+        task_poll_interval_s=0.1,
+    )
+    values.update(overrides)
+    return IngestorSettings(**values)  # type: ignore[arg-type]
+
+
+async def start_runner(definition: ServiceDefinition) -> ServiceRunner:
+    runner = ServiceRunner(definition, ServiceSettings(port=1, grace_period_s=1))
     runner.settings.port = 0
     await runner.start()
     assert runner.warm_up is not None
     await runner.warm_up
-    return runner, grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}")
+    return runner
+
+
+class FrontDoor:
+    """An ingestor and a gateway in this process behind a real Envoy front door that routes each
+    public service to its tier, as the mesh's does: what a client of askmesh sees."""
+
+    def __init__(self, ingestor: ServiceRunner | None, gateway: ServiceRunner, envoy_process: subprocess.Popen[bytes], port: int) -> None:
+        self.ingestor = ingestor
+        self.gateway = gateway
+        self.envoy = envoy_process
+        self.port = port
+
+    async def stop(self) -> None:
+        self.envoy.terminate()
+        await asyncio.to_thread(self.envoy.wait)
+        await self.gateway.stop()
+        if self.ingestor is not None:
+            await self.ingestor.stop()
+
+
+async def start_front_door(
+    gateway: ServiceRunner, ingestor: ServiceRunner | None, ingestor_address: str, data_dir: Path
+) -> FrontDoor:
+    front_port, admin_port = free_ports(2)
+    layout = envoy.EnvoyLayout(
+        front=[
+            envoy.Tier("gateway", tiers.GATEWAY.health_service, [f"127.0.0.1:{gateway.port}"], list(tiers.GATEWAY.public_routes)),
+            envoy.Tier("ingestor", tiers.INGESTOR.health_service, [ingestor_address], list(tiers.INGESTOR.public_routes)),
+        ],
+        internal=[],
+        front_port=front_port,
+        admin_port=admin_port,
+        endpoints_dir=data_dir / "endpoints",
+        health_check_interval_s=0.2,
+    )
+    config = envoy.write_config(layout, data_dir / "envoy.yaml")
+    log_path = data_dir / "envoy.log"
+    process = subprocess.Popen(envoy.envoy_command(config, log_path), stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{front_port}")
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel)
+    give_up_at = time.monotonic() + 30
+    for tier in (tiers.GATEWAY, tiers.INGESTOR):  # each routed to and healthy in Envoy's view
+        while True:
+            try:
+                reply = await health.Check(
+                    health_pb2.HealthCheckRequest(service=tier.health_service), timeout=1,
+                    metadata=[("askmesh-health-service", tier.health_service)],
+                )
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+            except grpc.aio.AioRpcError:
+                pass
+            assert process.poll() is None and time.monotonic() < give_up_at, f"Envoy did not route; see {log_path}"
+            await asyncio.sleep(0.1)
+    await channel.close()
+    return FrontDoor(ingestor, gateway, process, front_port)
+
+
+async def start_gateway(addresses: dict[str, str], **overrides: object) -> tuple[FrontDoor, grpc.aio.Channel]:
+    """An ingestor and a gateway in this process behind an Envoy front door (the public API on
+    one address, as the mesh serves it); `overrides` go to the tier (or tiers) with that setting.
+    With addresses["ingestor"] set, that ingestor is used instead of a new one."""
+    gateway_overrides, ingestor_overrides = _split_overrides(overrides)
+    ingestor: ServiceRunner | None = None
+    if "ingestor" in addresses:
+        ingestor_address = addresses["ingestor"]
+    else:
+        ingestor = await start_runner(build_ingestor(ingestor_settings(addresses, **ingestor_overrides)))
+        ingestor_address = f"127.0.0.1:{ingestor.port}"
+    gateway = await start_runner(
+        build_gateway(gateway_settings({**addresses, "ingestor": ingestor_address}, **gateway_overrides))
+    )
+    data_dir = Path(addresses["data"]) / f"front-{gateway.port}"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    front = await start_front_door(gateway, ingestor, ingestor_address, data_dir)
+    return front, grpc.aio.insecure_channel(f"127.0.0.1:{front.port}")

@@ -55,7 +55,8 @@ from services.generator.servicer import GeneratorServicer
 from services.retriever.config import RetrieverSettings
 from services.retriever.engine import RetrievalEngine, alias_name
 from services.retriever.servicer import RetrieverServicer
-from tests.conftest import REPO_ROOT, start_in_process
+from services.gateway.main import build as build_gateway
+from tests.conftest import REPO_ROOT, gateway_settings, start_in_process, start_runner
 
 TEXT_V1 = (REPO_ROOT / "samples" / "travel-policy.md").read_text()
 TEXT_V2 = TEXT_V1.replace("260 euros", "275 euros") + "\n\nTaxis are reimbursed up to 40 euros per ride.\n"
@@ -102,32 +103,31 @@ def print_table() -> None:
     print("\n" + "\n".join(lines))
 
 
-class Gateway:
-    """One `askmesh serve gateway` process on the scenario's store."""
+class Ingestor:
+    """One `askmesh serve ingestor` process on the scenario's store."""
 
     def __init__(self, tiers: Tiers, data: Path, crash_at: str = "") -> None:
         (port,) = free_ports(1)
         self.address = f"127.0.0.1:{port}"
         env = {
             **os.environ,
-            "ASKMESH_GATEWAY_PORT": str(port),
-            "ASKMESH_GATEWAY_EMBEDDER_ADDRESS": tiers.addresses["embedder"],
-            "ASKMESH_GATEWAY_RETRIEVER_ADDRESS": tiers.addresses["retriever"],
-            "ASKMESH_GATEWAY_GENERATOR_ADDRESS": tiers.addresses["generator"],
-            "ASKMESH_GATEWAY_STORE_PATH": str(data / "gateway.sqlite3"),
-            "ASKMESH_GATEWAY_SPOOL_DIR": str(data / "uploads"),
+            "ASKMESH_INGESTOR_PORT": str(port),
+            "ASKMESH_INGESTOR_EMBEDDER_ADDRESS": tiers.addresses["embedder"],
+            "ASKMESH_INGESTOR_RETRIEVER_ADDRESS": tiers.addresses["retriever"],
+            "ASKMESH_INGESTOR_STORE_URL": str(data / "store.sqlite3"),
+            "ASKMESH_INGESTOR_SPOOL_DIR": str(data / "uploads"),
             # Short leases: a crashed request's intent is stale by the time the next gateway is up.
-            "ASKMESH_GATEWAY_WRITE_LEASE_S": "1",
-            "ASKMESH_GATEWAY_TASK_LEASE_S": "2",
-            "ASKMESH_GATEWAY_TASK_POLL_INTERVAL_S": "0.2",
-            "ASKMESH_GATEWAY_INGEST_BATCH_SIZE": "2",  # several batches, so a crash can fall between them
-            "ASKMESH_GATEWAY_GRACE_PERIOD_S": "1",
-            "ASKMESH_GATEWAY_RECONCILE_INTERVAL_S": "0.5",
+            "ASKMESH_INGESTOR_WRITE_LEASE_S": "1",
+            "ASKMESH_INGESTOR_TASK_LEASE_S": "2",
+            "ASKMESH_INGESTOR_TASK_POLL_INTERVAL_S": "0.2",
+            "ASKMESH_INGESTOR_INGEST_BATCH_SIZE": "2",  # several batches, so a crash can fall between them
+            "ASKMESH_INGESTOR_GRACE_PERIOD_S": "1",
+            "ASKMESH_INGESTOR_RECONCILE_INTERVAL_S": "0.5",
             CRASH_AT_ENV: crash_at,
         }
         log = (data / f"gateway-{time.monotonic_ns()}.log").open("wb")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "askmesh.cli", "serve", "gateway"], env=env, stdout=log, stderr=subprocess.STDOUT
+            [sys.executable, "-m", "askmesh.cli", "serve", "ingestor"], env=env, stdout=log, stderr=subprocess.STDOUT
         )
         self.log_path = Path(log.name)
         log.close()
@@ -137,7 +137,7 @@ class Gateway:
         health = health_pb2_grpc.HealthStub(channel)
         give_up = time.monotonic() + timeout_s
         while time.monotonic() < give_up:
-            assert self.process.poll() is None, f"the gateway exited: {self.log_path.read_text()[-2000:]}"
+            assert self.process.poll() is None, f"the ingestor exited: {self.log_path.read_text()[-2000:]}"
             try:
                 reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
@@ -145,14 +145,14 @@ class Gateway:
             except grpc.aio.AioRpcError:
                 pass
             await asyncio.sleep(0.1)
-        raise AssertionError(f"the gateway did not become SERVING: {self.log_path.read_text()[-2000:]}")
+        raise AssertionError(f"the ingestor did not become SERVING: {self.log_path.read_text()[-2000:]}")
 
     async def died_by_sigkill(self, timeout_s: float = 60.0) -> None:
         give_up = time.monotonic() + timeout_s
         while self.process.poll() is None and time.monotonic() < give_up:
             await asyncio.sleep(0.05)
         assert self.process.returncode == -signal.SIGKILL, (
-            f"the gateway did not crash at its crash point (exit {self.process.returncode}): {self.log_path.read_text()[-2000:]}"
+            f"the ingestor did not crash at its crash point (exit {self.process.returncode}): {self.log_path.read_text()[-2000:]}"
         )
 
     def stop(self) -> None:
@@ -241,7 +241,7 @@ async def converged(tiers: Tiers, data: Path, knowledge_base: str, timeout_s: fl
 
 def check_converged(tiers: Tiers, data: Path, knowledge_base: str) -> str:
     """Nothing locked, and Milvus agrees with the store; returns the document's visible state."""
-    store = SqliteStore(data / "gateway.sqlite3")
+    store = SqliteStore(data / "store.sqlite3")
     try:
         record = store.get_knowledge_base(knowledge_base)
         assert record is None or record.ready, f"knowledge base left {record.state}"
@@ -267,7 +267,7 @@ def check_converged(tiers: Tiers, data: Path, knowledge_base: str) -> str:
 async def tasks_ended(data: Path, timeout_s: float = 120.0) -> None:
     """Waits until no ingestion task is queued or running; every one that ran succeeded (a task
     killed mid-way is resumed from its checkpoint by the restarted gateway)."""
-    store = SqliteStore(data / "gateway.sqlite3")
+    store = SqliteStore(data / "store.sqlite3")
     try:
         give_up = time.monotonic() + timeout_s
         while True:
@@ -281,11 +281,16 @@ async def tasks_ended(data: Path, timeout_s: float = 120.0) -> None:
         store.close()
 
 
-async def answered(api_: Api, knowledge_base: str) -> None:
-    messages = [m async for m in api_.gateway.Ask(
-        gateway_pb2.AskRequest(question="How much is a hotel in Paris?", knowledge_base=knowledge_base, parameters=SHORT), timeout=120
-    )]
-    assert messages[-1].HasField("done")
+async def answered(tiers: Tiers, ingestor: Ingestor, knowledge_base: str) -> None:
+    """An Ask on the knowledge base is answered, by a gateway (in this process) in front of the ingestor."""
+    gateway = await start_runner(build_gateway(gateway_settings({**tiers.addresses, "ingestor": ingestor.address})))
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            ask = gateway_pb2.AskRequest(question="How much is a hotel in Paris?", knowledge_base=knowledge_base, parameters=SHORT)
+            messages = [m async for m in gateway_pb2_grpc.GatewayStub(channel).Ask(ask, timeout=120)]
+    finally:
+        await gateway.stop()
+    assert messages[-1].HasField("done"), messages[-1]
 
 
 # -- the scenarios --------------------------------------------------------------------------------
@@ -366,7 +371,7 @@ async def test_an_operation_killed_at_a_crash_point_converges_after_a_restart(
     tiers: Tiers, scenario_dir: Path, scenario: Scenario
 ) -> None:
     knowledge_base = "crash_" + scenario.crash_at.replace(".", "_") + "_" + str(SCENARIOS.index(scenario))
-    setup = Gateway(tiers, scenario_dir)
+    setup = Ingestor(tiers, scenario_dir)
     try:
         channel = await setup.serving()
         await scenario.setup(api(channel), knowledge_base)
@@ -374,7 +379,7 @@ async def test_an_operation_killed_at_a_crash_point_converges_after_a_restart(
     finally:
         setup.stop()
 
-    crashing = Gateway(tiers, scenario_dir, crash_at=scenario.crash_at)
+    crashing = Ingestor(tiers, scenario_dir, crash_at=scenario.crash_at)
     try:
         channel = await crashing.serving()
         try:
@@ -386,7 +391,7 @@ async def test_an_operation_killed_at_a_crash_point_converges_after_a_restart(
     finally:
         crashing.stop()
 
-    restarted = Gateway(tiers, scenario_dir)
+    restarted = Ingestor(tiers, scenario_dir)
     try:
         channel = await restarted.serving()  # the start-up reconciler has run
         await tasks_ended(scenario_dir)  # an ingestion task that was running resumes and ends
@@ -395,7 +400,7 @@ async def test_an_operation_killed_at_a_crash_point_converges_after_a_restart(
         await scenario.call(again, knowledge_base)  # the same call again succeeds
         final = check_converged(tiers, scenario_dir, knowledge_base)
         if scenario.call is not delete_kb:
-            await answered(again, knowledge_base)
+            await answered(tiers, restarted, knowledge_base)
         else:
             # The name is free again, and a new knowledge base of that name starts empty.
             await create_kb(again, knowledge_base)
@@ -415,7 +420,7 @@ async def test_a_task_whose_worker_dies_on_every_attempt_fails_after_the_last_an
     at the same point, ends the task FAILED with the reason instead of claiming it again, and
     its spooled upload is gone; the knowledge base takes the next upload."""
     knowledge_base = "poison"
-    setup = Gateway(tiers, scenario_dir)
+    setup = Ingestor(tiers, scenario_dir)
     try:
         channel = await setup.serving()
         await create_kb(api(channel), knowledge_base)
@@ -424,7 +429,7 @@ async def test_a_task_whose_worker_dies_on_every_attempt_fails_after_the_last_an
         setup.stop()
     task_id = ""
     for _ in range(3):
-        dying = Gateway(tiers, scenario_dir, crash_at="task.parsing")
+        dying = Ingestor(tiers, scenario_dir, crash_at="task.parsing")
         try:
             channel = await dying.serving()
             if not task_id:
@@ -433,7 +438,7 @@ async def test_a_task_whose_worker_dies_on_every_attempt_fails_after_the_last_an
             await channel.close()
         finally:
             dying.stop()
-    last = Gateway(tiers, scenario_dir, crash_at="task.parsing")
+    last = Ingestor(tiers, scenario_dir, crash_at="task.parsing")
     try:
         channel = await last.serving()
         ended = await task_done(api(channel), task_id)
@@ -444,13 +449,13 @@ async def test_a_task_whose_worker_dies_on_every_attempt_fails_after_the_last_an
         await channel.close()
     finally:
         last.stop()
-    healthy = Gateway(tiers, scenario_dir)
+    healthy = Ingestor(tiers, scenario_dir)
     try:
         channel = await healthy.serving()
         done = await task_done(api(channel), (await upload(api(channel), knowledge_base, TEXT_V2)).id)
         assert done.state == ingestion_pb2.TASK_STATE_SUCCEEDED, done.error
         assert await converged(tiers, scenario_dir, knowledge_base) == "version 1"
-        await answered(api(channel), knowledge_base)
+        await answered(tiers, healthy, knowledge_base)
         await channel.close()
         TABLE.append(("task.parsing x3", "UploadFile (poison)", "failed after 3", "not claimed again; spool removed; next upload ok"))
     finally:

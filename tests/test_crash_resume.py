@@ -1,4 +1,4 @@
-"""kill -9 of a gateway in the middle of an ingestion task: a restarted gateway resumes the task
+"""kill -9 of an ingestor in the middle of an ingestion task: a restarted ingestor resumes the task
 from its last checkpoint, and the knowledge base ends with every chunk exactly once."""
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from tests.conftest import InProcessTiers
 pytestmark = pytest.mark.mesh
 
 
-class GatewayProcess:
-    """`askmesh serve gateway` as a real process, in front of this test's in-process tiers."""
+class IngestorProcess:
+    """`askmesh serve ingestor` as a real process, in front of this test's in-process tiers."""
 
     def __init__(self, addresses: dict[str, str], log_path: Path) -> None:
         self.port = free_port()
@@ -39,15 +39,14 @@ class GatewayProcess:
         data = addresses["data"]
         self.env = {
             **os.environ,
-            "ASKMESH_GATEWAY_PORT": str(self.port),
-            "ASKMESH_GATEWAY_EMBEDDER_ADDRESS": addresses["embedder"],
-            "ASKMESH_GATEWAY_RETRIEVER_ADDRESS": addresses["retriever"],
-            "ASKMESH_GATEWAY_GENERATOR_ADDRESS": addresses["generator"],
-            "ASKMESH_GATEWAY_STORE_PATH": f"{data}/crash.sqlite3",
-            "ASKMESH_GATEWAY_SPOOL_DIR": f"{data}/crash-uploads",
-            "ASKMESH_GATEWAY_INGEST_BATCH_SIZE": "4",
-            "ASKMESH_GATEWAY_TASK_LEASE_S": "2",
-            "ASKMESH_GATEWAY_TASK_POLL_INTERVAL_S": "0.2",
+            "ASKMESH_INGESTOR_PORT": str(self.port),
+            "ASKMESH_INGESTOR_EMBEDDER_ADDRESS": addresses["embedder"],
+            "ASKMESH_INGESTOR_RETRIEVER_ADDRESS": addresses["retriever"],
+            "ASKMESH_INGESTOR_STORE_URL": f"{data}/crash.sqlite3",
+            "ASKMESH_INGESTOR_SPOOL_DIR": f"{data}/crash-uploads",
+            "ASKMESH_INGESTOR_INGEST_BATCH_SIZE": "4",
+            "ASKMESH_INGESTOR_TASK_LEASE_S": "2",
+            "ASKMESH_INGESTOR_TASK_POLL_INTERVAL_S": "0.2",
         }
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -58,7 +57,7 @@ class GatewayProcess:
     async def start(self) -> None:
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "askmesh.cli", "serve", "gateway"], env=self.env, stdout=log, stderr=subprocess.STDOUT
+                [sys.executable, "-m", "askmesh.cli", "serve", "ingestor"], env=self.env, stdout=log, stderr=subprocess.STDOUT
             )
         async with grpc.aio.insecure_channel(self.address) as channel:
             health = health_pb2_grpc.HealthStub(channel)
@@ -71,7 +70,7 @@ class GatewayProcess:
                 except grpc.aio.AioRpcError:
                     pass
                 await asyncio.sleep(0.1)
-        raise AssertionError("the gateway did not start")
+        raise AssertionError("the ingestor did not start")
 
     def kill(self) -> None:
         assert self.process is not None
@@ -85,18 +84,18 @@ class GatewayProcess:
 
 
 @pytest.fixture
-async def gateway_process(upstreams: InProcessTiers, tmp_path: Path) -> AsyncIterator[GatewayProcess]:
-    process = GatewayProcess(upstreams.addresses, tmp_path / "gateway.log")
+async def ingestor_process(upstreams: InProcessTiers, tmp_path: Path) -> AsyncIterator[IngestorProcess]:
+    process = IngestorProcess(upstreams.addresses, tmp_path / "ingestor.log")
     yield process
     process.stop()
 
 
 async def test_a_killed_task_resumes_from_its_checkpoint_and_stores_every_chunk_once(
-    gateway_process: GatewayProcess, upstreams: InProcessTiers
+    ingestor_process: IngestorProcess, upstreams: InProcessTiers
 ) -> None:
-    await gateway_process.start()
+    await ingestor_process.start()
     text = " ".join(f"Inventory line {i} lists crate {i} on pallet {i % 17}." for i in range(900)).encode()
-    async with grpc.aio.insecure_channel(gateway_process.address) as channel:
+    async with grpc.aio.insecure_channel(ingestor_process.address) as channel:
         kb = knowledge_pb2_grpc.KnowledgeBasesStub(channel)
         ingest = ingestion_pb2_grpc.IngestionStub(channel)
         await kb.CreateKnowledgeBase(
@@ -114,12 +113,12 @@ async def test_a_killed_task_resumes_from_its_checkpoint_and_stores_every_chunk_
                 break
             assert status.state in (ingestion_pb2.TASK_STATE_QUEUED, ingestion_pb2.TASK_STATE_RUNNING), status
             await asyncio.sleep(0.02)
-    gateway_process.kill()
+    ingestor_process.kill()
     stored_at_kill = status.progress.chunks_stored
     assert stored_at_kill < status.progress.chunks_total, "the task finished before the kill"
 
-    await gateway_process.start()  # a new process on the same store: it reclaims the expired lease
-    async with grpc.aio.insecure_channel(gateway_process.address) as channel:
+    await ingestor_process.start()  # a new process on the same store: it reclaims the expired lease
+    async with grpc.aio.insecure_channel(ingestor_process.address) as channel:
         ingest = ingestion_pb2_grpc.IngestionStub(channel)
         updates = [t async for t in ingest.WatchTask(ingestion_pb2.WatchTaskRequest(id=task.id), timeout=300)]
         final = updates[-1]
@@ -133,7 +132,7 @@ async def test_a_killed_task_resumes_from_its_checkpoint_and_stores_every_chunk_
         collection = await retriever.DescribeCollection(retriever_pb2.DescribeCollectionRequest(knowledge_base="crash"))
     assert collection.chunk_count == final.progress.chunks_total  # every chunk exactly once
 
-    log = gateway_process.log_path.read_text()
+    log = ingestor_process.log_path.read_text()
     resumed = [line for line in log.splitlines() if f"task {task.id} (ingest_file) resumed at stage embedding" in line]
     assert resumed, log[-3000:]
     batches_done = int(resumed[0].rsplit(" ", 1)[-1])

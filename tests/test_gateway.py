@@ -380,7 +380,7 @@ async def test_the_redis_cache_is_shared_by_gateway_replicas(
 
 
 def test_a_kept_upstream_status_names_its_tier_once() -> None:
-    from services.gateway.upstreams import _mapped
+    from askmesh.upstream import _mapped
 
     busy = _mapped("generator", grpc.StatusCode.RESOURCE_EXHAUSTED, "generator: 1 generations running", "-")
     assert busy.code == grpc.StatusCode.RESOURCE_EXHAUSTED and busy.message == "generator: 1 generations running"

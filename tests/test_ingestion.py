@@ -385,7 +385,7 @@ async def test_changes_are_visible_to_every_gateway_replica_at_once(api: Api, up
 async def test_a_file_over_the_chunk_limit_fails_its_task(upstreams: InProcessTiers, tmp_path: Path) -> None:
     # Its own store, so only this gateway's worker (with the low limit) can take the task.
     runner, channel = await start_gateway(
-        upstreams.addresses, max_chunks_per_task=5, store_path=tmp_path / "limited.sqlite3", spool_dir=tmp_path / "uploads"
+        upstreams.addresses, max_chunks_per_task=5, store_url=str(tmp_path / "limited.sqlite3"), spool_dir=tmp_path / "uploads"
     )
     limited = Api(channel)
     try:
@@ -469,7 +469,7 @@ async def test_hostile_files_fail_their_own_tasks_on_the_limits_while_questions_
         # 25 s on this machine, alone.
         parse_timeout_s=15.0,
         parse_max_memory_bytes=160 * 1024 * 1024,
-        store_path=tmp_path / "hostile.sqlite3",
+        store_url=str(tmp_path / "hostile.sqlite3"),
         spool_dir=tmp_path / "uploads",
     )
     hostile = Api(channel)
@@ -520,7 +520,7 @@ async def test_a_task_that_meets_a_passing_problem_is_retried_then_fails_with_th
         raise Unavailable("embedder tier unavailable: every replica is restarting")
 
     runner, channel = await start_gateway(
-        upstreams.addresses, task_retry_delay_s=0.3, task_poll_interval_s=0.05, store_path=tmp_path / "passing.sqlite3", spool_dir=tmp_path / "uploads"
+        upstreams.addresses, task_retry_delay_s=0.3, task_poll_interval_s=0.05, store_url=str(tmp_path / "passing.sqlite3"), spool_dir=tmp_path / "uploads"
     )
     passing = Api(channel)
     try:
@@ -549,7 +549,7 @@ async def test_a_task_that_meets_a_passing_problem_is_retried_then_fails_with_th
 
 async def test_the_spool_of_every_ended_task_is_removed_and_an_old_orphan_too(upstreams: InProcessTiers, tmp_path: Path) -> None:
     spool = tmp_path / "uploads"
-    where = dict(store_path=tmp_path / "spool.sqlite3", spool_dir=spool)
+    where = dict(store_url=str(tmp_path / "spool.sqlite3"), spool_dir=spool)
     idle, channel = await start_gateway(upstreams.addresses, ingest_workers=0, **where)  # takes uploads, runs none
     try:
         api = Api(channel)

@@ -1,10 +1,10 @@
 """The start-up that bricked every later `make run`: a mesh that loses power (kill -9 of every
 process) while it loads the sample documents starts again on the same data and answers.
 
-The first mesh's gateway dies at a crash point in the middle of writing a sample document (a
+The first mesh's ingestor dies at a crash point in the middle of writing a sample document (a
 batch of its chunks stored, the version pending), so the interruption falls where it once left a
 document "being written" for good; then every other process of the mesh is killed too. The
-second mesh, on the same data directory, must start (its gateway's reconciler undoes the write
+second mesh, on the same data directory, must start (its ingestor's reconciler undoes the write
 whose lease ran out, or the sample load takes it over once it has), load the samples again and answer an Ask that cites them."""
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ def test_a_mesh_killed_while_it_loads_the_samples_starts_again_and_answers(tmp_p
     # Several batches per document, so the crash falls between two. The leases are the
     # defaults: the second mesh starts while the dead write's lease still runs, and its sample
     # load waits for the lease to run out, then takes the write over.
-    env = {"ASKMESH_GATEWAY_INGEST_BATCH_SIZE": "4"}
+    env = {"ASKMESH_INGESTOR_INGEST_BATCH_SIZE": "4"}
     interrupted = LocalMesh(layout, env={**env, CRASH_AT_ENV: "doc.write.batch"}, say=lambda _: None, samples_dir=SAMPLES)
     try:
         with pytest.raises(MeshError) as failed:
@@ -40,10 +40,10 @@ def test_a_mesh_killed_while_it_loads_the_samples_starts_again_and_answers(tmp_p
             process.popen.kill()
     finally:
         interrupted.stop()
-    store = SqliteStore(layout.data_dir / "data" / "gateway.sqlite3")
+    store = SqliteStore(layout.data_dir / "data" / "store.sqlite3")
     try:
         left = store.stale_documents(now=time.time() + 3600)
-        assert left, "the first mesh's gateway did not die in the middle of a sample document's write"
+        assert left, "the first mesh's ingestor did not die in the middle of a sample document's write"
     finally:
         store.close()
 
@@ -62,7 +62,7 @@ def test_a_mesh_killed_while_it_loads_the_samples_starts_again_and_answers(tmp_p
                 knowledge_pb2.ListDocumentsRequest(knowledge_base="default"), timeout=30
             )
             assert {d.id for d in listed.documents} == {d.id for d in mesh.samples_loaded.documents}
-        store = SqliteStore(layout.data_dir / "data" / "gateway.sqlite3")
+        store = SqliteStore(layout.data_dir / "data" / "store.sqlite3")
         try:
             assert store.stale_documents(now=time.time() + 3600) == [], "a sample document is still being written"
             assert store.abandoned_versions() == []

@@ -1,34 +1,27 @@
-"""The question pipeline and document loading, over the other tiers' gRPC APIs; no server here.
+"""The question pipeline, over the other tiers' gRPC APIs; no server here.
 
-Ask: embed the question -> search the knowledge base -> send the sources -> stream the
+Ask, in steps: the knowledge base's search view (from the ingestor) -> a place in a generator's
+line -> embed the question -> search with the view's pins -> send the sources -> stream the
 generator's tokens -> done with timings. Each upstream failure becomes a status that names the
 tier (a dead embedder is "UNAVAILABLE: embedder tier unavailable: ..."), and the caller's
-deadline is passed on to every hop.
+deadline is passed on to every hop. The gateway stores nothing: documents and knowledge bases
+are the ingestor tier's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
-
-from google.protobuf import json_format
+from typing import TypeVar
 
 from askmesh.runtime import metrics
 from askmesh.runtime.errors import Unavailable
-from askmesh.v1 import common_pb2, gateway_pb2, generator_pb2, retriever_pb2
-from askmesh.runtime.inflight import InFlight
+from askmesh.upstream import Deadline, GenerationSession, Upstreams
+from askmesh.v1 import catalog_pb2, common_pb2, gateway_pb2, generator_pb2, retriever_pb2
 from services.gateway.cache import AnswerCache, MemoryAnswerCache, RedisAnswerCache, cache_key
 from services.gateway.config import GatewaySettings
-from services.ingestor.knowledge import AsyncStore, DocumentWrite, KnowledgeEngine, resolve_chunking
-from services.ingestor.parsing import Section
-from services.ingestor.store import SqliteStore
-from services.ingestor.ingestion import Ingestion
-from services.ingestor.reconciler import Reconciler
-from services.gateway.upstreams import Deadline, Upstreams
 
 
 # A search that keeps racing document changes is returned as the last one found: by then the
@@ -95,78 +88,66 @@ def make_answer_cache(settings: GatewaySettings) -> AnswerCache | None:
     return None
 
 
-def document_id_for(document: gateway_pb2.Document) -> str:
-    return document.id or "sha256-" + hashlib.sha256(document.text.encode()).hexdigest()[:32]
-
-
 class GatewayEngine:
     def __init__(self, settings: GatewaySettings) -> None:
         self.settings = settings
-        self.upstreams = Upstreams(settings)
-        settings.store_path.parent.mkdir(parents=True, exist_ok=True)
-        self.store = AsyncStore(SqliteStore(settings.store_path), hot=SqliteStore(settings.store_path))
-        self.knowledge = KnowledgeEngine(settings, self.store, self.upstreams)
-        self.questions = InFlight()
+        self.upstreams = Upstreams(
+            {
+                "embedder": settings.embedder_address,
+                "retriever": settings.retriever_address,
+                "generator": settings.generator_address,
+                "ingestor": settings.ingestor_address,
+            }
+        )
         self.cache = make_answer_cache(settings)
-        self.ingestion = Ingestion(settings, self.store, self.knowledge, self.questions)
-        self.reconciler = Reconciler(settings, self.store, self.knowledge)
 
     async def start(self) -> None:
-        """The gateway holds no model: it is ready (SERVING) once every upstream tier has
-        answered SERVING once, so that an Ask could be answered, and its workers run. The
-        workers start last: each of their tasks needs the tiers too."""
+        """The gateway holds no model: it is ready (SERVING) once every tier it calls has
+        answered SERVING once, so that an Ask could be answered."""
         await self.upstreams.wait_until_serving()
-        # What a crash left half done is finished or undone before the first call is taken.
-        await self.reconciler.run_once_logged()
-        self.reconciler.start()
-        self.ingestion.start()
 
     async def close(self) -> None:
-        await self.reconciler.stop()
-        await self.ingestion.stop()
         if self.cache is not None:
             await self.cache.close()
         await self.upstreams.close()
-        self.store.close()
 
-    # -- Ask ---------------------------------------------------------------------------------
+    def deadline(self, remaining_s: float | None) -> Deadline:
+        return Deadline(remaining_s=remaining_s, default_s=self.settings.upstream_timeout_s)
+
     async def ask(self, request: gateway_pb2.AskRequest, deadline: Deadline) -> AsyncIterator[gateway_pb2.AskResponse]:
-        """Sources, token deltas, then done. Raises AskmeshError (after validation by the servicer)."""
-        with self.questions.track():
-            async with contextlib.aclosing(self._ask(request, deadline)) as responses:
-                async for response in responses:
-                    yield response
-
-    async def _ask(self, request: gateway_pb2.AskRequest, deadline: Deadline) -> AsyncIterator[gateway_pb2.AskResponse]:
+        """Sources, token deltas, then done; replayed from the answer cache where one is kept.
+        Raises AskmeshError (after validation by the servicer)."""
         started = time.perf_counter()
-        knowledge_base = request.knowledge_base or self.settings.default_knowledge_base
-        record = await self.knowledge.require(knowledge_base)
+        view = await self.upstreams.search_view(request.knowledge_base or self.settings.default_knowledge_base, deadline)
         if self.cache is None:
-            async with contextlib.aclosing(self._answer(request, knowledge_base, deadline, started)) as responses:
+            async with contextlib.aclosing(self._answer(request, view, deadline, started)) as responses:
                 async for response in responses:
                     yield response
             return
-        key = cache_key(knowledge_base, record.generation, await self.knowledge.visibility_epoch(knowledge_base), request)
+        key = cache_key(view.knowledge_base, view.generation, view.epoch, request)
         cached = await self.cache.get(key)
         if cached is not None:
-            for message in cached[:-1]:
+            for message in self._replay(cached, started):
                 yield message
-            done = cached[-1]
-            done.done.cached = True
-            elapsed = (time.perf_counter() - started) * 1000
-            done.done.timings.CopyFrom(gateway_pb2.AskTimings(total_ms=elapsed, gateway_overhead_ms=elapsed))
-            yield done
             return
         answer: list[gateway_pb2.AskResponse] = []
-        async with contextlib.aclosing(self._answer(request, knowledge_base, deadline, started)) as responses:
+        async with contextlib.aclosing(self._answer(request, view, deadline, started)) as responses:
             async for response in responses:
                 if not response.HasField("queued"):  # a replay need not wait
                     answer.append(response)
                 yield response
         await self.cache.put(key, answer)  # only a complete answer gets here
 
+    @staticmethod
+    def _replay(cached: list[gateway_pb2.AskResponse], started: float) -> list[gateway_pb2.AskResponse]:
+        done = cached[-1]
+        done.done.cached = True
+        elapsed = (time.perf_counter() - started) * 1000
+        done.done.timings.CopyFrom(gateway_pb2.AskTimings(total_ms=elapsed, gateway_overhead_ms=elapsed))
+        return [*cached[:-1], done]
+
     async def _answer(
-        self, request: gateway_pb2.AskRequest, knowledge_base: str, deadline: Deadline, started: float
+        self, request: gateway_pb2.AskRequest, view: catalog_pb2.SearchView, deadline: Deadline, started: float
     ) -> AsyncIterator[gateway_pb2.AskResponse]:
         """A place in a generator's line first (a question that would wait too long is refused
         here, before it costs an embedding or a search); then, while it waits, the sources;
@@ -177,59 +158,67 @@ class GatewayEngine:
         try:
             if session.standing.position:
                 yield gateway_pb2.AskResponse(queued=session.standing)
-            retrieved = await self._retrieve(request, knowledge_base, deadline, clock)
+            retrieved = await self._retrieve(request, view, deadline, clock)
             await session.send_prompt(self._generate_request(request, retrieved))
-            while (message := await clock.waiting(session.read())) is not None:
-                event = message.WhichOneof("event")
-                if event == "queued" and message.queued.position:
-                    yield gateway_pb2.AskResponse(queued=message.queued)
-                elif event == "started":
-                    clock.queue_s = message.started.queue_ms / 1000
-                    yield gateway_pb2.AskResponse(sources=self._sources(retrieved, message.started))
-                elif event == "delta":
-                    if clock.first_token_at is None:
-                        clock.first_token_at = time.perf_counter()
-                        metrics.ASK_TTFT.labels("gateway").observe(clock.first_token_at - started)
-                    yield gateway_pb2.AskResponse(delta=message.delta)
-                elif event == "done":
-                    yield gateway_pb2.AskResponse(done=clock.done(message.done, retrieved.embedding_model))
-                    await session.finish()
-                    return
+            async for response in self._stream(session, retrieved, clock):
+                yield response
         finally:
             session.close()  # the caller went away or we failed: give the place or generation up
+
+    async def _stream(
+        self, session: GenerationSession, retrieved: Retrieved, clock: AskClock
+    ) -> AsyncIterator[gateway_pb2.AskResponse]:
+        """The generator's messages as the caller's: places in line, the sources once it starts,
+        the tokens, and done with the timings."""
+        while (message := await clock.waiting(session.read())) is not None:
+            event = message.WhichOneof("event")
+            if event == "queued" and message.queued.position:
+                yield gateway_pb2.AskResponse(queued=message.queued)
+            elif event == "started":
+                clock.queue_s = message.started.queue_ms / 1000
+                yield gateway_pb2.AskResponse(sources=self._sources(retrieved, message.started))
+            elif event == "delta":
+                if clock.first_token_at is None:
+                    clock.first_token_at = time.perf_counter()
+                    metrics.ASK_TTFT.labels("gateway").observe(clock.first_token_at - clock.started)
+                yield gateway_pb2.AskResponse(delta=message.delta)
+            elif event == "done":
+                yield gateway_pb2.AskResponse(done=clock.done(message.done, retrieved.embedding_model))
+                await session.finish()
+                return
         raise Unavailable("generator tier unavailable: the stream ended without a final message")
 
     async def _retrieve(
-        self, request: gateway_pb2.AskRequest, knowledge_base: str, deadline: Deadline, clock: AskClock
+        self, request: gateway_pb2.AskRequest, view: catalog_pb2.SearchView, deadline: Deadline, clock: AskClock
     ) -> Retrieved:
         """The question's embedding, then the knowledge base's best chunks as citations."""
         clock.embed_started = time.perf_counter()
         embedded = await clock.waiting(self.upstreams.embed([request.question], deadline))
         clock.embedded_at = time.perf_counter()
         search = retriever_pb2.SearchRequest(
-            knowledge_base=knowledge_base,
+            knowledge_base=view.knowledge_base,
             vector=embedded.embeddings[0].values,
             top_k=request.top_k or self.settings.default_top_k,
             filters=request.filters,
         )
         if request.HasField("score_threshold"):
             search.score_threshold = request.score_threshold
-        found = await clock.waiting(self.search_consistently(search, deadline))
+        found = await clock.waiting(self.search_consistently(search, view, deadline))
         clock.searched_at = time.perf_counter()
-        citations = [
-            gateway_pb2.Citation(
-                number=number,
-                document_id=result.chunk.document_id,
-                title=result.chunk.title,
-                text=result.chunk.text,
-                score=result.score,
-                metadata=result.chunk.metadata,
-                chunk_id=result.chunk.id,
-                chunk_index=result.chunk.chunk_index,
-            )
-            for number, result in enumerate(found.results, start=1)
-        ]
-        return Retrieved(citations, embedded.model)
+        return Retrieved([self._citation(number, result) for number, result in enumerate(found.results, start=1)], embedded.model)
+
+    @staticmethod
+    def _citation(number: int, result: retriever_pb2.ScoredChunk) -> gateway_pb2.Citation:
+        return gateway_pb2.Citation(
+            number=number,
+            document_id=result.chunk.document_id,
+            title=result.chunk.title,
+            text=result.chunk.text,
+            score=result.score,
+            metadata=result.chunk.metadata,
+            chunk_id=result.chunk.id,
+            chunk_index=result.chunk.chunk_index,
+        )
 
     def _generate_request(self, request: gateway_pb2.AskRequest, retrieved: Retrieved) -> generator_pb2.GenerateRequest:
         """The instructions, the conversation so far and the question; the citations go as
@@ -260,65 +249,16 @@ class GatewayEngine:
         return gateway_pb2.Sources(citations=citations)
 
     async def search_consistently(
-        self, search: retriever_pb2.SearchRequest, deadline: Deadline
+        self, search: retriever_pb2.SearchRequest, view: catalog_pb2.SearchView, deadline: Deadline
     ) -> retriever_pb2.SearchResponse:
-        """Searches with the store's pins; if a document changed while the search ran (the
-        visibility epoch moved), searches again with fresh pins, so no answer mixes versions."""
+        """Searches with the view's pins; if a document changed while the search ran (the
+        view's epoch moved), searches again with the fresh view, so no answer mixes versions."""
         for _ in range(MAX_SEARCH_ATTEMPTS):
-            epoch, pins = await self.knowledge.visibility(search.knowledge_base)
             del search.pins[:]
-            search.pins.extend(pins)
+            search.pins.extend(view.pins)
             found = await self.upstreams.search(search, deadline)
-            if await self.knowledge.visibility_epoch(search.knowledge_base) == epoch:
+            latest = await self.upstreams.search_view(view.knowledge_base, deadline)
+            if latest.epoch == view.epoch:
                 break
+            view = latest
         return found
-
-    # -- AddDocuments ------------------------------------------------------------------------
-    async def add_documents(
-        self, request: gateway_pb2.AddDocumentsRequest, deadline: Deadline
-    ) -> gateway_pb2.AddDocumentsResponse:
-        """Stores text documents inline; each replaces its earlier version atomically. A missing
-        knowledge base is created (with the server's defaults) once the request is known good."""
-        name = request.knowledge_base or self.settings.default_knowledge_base
-        record = await self.store(self.store.store.get_knowledge_base, name)
-        if record is not None and not record.ready:
-            record = None  # being created (perhaps by a request that crashed): create takes it over
-        if record is None:
-            chunk_size, chunk_overlap = resolve_chunking(
-                request.chunking,
-                default_size=self.settings.chunk_size,
-                default_overlap=self.settings.chunk_overlap,
-                max_size=self.settings.max_chunk_size,
-            )
-        else:
-            chunk_size, chunk_overlap = self.knowledge.chunking_for(record, request.chunking)
-        if record is None:
-            record = await self.knowledge.create(name, deadline)
-        writes = []
-        for index, document in enumerate(request.documents):
-            metadata: dict[str, Any] = json_format.MessageToDict(document.metadata)
-            self.knowledge.check_metadata(record, metadata, f"documents[{index}].metadata")
-            writes.append(
-                DocumentWrite(
-                    knowledge_base=record,
-                    document_id=document_id_for(document),
-                    title=document.title,
-                    metadata=metadata,
-                    sections=[Section(text=document.text)],
-                    chunk_size=chunk_size,
-                    chunk_overlap=chunk_overlap,
-                )
-            )
-        results = []
-        embed_s = upsert_s = 0.0
-        for write in writes:
-            stored, timings = await self.knowledge.write_document(write, deadline)
-            results.append(gateway_pb2.DocumentResult(id=stored.id, chunk_count=stored.chunk_count))
-            embed_s += timings.embed_s
-            upsert_s += timings.upsert_s
-        return gateway_pb2.AddDocumentsResponse(
-            documents=results,
-            chunk_count=sum(r.chunk_count for r in results),
-            embed_ms=embed_s * 1000,
-            upsert_ms=upsert_s * 1000,
-        )

@@ -1,6 +1,6 @@
 """Uploads and the background workers that turn them (and rebuilds) into stored chunks.
 
-A task's record lives in the store, so any gateway replica can report it, and a worker that
+A task's record lives in the store, so any ingestor replica can report it, and a worker that
 dies (kill -9) leaves a lease that expires: the next worker to claim the task resumes it from its
 last checkpoint (the parsed text is saved after parsing; every embedded batch is recorded),
 and deterministic chunk ids make the re-upsert of a half-done batch harmless.
@@ -8,7 +8,7 @@ and deterministic chunk ids make the re-upsert of a half-done batch harmless.
 Every task ends. Each claim is an attempt; an attempt whose worker died, or that met a passing
 problem (a tier unavailable), counts as failed, and after task_max_attempts of them the task
 fails with the reason. A file is parsed in a child process under time and memory limits
-(parse_worker), so a hostile one fails its own task instead of the gateway. However a task ends,
+(parse_worker), so a hostile one fails its own task instead of the ingestor. However a task ends,
 its spooled upload is removed; a sweep removes those of tasks that ended without a worker.
 """
 
@@ -29,12 +29,11 @@ from google.protobuf import json_format
 
 from askmesh.runtime import metrics
 from askmesh.runtime.crashpoints import crash_point
-from askmesh.runtime.inflight import InFlight
 from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound
 from askmesh.v1 import common_pb2, ingestion_pb2, retriever_pb2
-from services.gateway.config import GatewaySettings
+from askmesh.upstream import Deadline, Upstreams
+from services.ingestor.config import IngestorSettings
 from services.ingestor.knowledge import (
-    AsyncStore,
     DocumentWrite,
     KnowledgeEngine,
     sections_from_json,
@@ -43,6 +42,7 @@ from services.ingestor.knowledge import (
 )
 from services.ingestor.parse_worker import ParseLimits, parse_file
 from services.ingestor.parsing import ParseError, detect_format
+from services.ingestor.repository import Repository
 from services.ingestor.store import (
     KIND_INGEST_FILE,
     KIND_REBUILD,
@@ -55,9 +55,8 @@ from services.ingestor.store import (
     TERMINAL_STATES,
     TaskRecord,
 )
-from services.gateway.upstreams import Deadline
 
-log = logging.getLogger("askmesh.gateway.ingestion")
+log = logging.getLogger("askmesh.ingestor.ingestion")
 
 STATES = {
     TASK_QUEUED: ingestion_pb2.TASK_STATE_QUEUED,
@@ -79,7 +78,7 @@ KINDS = {KIND_INGEST_FILE: ingestion_pb2.TASK_KIND_INGEST_FILE, KIND_REBUILD: in
 MAX_FILE_NAME = 255
 SPOOL_SUFFIX = ".upload"
 # A spooled file without a task is an upload still arriving (its file is written as the bytes
-# come) or one whose gateway died before it queued the task: removed once this old.
+# come) or one whose ingestor died before it queued the task: removed once this old.
 ORPHAN_SPOOL_AGE_S = 3600.0
 # Statuses of a passing problem: an attempt that meets one is retried (from its checkpoint).
 PASSING_CODES = frozenset(
@@ -139,11 +138,11 @@ def document_id_from_file(label: str) -> str:
 
 
 class Ingestion:
-    def __init__(self, settings: GatewaySettings, store: AsyncStore, knowledge: KnowledgeEngine, questions: InFlight) -> None:
+    def __init__(self, settings: IngestorSettings, store: Repository, knowledge: KnowledgeEngine, upstreams: Upstreams) -> None:
         self.settings = settings
         self.store = store
         self.knowledge = knowledge
-        self.questions = questions
+        self.upstreams = upstreams
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._workers: list[asyncio.Task[None]] = []
         self._current: dict[str, str] = {}  # worker name -> task id it holds
@@ -195,7 +194,7 @@ class Ingestion:
             },
         )
         try:
-            created = await self.store(self.store.store.create_task, task)
+            created = await self.store.create_task(task)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -211,7 +210,7 @@ class Ingestion:
             knowledge_base=name,
             spec={"chunk_size": chunk_size, "chunk_overlap": overlap},
         )
-        return await self.store(self.store.store.create_task, task)
+        return await self.store.create_task(task)
 
     # -- workers ---------------------------------------------------------------------------
     def start(self) -> None:
@@ -227,14 +226,13 @@ class Ingestion:
         # Hand unfinished tasks back at once (the attempt is not counted: it did not fail), so
         # another replica resumes them without waiting for the lease to expire.
         for task_id in list(self._current.values()):
-            await self.store(self.store.store.requeue_task, task_id, self.worker_id, now=time.time())
+            await self.store.requeue_task(task_id, self.worker_id, now=time.time())
         self._workers.clear()
 
     async def _work(self, name: str) -> None:
         while True:
             try:
-                task = await self.store(
-                    self.store.store.claim_next_task, self.worker_id, lease_s=self.settings.task_lease_s, now=time.time()
+                task = await self.store.claim_next_task(self.worker_id, lease_s=self.settings.task_lease_s, now=time.time()
                 )
             except Exception:
                 log.exception("claiming a task failed")
@@ -243,12 +241,12 @@ class Ingestion:
                 await asyncio.sleep(self.settings.task_poll_interval_s)
                 continue
             self._current[name] = task.id
-            metrics.INGESTION_TASKS_RUNNING.labels("gateway").inc()
+            metrics.INGESTION_TASKS_RUNNING.labels("ingestor").inc()
             try:
                 await self.run_task(task)
             finally:
                 self._current.pop(name, None)
-                metrics.INGESTION_TASKS_RUNNING.labels("gateway").dec()
+                metrics.INGESTION_TASKS_RUNNING.labels("ingestor").dec()
 
     async def run_task(self, task: TaskRecord) -> None:
         """One attempt at a claimed task, its lease renewed every task_lease_s / 3 while it runs
@@ -274,8 +272,7 @@ class Ingestion:
         while True:
             await asyncio.sleep(self.settings.task_lease_s / 3)
             try:
-                renewed = await self.store(
-                    self.store.store.renew_lease, task_id, self.worker_id, lease_s=self.settings.task_lease_s, now=time.time()
+                renewed = await self.store.renew_lease(task_id, self.worker_id, lease_s=self.settings.task_lease_s, now=time.time()
                 )
             except Exception:
                 log.warning("task %s: renewing its lease failed", task_id, exc_info=True)
@@ -351,7 +348,7 @@ class Ingestion:
         await self._requeue(task, delay_s=delay, attempt_failed=True, error=reason)
 
     async def _requeue(self, task: TaskRecord, **how: Any) -> None:
-        requeued = await self.store(self.store.store.requeue_task, task.id, self.worker_id, now=time.time(), **how)
+        requeued = await self.store.requeue_task(task.id, self.worker_id, now=time.time(), **how)
         if not requeued:
             log.warning("task %s was no longer held by this worker when it was handed back", task.id)
 
@@ -376,17 +373,13 @@ class Ingestion:
 
     async def _update(self, task: TaskRecord, **changes: Any) -> TaskRecord:
         try:
-            return await self.store(self.store.store.update_task, task.id, owner=self.worker_id, **changes)
+            return await self.store.update_task(task.id, owner=self.worker_id, **changes)
         except AskmeshError as error:  # the store's Conflict: another worker owns it now
             raise LostLease(str(error)) from error
 
     async def _checkpoint(self, task: TaskRecord, **changes: Any) -> TaskRecord:
-        """Records progress, renews the lease, stops here if a cancel was asked for, and lets
-        questions being answered go first."""
-        await self.questions.wait_idle(self.settings.ingest_yield_to_questions_s)
-        renewed = await self.store(
-            self.store.store.renew_lease, task.id, self.worker_id, lease_s=self.settings.task_lease_s, now=time.time()
-        )
+        """Records progress, renews the lease, and stops here if a cancel was asked for."""
+        renewed = await self.store.renew_lease(task.id, self.worker_id, lease_s=self.settings.task_lease_s, now=time.time())
         if not renewed:
             raise LostLease(f"task {task.id} is held by another worker now")
         updated = await self._update(task, **changes)
@@ -396,26 +389,26 @@ class Ingestion:
 
     async def _clean_up(self, task: TaskRecord) -> None:
         """Removes what an unfinished task stored; what was visible before stays visible."""
-        latest = await self.store(self.store.store.get_task, task.id) or task
+        latest = await self.store.get_task(task.id) or task
         deadline = Deadline(None, self.settings.upstream_timeout_s)
         if latest.kind == KIND_INGEST_FILE:
             version = int(latest.checkpoint.get("version", 0))
-            record = await self.store(self.store.store.get_knowledge_base, latest.knowledge_base)
+            record = await self.store.get_knowledge_base(latest.knowledge_base)
             if version and record is not None and latest.stage != "done":
                 write = self._write_for(latest, record, [])
                 await self.knowledge.abandon_version(write, version, deadline)
         elif latest.kind == KIND_REBUILD:
             generation = int(latest.checkpoint.get("generation", 0))
-            record = await self.store(self.store.store.get_knowledge_base, latest.knowledge_base)
+            record = await self.store.get_knowledge_base(latest.knowledge_base)
             if record is not None and generation and record.rebuilding_generation == generation:
-                await self.store(self.store.store.update_knowledge_base, record.name, rebuilding_generation=0)
+                await self.store.update_knowledge_base(record.name, rebuilding_generation=0)
 
     async def cancel(self, task_id: str) -> TaskRecord:
         """Asks for the task to be cancelled. One that nobody works on and that stored nothing
         ends at once, and its spooled upload goes with it (if this replica holds it; the sweep
         of the replica that does removes it otherwise); a running one ends when its worker
         notices, which removes what it stored."""
-        task = await self.store(self.store.store.request_cancel, task_id)
+        task = await self.store.request_cancel(task_id)
         if task.state == TASK_CANCELLED:
             self.spool_path(task.id).unlink(missing_ok=True)
         return task
@@ -430,7 +423,7 @@ class Ingestion:
         removed: list[str] = []
         for path in await asyncio.to_thread(sorted, self.settings.spool_dir.glob(f"*{SPOOL_SUFFIX}")):
             task_id = path.name.removesuffix(SPOOL_SUFFIX)
-            task = await self.store(self.store.store.get_task, task_id)
+            task = await self.store.get_task(task_id)
             if task is None:
                 try:
                     if now - path.stat().st_mtime < ORPHAN_SPOOL_AGE_S:
@@ -483,7 +476,7 @@ class Ingestion:
         deadline = Deadline(None, self.settings.upstream_timeout_s)
         checkpoint = dict(task.checkpoint)
         version = int(checkpoint.get("version", 0))
-        saved = await self.store(self.store.store.load_source, record.name, task.document_id, version) if version else None
+        saved = await self.store.load_source(record.name, task.document_id, version) if version else None
 
         if saved is None:
             task = await self._checkpoint(task, stage="parsing")
@@ -500,7 +493,7 @@ class Ingestion:
             except FailedPrecondition as error:  # another write of this document is under way
                 raise WaitForOtherWrite(error.message) from error
             checkpoint["version"] = version
-            await self.store(self.store.store.save_source, record.name, task.document_id, version, sections_to_json(sections))
+            await self.store.save_source(record.name, task.document_id, version, sections_to_json(sections))
             crash_point("task.source_saved")
             task = await self._checkpoint(task, checkpoint=checkpoint, stage="chunking")
         else:
@@ -543,27 +536,24 @@ class Ingestion:
                 generation += 1
             model, dimension = await self.knowledge.probe_embedder(deadline)
             checkpoint.update(generation=generation, embedding_model=model, dimension=dimension, done=[])
-            record = await self.store(self.store.store.update_knowledge_base, record.name, rebuilding_generation=generation)
+            record = await self.store.update_knowledge_base(record.name, rebuilding_generation=generation)
             task = await self._checkpoint(task, checkpoint=checkpoint, stage="embedding")
             crash_point("rebuild.planned")
         schema = [common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema]  # type: ignore[arg-type]
-        await self.knowledge.upstreams.call(
-            "retriever",
-            self.knowledge.upstreams.retriever.CreateCollection(
-                retriever_pb2.CreateCollectionRequest(
-                    knowledge_base=record.name, generation=generation, dimension=int(checkpoint["dimension"]),
-                    embedding_model=checkpoint["embedding_model"], metadata_schema=schema,
-                ),
-                timeout=deadline.unary_timeout(),
+        await self.upstreams.create_collection(
+            retriever_pb2.CreateCollectionRequest(
+                knowledge_base=record.name, generation=generation, dimension=int(checkpoint["dimension"]),
+                embedding_model=checkpoint["embedding_model"], metadata_schema=schema,
             ),
+            deadline,
         )
-        documents = await self.store(self.store.store.all_documents_for_rebuild, record.name)
+        documents = await self.store.all_documents_for_rebuild(record.name)
         done: list[str] = list(checkpoint.get("done", []))
         task = await self._checkpoint(task, documents_total=len(documents), documents_done=len(done))
         for document in documents:
             if document.id in done:
                 continue
-            saved = await self.store(self.store.store.load_source, record.name, document.id, document.version)
+            saved = await self.store.load_source(record.name, document.id, document.version)
             if saved is None:
                 raise AskmeshError(f"document {document.id!r} has no saved source to rebuild from")
             write = DocumentWrite(
@@ -580,17 +570,11 @@ class Ingestion:
                 task, checkpoint=checkpoint, documents_done=len(done), chunks_stored=task.chunks_stored + len(chunks)
             )
         task = await self._checkpoint(task, stage="finalizing")
-        await self.knowledge.upstreams.call(
-            "retriever",
-            self.knowledge.upstreams.retriever.SwitchGeneration(
-                retriever_pb2.SwitchGenerationRequest(knowledge_base=record.name, generation=generation),
-                timeout=deadline.unary_timeout(),
-            ),
+        await self.upstreams.switch_generation(
+            retriever_pb2.SwitchGenerationRequest(knowledge_base=record.name, generation=generation), deadline
         )
         crash_point("rebuild.switched")
-        await self.store(
-            self.store.store.update_knowledge_base,
-            record.name,
+        await self.store.update_knowledge_base(record.name,
             generation=generation,
             rebuilding_generation=0,
             chunk_size=int(task.spec["chunk_size"]),
@@ -604,9 +588,7 @@ class Ingestion:
     async def _generation_exists(self, knowledge_base: str, generation: int, deadline: Deadline) -> bool:
         request = retriever_pb2.DescribeCollectionRequest(knowledge_base=knowledge_base, generation=generation)
         try:
-            await self.knowledge.upstreams.call(
-                "retriever", self.knowledge.upstreams.retriever.DescribeCollection(request, timeout=deadline.unary_timeout())
-            )
+            await self.upstreams.describe_collection(request, deadline)
         except AskmeshError as error:
             if error.code != grpc.StatusCode.NOT_FOUND:
                 raise
@@ -617,7 +599,7 @@ class Ingestion:
         """The task now, then each change, until it ends (polled: the store may be shared)."""
         last = None
         while True:
-            task = await self.store(self.store.store.get_task, task_id)
+            task = await self.store.get_task(task_id)
             if task is None:
                 raise NotFound(f"id: task {task_id!r} does not exist")
             if last is None or task.updated_at != last:

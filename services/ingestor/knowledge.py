@@ -16,15 +16,13 @@ boundary for the crash-point tests.
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import json
 import uuid
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -33,75 +31,22 @@ from askmesh.runtime.crashpoints import crash_point
 from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound
 from askmesh.runtime.validation import typed_value
 from askmesh.v1 import (
+    catalog_pb2,
     common_pb2,
     embedder_pb2,
     knowledge_pb2,
     retriever_pb2,
 )
+from askmesh.upstream import Deadline, Upstreams
 from services.ingestor.chunking import chunk_sections
-from services.gateway.config import GatewaySettings
+from services.ingestor.config import IngestorSettings
 from services.ingestor.parsing import Section
-from services.ingestor.store import (
-    KB_CREATING,
-    KB_DELETING,
-    AlreadyExists,
-    Conflict,
-    DocumentRecord,
-    KnowledgeBaseRecord,
-    NotFoundError,
-    Store,
-    StoreError,
-)
-from services.gateway.upstreams import Deadline, Upstreams
+from services.ingestor.repository import Repository
+from services.ingestor.store import KB_CREATING, KB_DELETING, DocumentRecord, KnowledgeBaseRecord
 
-T = TypeVar("T")
 PROBE_TEXT = "askmesh dimension probe"
 # How often a write waiting for another write of the same document looks again.
 OTHER_WRITE_POLL_S = 0.2
-
-
-class AsyncStore:
-    """The blocking store for async code.
-
-    Writes and larger reads run on one thread, off the event loop. The few tiny indexed reads
-    every question makes (`hot`: the knowledge base record, the visibility pins and epoch) run
-    inline on a connection of their own: a thread hop for each, queued behind ingestion's writes,
-    cost more than the read itself under concurrent questions."""
-
-    def __init__(self, store: Store, hot: Store | None = None) -> None:
-        self.store = store
-        self.hot = hot or store
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gateway-store")
-
-    async def __call__(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        try:
-            return await asyncio.get_running_loop().run_in_executor(
-                self._executor, functools.partial(method, *args, **kwargs)
-            )
-        except StoreError as error:
-            raise _mapped(error) from error
-
-    def inline(self, method: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        try:
-            return method(*args, **kwargs)
-        except StoreError as error:
-            raise _mapped(error) from error
-
-    def close(self) -> None:
-        self._executor.shutdown(wait=True)
-        self.store.close()
-        if self.hot is not self.store:
-            self.hot.close()
-
-
-def _mapped(error: StoreError) -> AskmeshError:
-    if isinstance(error, AlreadyExists):
-        return AskmeshError(str(error), code=grpc.StatusCode.ALREADY_EXISTS)
-    if isinstance(error, NotFoundError):
-        return NotFound(str(error))
-    if isinstance(error, Conflict):
-        return FailedPrecondition(str(error))
-    return AskmeshError(str(error))
 
 
 MIN_CHUNK_SIZE = 50
@@ -190,7 +135,7 @@ def sections_from_json(items: Sequence[dict[str, Any]]) -> list[Section]:
 
 
 class KnowledgeEngine:
-    def __init__(self, settings: GatewaySettings, store: AsyncStore, upstreams: Upstreams) -> None:
+    def __init__(self, settings: IngestorSettings, store: Repository, upstreams: Upstreams) -> None:
         self.settings = settings
         self.store = store
         self.upstreams = upstreams
@@ -198,10 +143,7 @@ class KnowledgeEngine:
     # -- knowledge bases -------------------------------------------------------------------
     async def probe_embedder(self, deadline: Deadline) -> tuple[str, int]:
         """The embedding model the embedder tier serves now, and its dimension."""
-        reply = await self.upstreams.call(
-            "embedder",
-            self.upstreams.embedder.Embed(embedder_pb2.EmbedRequest(texts=[PROBE_TEXT]), timeout=deadline.unary_timeout()),
-        )
+        reply = await self.upstreams.embed([PROBE_TEXT], deadline)
         return reply.model, reply.dimension
 
     async def create(
@@ -225,7 +167,7 @@ class KnowledgeEngine:
             chunk_size=chunk_size,
             chunk_overlap=chunk_overlap,
         )
-        existing = await self.store(self.store.store.get_knowledge_base, name)
+        existing = await self.store.get_knowledge_base(name)
         if existing is not None:
             return await self._existing_for_create(existing, wanted, deadline)
         model, dimension = await self.probe_embedder(deadline)
@@ -234,11 +176,11 @@ class KnowledgeEngine:
             state=KB_CREATING, lease_until=time.time() + self.settings.write_lease_s, **wanted,  # type: ignore[arg-type]
         )
         try:
-            created = await self.store(self.store.store.create_knowledge_base, record)
+            created = await self.store.create_knowledge_base(record)
         except AskmeshError as error:
             if error.code != grpc.StatusCode.ALREADY_EXISTS:
                 raise
-            raced = await self.store(self.store.store.get_knowledge_base, name)  # another request won
+            raced = await self.store.get_knowledge_base(name)  # another request won
             if raced is None:
                 raise
             return await self._existing_for_create(raced, wanted, deadline)
@@ -246,7 +188,7 @@ class KnowledgeEngine:
         try:
             return await self.finish_create(created, deadline)
         except AskmeshError:
-            await self.store(self.store.store.delete_knowledge_base, name)  # refused: leaves no trace
+            await self.store.delete_knowledge_base(name)  # refused: leaves no trace
             raise
 
     async def _existing_for_create(
@@ -262,36 +204,32 @@ class KnowledgeEngine:
             raise AskmeshError(f"name: knowledge base {name!r} already exists", code=grpc.StatusCode.ALREADY_EXISTS)
         if existing.ready:
             return existing
-        if not await self.store(
-            self.store.store.lease_knowledge_base, name, state=KB_CREATING, lease_s=self.settings.write_lease_s, now=time.time()
+        if not await self.store.lease_knowledge_base(name, state=KB_CREATING, lease_s=self.settings.write_lease_s, now=time.time()
         ):
             raise FailedPrecondition(f"name: knowledge base {name!r} is being created by another request; try again in a moment")
         return await self.finish_create(existing, deadline)
 
     async def finish_create(self, record: KnowledgeBaseRecord, deadline: Deadline) -> KnowledgeBaseRecord:
         """Creates the collection (idempotent) and makes the knowledge base ready."""
-        await self.upstreams.call(
-            "retriever",
-            self.upstreams.retriever.CreateCollection(
-                retriever_pb2.CreateCollectionRequest(
-                    knowledge_base=record.name, generation=record.generation, dimension=record.dimension,
-                    embedding_model=record.embedding_model,
-                    metadata_schema=[common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema],  # type: ignore[arg-type]
-                ),
-                timeout=deadline.unary_timeout(),
+        await self.upstreams.create_collection(
+            retriever_pb2.CreateCollectionRequest(
+                knowledge_base=record.name, generation=record.generation, dimension=record.dimension,
+                embedding_model=record.embedding_model,
+                metadata_schema=[common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema],  # type: ignore[arg-type]
             ),
+            deadline,
         )
         crash_point("kb.create.collection")
-        return await self.store(self.store.store.update_knowledge_base, record.name, state="ready", lease_until=0.0)
+        return await self.store.update_knowledge_base(record.name, state="ready", lease_until=0.0)
 
     async def require(self, name: str) -> KnowledgeBaseRecord:
-        record = self.store.inline(self.store.hot.get_knowledge_base, name)
+        record = await self.store.read_knowledge_base(name)
         if record is None or not record.ready:  # one being created or deleted does not exist yet, or any more
             raise NotFound(f"knowledge_base: {name!r} does not exist")
         return record
 
     async def describe(self, record: KnowledgeBaseRecord) -> knowledge_pb2.KnowledgeBase:
-        documents, chunks, size = await self.store(self.store.store.knowledge_base_stats, record.name)
+        documents, chunks, size = await self.store.knowledge_base_stats(record.name)
         return knowledge_pb2.KnowledgeBase(
             name=record.name,
             description=record.description,
@@ -315,25 +253,19 @@ class KnowledgeEngine:
     async def delete(self, name: str, deadline: Deadline) -> int:
         """Tombstone first (the knowledge base is gone for readers and writers from here on),
         then its collections, then its records: a retry after a crash anywhere takes it up."""
-        record = await self.store(self.store.store.get_knowledge_base, name)
+        record = await self.store.get_knowledge_base(name)
         if record is None:
             raise NotFound(f"name: knowledge base {name!r} does not exist")
-        deleted = await self.store(
-            self.store.store.begin_knowledge_base_delete, name, lease_s=self.settings.write_lease_s, now=time.time()
+        deleted = await self.store.begin_knowledge_base_delete(name, lease_s=self.settings.write_lease_s, now=time.time()
         )
         crash_point("kb.delete.marked")
         await self.finish_delete(name, deadline)
         return deleted
 
     async def finish_delete(self, name: str, deadline: Deadline) -> None:
-        await self.upstreams.call(
-            "retriever",
-            self.upstreams.retriever.DropKnowledgeBase(
-                retriever_pb2.DropKnowledgeBaseRequest(knowledge_base=name), timeout=deadline.unary_timeout()
-            ),
-        )
+        await self.upstreams.drop_knowledge_base(retriever_pb2.DropKnowledgeBaseRequest(knowledge_base=name), deadline)
         crash_point("kb.delete.dropped")
-        await self.store(self.store.store.finish_knowledge_base_delete, name)
+        await self.store.finish_knowledge_base_delete(name)
 
     def chunking_for(
         self, record: KnowledgeBaseRecord, options: common_pb2.ChunkingOptions, field: str = "chunking"
@@ -398,13 +330,8 @@ class KnowledgeEngine:
             model = ""
             embed_started = time.perf_counter()
             for offset in range(0, len(batch), self.settings.embed_batch_size):
-                reply = await self.upstreams.call(
-                    "embedder",
-                    self.upstreams.embedder.Embed(
-                        embedder_pb2.EmbedRequest(texts=[c.text for c in batch[offset : offset + self.settings.embed_batch_size]]),
-                        timeout=deadline.unary_timeout(),
-                    ),
-                )
+                texts = [c.text for c in batch[offset : offset + self.settings.embed_batch_size]]
+                reply = await self.upstreams.embed(texts, deadline)
                 vectors.extend(reply.embeddings)
                 model = reply.model
             upsert = retriever_pb2.UpsertRequest(
@@ -415,7 +342,7 @@ class KnowledgeEngine:
             if generation is not None:
                 upsert.generation = generation
             upsert_started = time.perf_counter()
-            await self.upstreams.call("retriever", self.upstreams.retriever.Upsert(upsert, timeout=deadline.unary_timeout()))
+            await self.upstreams.upsert(upsert, deadline)
             crash_point("doc.write.batch")
             timings.embed_s += upsert_started - embed_started
             timings.upsert_s += time.perf_counter() - upsert_started
@@ -442,7 +369,7 @@ class KnowledgeEngine:
             request.only_version = only
         if generation is not None:
             request.generation = generation
-        reply = await self.upstreams.call("retriever", self.upstreams.retriever.Delete(request, timeout=deadline.unary_timeout()))
+        reply = await self.upstreams.delete_chunks(request, deadline)
         return reply.deleted
 
     async def begin_version(self, write: DocumentWrite, owner: str, wait_s: float = 0.0) -> int:
@@ -457,9 +384,7 @@ class KnowledgeEngine:
         give_up = time.monotonic() + wait_s
         while True:
             try:
-                version = await self.store(
-                    self.store.store.begin_document_version,
-                    write.knowledge_base.name,
+                version = await self.store.begin_document_version(write.knowledge_base.name,
                     write.document_id,
                     title=write.title,
                     metadata=write.metadata,
@@ -481,9 +406,7 @@ class KnowledgeEngine:
     async def renew(self, write: DocumentWrite, version: int, owner: str) -> None:
         """Keeps the write's lease (and takes it back after a restart of its task); FailedPrecondition
         when the version was given up meanwhile (its writer was thought dead)."""
-        if not await self.store(
-            self.store.store.renew_document_lease,
-            write.knowledge_base.name,
+        if not await self.store.renew_document_lease(write.knowledge_base.name,
             write.document_id,
             version,
             owner=owner,
@@ -497,7 +420,7 @@ class KnowledgeEngine:
     async def unchanged(self, write: DocumentWrite) -> DocumentRecord | None:
         """The visible document when it was made from exactly this content (a write would change
         nothing: a retry, or `askmesh up` loading the samples again)."""
-        current = await self.store(self.store.store.get_document, write.knowledge_base.name, write.document_id)
+        current = await self.store.get_document(write.knowledge_base.name, write.document_id)
         if current is None or not current.visible or current.pending_version or current.settling:
             return None
         return current if current.content_hash == content_hash(write, write.knowledge_base.embedding_model) else None
@@ -509,11 +432,9 @@ class KnowledgeEngine:
         a search never sees two versions; a question that read the pins just before the commit
         notices the epoch moved and searches again."""
         name = write.knowledge_base.name
-        current = await self.store(self.store.store.get_document, name, write.document_id)
+        current = await self.store.get_document(name, write.document_id)
         if current is None or current.version != version:
-            current = await self.store(
-                self.store.store.commit_document_version,
-                name,
+            current = await self.store.commit_document_version(name,
                 write.document_id,
                 version,
                 chunk_count=chunk_count,
@@ -529,23 +450,23 @@ class KnowledgeEngine:
         """Removes the versions older than the committed `version`, then unpins the document."""
         await self.remove_versions(knowledge_base, document_id, deadline, below=version)
         crash_point("doc.write.settled_chunks")
-        await self.store(self.store.store.finish_settling, knowledge_base, document_id)
+        await self.store.finish_settling(knowledge_base, document_id)
         # A version abandoned by a write this one took over had its chunks removed just now.
-        await self.store(self.store.store.forget_abandoned_versions_below, knowledge_base, document_id, version)
-        await self.store(self.store.store.delete_sources, knowledge_base, document_id, except_version=version)
+        await self.store.forget_abandoned_versions_below(knowledge_base, document_id, version)
+        await self.store.delete_sources(knowledge_base, document_id, except_version=version)
 
     async def abandon_version(self, write: DocumentWrite, version: int, deadline: Deadline) -> None:
         """Removes what a failed or cancelled write stored; the visible version stays as it was."""
         name = write.knowledge_base.name
         # Recorded as abandoned first: if this dies before its chunks are gone, the reconciler
         # removes them.
-        await self.store(self.store.store.abort_document_version, name, write.document_id, version)
+        await self.store.abort_document_version(name, write.document_id, version)
         await self.forget_version(name, write.document_id, version, deadline)
 
     async def forget_version(self, knowledge_base: str, document_id: str, version: int, deadline: Deadline) -> None:
         """Removes an abandoned version's chunks, then its record."""
         await self.remove_versions(knowledge_base, document_id, deadline, only=version)
-        await self.store(self.store.store.forget_abandoned_version, knowledge_base, document_id, version)
+        await self.store.forget_abandoned_version(knowledge_base, document_id, version)
 
     async def write_document(self, write: DocumentWrite, deadline: Deadline) -> tuple[DocumentRecord, StoreTimings]:
         """The whole write of one document, inline (AddDocuments); the same content again is
@@ -563,7 +484,7 @@ class KnowledgeEngine:
                 raise InvalidArgument(
                     "documents", f"{write.document_id!r} makes {len(chunks)} chunks; the limit is {self.settings.max_chunks_per_task}"
                 )
-            await self.store(self.store.store.save_source, write.knowledge_base.name, write.document_id, version, sections_to_json(write.sections))
+            await self.store.save_source(write.knowledge_base.name, write.document_id, version, sections_to_json(write.sections))
 
             async def renewed(batches_done: int, chunks_stored: int) -> None:
                 await self.renew(write, version, owner)
@@ -578,9 +499,7 @@ class KnowledgeEngine:
         record = await self.require(knowledge_base)
         if record.rebuilding_generation:
             raise FailedPrecondition(f"knowledge_base: {knowledge_base!r} is being rebuilt; documents can change after the rebuild")
-        await self.store(
-            self.store.store.begin_document_delete,
-            knowledge_base,
+        await self.store.begin_document_delete(knowledge_base,
             document_id,
             owner=f"request-{uuid.uuid4().hex}",
             lease_s=self.settings.write_lease_s,
@@ -592,15 +511,20 @@ class KnowledgeEngine:
     async def finish_document_delete(self, knowledge_base: str, document_id: str, deadline: Deadline) -> int:
         deleted = await self.remove_versions(knowledge_base, document_id, deadline)
         crash_point("doc.delete.removed")
-        await self.store(self.store.store.finish_document_delete, knowledge_base, document_id)
+        await self.store.finish_document_delete(knowledge_base, document_id)
         return deleted
 
-    async def visibility(self, knowledge_base: str) -> tuple[int, list[retriever_pb2.DocumentVersionPin]]:
-        epoch, pins = self.store.inline(self.store.hot.visibility, knowledge_base)
-        return epoch, [retriever_pb2.DocumentVersionPin(document_id=d, version=v) for d, v in pins]
-
-    async def visibility_epoch(self, knowledge_base: str) -> int:
-        return self.store.inline(self.store.hot.visibility_epoch, knowledge_base)
+    async def search_view(self, name: str) -> catalog_pb2.SearchView:
+        """What a search of the knowledge base needs: its generation, and the pins and epoch of
+        its documents' visibility (knowledge.py's module docstring says why)."""
+        record = await self.require(name)
+        epoch, pins = await self.store.read_visibility(name)
+        return catalog_pb2.SearchView(
+            knowledge_base=name,
+            generation=record.generation,
+            epoch=epoch,
+            pins=[retriever_pb2.DocumentVersionPin(document_id=d, version=v) for d, v in pins],
+        )
 
 
 def document_info(record: DocumentRecord) -> knowledge_pb2.DocumentInfo:

@@ -2,18 +2,18 @@
 
 Why a process: a hostile or broken file (a DOCX zip bomb, a pathological PDF, a file that sends
 a parser into a loop or makes it crash) must fail its own task and nothing else. Parsed inside
-the gateway, it could take the process down with every Ask stream on it, and the task would be
+the ingestor, it could take the process down with every task and call on it, and the task would be
 claimed again after each crash. So every upload is parsed by
 `python -m services.ingestor.parse_worker`, which first limits its own address space
 (RLIMIT_AS) and CPU time (RLIMIT_CPU), then parses the spooled file and writes one JSON object
-on stdout. The gateway (`parse_file`) waits for it without blocking its event loop, kills it
+on stdout. The ingestor (`parse_file`) waits for it without blocking its event loop, kills it
 when the time limit is up, and turns every way it can end into a one-sentence reason.
 
 The child is started by exec (asyncio's subprocess, through `askmesh.die_with_parent` so that
-it dies with the gateway), never with `preexec_fn`: no Python code may run between fork and
-exec in the multi-threaded gateway. The CPU limit is the time limit and a second (CPU time
-never runs ahead of wall-clock time here, so the gateway's own limit speaks first): it ends a
-child whose gateway could not kill it.
+it dies with the ingestor), never with `preexec_fn`: no Python code may run between fork and
+exec in the multi-threaded ingestor. The CPU limit is the time limit and a second (CPU time
+never runs ahead of wall-clock time here, so the ingestor's own limit speaks first): it ends a
+child whose ingestor could not kill it.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from typing import Any
 
 from services.ingestor.parsing import ParsedDocument, ParseError, Section, display_name, parse_document
 
-log = logging.getLogger("askmesh.gateway.parsing")
+log = logging.getLogger("askmesh.ingestor.parsing")
 
 # The command that runs the child half of this module; tests put a slow or crashing one here.
 WORKER_COMMAND: list[str] = [sys.executable, "-m", "services.ingestor.parse_worker"]
 # The child's exit status when it ran out of memory (a MemoryError, caught before anything else
 # that would need memory runs).
 EXIT_OUT_OF_MEMORY = 3
-# What the gateway keeps of a child's stderr for its log: the end, where a traceback says why.
+# What the ingestor keeps of a child's stderr for its log: the end, where a traceback says why.
 STDERR_TAIL_BYTES = 4096
 # JSON on stdout may take this many bytes per character of text (escapes, 4-byte UTF-8), plus
 # room for the structure: more than that is a broken child, stopped before it fills memory.
@@ -54,13 +54,13 @@ class ParseLimits:
     max_memory_bytes: int  # the child's address space
     # Text beyond this could not be stored anyway (max_chunks_per_task chunks of chunk_size):
     # refused in the child, so a small file that expands to gigabytes of text never reaches the
-    # gateway's memory.
+    # ingestor's memory.
     max_chars: int
     # How a refusal for too much text names the limit, e.g. "50000 chunks of 600 characters".
     max_chars_meaning: str = ""
 
 
-# ----------------------------------------------------------------------------- the gateway's half
+# ----------------------------------------------------------------------------- the ingestor's half
 
 
 async def parse_file(path: Path, file_name: str, content_type: str, limits: ParseLimits) -> ParsedDocument:
@@ -153,7 +153,7 @@ async def _tail(stream: asyncio.StreamReader) -> bytes:
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = argparse.ArgumentParser(description="Parses one spooled upload under limits (run by the gateway).")
+    arguments = argparse.ArgumentParser(description="Parses one spooled upload under limits (run by the ingestor).")
     arguments.add_argument("path", type=Path)
     arguments.add_argument("--file-name", default="")
     arguments.add_argument("--content-type", default="")

@@ -2,7 +2,7 @@
 
 Every change that spans the store and the retriever records its intent in the store before its
 side effects, under a lease its request renews (knowledge.py). When a request dies, its intent's
-lease runs out, and this reconciler, which every gateway runs at start-up and then every
+lease runs out, and this reconciler, which every ingestor replica runs at start-up and then every
 `reconcile_interval_s`, drives it to an end, the way a Kubernetes controller drives a finalizer:
 
 - a knowledge base left creating: its collection is created (idempotent) and it turns ready;
@@ -13,7 +13,7 @@ lease runs out, and this reconciler, which every gateway runs at start-up and th
 - a document delete that stopped: its chunks are removed, then its record;
 - a rebuild mark left without a rebuild task to finish it: cleared.
 
-Every step is idempotent, so two gateways reconciling at once, or a reconciler racing the retry
+Every step is idempotent, so two ingestors reconciling at once, or a reconciler racing the retry
 of the very call that crashed, do the same work twice at worst and never undo each other's.
 Writes of ingestion tasks that are still queued or running are left to their tasks, which resume
 from their checkpoints.
@@ -29,12 +29,13 @@ from dataclasses import dataclass
 import grpc
 
 from askmesh.runtime.errors import AskmeshError
-from services.gateway.config import GatewaySettings
-from services.ingestor.knowledge import AsyncStore, KnowledgeEngine
+from askmesh.upstream import Deadline
+from services.ingestor.config import IngestorSettings
+from services.ingestor.knowledge import KnowledgeEngine
+from services.ingestor.repository import Repository
 from services.ingestor.store import KB_CREATING, KB_DELETING, KIND_REBUILD, TASK_QUEUED, TASK_RUNNING
-from services.gateway.upstreams import Deadline
 
-log = logging.getLogger("askmesh.gateway.reconciler")
+log = logging.getLogger("askmesh.ingestor.reconciler")
 
 
 @dataclass
@@ -55,14 +56,14 @@ class Reconciled:
 
 
 class Reconciler:
-    def __init__(self, settings: GatewaySettings, store: AsyncStore, knowledge: KnowledgeEngine) -> None:
+    def __init__(self, settings: IngestorSettings, store: Repository, knowledge: KnowledgeEngine) -> None:
         self.settings = settings
         self.store = store
         self.knowledge = knowledge
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run_forever(), name="gateway-reconciler")
+        self._task = asyncio.get_running_loop().create_task(self._run_forever(), name="reconciler")
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -95,11 +96,9 @@ class Reconciler:
         return done
 
     async def _knowledge_bases(self, done: Reconciled, deadline: Deadline) -> None:
-        store = self.store.store
-        for record in await self.store(store.stale_knowledge_bases, time.time()):
+        for record in await self.store.stale_knowledge_bases(time.time()):
             # Taken over with a fresh lease first, so one reconciler at a time works on it.
-            if not await self.store(
-                store.lease_knowledge_base, record.name, state=record.state, lease_s=self.settings.write_lease_s, now=time.time()
+            if not await self.store.lease_knowledge_base(record.name, state=record.state, lease_s=self.settings.write_lease_s, now=time.time()
             ):
                 continue
             if record.state == KB_CREATING:
@@ -110,9 +109,8 @@ class Reconciler:
                 done.knowledge_bases_deleted += 1
 
     async def _documents(self, done: Reconciled, deadline: Deadline) -> None:
-        store = self.store.store
-        for document in await self.store(store.stale_documents, time.time()):
-            knowledge_base = await self.store(store.get_knowledge_base, document.knowledge_base)
+        for document in await self.store.stale_documents(time.time()):
+            knowledge_base = await self.store.get_knowledge_base(document.knowledge_base)
             if knowledge_base is None or not knowledge_base.ready:
                 continue  # the knowledge base's own create or delete takes care of its documents
             if document.deleting:
@@ -120,37 +118,34 @@ class Reconciler:
                 done.documents_deleted += 1
                 continue
             if document.pending_version:
-                await self.store(store.abort_document_version, document.knowledge_base, document.id, document.pending_version)
+                await self.store.abort_document_version(document.knowledge_base, document.id, document.pending_version)
                 done.writes_given_up += 1
             if document.settling:
                 await self.knowledge.settle(document.knowledge_base, document.id, document.version, deadline)
                 done.documents_settled += 1
 
     async def _abandoned_versions(self, done: Reconciled, deadline: Deadline) -> None:
-        store = self.store.store
-        for knowledge_base, document_id, version in await self.store(store.abandoned_versions):
-            record = await self.store(store.get_knowledge_base, knowledge_base)
+        for knowledge_base, document_id, version in await self.store.abandoned_versions():
+            record = await self.store.get_knowledge_base(knowledge_base)
             if record is None or not record.ready:
                 # Being deleted (its collections go with it) or gone.
                 if record is None:
-                    await self.store(store.forget_abandoned_version, knowledge_base, document_id, version)
+                    await self.store.forget_abandoned_version(knowledge_base, document_id, version)
                 continue
             try:
                 await self.knowledge.forget_version(knowledge_base, document_id, version, deadline)
             except AskmeshError as error:
                 if error.code != grpc.StatusCode.NOT_FOUND:
                     raise
-                await self.store(store.forget_abandoned_version, knowledge_base, document_id, version)
+                await self.store.forget_abandoned_version(knowledge_base, document_id, version)
             done.versions_removed += 1
 
     async def _rebuild_marks(self, done: Reconciled) -> None:
-        store = self.store.store
-        for record in await self.store(store.list_knowledge_bases):
+        for record in await self.store.list_knowledge_bases():
             if not record.rebuilding_generation:
                 continue
-            live = await self.store(
-                store.list_tasks, knowledge_base=record.name, states=[TASK_QUEUED, TASK_RUNNING], limit=1000
+            live = await self.store.list_tasks(knowledge_base=record.name, states=[TASK_QUEUED, TASK_RUNNING], limit=1000
             )
             if not any(task.kind == KIND_REBUILD for task in live):
-                await self.store(store.update_knowledge_base, record.name, rebuilding_generation=0)
+                await self.store.update_knowledge_base(record.name, rebuilding_generation=0)
                 done.rebuilds_cleared += 1

@@ -1332,3 +1332,8 @@ class SqliteStore:
                 (TASK_QUEUED, available_at, int(attempt_failed), error, stage, now, task_id, owner, TASK_RUNNING),
             )
             return cursor.rowcount == 1
+
+
+def open_store(url: str) -> Store:
+    """The store at `url`: a SQLite file's path (or sqlite:///path)."""
+    return SqliteStore(Path(url.removeprefix("sqlite://")))

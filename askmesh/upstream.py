@@ -1,5 +1,6 @@
-"""The gateway's clients of the other tiers, with their failures mapped to statuses that name
-the tier, and the caller's deadline carried to every hop."""
+"""One typed client of the mesh's tiers for the tiers that call others (the gateway, the
+ingestor): one method per call, each taking the caller's deadline, with every failure mapped to a
+status that names the tier. Speaks only the protos' API."""
 
 from __future__ import annotations
 
@@ -15,7 +16,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from askmesh.runtime.channels import HEALTH_SERVICE_HEADER, open_channel
 from askmesh.runtime.errors import AskmeshError, Unavailable, retry_after_of
+from askmesh.tiers import BY_NAME
 from askmesh.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
     common_pb2,
     embedder_pb2,
     embedder_pb2_grpc,
@@ -24,17 +28,9 @@ from askmesh.v1 import (
     retriever_pb2,
     retriever_pb2_grpc,
 )
-from services.gateway.config import GatewaySettings
 
 T = TypeVar("T")
-log = logging.getLogger("askmesh.gateway")
-
-# The gRPC service each upstream tier reports its health under.
-TIER_SERVICES = {
-    "embedder": "askmesh.v1.Embedder",
-    "retriever": "askmesh.v1.Retriever",
-    "generator": "askmesh.v1.Generator",
-}
+log = logging.getLogger("askmesh.upstream")
 # While waiting for the tiers at start: how often each is asked, how long one answer may take,
 # and how often the wait is logged (a model can take a minute to load).
 READY_POLL_INTERVAL_S = 0.5
@@ -95,72 +91,87 @@ class Deadline:
         return None if self.remaining_s is None else self.unary_timeout()
 
 
-class Upstreams:
-    def __init__(self, settings: GatewaySettings) -> None:
-        self.addresses = {
-            "embedder": settings.embedder_address,
-            "retriever": settings.retriever_address,
-            "generator": settings.generator_address,
-        }
-        self._by_tier = {tier: open_channel(address) for tier, address in self.addresses.items()}
-        self.embedder = embedder_pb2_grpc.EmbedderStub(self._by_tier["embedder"])
-        self.retriever = retriever_pb2_grpc.RetrieverStub(self._by_tier["retriever"])
-        self.generator = generator_pb2_grpc.GeneratorStub(self._by_tier["generator"])
+class _Tier:
+    """One tier's channel, and its name for the statuses of its failures."""
 
-    async def wait_until_serving(self) -> None:
-        """Returns once every tier has answered SERVING to a health check (with its service
-        name), each at least once since this call began; logs which tiers it still waits for.
+    def __init__(self, name: str, address: str) -> None:
+        self.name = name
+        self.address = address
+        self.channel = open_channel(address)
 
-        Called once, at start: a gateway is ready when an Ask could be answered. After that its
-        readiness does not follow the tiers (see the README's operating notes).
-        """
-        waiting = dict(TIER_SERVICES)
-        last_answer = {tier: "no answer yet" for tier in waiting}
-        started = next_log = time.monotonic()
-        while waiting:
-            for tier, service in list(waiting.items()):
-                answer = await self._health(tier, service)
-                if answer == "SERVING":
-                    del waiting[tier]
-                    log.info("[UPSTREAM] %s tier at %s is SERVING", tier, self.addresses[tier])
-                else:
-                    last_answer[tier] = answer
-            if not waiting:
-                return
-            if time.monotonic() >= next_log:
-                next_log = time.monotonic() + READY_LOG_INTERVAL_S
-                log.info(
-                    "[UPSTREAM] not ready after %.0f s: waiting for %s",
-                    time.monotonic() - started,
-                    "; ".join(f"{tier} at {self.addresses[tier]} ({last_answer[tier]})" for tier in waiting),
-                )
-            await asyncio.sleep(READY_POLL_INTERVAL_S)
-
-    async def _health(self, tier: str, service: str) -> str:
-        """The tier's health as one word ("SERVING", "NOT_SERVING"), or why it did not answer."""
-        stub = health_pb2_grpc.HealthStub(self._by_tier[tier])
+    async def call(self, call: Awaitable[T]) -> T:
         try:
-            reply = await stub.Check(
-                health_pb2.HealthCheckRequest(service=service),
-                timeout=READY_CHECK_TIMEOUT_S,
-                metadata=[(HEALTH_SERVICE_HEADER, service)],
-            )
+            return await call
         except grpc.aio.AioRpcError as error:
-            return f"{error.code().name}: {error.details()}"
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            raise upstream_error(self.name, error) from error
 
+
+class Upstreams:
+    """The tiers at `addresses` (tier name -> host:port); a method of a tier not given raises
+    KeyError when called, which is a wiring mistake, not a caller's."""
+
+    def __init__(self, addresses: dict[str, str]) -> None:
+        self._tiers = {name: _Tier(name, address) for name, address in addresses.items()}
+
+    def _channel(self, tier: str) -> grpc.aio.Channel:
+        return self._tiers[tier].channel
+
+    # -- embedder ----------------------------------------------------------------------------
     async def embed(self, texts: list[str], deadline: Deadline) -> embedder_pb2.EmbedResponse:
+        stub = embedder_pb2_grpc.EmbedderStub(self._channel("embedder"))
         request = embedder_pb2.EmbedRequest(texts=texts)
-        return await self.call("embedder", self.embedder.Embed(request, timeout=deadline.unary_timeout()))
+        return await self._tiers["embedder"].call(stub.Embed(request, timeout=deadline.unary_timeout()))
+
+    # -- retriever ---------------------------------------------------------------------------
+    def _retriever(self) -> retriever_pb2_grpc.RetrieverStub:
+        return retriever_pb2_grpc.RetrieverStub(self._channel("retriever"))
 
     async def search(self, request: retriever_pb2.SearchRequest, deadline: Deadline) -> retriever_pb2.SearchResponse:
-        return await self.call("retriever", self.retriever.Search(request, timeout=deadline.unary_timeout()))
+        return await self._tiers["retriever"].call(self._retriever().Search(request, timeout=deadline.unary_timeout()))
 
+    async def upsert(self, request: retriever_pb2.UpsertRequest, deadline: Deadline) -> retriever_pb2.UpsertResponse:
+        return await self._tiers["retriever"].call(self._retriever().Upsert(request, timeout=deadline.unary_timeout()))
+
+    async def delete_chunks(self, request: retriever_pb2.DeleteRequest, deadline: Deadline) -> retriever_pb2.DeleteResponse:
+        return await self._tiers["retriever"].call(self._retriever().Delete(request, timeout=deadline.unary_timeout()))
+
+    async def create_collection(
+        self, request: retriever_pb2.CreateCollectionRequest, deadline: Deadline
+    ) -> retriever_pb2.CollectionInfo:
+        call = self._retriever().CreateCollection(request, timeout=deadline.unary_timeout())
+        return await self._tiers["retriever"].call(call)
+
+    async def describe_collection(
+        self, request: retriever_pb2.DescribeCollectionRequest, deadline: Deadline
+    ) -> retriever_pb2.CollectionInfo:
+        call = self._retriever().DescribeCollection(request, timeout=deadline.unary_timeout())
+        return await self._tiers["retriever"].call(call)
+
+    async def switch_generation(
+        self, request: retriever_pb2.SwitchGenerationRequest, deadline: Deadline
+    ) -> retriever_pb2.CollectionInfo:
+        call = self._retriever().SwitchGeneration(request, timeout=deadline.unary_timeout())
+        return await self._tiers["retriever"].call(call)
+
+    async def drop_knowledge_base(
+        self, request: retriever_pb2.DropKnowledgeBaseRequest, deadline: Deadline
+    ) -> retriever_pb2.DropKnowledgeBaseResponse:
+        call = self._retriever().DropKnowledgeBase(request, timeout=deadline.unary_timeout())
+        return await self._tiers["retriever"].call(call)
+
+    # -- ingestor ----------------------------------------------------------------------------
+    async def search_view(self, knowledge_base: str, deadline: Deadline) -> catalog_pb2.SearchView:
+        stub = catalog_pb2_grpc.CatalogStub(self._channel("ingestor"))
+        request = catalog_pb2.GetSearchViewRequest(knowledge_base=knowledge_base)
+        return await self._tiers["ingestor"].call(stub.GetSearchView(request, timeout=deadline.unary_timeout()))
+
+    # -- generator ---------------------------------------------------------------------------
     async def admit_generation(self, deadline: Deadline) -> GenerationSession:
         """A place in a generator's line, before any work is spent on the prompt; raises
         ResourceExhausted (with the generator's time to retry after) when none would serve it
         within its longest wait, on any replica Envoy tried."""
-        call = self.generator.AdmitAndGenerate(timeout=deadline.stream_timeout())
+        stub = generator_pb2_grpc.GeneratorStub(self._channel("generator"))
+        call = stub.AdmitAndGenerate(timeout=deadline.stream_timeout())
         session = GenerationSession(call)
         try:
             await call.write(generator_pb2.AdmitAndGenerateRequest(admission=generator_pb2.Admission()))
@@ -177,15 +188,52 @@ class Upstreams:
         session.standing = first.queued
         return session
 
-    async def call(self, tier: str, call: Awaitable[T]) -> T:
+    # -- readiness ---------------------------------------------------------------------------
+    async def wait_until_serving(self) -> None:
+        """Returns once every tier given has answered SERVING to a health check (with its
+        service name), each at least once since this call began; logs which it still waits for.
+
+        Called once, at start: a tier that calls others is ready when it could answer a call.
+        After that its readiness does not follow theirs (see the README's operating notes).
+        """
+        waiting = {name: BY_NAME[name].health_service for name in self._tiers}
+        last_answer = {tier: "no answer yet" for tier in waiting}
+        started = next_log = time.monotonic()
+        while waiting:
+            for tier, service in list(waiting.items()):
+                answer = await self._health(tier, service)
+                if answer == "SERVING":
+                    del waiting[tier]
+                    log.info("[UPSTREAM] %s tier at %s is SERVING", tier, self._tiers[tier].address)
+                else:
+                    last_answer[tier] = answer
+            if not waiting:
+                return
+            if time.monotonic() >= next_log:
+                next_log = time.monotonic() + READY_LOG_INTERVAL_S
+                log.info(
+                    "[UPSTREAM] not ready after %.0f s: waiting for %s",
+                    time.monotonic() - started,
+                    "; ".join(f"{tier} at {self._tiers[tier].address} ({last_answer[tier]})" for tier in waiting),
+                )
+            await asyncio.sleep(READY_POLL_INTERVAL_S)
+
+    async def _health(self, tier: str, service: str) -> str:
+        """The tier's health as one word ("SERVING", "NOT_SERVING"), or why it did not answer."""
+        stub = health_pb2_grpc.HealthStub(self._channel(tier))
         try:
-            return await call
+            reply = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=READY_CHECK_TIMEOUT_S,
+                metadata=[(HEALTH_SERVICE_HEADER, service)],
+            )
         except grpc.aio.AioRpcError as error:
-            raise upstream_error(tier, error) from error
+            return f"{error.code().name}: {error.details()}"
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     async def close(self) -> None:
-        for channel in self._by_tier.values():
-            await channel.close()
+        for tier in self._tiers.values():
+            await tier.channel.close()
 
 
 class GenerationSession:

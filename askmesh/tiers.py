@@ -1,0 +1,65 @@
+"""The mesh's tiers, defined once: what each serves, where it listens by default, and which of
+its calls are public. The local mesh, Envoy's configuration, the CLI and the tiers' clients of
+one another all read this table."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    name: str
+    # The gRPC services it serves; the first is the one its health is reported under.
+    grpc_services: tuple[str, ...]
+    default_port: int
+    # What Envoy's front door sends to this tier: whole services ("askmesh.v1.KnowledgeBases")
+    # or single methods ("askmesh.v1.Gateway/AddDocuments"). Empty: internal only.
+    public_routes: tuple[str, ...] = ()
+    # Unary calls safe to retry on another replica ("package.Service/Method").
+    idempotent_methods: tuple[str, ...] = ()
+    # Streams without side effects (an answer), sent again if a replica reset them before answering.
+    resendable_streams: tuple[str, ...] = ()
+    # Whether a replica's RESOURCE_EXHAUSTED is about that replica alone (another may take the
+    # call); the gateway's refusals come from the generators behind it, already all tried.
+    capacity_per_replica: bool = True
+    # Tiers whose replicas must be SERVING before this one can serve.
+    needs: tuple[str, ...] = field(default=())
+
+    @property
+    def health_service(self) -> str:
+        return self.grpc_services[0]
+
+
+EMBEDDER = TierSpec("embedder", ("askmesh.v1.Embedder",), 50061, idempotent_methods=("askmesh.v1.Embedder/Embed",))
+RETRIEVER = TierSpec("retriever", ("askmesh.v1.Retriever",), 50062, idempotent_methods=("askmesh.v1.Retriever/Search",))
+GENERATOR = TierSpec(
+    "generator", ("askmesh.v1.Generator",), 50063, resendable_streams=("askmesh.v1.Generator/Generate", "askmesh.v1.Generator/AdmitAndGenerate")
+)
+# AddDocuments is a method of the public Gateway service, served by the ingestor: the front door
+# routes that one path here, so a client's address and API stay as they were while the gateway
+# replicas never chunk or embed a document.
+INGESTOR = TierSpec(
+    "ingestor",
+    ("askmesh.v1.KnowledgeBases", "askmesh.v1.Ingestion", "askmesh.v1.Catalog", "askmesh.v1.Gateway"),
+    50065,
+    public_routes=("askmesh.v1.KnowledgeBases", "askmesh.v1.Ingestion", "askmesh.v1.Gateway/AddDocuments"),
+    idempotent_methods=("askmesh.v1.Catalog/GetSearchView",),
+    needs=("embedder", "retriever"),
+)
+GATEWAY = TierSpec(
+    "gateway",
+    ("askmesh.v1.Gateway",),
+    50064,
+    public_routes=("askmesh.v1.Gateway",),
+    resendable_streams=("askmesh.v1.Gateway/Ask",),
+    capacity_per_replica=False,
+    needs=("embedder", "retriever", "generator", "ingestor"),
+)
+
+# In start-up order: each tier after the tiers it needs.
+TIERS: tuple[TierSpec, ...] = (EMBEDDER, RETRIEVER, GENERATOR, INGESTOR, GATEWAY)
+BY_NAME: dict[str, TierSpec] = {tier.name: tier for tier in TIERS}
+NAMES: tuple[str, ...] = tuple(BY_NAME)
+# The tiers behind the front door, the gateway first: it answers the front door's health checks.
+FRONT: tuple[str, ...] = ("gateway", "ingestor")

@@ -1,0 +1,26 @@
+from askmesh.v1 import retriever_pb2 as _retriever_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class GetSearchViewRequest(_message.Message):
+    __slots__ = ("knowledge_base",)
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    def __init__(self, knowledge_base: _Optional[str] = ...) -> None: ...
+
+class SearchView(_message.Message):
+    __slots__ = ("knowledge_base", "generation", "epoch", "pins")
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PINS_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    generation: int
+    epoch: int
+    pins: _containers.RepeatedCompositeFieldContainer[_retriever_pb2.DocumentVersionPin]
+    def __init__(self, knowledge_base: _Optional[str] = ..., generation: _Optional[int] = ..., epoch: _Optional[int] = ..., pins: _Optional[_Iterable[_Union[_retriever_pb2.DocumentVersionPin, _Mapping]]] = ...) -> None: ...

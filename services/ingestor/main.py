@@ -1,0 +1,36 @@
+"""`askmesh serve ingestor`: knowledge bases, documents, uploads and ingestion tasks
+(KnowledgeBases, Ingestion, the Gateway service's AddDocuments) and the gateway's Catalog."""
+
+from __future__ import annotations
+
+from askmesh.runtime.server import ServiceDefinition, run
+from askmesh.tiers import INGESTOR
+from askmesh.v1 import catalog_pb2_grpc, gateway_pb2_grpc, ingestion_pb2_grpc, knowledge_pb2_grpc
+from services.ingestor.config import IngestorSettings
+from services.ingestor.engine import IngestorEngine
+from services.ingestor.servicer import CatalogServicer, DocumentsServicer, IngestionServicer, KnowledgeBasesServicer
+
+
+def build(settings: IngestorSettings) -> ServiceDefinition:
+    engine = IngestorEngine(settings)
+    knowledge, ingestion = KnowledgeBasesServicer(engine), IngestionServicer(engine)
+    documents, catalog = DocumentsServicer(engine), CatalogServicer(engine)
+
+    def add_to_server(server: object) -> None:
+        knowledge_pb2_grpc.add_KnowledgeBasesServicer_to_server(knowledge, server)
+        ingestion_pb2_grpc.add_IngestionServicer_to_server(ingestion, server)
+        catalog_pb2_grpc.add_CatalogServicer_to_server(catalog, server)
+        gateway_pb2_grpc.add_GatewayServicer_to_server(documents, server)
+
+    return ServiceDefinition(
+        "ingestor", INGESTOR.grpc_services, add_to_server, start=engine.start, close=engine.close,
+        servicers=[knowledge, ingestion, documents, catalog],
+    )
+
+
+def main() -> None:
+    run("ingestor", IngestorSettings(), build)
+
+
+if __name__ == "__main__":
+    main()
