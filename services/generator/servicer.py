@@ -130,4 +130,4 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             raise InvalidArgument("allow_dimension_change", "is for embedders")
         if not self.engine.ready:
             raise Unavailable("generator: model is still loading")
-        return await self.engine.models.swap(request.model_path, request.model_name.strip())
+        return await self.engine.swap(request.model_path, request.model_name.strip())
