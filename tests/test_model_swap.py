@@ -273,7 +273,7 @@ async def test_a_swap_that_cannot_load_leaves_the_old_model_serving(
 async def test_one_embedder_swap_at_a_time(embedder: Embedder, models: dict[str, Path]) -> None:
     engine = embedder.engine
     first = asyncio.create_task(engine.swap(models["minilm-copy"]))
-    await until(lambda: engine._swap.running, "the first swap has begun")
+    await until(lambda: engine.models.swapping, "the first swap has begun")
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await embedder.swap(bundled_embedder())
     assert status_of(error) == (grpc.StatusCode.FAILED_PRECONDITION, "embedder: a model swap is already in progress")
@@ -399,7 +399,7 @@ async def test_a_generation_in_flight_during_a_swap_finishes_on_the_old_model(
     opening = [(await anext(first)).WhichOneof("event") for _ in range(3)]
     assert opening == ["queued", "started", "delta"]  # running on the old model, in the replica's only slot
 
-    swapped = await generation.models.swap(str(models["smol-copy"]))
+    swapped = await generation.swap(str(models["smol-copy"]))
     assert (swapped.name, swapped.replaced, swapped.backend, swapped.swaps) == ("smol-copy", SMOLLM, "local", 1)
     assert swapped.retiring_calls == 1 and swapped.path == str(models["smol-copy"])
     # Queued behind the first for the slot: it starts after the swap, so on the new model.
@@ -410,7 +410,7 @@ async def test_a_generation_in_flight_during_a_swap_finishes_on_the_old_model(
     second_text, second_done = await second
     assert second_done.model == "smol-copy" and second_text.strip()
 
-    await asyncio.gather(*generation.models._closing)
+    await generation.models.released()
     assert generation.models.info().retiring_calls == 0
     assert old_backend.closed, "the old llama.cpp model was not freed"  # type: ignore[attr-defined]
 
@@ -449,8 +449,8 @@ async def test_a_generator_swap_over_grpc_and_what_it_refuses(
     assert done.model == SMOLLM
 
     # One swap at a time.
-    first = asyncio.create_task(generation.models.swap(str(models["smol-copy"])))
-    await until(lambda: generation.models._swap.running, "the first swap has begun")
+    first = asyncio.create_task(generation.swap(str(models["smol-copy"])))
+    await until(lambda: generation.models.swapping, "the first swap has begun")
     with pytest.raises(grpc.aio.AioRpcError) as error:
         await generator.SwapModel(common_pb2.SwapModelRequest(model_path=str(bundled_gguf())))
     assert status_of(error) == (grpc.StatusCode.FAILED_PRECONDITION, "generator: a model swap is already in progress")
@@ -465,7 +465,7 @@ async def test_a_generator_swap_over_grpc_and_what_it_refuses(
 async def test_a_generator_on_tgi_refuses_to_swap() -> None:
     engine = GenerationEngine(GeneratorSettings(backend="tgi", url="http://127.0.0.1:9", port=1))
     with pytest.raises(FailedPrecondition, match="the tgi backend serves the model the TGI server at http://127.0.0.1:9 was started with"):
-        await engine.models.swap("HuggingFaceTB/SmolLM2-1.7B-Instruct")
+        await engine.swap("HuggingFaceTB/SmolLM2-1.7B-Instruct")
     await engine.close()
 
 
@@ -478,9 +478,9 @@ async def test_a_generator_on_an_openai_compatible_server_swaps_the_model_it_ask
         try:
             server.script = OpenAIScript(http_status=404, error_message="The model `missing` does not exist.")
             with pytest.raises(FailedPrecondition, match=r"model_path: 'missing' failed to load \(.*does not exist.*\); still serving small"):
-                await engine.models.swap("missing")
+                await engine.swap("missing")
             server.script = OpenAIScript(tokens=["Hi", "!"])
-            swapped = await engine.models.swap("large")
+            swapped = await engine.swap("large")
             assert (swapped.name, swapped.replaced, swapped.backend) == ("large", "small", "openai")
             _, done = await collect_generation(engine.generate(ask_request("Say hello.", max_new_tokens=4)))
             assert done.model == "large"

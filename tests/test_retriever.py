@@ -181,6 +181,9 @@ BAD_REQUESTS = [
     ("Upsert", retriever_pb2.UpsertRequest(knowledge_base="kb", chunks=[retriever_pb2.VectorChunk(chunk=common_pb2.Chunk(id="z", document_id="z"), vector=unit(0))]), grpc.StatusCode.INVALID_ARGUMENT, "chunks[0].chunk.text: is empty"),
     ("Delete", retriever_pb2.DeleteRequest(knowledge_base="kb"), grpc.StatusCode.INVALID_ARGUMENT, "document_ids: must list at least one"),
     ("Delete", retriever_pb2.DeleteRequest(knowledge_base="nokb", document_ids=["a"]), grpc.StatusCode.NOT_FOUND, "knowledge_base: 'nokb' does not exist"),
+    ("Delete", retriever_pb2.DeleteRequest(knowledge_base="kb", document_ids=["a", "b\tc"]), grpc.StatusCode.INVALID_ARGUMENT, "document_ids[1]: must be 1 to 256 printable characters"),
+    ("Search", retriever_pb2.SearchRequest(knowledge_base="kb", vector=unit(0), pins=[retriever_pb2.DocumentVersionPin(document_id="", version=1)]), grpc.StatusCode.INVALID_ARGUMENT, "pins[0].document_id: must be 1 to 256 printable characters"),
+    ("Search", retriever_pb2.SearchRequest(knowledge_base="kb", vector=unit(0), score_threshold=2), grpc.StatusCode.INVALID_ARGUMENT, "score_threshold: 2 is outside [-1, 1]"),
 ]
 
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import math
 import re
+import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
 from askmesh.runtime.errors import InvalidArgument
 from askmesh.v1 import common_pb2
 
-# Titles of documents and passages, everywhere they are taken.
+# Titles of documents, chunks and passages, everywhere they are taken or made (the retriever's
+# title column holds this many).
 MAX_TITLE_CHARS = 1024
+# Document ids, as a client gives them or a tier derives them (the retriever's document_id column
+# holds this many).
+MAX_DOCUMENT_ID_CHARS = 256
 
 KNOWLEDGE_BASE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 DECLARED_FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
@@ -30,6 +35,39 @@ def check_knowledge_base_name(name: str, field: str = "knowledge_base") -> str:
     return name
 
 
+def has_control_characters(value: str) -> bool:
+    """Tabs, newlines, NUL, DEL and the C1 controls (Unicode category Cc): never in a name a user
+    sees, types or filters on (the retriever's filter literals refuse them too)."""
+    return any(unicodedata.category(c) == "Cc" for c in value)
+
+
+def check_document_id(value: str, field: str, *, required: bool = True) -> str:
+    """A document id: 1 to MAX_DOCUMENT_ID_CHARS characters, none a control character. Where a
+    tier derives an id for an empty one (AddDocuments, uploads), `required=False` accepts ""."""
+    if (required and not value) or len(value) > MAX_DOCUMENT_ID_CHARS or has_control_characters(value):
+        bound = f"1 to {MAX_DOCUMENT_ID_CHARS}" if required else f"at most {MAX_DOCUMENT_ID_CHARS}"
+        raise InvalidArgument(field, f"must be {bound} printable characters")
+    return value
+
+
+def check_title(value: str, field: str) -> str:
+    """A title a client gives: optional, at most MAX_TITLE_CHARS characters."""
+    return check_text(field, value, MAX_TITLE_CHARS, required=False)
+
+
+def clip_title(value: str) -> str:
+    """A title a tier makes (parsed from a file, or a file's name): cut to MAX_TITLE_CHARS rather
+    than fail a whole ingestion over a long <title>."""
+    return value[:MAX_TITLE_CHARS]
+
+
+def check_score_threshold(value: float, field: str = "score_threshold") -> float:
+    """A cosine similarity floor: in [-1, 1] (the tiers' vectors are unit length)."""
+    if not -1.0 <= value <= 1.0:
+        raise InvalidArgument(field, f"{value:g} is outside [-1, 1]")
+    return value
+
+
 def check_text(field: str, value: str, max_chars: int, *, required: bool = True) -> str:
     if required and not value.strip():
         raise InvalidArgument(field, "is empty")
@@ -45,6 +83,7 @@ def check_count(field: str, count: int, maximum: int, *, minimum: int = 0) -> No
         raise InvalidArgument(field, f"{count} items exceed the limit of {maximum}")
 
 
+# A metadata string, declared or filtered on (a filter value longer than this matches nothing).
 MAX_DECLARED_STRING = 1024
 
 

@@ -32,7 +32,7 @@ import numpy as np
 
 from askmesh.runtime import metrics
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from askmesh.runtime.solo import SoloJob
+from askmesh.runtime.models import ModelRegistry
 from askmesh.v1 import common_pb2
 from services.embedder.config import EmbedderSettings
 from services.embedder.models import LoadedModel, load_model
@@ -79,10 +79,9 @@ class _Pending:
 class EmbeddingEngine:
     def __init__(self, settings: EmbedderSettings) -> None:
         self.settings = settings
-        self._model: LoadedModel | None = None  # the model new batches run on
-        self._retiring: list[LoadedModel] = []  # swapped out, still running a batch
-        self._swap: SoloJob[common_pb2.ModelInfo] = SoloJob("embedder: a model swap")
-        self.swaps = 0
+        # The serving model, those swapped out that still run a batch, and swaps. A model is
+        # only memory, so a swapped-out one is dropped, not closed.
+        self.models: ModelRegistry[LoadedModel] = ModelRegistry("embedder")
         # One model call at a time, off the event loop (torch uses every core for one batch).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedder-model")
         self._queue: deque[_Pending] = deque()
@@ -93,13 +92,11 @@ class EmbeddingEngine:
 
     @property
     def ready(self) -> bool:
-        return self._model is not None and self._batcher is not None
+        return self.models.loaded and self._batcher is not None
 
     @property
     def model(self) -> LoadedModel:
-        if self._model is None:
-            raise Unavailable("embedder: model is still loading")
-        return self._model
+        return self.models.current
 
     @property
     def backend(self) -> str:
@@ -115,9 +112,9 @@ class EmbeddingEngine:
 
     # -- loading -----------------------------------------------------------------------------
 
-    def _load(self) -> None:
+    def _load(self) -> LoadedModel:
         path = self.settings.resolved_model_path()
-        self._model = load_model(path, self.settings.model_name, self.settings.backend, self.settings)
+        return load_model(path, self.settings.model_name, self.settings.backend, self.settings)
 
     def count_tokens(self, texts: Sequence[str]) -> int:
         """Tokens the serving model will see for `texts` (special tokens included, truncated)."""
@@ -125,7 +122,7 @@ class EmbeddingEngine:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._executor, self._load)
+        await self.models.load(lambda: loop.run_in_executor(self._executor, self._load))
         self._arrived = asyncio.Event()
         self._batcher = asyncio.create_task(self._run_batches(), name="embedder-batcher")
         self._batcher.add_done_callback(self._batcher_ended)
@@ -143,7 +140,6 @@ class EmbeddingEngine:
         self._count_queued(-self._queued_texts)
 
     async def close(self) -> None:
-        self._swap.cancel()  # its worker thread finishes loading; the result is dropped
         batcher, self._batcher = self._batcher, None
         if batcher is not None:
             batcher.cancel()
@@ -158,8 +154,8 @@ class EmbeddingEngine:
         self._queue.clear()
         self._count_queued(-self._queued_texts)
         self._executor.shutdown(wait=False, cancel_futures=True)
-        self._model = None
-        self._retiring.clear()
+        # A swap under way is cancelled: its worker thread finishes loading; the result is dropped.
+        await self.models.close()
 
     # -- the model ---------------------------------------------------------------------------
 
@@ -170,10 +166,7 @@ class EmbeddingEngine:
     # -- swaps -------------------------------------------------------------------------------
 
     def model_info(self) -> common_pb2.ModelInfo:
-        info = self.model.info()
-        info.swaps = self.swaps
-        info.retiring_calls = sum(model.batches for model in self._retiring)
-        return info
+        return self.models.info()
 
     async def swap(
         self, path: Path, *, name: str = "", backend: str = "", allow_dimension_change: bool = False
@@ -184,63 +177,37 @@ class EmbeddingEngine:
         serving = self.model
         if self._batcher is None:
             raise Unavailable("embedder: model is still loading")
-        self._swap.refuse_if_running()
+        self.models.refuse_if_swapping()
         if not path.exists():
             raise InvalidArgument("model_path", f"{str(path)!r} does not exist on this replica")
         if not path.is_dir():
             raise InvalidArgument("model_path", f"{str(path)!r} is not a folder (a sentence-transformers model)")
-        return await self._swap.run(
-            self._swap_to(path, name or self._name_for(path), backend or serving.backend, allow_dimension_change),
-            name="embedder-model-swap",
-        )
+        name, backend = name or self._name_for(path), backend or serving.backend
+
+        async def loader() -> LoadedModel:
+            # A worker thread of its own: the model thread keeps encoding batches meanwhile.
+            return await asyncio.to_thread(load_model, path, name, backend, self.settings)
+
+        def check(new: LoadedModel, old: LoadedModel) -> None:
+            if new.dimension != old.dimension and not allow_dimension_change:
+                raise FailedPrecondition(
+                    f"model_path: {str(path)!r} makes {new.dimension}-dimension vectors but the serving model "
+                    f"{old.name} makes {old.dimension}: "
+                    f"knowledge bases built with {old.name} could not be searched or written until rebuilt; "
+                    "set allow_dimension_change to swap anyway"
+                )
+
+        return await self.models.swap(str(path), loader, check=check)
 
     def _name_for(self, path: Path) -> str:
         configured = self.settings.resolved_model_path()
         return self.settings.model_name if path.absolute() == configured.absolute() else path.absolute().name
 
-    async def _swap_to(self, path: Path, name: str, backend: str, allow_dimension_change: bool) -> common_pb2.ModelInfo:
-        old = self.model
-        try:
-            # A worker thread of its own: the model thread keeps encoding batches meanwhile.
-            new = await asyncio.to_thread(load_model, path, name, backend, self.settings)
-        except Exception as error:
-            log.warning("[MODEL] swap to %s failed, still serving %s: %r", path, old.name, error)
-            reason = f"{type(error).__name__}: {error}".strip()[:500]
-            raise FailedPrecondition(f"model_path: {str(path)!r} failed to load ({reason}); still serving {old.name}") from error
-        if self._batcher is None or self._model is not old:
-            raise Unavailable("embedder: shutting down")
-        if new.dimension != old.dimension and not allow_dimension_change:
-            raise FailedPrecondition(
-                f"model_path: {str(path)!r} makes {new.dimension}-dimension vectors but the serving model "
-                f"{old.name} makes {old.dimension}: "
-                f"knowledge bases built with {old.name} could not be searched or written until rebuilt; "
-                "set allow_dimension_change to swap anyway"
-            )
-        self._model = new
-        self.swaps += 1
-        if old.batches:
-            self._retiring.append(old)  # released by the last batch that runs on it
-        else:
-            self._release(old)
-        log.info(
-            "[MODEL] embedder serves %s (%s, %d dimensions; loaded and warmed up in %.1f s) in place of %s",
-            new.name, new.backend, new.dimension, new.load_seconds, old.name,
-        )
-        info = self.model_info()
-        info.replaced = old.name
-        return info
-
-    def _release(self, model: LoadedModel) -> None:
-        """Drops the engine's last reference to a swapped-out model: its memory goes with it."""
-        if model in self._retiring:
-            self._retiring.remove(model)
-        log.info("[MODEL] released %s", model.name)
-
     # -- calls -------------------------------------------------------------------------------
 
     async def embed(self, texts: Sequence[str]) -> EmbeddingBatch:
         """Embeds already-validated texts (see servicer.validate_texts)."""
-        if self._model is None or self._batcher is None:
+        if not self.models.loaded or self._batcher is None:
             raise Unavailable("embedder: model is still loading")
         if self._batcher.done():
             raise Unavailable("embedder: batcher stopped")
@@ -336,8 +303,7 @@ class EmbeddingEngine:
 
     async def _run(self, batch: list[_Pending], loop: asyncio.AbstractEventLoop) -> None:
         texts = [text for pending in batch for text in pending.texts]
-        model = self.model  # this batch's model, even if a swap happens while it runs
-        model.batches += 1
+        model = self.models.acquire()  # this batch's model, even if a swap happens while it runs
         started_at = time.perf_counter()
         try:
             vectors = await loop.run_in_executor(self._executor, self._encode, texts, model)
@@ -354,9 +320,7 @@ class EmbeddingEngine:
                     pending.future.set_exception(error)
             return
         finally:
-            model.batches -= 1
-            if model.batches == 0 and model in self._retiring:
-                self._release(model)
+            self.models.release(model)
         finished_at = time.perf_counter()
         inference_ms = (finished_at - started_at) * 1000
         stats = self.stats

@@ -1,9 +1,9 @@
 """One loaded embedding model with everything the batcher needs of it, loaded and swapped as a whole.
 
 A model swap loads the new model into a `LoadedModel` beside the serving one (in a worker thread,
-so the serving one keeps answering), warms it up, then the engine switches one reference: each
-batch takes the model it runs on once, at its start, so a batch started on the old model finishes
-on it and its calls report the old model's name.
+so the serving one keeps answering) and warms it up; askmesh.runtime.models' registry then
+switches one reference. Each batch takes the model it runs on once, at its start, so a batch
+started on the old model finishes on it and its calls report the old model's name.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ class LoadedModel:
     dimension: int = 0
     load_seconds: float = 0.0
     loaded_at: float = 0.0  # wall clock (time.time())
-    batches: int = 0  # model batches running on it now (kept alive by them after a swap)
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Unit-length float32 vectors; runs in the caller's thread (the engine's model thread)."""

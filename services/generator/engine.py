@@ -16,12 +16,13 @@ from typing import TypeAlias
 
 from askmesh.runtime import metrics
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from askmesh.runtime.models import ModelRegistry
 from askmesh.v1 import common_pb2, generator_pb2
 from services.generator.admission import AdmissionQueue, QueueFull, Standing, Ticket
 from services.generator.backends import create_backend
 from services.generator.backends.base import FinishEvent, GenerationBackend, GenerationInput, TokenEvent
 from services.generator.config import GeneratorSettings
-from services.generator.models import ServingModels
+from services.generator.models import ServingModel, close_model, first_model, load_model, settings_for_swap, start_model
 from services.generator.prompting import PlacedPassage, fit_passages, with_context
 
 ROLE_NAMES = {
@@ -53,7 +54,9 @@ class GenerationEngine:
     def __init__(self, settings: GeneratorSettings, backend: GenerationBackend | None = None) -> None:
         self.settings = settings
         # The serving model, those swapped out that still finish generations, and swaps.
-        self.models = ServingModels(settings, backend or create_backend(settings))
+        self.models: ModelRegistry[ServingModel] = ModelRegistry(
+            "generator", first=first_model(settings, backend or create_backend(settings)), close_model=close_model
+        )
         self.slots = settings.resolved_concurrency()
         self.queue = AdmissionQueue(self.slots, settings.max_queue_wait_s)
         self.ready = False
@@ -79,12 +82,20 @@ class GenerationEngine:
         return self.queue.refused
 
     async def start(self) -> None:
-        await self.models.start()
+        await start_model(self.models.current, self.settings)
         self.ready = True
 
     async def close(self) -> None:
         self.ready = False
         await self.models.close()
+
+    async def swap(self, model_path: str, name: str = "") -> common_pb2.ModelInfo:
+        """Serves another model from the next generation on (the old one keeps serving until then,
+        and for good if the new one fails). One swap at a time; a swap goes on to its end even if
+        its caller leaves (GetModel shows the outcome)."""
+        self.models.refuse_if_swapping()
+        settings = settings_for_swap(self.settings, model_path, name)
+        return await self.models.swap(model_path, lambda: load_model(settings))
 
     # -- admission ---------------------------------------------------------------------------
     def admit(self, max_wait_s: float | None = None, deadline_s: float | None = None) -> Ticket:

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from askmesh.runtime.errors import InvalidArgument, Unavailable, streaming_rpc, unary_rpc
-from askmesh.runtime.validation import MAX_TITLE_CHARS, check_count, check_generation_parameters, check_text
+from askmesh.runtime.validation import check_count, check_generation_parameters, check_text, check_title
 from askmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.generator.config import GeneratorSettings
 from services.generator.engine import GenerationEngine
@@ -53,7 +53,7 @@ def validate_request(request: generator_pb2.GenerateRequest, settings: Generator
     total = sum(len(m.content) for m in request.messages)
     for index, passage in enumerate(request.passages):
         check_text(f"{field}passages[{index}].text", passage.text, settings.max_prompt_chars)
-        check_text(f"{field}passages[{index}].title", passage.title, MAX_TITLE_CHARS, required=False)
+        check_title(passage.title, f"{field}passages[{index}].title")
         total += len(passage.text)
     if total > settings.max_prompt_chars:
         raise InvalidArgument(f"{field}passages", f"{total} characters in all exceed the limit of {settings.max_prompt_chars}")
@@ -130,4 +130,4 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
             raise InvalidArgument("allow_dimension_change", "is for embedders")
         if not self.engine.ready:
             raise Unavailable("generator: model is still loading")
-        return await self.engine.models.swap(request.model_path, request.model_name.strip())
+        return await self.engine.swap(request.model_path, request.model_name.strip())

@@ -32,7 +32,15 @@ from pymilvus import DataType, MilvusClient, MilvusException
 
 from askmesh.runtime import metrics
 from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from askmesh.runtime.validation import MAX_DECLARED_STRING, check_schema, typed_value
+from askmesh.runtime.validation import (
+    MAX_DECLARED_STRING,
+    MAX_DOCUMENT_ID_CHARS,
+    MAX_TITLE_CHARS,
+    check_document_id,
+    check_schema,
+    check_title,
+    typed_value,
+)
 from askmesh.v1 import common_pb2, retriever_pb2
 from services.retriever.config import RetrieverSettings
 from services.retriever.filters import DECLARED_PREFIX, build_filter, literal
@@ -44,8 +52,6 @@ EMBEDDING_MODEL_PROPERTY = "askmesh.embedding_model"
 SCHEMA_PROPERTY = "askmesh.metadata_schema"
 OUTPUT_FIELDS = ["id", "document_id", "document_version", "chunk_index", "title", "text", "metadata"]
 MAX_ID_LENGTH = 128
-MAX_DOCUMENT_ID_LENGTH = 256
-MAX_TITLE_LENGTH = 1024
 MAX_TEXT_BYTES = 65_535
 _GENERATION = re.compile(r"^(?P<alias>kb_[a-z][a-z0-9_]*)__g(?P<generation>\d+)$")
 _COLUMN_TYPES = {
@@ -163,10 +169,10 @@ class RetrievalEngine:
             else:
                 collection_schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
                 collection_schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=MAX_ID_LENGTH)
-                collection_schema.add_field("document_id", DataType.VARCHAR, max_length=MAX_DOCUMENT_ID_LENGTH)
+                collection_schema.add_field("document_id", DataType.VARCHAR, max_length=MAX_DOCUMENT_ID_CHARS)
                 collection_schema.add_field("document_version", DataType.INT64)
                 collection_schema.add_field("chunk_index", DataType.INT64)
-                collection_schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE_LENGTH)
+                collection_schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE_CHARS)
                 collection_schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
                 collection_schema.add_field("metadata", DataType.JSON)
                 for key, kind in schema.items():
@@ -428,10 +434,8 @@ def validate_chunks(chunks: Sequence[retriever_pb2.VectorChunk], max_chunks: int
         if chunk.id in seen:
             raise InvalidArgument(f"{where}.chunk.id", f"{chunk.id!r} appears twice in one request")
         seen.add(chunk.id)
-        if not chunk.document_id or len(chunk.document_id) > MAX_DOCUMENT_ID_LENGTH:
-            raise InvalidArgument(f"{where}.chunk.document_id", f"must be 1 to {MAX_DOCUMENT_ID_LENGTH} characters")
-        if len(chunk.title) > MAX_TITLE_LENGTH:
-            raise InvalidArgument(f"{where}.chunk.title", f"must be at most {MAX_TITLE_LENGTH} characters")
+        check_document_id(chunk.document_id, f"{where}.chunk.document_id")
+        check_title(chunk.title, f"{where}.chunk.title")
         if not chunk.text.strip():
             raise InvalidArgument(f"{where}.chunk.text", "is empty")
         if len(chunk.text.encode()) > MAX_TEXT_BYTES:

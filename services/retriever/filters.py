@@ -14,6 +14,7 @@ import re
 from collections.abc import Sequence
 
 from askmesh.runtime.errors import InvalidArgument
+from askmesh.runtime.validation import MAX_DECLARED_STRING
 from askmesh.v1 import common_pb2
 
 FIELD_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -29,9 +30,6 @@ _KINDS_FOR_TYPE: dict[int, tuple[str, ...]] = {
 }
 
 
-MAX_STRING_VALUE = 1024
-
-
 def literal(value: str | int | float | bool, where: str) -> str:
     """`value` as a Milvus expression literal."""
     if isinstance(value, bool):
@@ -42,8 +40,8 @@ def literal(value: str | int | float | bool, where: str) -> str:
         if not math.isfinite(value):
             raise InvalidArgument(where, "must be a finite number")
         return repr(value)
-    if len(value) > MAX_STRING_VALUE:
-        raise InvalidArgument(where, f"is longer than {MAX_STRING_VALUE} characters")
+    if len(value) > MAX_DECLARED_STRING:  # longer than any metadata string stored: matches nothing
+        raise InvalidArgument(where, f"is longer than {MAX_DECLARED_STRING} characters")
     if any(ord(c) < 0x20 for c in value):
         raise InvalidArgument(where, "contains control characters")
     # A double-quoted literal with \ and \" escaped: the value cannot end the string early.

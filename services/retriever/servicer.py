@@ -7,9 +7,9 @@ import math
 import grpc
 
 from askmesh.runtime.errors import InvalidArgument, unary_rpc
+from askmesh.runtime.validation import check_document_id, check_knowledge_base_name, check_score_threshold
 from askmesh.v1 import retriever_pb2, retriever_pb2_grpc
-from askmesh.runtime.validation import check_knowledge_base_name
-from services.retriever.engine import MAX_DOCUMENT_ID_LENGTH, RetrievalEngine, validate_chunks
+from services.retriever.engine import RetrievalEngine, validate_chunks
 
 MAX_DIMENSION = 32_768
 
@@ -30,8 +30,8 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
             raise InvalidArgument("vector", "contains NaN or infinity")
         if request.top_k > self.settings.max_top_k:
             raise InvalidArgument("top_k", f"{request.top_k} is out of range 1..{self.settings.max_top_k}")
-        if request.HasField("score_threshold") and not -1.0 <= request.score_threshold <= 1.0:
-            raise InvalidArgument("score_threshold", f"{request.score_threshold} is outside [-1, 1]")
+        if request.HasField("score_threshold"):
+            check_score_threshold(request.score_threshold)
         for index, pin in enumerate(request.pins):
             check_document_id(pin.document_id, f"pins[{index}].document_id")
         return await self.engine.search(request)
@@ -90,7 +90,3 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
         generation = request.generation if request.HasField("generation") else None
         return await self.engine.describe(request.knowledge_base, generation)
 
-
-def check_document_id(document_id: str, field: str) -> None:
-    if not document_id or len(document_id) > MAX_DOCUMENT_ID_LENGTH:
-        raise InvalidArgument(field, f"must be 1 to {MAX_DOCUMENT_ID_LENGTH} characters")
