@@ -8,7 +8,13 @@ from collections.abc import AsyncIterator
 import grpc
 
 from askmesh.runtime.errors import InvalidArgument, streaming_rpc
-from askmesh.runtime.validation import check_count, check_generation_parameters, check_knowledge_base_name, check_text
+from askmesh.runtime.validation import (
+    check_count,
+    check_generation_parameters,
+    check_knowledge_base_name,
+    check_score_threshold,
+    check_text,
+)
 from askmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.config import GatewaySettings
 from services.gateway.engine import GatewayEngine
@@ -24,8 +30,8 @@ def validate_ask(request: gateway_pb2.AskRequest, settings: GatewaySettings) -> 
         raise InvalidArgument(
             "context_token_budget", f"{request.context_token_budget} is out of range 1..{settings.max_context_token_budget}"
         )
-    if request.HasField("score_threshold") and not -1.0 <= request.score_threshold <= 1.0:
-        raise InvalidArgument("score_threshold", f"{request.score_threshold:g} is outside [-1, 1]")
+    if request.HasField("score_threshold"):
+        check_score_threshold(request.score_threshold)
     check_count("history", len(request.history), settings.max_history_messages)
     total = 0
     for index, message in enumerate(request.history):

@@ -31,6 +31,7 @@ from askmesh.runtime import metrics
 from askmesh.runtime.crashpoints import crash_point
 from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound
 from askmesh.v1 import common_pb2, ingestion_pb2, retriever_pb2
+from askmesh.runtime.validation import check_document_id, clip_title
 from askmesh.upstream import Deadline, Upstreams
 from services.ingestor.config import IngestorSettings
 from services.ingestor.knowledge import (
@@ -158,7 +159,7 @@ class Ingestion:
         """Spools the bytes to disk (never the client's path), then queues the task."""
         record = await self.knowledge.require(header.knowledge_base)
         label = file_label(header.file_name)
-        document_id = header.document_id or document_id_from_file(label)
+        document_id = check_document_id(header.document_id or document_id_from_file(label), "header.document_id")
         metadata = dict(_struct_dict(header.metadata))
         self.knowledge.check_metadata(record, metadata, "header.metadata")
         chunk_size, chunk_overlap = self.knowledge.chunking_for(record, header.chunking, "header.chunking")
@@ -452,7 +453,7 @@ class Ingestion:
         return DocumentWrite(
             knowledge_base=record,
             document_id=task.document_id,
-            title=spec.get("title") or task.checkpoint.get("title") or task.file_name,
+            title=clip_title(spec.get("title") or task.checkpoint.get("title") or task.file_name),
             metadata=spec.get("metadata", {}),
             sections=sections,
             chunk_size=int(spec["chunk_size"]),

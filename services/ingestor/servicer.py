@@ -9,11 +9,12 @@ import grpc
 
 from askmesh.runtime.errors import InvalidArgument, NotFound, streaming_rpc, unary_rpc
 from askmesh.runtime.validation import (
-    MAX_TITLE_CHARS,
     check_count,
+    check_document_id,
     check_knowledge_base_name,
     check_schema,
     check_text,
+    check_title,
 )
 from askmesh.v1 import (
     catalog_pb2,
@@ -32,9 +33,6 @@ from services.ingestor.knowledge import document_info
 from services.ingestor.store import TaskRecord
 from askmesh.upstream import Deadline
 
-MAX_DOCUMENT_ID_CHARS = 256
-
-
 def validate_add_documents(request: gateway_pb2.AddDocumentsRequest, settings: IngestorSettings) -> None:
     """Checks the documents (chunking is checked against the knowledge base's defaults later)."""
     if request.knowledge_base:
@@ -44,9 +42,8 @@ def validate_add_documents(request: gateway_pb2.AddDocumentsRequest, settings: I
     for index, document in enumerate(request.documents):
         where = f"documents[{index}]"
         check_text(f"{where}.text", document.text, settings.max_document_chars)
-        check_text(f"{where}.title", document.title, MAX_TITLE_CHARS, required=False)
-        if len(document.id) > MAX_DOCUMENT_ID_CHARS or any(ord(c) < 0x20 for c in document.id):
-            raise InvalidArgument(f"{where}.id", f"must be at most {MAX_DOCUMENT_ID_CHARS} printable characters")
+        check_title(document.title, f"{where}.title")
+        check_document_id(document.id, f"{where}.id", required=False)
         if document.id and document.id in seen:
             raise InvalidArgument(f"{where}.id", f"{document.id!r} appears twice in one request")
         seen.add(document.id)
@@ -89,11 +86,6 @@ def page_size(requested: int) -> int:
     if requested > PAGE_SIZE_MAX:
         raise InvalidArgument("page_size", f"{requested} is out of range 1..{PAGE_SIZE_MAX}")
     return requested or PAGE_SIZE_DEFAULT
-
-
-def check_document_id(document_id: str, field: str = "id") -> None:
-    if not document_id or len(document_id) > MAX_DOCUMENT_ID_CHARS or any(ord(c) < 0x20 for c in document_id):
-        raise InvalidArgument(field, f"must be 1 to {MAX_DOCUMENT_ID_CHARS} printable characters")
 
 
 class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
@@ -170,7 +162,7 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         self, request: knowledge_pb2.GetDocumentRequest, context: grpc.aio.ServicerContext
     ) -> knowledge_pb2.DocumentInfo:
         check_knowledge_base_name(request.knowledge_base)
-        check_document_id(request.id)
+        check_document_id(request.id, "id")
         return document_info(await self.engine.get_document(request.knowledge_base, request.id))
 
     @unary_rpc
@@ -178,7 +170,7 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         self, request: knowledge_pb2.DeleteDocumentRequest, context: grpc.aio.ServicerContext
     ) -> knowledge_pb2.DeleteDocumentResponse:
         check_knowledge_base_name(request.knowledge_base)
-        check_document_id(request.id)
+        check_document_id(request.id, "id")
         try:
             deleted = await self.knowledge.delete_document(request.knowledge_base, request.id, self._deadline(context))
         except NotFound:
@@ -208,7 +200,7 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
         check_knowledge_base_name(header.knowledge_base, "header.knowledge_base")
         if header.document_id:
             check_document_id(header.document_id, "header.document_id")
-        check_text("header.title", header.title, MAX_TITLE_CHARS, required=False)
+        check_title(header.title, "header.title")
 
         async def data() -> AsyncIterator[bytes]:
             async for message in messages:
