@@ -21,7 +21,7 @@ class TierSpec:
     # Streams without side effects (an answer), sent again if a replica reset them before answering.
     resendable_streams: tuple[str, ...] = ()
     # Whether a replica's RESOURCE_EXHAUSTED is about that replica alone (another may take the
-    # call); the gateway's refusals come from the generators behind it, already all tried.
+    # call); the gateway's and the ingestor's come from the tiers behind them, already all tried.
     capacity_per_replica: bool = True
     # Tiers whose replicas must be SERVING before this one can serve.
     needs: tuple[str, ...] = field(default=())
@@ -45,6 +45,7 @@ INGESTOR = TierSpec(
     50065,
     public_routes=("askmesh.v1.KnowledgeBases", "askmesh.v1.Ingestion", "askmesh.v1.Gateway/AddDocuments"),
     idempotent_methods=("askmesh.v1.Catalog/GetSearchView",),
+    capacity_per_replica=False,  # its RESOURCE_EXHAUSTED is the embedder's, behind every replica
     needs=("embedder", "retriever"),
 )
 GATEWAY = TierSpec(

@@ -186,6 +186,11 @@ async def start_runner(definition: ServiceDefinition) -> ServiceRunner:
     return runner
 
 
+async def start_ingestor(addresses: dict[str, str], **overrides: object) -> ServiceRunner:
+    """An ingestor in this process, in front of the in-process tiers at `addresses`."""
+    return await start_runner(build_ingestor(ingestor_settings(addresses, **overrides)))
+
+
 class FrontDoor:
     """An ingestor and a gateway in this process behind a real Envoy front door that routes each
     public service to its tier, as the mesh's does: what a client of askmesh sees."""
@@ -253,7 +258,7 @@ async def start_gateway(addresses: dict[str, str], **overrides: object) -> tuple
     if "ingestor" in addresses:
         ingestor_address = addresses["ingestor"]
     else:
-        ingestor = await start_runner(build_ingestor(ingestor_settings(addresses, **ingestor_overrides)))
+        ingestor = await start_ingestor(addresses, **ingestor_overrides)
         ingestor_address = f"127.0.0.1:{ingestor.port}"
     gateway = await start_runner(
         build_gateway(gateway_settings({**addresses, "ingestor": ingestor_address}, **gateway_overrides))

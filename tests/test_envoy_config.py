@@ -36,11 +36,12 @@ def test_envoy_rejects_a_broken_config(tmp_path: Path) -> None:
 def test_clusters_balance_least_request_with_grpc_health_checks(tmp_path: Path) -> None:
     config = envoy.render(layout(tmp_path))
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    assert set(clusters) == {"gateway", "embedder", "retriever", "generator"}
+    assert set(clusters) == {"gateway", "embedder", "retriever", "generator", "ingestor"}
     for name, cluster in clusters.items():
         assert cluster["lb_policy"] == "LEAST_REQUEST"
         check = cluster["health_checks"][0]
-        assert check["grpc_health_check"]["service_name"] == f"askmesh.v1.{name.capitalize()}"
+        expected = "askmesh.v1.KnowledgeBases" if name == "ingestor" else f"askmesh.v1.{name.capitalize()}"
+        assert check["grpc_health_check"]["service_name"] == expected
         assert "http2_protocol_options" in str(cluster["typed_extension_protocol_options"])
     assert all(cluster["type"] == "EDS" and cluster["ignore_health_on_host_removal"] for cluster in clusters.values())
 
@@ -68,6 +69,7 @@ def test_each_tier_reads_its_replicas_from_an_endpoint_file_replaced_atomically(
         "embedder.yaml",
         "gateway.yaml",
         "generator.yaml",
+        "ingestor.yaml",
         "retriever.yaml",
     ]
 
@@ -122,7 +124,9 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
     retried_on_unavailable = {
         key for key, route in routes.items() if "unavailable" in route.get("retry_policy", {}).get("retry_on", "")
     }
-    assert retried_on_unavailable == {"/askmesh.v1.Embedder/Embed", "/askmesh.v1.Retriever/Search"}
+    assert retried_on_unavailable == {
+        "/askmesh.v1.Embedder/Embed", "/askmesh.v1.Retriever/Search", "/askmesh.v1.Catalog/GetSearchView"
+    }
     # Answer streams are sent again when a replica reset them before answering; uploads are not.
     retried_on_reset = {
         key for key, route in routes.items() if "reset" in route.get("retry_policy", {}).get("retry_on", "").split(",")
@@ -130,6 +134,7 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
     assert retried_on_reset == {
         "/askmesh.v1.Embedder/Embed",
         "/askmesh.v1.Retriever/Search",
+        "/askmesh.v1.Catalog/GetSearchView",
         "/askmesh.v1.Generator/Generate",
         "/askmesh.v1.Generator/AdmitAndGenerate",
         "/askmesh.v1.Gateway/Ask",
@@ -141,10 +146,47 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
         key for key, route in routes.items() if "resource-exhausted" in route.get("retry_policy", {}).get("retry_on", "")
     }
     assert "/askmesh.v1.Generator/AdmitAndGenerate" in retried_when_full
-    assert not {key for key in retried_when_full if key.startswith("/askmesh.v1.Gateway/")}
+    assert not {key for key in retried_when_full if key.startswith(("/askmesh.v1.Gateway/", "/askmesh.v1.KnowledgeBases/"))}
 
 
 def test_every_port_binds_to_loopback(tmp_path: Path) -> None:
     config = envoy.render(layout(tmp_path))
     addresses = [config["admin"]["address"]] + [l["address"] for l in config["static_resources"]["listeners"]]
     assert {a["socket_address"]["address"] for a in addresses} == {"127.0.0.1"}
+
+
+def routes_of(config: dict, listener_name: str) -> list[tuple[str, str]]:
+    """(path or prefix, cluster) of a listener's routes, in order, health routes left out."""
+    listener = next(l for l in config["static_resources"]["listeners"] if l["name"] == listener_name)
+    routes = listener["filter_chains"][0]["filters"][0]["typed_config"]["route_config"]["virtual_hosts"][0]["routes"]
+    return [
+        (route["match"].get("path") or route["match"]["prefix"], route["route"]["cluster"])
+        for route in routes
+        if "headers" not in route["match"]
+    ]
+
+
+def first_match(routes: list[tuple[str, str]], path: str) -> str:
+    """The cluster Envoy sends `path` to: the first route whose exact path or prefix matches."""
+    for match, cluster in routes:
+        if path == match or (match.endswith("/") and path.startswith(match)):
+            return cluster
+    raise AssertionError(f"no route for {path}")
+
+
+def test_the_front_door_routes_each_public_service_to_its_tier_and_nothing_internal(tmp_path: Path) -> None:
+    config = envoy.render(layout(tmp_path))
+    front = routes_of(config, "front")
+    assert first_match(front, "/askmesh.v1.Gateway/Ask") == "gateway"
+    # AddDocuments is a Gateway method the ingestor serves: a client's address and API stay.
+    assert first_match(front, "/askmesh.v1.Gateway/AddDocuments") == "ingestor"
+    assert first_match(front, "/askmesh.v1.KnowledgeBases/DeleteKnowledgeBase") == "ingestor"
+    assert first_match(front, "/askmesh.v1.Ingestion/UploadFile") == "ingestor"
+    # Internal services are not routed to their tiers from outside (the catch-all is the
+    # gateway's, which does not serve them: UNIMPLEMENTED).
+    for internal in ("/askmesh.v1.Catalog/GetSearchView", "/askmesh.v1.Retriever/Delete", "/askmesh.v1.Embedder/SwapModel"):
+        assert first_match(front, internal) == "gateway"
+    inside = routes_of(config, "internal")
+    assert first_match(inside, "/askmesh.v1.Catalog/GetSearchView") == "ingestor"
+    assert first_match(inside, "/askmesh.v1.Retriever/Search") == "retriever"
+    assert "gateway" not in {cluster for _, cluster in inside}

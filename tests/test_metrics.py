@@ -43,7 +43,7 @@ from services.retriever.config import RetrieverSettings
 from services.retriever.engine import RetrievalEngine
 from services.retriever.servicer import RetrieverServicer
 from tests.fakes.generators import GatedBackend
-from tests.conftest import InProcessTiers, gateway_settings, start_in_process
+from tests.conftest import InProcessTiers, gateway_settings, start_in_process, start_ingestor
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -338,8 +338,10 @@ async def test_every_search_is_timed_and_calls_are_counted_by_status(tmp_path: P
 
 
 async def test_an_ask_records_the_gateways_time_to_first_token(upstreams: InProcessTiers) -> None:
+    ingestor = await start_ingestor(upstreams.addresses, ingest_workers=0)
     settings = ServiceSettings(port=1, grace_period_s=1, metrics_port=free_port())
-    runner = ServiceRunner(build_gateway(gateway_settings(upstreams.addresses)), settings)
+    addresses = {**upstreams.addresses, "ingestor": f"127.0.0.1:{ingestor.port}"}
+    runner = ServiceRunner(build_gateway(gateway_settings(addresses)), settings)
     runner.settings.port = 0
     await runner.start()
     assert runner.warm_up is not None and runner.metrics is not None
@@ -350,7 +352,9 @@ async def test_an_ask_records_the_gateways_time_to_first_token(upstreams: InProc
             document = gateway_pb2.Document(
                 id="trains", title="Trains", text="Trains are preferred for trips under four hours."
             )
-            await stub.AddDocuments(gateway_pb2.AddDocumentsRequest(knowledge_base="metrics", documents=[document]))
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{ingestor.port}") as documents:
+                request = gateway_pb2.AddDocumentsRequest(knowledge_base="metrics", documents=[document])
+                await gateway_pb2_grpc.GatewayStub(documents).AddDocuments(request)
             before = await scrape(runner.metrics.port)
             question = gateway_pb2.AskRequest(
                 knowledge_base="metrics",
@@ -361,6 +365,7 @@ async def test_an_ask_records_the_gateways_time_to_first_token(upstreams: InProc
             after = await scrape(runner.metrics.port)
     finally:
         await runner.stop()
+        await ingestor.stop()
 
     assert any(message.WhichOneof("event") == "delta" for message in answer)
     done = answer[-1].done

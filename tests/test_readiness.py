@@ -19,7 +19,7 @@ from askmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, generator_pb2_
 from services.gateway.main import build as build_gateway
 from services.generator.engine import GenerationEngine
 from services.generator.servicer import GeneratorServicer
-from tests.conftest import REPO_ROOT, InProcessTiers, gateway_settings
+from tests.conftest import REPO_ROOT, InProcessTiers, gateway_settings, start_ingestor
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -40,7 +40,7 @@ async def wait_for(condition: Callable[[], bool], timeout_s: float = 60.0) -> No
 async def test_a_gateway_is_not_serving_until_its_generator_is_then_stays_serving_when_it_dies(
     upstreams: InProcessTiers, generation_engine: GenerationEngine, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="askmesh.gateway")
+    caplog.set_level(logging.INFO, logger="askmesh.upstream")
     # A generator whose model is still loading: NOT_SERVING until `loaded` is set.
     loaded = asyncio.Event()
     servicer = GeneratorServicer(generation_engine)
@@ -54,7 +54,10 @@ async def test_a_gateway_is_not_serving_until_its_generator_is_then_stays_servin
     )
     generator.settings.port = 0
     await generator.start()
-    settings = gateway_settings({**upstreams.addresses, "generator": f"127.0.0.1:{generator.port}"}, ingest_workers=0)
+    ingestor = await start_ingestor(upstreams.addresses, ingest_workers=0)
+    settings = gateway_settings(
+        {**upstreams.addresses, "generator": f"127.0.0.1:{generator.port}", "ingestor": f"127.0.0.1:{ingestor.port}"}
+    )
     gateway = ServiceRunner(build_gateway(settings), ServiceSettings(port=1, grace_period_s=1))
     gateway.settings.port = 0
     await gateway.start()
@@ -71,14 +74,14 @@ async def test_a_gateway_is_not_serving_until_its_generator_is_then_stays_servin
 
     generator_stopped = False
     try:
-        # The gateway asked the generator and was told NOT_SERVING (the embedder and the
-        # retriever answered SERVING): it waits for the generator alone, and says so.
+        # The gateway asked the generator and was told NOT_SERVING (the embedder, the retriever
+        # and the ingestor answered SERVING): it waits for the generator alone, and says so.
         def waits_for_the_generator() -> bool:
             return any("waiting for generator at" in r.getMessage() for r in caplog.records)
 
         await wait_for(waits_for_the_generator)
         waiting = next(r.getMessage() for r in caplog.records if "waiting for generator at" in r.getMessage())
-        assert "(NOT_SERVING)" in waiting and "embedder" not in waiting and "retriever" not in waiting
+        assert "(NOT_SERVING)" in waiting and not {"embedder", "retriever", "ingestor"} & set(waiting.split())
         assert await statuses() == [NOT_SERVING, NOT_SERVING]
         assert not gateway.warm_up.done()
 
@@ -88,12 +91,13 @@ async def test_a_gateway_is_not_serving_until_its_generator_is_then_stays_servin
         # SERVING means answerable: the first Ask after it succeeds.
         stub = gateway_pb2_grpc.GatewayStub(channel)
         text = (REPO_ROOT / "samples" / "travel-policy.md").read_text()
-        await stub.AddDocuments(
-            gateway_pb2.AddDocumentsRequest(
-                knowledge_base="readiness", documents=[gateway_pb2.Document(id="travel", title="Travel", text=text)]
-            ),
-            timeout=120,
-        )
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{ingestor.port}") as documents:
+            await gateway_pb2_grpc.GatewayStub(documents).AddDocuments(
+                gateway_pb2.AddDocumentsRequest(
+                    knowledge_base="readiness", documents=[gateway_pb2.Document(id="travel", title="Travel", text=text)]
+                ),
+                timeout=120,
+            )
         request = gateway_pb2.AskRequest(
             question="What is the hotel limit in Paris?", knowledge_base="readiness",
             parameters=common_pb2.GenerationParameters(max_new_tokens=4, temperature=0),
@@ -112,5 +116,6 @@ async def test_a_gateway_is_not_serving_until_its_generator_is_then_stays_servin
     finally:
         await channel.close()
         await gateway.stop()
+        await ingestor.stop()
         if not generator_stopped:
             await generator.stop()
