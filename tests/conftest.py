@@ -170,7 +170,6 @@ def ingestor_settings(addresses: dict[str, str], **overrides: object) -> Ingesto
         retriever_address=addresses["retriever"],
         upstream_timeout_s=5,
         store_url=addresses["data"] + "/store.sqlite3",
-        spool_dir=addresses["data"] + "/uploads",
         task_poll_interval_s=0.1,
     )
     values.update(overrides)

@@ -115,7 +115,6 @@ class Ingestor:
             "ASKMESH_INGESTOR_EMBEDDER_ADDRESS": tiers.addresses["embedder"],
             "ASKMESH_INGESTOR_RETRIEVER_ADDRESS": tiers.addresses["retriever"],
             "ASKMESH_INGESTOR_STORE_URL": str(data / "store.sqlite3"),
-            "ASKMESH_INGESTOR_SPOOL_DIR": str(data / "uploads"),
             # Short leases: a crashed request's intent is stale by the time the next gateway is up.
             "ASKMESH_INGESTOR_WRITE_LEASE_S": "1",
             "ASKMESH_INGESTOR_TASK_LEASE_S": "2",
@@ -415,10 +414,10 @@ async def test_an_operation_killed_at_a_crash_point_converges_after_a_restart(
 async def test_a_task_whose_worker_dies_on_every_attempt_fails_after_the_last_and_is_never_claimed_again(
     tiers: Tiers, scenario_dir: Path
 ) -> None:
-    """A poison task: every gateway that claims it dies while parsing it (as on a file that
-    crashes its parser). After task_max_attempts (3) dead workers, the next gateway, armed to die
+    """A poison task: every ingestor that claims it dies while parsing it (as on a file that
+    crashes its parser). After task_max_attempts (3) dead workers, the next ingestor, armed to die
     at the same point, ends the task FAILED with the reason instead of claiming it again, and
-    its spooled upload is gone; the knowledge base takes the next upload."""
+    its stored upload is gone; the knowledge base takes the next upload."""
     knowledge_base = "poison"
     setup = Ingestor(tiers, scenario_dir)
     try:
@@ -431,11 +430,12 @@ async def test_a_task_whose_worker_dies_on_every_attempt_fails_after_the_last_an
     for _ in range(3):
         dying = Ingestor(tiers, scenario_dir, crash_at="task.parsing")
         try:
-            channel = await dying.serving()
             if not task_id:
+                channel = await dying.serving()
                 task_id = (await upload(api(channel), knowledge_base, TEXT_V1)).id
+                await channel.close()
+            # A later one may claim the task (and die) before it is seen SERVING.
             await dying.died_by_sigkill()
-            await channel.close()
         finally:
             dying.stop()
     last = Ingestor(tiers, scenario_dir, crash_at="task.parsing")
@@ -445,7 +445,11 @@ async def test_a_task_whose_worker_dies_on_every_attempt_fails_after_the_last_an
         assert ended.state == ingestion_pb2.TASK_STATE_FAILED
         assert ended.error == "the worker processing it stopped 3 times (crashed or was killed)", ended.error
         assert last.process.poll() is None, "the ended task was claimed again"
-        assert not (scenario_dir / "uploads" / f"{task_id}.upload").exists(), "the ended task's upload is still spooled"
+        store = SqliteStore(scenario_dir / "store.sqlite3")
+        try:
+            assert store.upload_size(task_id) == 0, "the ended task's upload is still stored"
+        finally:
+            store.close()
         await channel.close()
     finally:
         last.stop()

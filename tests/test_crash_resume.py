@@ -43,7 +43,6 @@ class IngestorProcess:
             "ASKMESH_INGESTOR_EMBEDDER_ADDRESS": addresses["embedder"],
             "ASKMESH_INGESTOR_RETRIEVER_ADDRESS": addresses["retriever"],
             "ASKMESH_INGESTOR_STORE_URL": f"{data}/crash.sqlite3",
-            "ASKMESH_INGESTOR_SPOOL_DIR": f"{data}/crash-uploads",
             "ASKMESH_INGESTOR_INGEST_BATCH_SIZE": "4",
             "ASKMESH_INGESTOR_TASK_LEASE_S": "2",
             "ASKMESH_INGESTOR_TASK_POLL_INTERVAL_S": "0.2",

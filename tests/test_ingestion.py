@@ -26,7 +26,7 @@ from askmesh.v1 import (
     knowledge_pb2,
     knowledge_pb2_grpc,
 )
-from services.ingestor.store import KIND_INGEST_FILE, TASK_CANCELLED, SqliteStore, TaskRecord
+from services.ingestor.store import KIND_INGEST_FILE, TASK_CANCELLED, TaskRecord, open_store
 from tests.conftest import InProcessTiers, start_gateway
 from tests.test_parsing import docx_zip_bomb, html_memory_hog, slow_pdf
 
@@ -92,9 +92,27 @@ async def create_kb(api: Api, name: str, schema: Sequence[tuple[str, int]] = (),
     )
 
 
+def uploaded_in(store_url: str | Path, task_id: str) -> bool:
+    """Whether the store still holds bytes of the task's upload."""
+    store = open_store(str(store_url))
+    try:
+        return store.upload_size(task_id) > 0
+    finally:
+        store.close()
+
+
 def spooled(upstreams: InProcessTiers, task_id: str) -> bool:
-    """Whether the module gateway's spool still holds the task's upload."""
-    return (Path(upstreams.addresses["data"]) / "uploads" / f"{task_id}.upload").exists()
+    """Whether the module ingestor's store still holds the task's upload."""
+    return uploaded_in(Path(upstreams.addresses["data"]) / "store.sqlite3", task_id)
+
+
+def orphan_uploads(store_url: str | Path) -> set[str]:
+    """The ids of the uploads in the store that belong to no task."""
+    store = open_store(str(store_url))
+    try:
+        return {task_id for task_id in store.uploads_to_sweep(time.time() + 86400, 0.0) if store.get_task(task_id) is None}
+    finally:
+        store.close()
 
 
 def struct(**values: object) -> struct_pb2.Struct:
@@ -243,8 +261,7 @@ async def test_upload_input_is_checked(api: Api, gateway: tuple[ServiceRunner, A
         assert raised.value.details().startswith(message), raised.value.details()
     listed = await api.ingest.ListTasks(ingestion_pb2.ListTasksRequest(knowledge_base="checked"))
     assert list(listed.tasks) == []  # no refused upload left a task
-    spool = Path(upstreams.addresses["data"]) / "uploads"
-    assert not list(spool.glob("*.upload"))  # nor a spooled file
+    assert not orphan_uploads(Path(upstreams.addresses["data"]) / "store.sqlite3"), "a refused upload left its bytes"
 
 
 async def test_a_file_name_is_only_a_label(api: Api, upstreams: InProcessTiers) -> None:
@@ -385,7 +402,7 @@ async def test_changes_are_visible_to_every_gateway_replica_at_once(api: Api, up
 async def test_a_file_over_the_chunk_limit_fails_its_task(upstreams: InProcessTiers, tmp_path: Path) -> None:
     # Its own store, so only this gateway's worker (with the low limit) can take the task.
     runner, channel = await start_gateway(
-        upstreams.addresses, max_chunks_per_task=5, store_url=str(tmp_path / "limited.sqlite3"), spool_dir=tmp_path / "uploads"
+        upstreams.addresses, max_chunks_per_task=5, store_url=str(tmp_path / "limited.sqlite3")
     )
     limited = Api(channel)
     try:
@@ -470,7 +487,6 @@ async def test_hostile_files_fail_their_own_tasks_on_the_limits_while_questions_
         parse_timeout_s=15.0,
         parse_max_memory_bytes=160 * 1024 * 1024,
         store_url=str(tmp_path / "hostile.sqlite3"),
-        spool_dir=tmp_path / "uploads",
     )
     hostile = Api(channel)
     try:
@@ -520,7 +536,7 @@ async def test_a_task_that_meets_a_passing_problem_is_retried_then_fails_with_th
         raise Unavailable("embedder tier unavailable: every replica is restarting")
 
     runner, channel = await start_gateway(
-        upstreams.addresses, task_retry_delay_s=0.3, task_poll_interval_s=0.05, store_url=str(tmp_path / "passing.sqlite3"), spool_dir=tmp_path / "uploads"
+        upstreams.addresses, task_retry_delay_s=0.3, task_poll_interval_s=0.05, store_url=str(tmp_path / "passing.sqlite3")
     )
     passing = Api(channel)
     try:
@@ -538,7 +554,7 @@ async def test_a_task_that_meets_a_passing_problem_is_retried_then_fails_with_th
         # While it waited to be retried, the task said why its last attempt failed.
         waiting = [t for t in seen if t.state == ingestion_pb2.TASK_STATE_QUEUED and t.attempts]
         assert waiting and all(t.error.startswith("embedder tier unavailable") for t in waiting)
-        assert not (tmp_path / "uploads" / f"{task.id}.upload").exists()
+        assert not uploaded_in(tmp_path / "passing.sqlite3", task.id)
         monkeypatch.undo()
         again = await passing.upload("passing", "wiki.md", FILES["wiki.md"][0])
         assert (await ended(passing, again.id)).state == ingestion_pb2.TASK_STATE_SUCCEEDED
@@ -547,45 +563,44 @@ async def test_a_task_that_meets_a_passing_problem_is_retried_then_fails_with_th
         await runner.stop()
 
 
-async def test_the_spool_of_every_ended_task_is_removed_and_an_old_orphan_too(upstreams: InProcessTiers, tmp_path: Path) -> None:
-    spool = tmp_path / "uploads"
-    where = dict(store_url=str(tmp_path / "spool.sqlite3"), spool_dir=spool)
-    idle, channel = await start_gateway(upstreams.addresses, ingest_workers=0, **where)  # takes uploads, runs none
+async def test_the_upload_of_every_ended_task_is_removed_and_an_old_orphan_too(upstreams: InProcessTiers, tmp_path: Path) -> None:
+    store_url = str(tmp_path / "uploads.sqlite3")
+    idle, channel = await start_gateway(upstreams.addresses, ingest_workers=0, store_url=store_url)  # takes uploads, runs none
     try:
         api = Api(channel)
         await create_kb(api, "spooled")
         queued = await api.upload("spooled", "wiki.md", FILES["wiki.md"][0])
         kept = await api.upload("spooled", "notes.txt", b"Notes about the canteen opening hours.")
-        assert (spool / f"{queued.id}.upload").exists()
+        assert uploaded_in(store_url, queued.id)
         cancelled = await api.ingest.CancelTask(ingestion_pb2.CancelTaskRequest(id=queued.id))
         assert cancelled.state == ingestion_pb2.TASK_STATE_CANCELLED
-        assert not (spool / f"{queued.id}.upload").exists(), "a task cancelled while queued keeps its upload"
+        assert not uploaded_in(store_url, queued.id), "a task cancelled while queued keeps its upload"
     finally:
         await channel.close()
         await idle.stop()
-    # Uploads of tasks that ended elsewhere (here: written into the store directly), and files
+    # Uploads of tasks that ended elsewhere (here: written into the store directly), and uploads
     # that never became a task: old ones go, a young one may be an upload still arriving.
-    store = SqliteStore(tmp_path / "spool.sqlite3")
+    store = open_store(store_url)
     try:
         other = store.create_task(
             TaskRecord(id="ended-elsewhere", kind=KIND_INGEST_FILE, knowledge_base="spooled", document_id="x", file_name="x.txt")
         )
         store.request_cancel(other.id)
         assert store.get_task(other.id).state == TASK_CANCELLED  # type: ignore[union-attr]
+        store.save_upload_part("ended-elsewhere", 0, b"bytes", time.time())
+        store.save_upload_part("old-orphan", 0, b"bytes", time.time() - 7200)
+        store.save_upload_part("young-orphan", 0, b"bytes", time.time())
     finally:
         store.close()
-    for name in ("ended-elsewhere", "old-orphan", "young-orphan"):
-        (spool / f"{name}.upload").write_bytes(b"bytes")
-    two_hours_ago = time.time() - 7200
-    os.utime(spool / "old-orphan.upload", (two_hours_ago, two_hours_ago))
-    worker, channel = await start_gateway(upstreams.addresses, spool_sweep_interval_s=0.2, **where)
+    worker, channel = await start_gateway(upstreams.addresses, upload_sweep_interval_s=0.2, store_url=store_url)
     try:
         api = Api(channel)
         assert (await ended(api, kept.id)).state == ingestion_pb2.TASK_STATE_SUCCEEDED
         give_up = time.monotonic() + 30
-        while {p.name for p in spool.glob("*.upload")} != {"young-orphan.upload"}:
-            assert time.monotonic() < give_up, sorted(p.name for p in spool.glob("*.upload"))
+        while any(uploaded_in(store_url, name) for name in ("ended-elsewhere", "old-orphan", kept.id)):
+            assert time.monotonic() < give_up, "the sweep left the upload of an ended task or an old orphan"
             await asyncio.sleep(0.1)
+        assert uploaded_in(store_url, "young-orphan")
     finally:
         await channel.close()
         await worker.stop()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
@@ -37,9 +36,6 @@ class IngestorSettings(ServiceSettings):
     # path, or sqlite:///path; shared only by the ingestor replicas of one machine) or a
     # PostgreSQL server (postgresql://user:password@host:port/database) for many machines.
     store_url: str = ".askmesh/data/store.sqlite3"
-    # Uploaded files wait here until their task has stored them (shared by replicas that share
-    # the store, e.g. a ReadWriteMany volume).
-    spool_dir: Path = Path(".askmesh/data/uploads")
     # Ingestion tasks run at once on this replica.
     ingest_workers: int = Field(default=1, ge=0)
     # Chunks embedded and stored per checkpoint of an ingestion task: small batches let a
@@ -69,9 +65,9 @@ class IngestorSettings(ServiceSettings):
     # parses well within them; they are there to end the ones that never would.
     parse_timeout_s: float = Field(default=300.0, gt=0)
     parse_max_memory_bytes: int = Field(default=1024 * 1024 * 1024, ge=128 * 1024 * 1024)
-    # Spooled uploads whose task has ended (or that never became a task) are removed at start-up
-    # and then this often, by every replica that runs workers.
-    spool_sweep_interval_s: float = Field(default=60.0, gt=0)
+    # Uploads whose task has ended (or that never became a task) are removed at start-up and
+    # then this often, by every replica that runs workers.
+    upload_sweep_interval_s: float = Field(default=60.0, gt=0)
 
     @field_validator("embedder_address", "retriever_address")
     @classmethod

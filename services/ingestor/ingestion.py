@@ -8,8 +8,12 @@ and deterministic chunk ids make the re-upsert of a half-done batch harmless.
 Every task ends. Each claim is an attempt; an attempt whose worker died, or that met a passing
 problem (a tier unavailable), counts as failed, and after task_max_attempts of them the task
 fails with the reason. A file is parsed in a child process under time and memory limits
-(parse_worker), so a hostile one fails its own task instead of the ingestor. However a task ends,
-its spooled upload is removed; a sweep removes those of tasks that ended without a worker.
+(parse_worker), so a hostile one fails its own task instead of the ingestor.
+
+The uploaded bytes are kept in the store, in parts, never only on the disk of the replica that
+received them: a task accepted by one ingestor is resumed by any other, on any machine, after a
+kill -9 of the first. However a task ends, its upload is removed; a sweep removes those of tasks
+that ended without a worker, and of uploads that never became a task.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import logging
 import os
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -77,10 +82,12 @@ STAGES = {
 }
 KINDS = {KIND_INGEST_FILE: ingestion_pb2.TASK_KIND_INGEST_FILE, KIND_REBUILD: ingestion_pb2.TASK_KIND_REBUILD}
 MAX_FILE_NAME = 255
-SPOOL_SUFFIX = ".upload"
-# A spooled file without a task is an upload still arriving (its file is written as the bytes
-# come) or one whose ingestor died before it queued the task: removed once this old.
-ORPHAN_SPOOL_AGE_S = 3600.0
+# Upload bytes are stored in parts of about this size: large enough to be few rows, small enough
+# that neither the receiving replica nor the store holds a whole 64 MiB file in one value.
+UPLOAD_PART_BYTES = 1024 * 1024
+# Upload parts without a task are an upload still arriving or one whose ingestor died before it
+# queued the task: removed once this old.
+ORPHAN_UPLOAD_AGE_S = 3600.0
 # Statuses of a passing problem: an attempt that meets one is retried (from its checkpoint).
 PASSING_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -147,16 +154,12 @@ class Ingestion:
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self._workers: list[asyncio.Task[None]] = []
         self._current: dict[str, str] = {}  # worker name -> task id it holds
-        self.settings.spool_dir.mkdir(parents=True, exist_ok=True)
 
     # -- uploads ---------------------------------------------------------------------------
-    def spool_path(self, task_id: str) -> Path:
-        return self.settings.spool_dir / f"{task_id}{SPOOL_SUFFIX}"
-
     async def receive_upload(
         self, header: ingestion_pb2.UploadFileHeader, parts: AsyncIterator[bytes], deadline: Deadline
     ) -> TaskRecord:
-        """Spools the bytes to disk (never the client's path), then queues the task."""
+        """Stores the bytes (in the store, in parts), then queues the task."""
         record = await self.knowledge.require(header.knowledge_base)
         label = file_label(header.file_name)
         document_id = check_document_id(header.document_id or document_id_from_file(label), "header.document_id")
@@ -164,19 +167,10 @@ class Ingestion:
         self.knowledge.check_metadata(record, metadata, "header.metadata")
         chunk_size, chunk_overlap = self.knowledge.chunking_for(record, header.chunking, "header.chunking")
         task_id = uuid.uuid4().hex
-        path = self.spool_path(task_id)
-        size = 0
         try:
-            with path.open("wb") as spool:
-                async for data in parts:
-                    size += len(data)
-                    if size > self.settings.max_upload_bytes:
-                        raise InvalidArgument("data", f"the file is larger than the limit of {self.settings.max_upload_bytes} bytes")
-                    spool.write(data)
-            if size == 0:
-                raise InvalidArgument("data", "the file is empty")
+            size = await self._store_upload(task_id, parts)
         except BaseException:
-            path.unlink(missing_ok=True)
+            await self.store.delete_upload(task_id)
             raise
         task = TaskRecord(
             id=task_id,
@@ -197,7 +191,7 @@ class Ingestion:
         try:
             created = await self.store.create_task(task)
         except BaseException:
-            path.unlink(missing_ok=True)
+            await self.store.delete_upload(task_id)
             raise
         log.info("task %s: %s (%d bytes) queued for %s", task_id, label, size, record.name)
         return created
@@ -218,7 +212,7 @@ class Ingestion:
         for index in range(self.settings.ingest_workers):
             self._workers.append(asyncio.create_task(self._work(f"worker-{index}"), name=f"ingest-{index}"))
         if self.settings.ingest_workers:
-            self._workers.append(asyncio.create_task(self._sweep_periodically(), name="spool-sweep"))
+            self._workers.append(asyncio.create_task(self._sweep_periodically(), name="upload-sweep"))
 
     async def stop(self) -> None:
         for worker in self._workers:
@@ -358,7 +352,7 @@ class Ingestion:
         records its end. If the removal fails, the attempt counts as failed and the task ends
         on a later one; on its last attempt it ends regardless (the reconciler removes a version
         it left behind)."""
-        self.spool_path(task.id).unlink(missing_ok=True)
+        await self.store.delete_upload(task.id)
         try:
             await self._clean_up(task)
         except (LostLease, asyncio.CancelledError):
@@ -406,47 +400,53 @@ class Ingestion:
 
     async def cancel(self, task_id: str) -> TaskRecord:
         """Asks for the task to be cancelled. One that nobody works on and that stored nothing
-        ends at once, and its spooled upload goes with it (if this replica holds it; the sweep
-        of the replica that does removes it otherwise); a running one ends when its worker
-        notices, which removes what it stored."""
+        ends at once, and its upload goes with it; a running one ends when its worker notices,
+        which removes what it stored."""
         task = await self.store.request_cancel(task_id)
         if task.state == TASK_CANCELLED:
-            self.spool_path(task.id).unlink(missing_ok=True)
+            await self.store.delete_upload(task.id)
         return task
 
-    # -- the spool ---------------------------------------------------------------------------
-    async def sweep_spool(self, now: float | None = None) -> list[str]:
-        """Removes spooled uploads whose task has ended (a task cancelled while queued, or with
-        its knowledge base, ends without a worker), or that never became a task and are older
-        than ORPHAN_SPOOL_AGE_S (a younger one may be an upload still arriving); returns the
-        task ids whose upload it removed."""
-        now = time.time() if now is None else now
-        removed: list[str] = []
-        for path in await asyncio.to_thread(sorted, self.settings.spool_dir.glob(f"*{SPOOL_SUFFIX}")):
-            task_id = path.name.removesuffix(SPOOL_SUFFIX)
-            task = await self.store.get_task(task_id)
-            if task is None:
-                try:
-                    if now - path.stat().st_mtime < ORPHAN_SPOOL_AGE_S:
-                        continue
-                except FileNotFoundError:
-                    continue
-            elif task.state not in TERMINAL_STATES:
-                continue
-            path.unlink(missing_ok=True)
-            removed.append(task_id)
+    async def _store_upload(self, task_id: str, parts: AsyncIterator[bytes]) -> int:
+        """The upload's bytes into the store in parts of UPLOAD_PART_BYTES; returns its size."""
+        size = part = 0
+        pending = bytearray()
+        async for data in parts:
+            size += len(data)
+            if size > self.settings.max_upload_bytes:
+                raise InvalidArgument("data", f"the file is larger than the limit of {self.settings.max_upload_bytes} bytes")
+            pending += data
+            while len(pending) >= UPLOAD_PART_BYTES:
+                await self.store.save_upload_part(task_id, part, bytes(pending[:UPLOAD_PART_BYTES]), time.time())
+                del pending[:UPLOAD_PART_BYTES]
+                part += 1
+        if size == 0:
+            raise InvalidArgument("data", "the file is empty")
+        if pending:
+            await self.store.save_upload_part(task_id, part, bytes(pending), time.time())
+        return size
+
+    # -- the sweep ---------------------------------------------------------------------------
+    async def sweep_uploads(self, now: float | None = None) -> list[str]:
+        """Removes the uploads whose task has ended (a task cancelled while queued, or with its
+        knowledge base, ends without a worker), or that never became a task and are older than
+        ORPHAN_UPLOAD_AGE_S (a younger one may be an upload still arriving); returns the task
+        ids whose upload it removed."""
+        removed = await self.store.uploads_to_sweep(time.time() if now is None else now, ORPHAN_UPLOAD_AGE_S)
+        for task_id in removed:
+            await self.store.delete_upload(task_id)
         return removed
 
     async def _sweep_periodically(self) -> None:
         while True:
             try:
-                removed = await self.sweep_spool()
+                removed = await self.sweep_uploads()
             except Exception:
-                log.exception("sweeping the upload spool failed")
+                log.exception("sweeping the uploads of ended tasks failed")
             else:
                 if removed:
-                    log.info("removed %d spooled uploads of ended tasks", len(removed))
-            await asyncio.sleep(self.settings.spool_sweep_interval_s)
+                    log.info("removed %d uploads of ended tasks", len(removed))
+            await asyncio.sleep(self.settings.upload_sweep_interval_s)
 
     def _write_for(self, task: TaskRecord, record: Any, sections: list[Any]) -> DocumentWrite:
         spec = task.spec
@@ -483,7 +483,10 @@ class Ingestion:
             task = await self._checkpoint(task, stage="parsing")
             crash_point("task.parsing")
             content_type = task.spec.get("content_type", "")
-            parsed = await parse_file(self.spool_path(task.id), task.file_name, content_type, self._parse_limits(task))
+            with tempfile.TemporaryDirectory(prefix="askmesh-parse-") as scratch:
+                path = Path(scratch) / "upload"
+                await self.store.copy_upload_to(task.id, path)
+                parsed = await parse_file(path, task.file_name, content_type, self._parse_limits(task))
             checkpoint["title"] = parsed.title or ""
             checkpoint["content_type"] = content_type or detect_format(task.file_name, content_type)
             sections = parsed.sections
@@ -519,7 +522,7 @@ class Ingestion:
         )
         task = await self._checkpoint(task, stage="finalizing", chunks_stored=len(chunks))
         await self.knowledge.finish_version(write, version, len(chunks), deadline)
-        self.spool_path(task.id).unlink(missing_ok=True)
+        await self.store.delete_upload(task.id)
         await self._update(task, state=TASK_SUCCEEDED, stage="done", documents_done=1, error="")
         log.info("task %s stored %s: %d chunks (version %d)", task.id, task.document_id, len(chunks), version)
 
