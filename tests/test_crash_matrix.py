@@ -49,7 +49,7 @@ from askmesh.v1 import (
 )
 from services.embedder.engine import EmbeddingEngine
 from services.embedder.servicer import EmbedderServicer
-from services.ingestor.store import SqliteStore
+from services.ingestor.store_sqlite import SqliteStore
 from services.generator.engine import GenerationEngine
 from services.generator.servicer import GeneratorServicer
 from services.retriever.config import RetrieverSettings

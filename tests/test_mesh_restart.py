@@ -18,7 +18,7 @@ from askmesh import client
 from askmesh.mesh import LocalMesh, MeshError, MeshLayout
 from askmesh.runtime.crashpoints import CRASH_AT_ENV
 from askmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
-from services.ingestor.store import SqliteStore
+from services.ingestor.store_sqlite import SqliteStore
 from tests.conftest import REPO_ROOT
 
 pytestmark = pytest.mark.mesh

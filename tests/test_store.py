@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 
+from services.ingestor.sql_schema import SCHEMA_VERSION
 from services.ingestor.store import (
     KIND_INGEST_FILE,
     KIND_REBUILD,
-    SCHEMA_VERSION,
+
     TASK_CANCELLED,
     TASK_FAILED,
     TASK_QUEUED,
@@ -434,7 +435,7 @@ def test_visibility_pins(store: SqliteStore) -> None:
 
 
 def test_visibility_pins_uses_the_in_flight_index(store: SqliteStore) -> None:
-    from services.ingestor.store import _PINS_QUERY
+    from services.ingestor.sql_documents import PINS_QUERY as _PINS_QUERY
 
     _kb(store)
     for i in range(50):

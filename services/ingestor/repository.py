@@ -113,3 +113,22 @@ class Repository:
     claim_next_task = _off_loop(Store.claim_next_task)
     renew_lease = _off_loop(Store.renew_lease)
     requeue_task = _off_loop(Store.requeue_task)
+    # -- uploaded files ----------------------------------------------------------------------
+    save_upload_part = _off_loop(Store.save_upload_part)
+    upload_size = _off_loop(Store.upload_size)
+    delete_upload = _off_loop(Store.delete_upload)
+    uploads_to_sweep = _off_loop(Store.uploads_to_sweep)
+
+    async def copy_upload_to(self, task_id: str, path: Path) -> int:
+        """Writes the task's uploaded bytes to `path` (for the parser, which reads a file);
+        returns how many. The whole copy runs on the store's thread."""
+
+        def copy() -> int:
+            size = 0
+            with path.open("wb") as file:
+                for part in self.store.upload_parts(task_id):
+                    file.write(part)
+                    size += len(part)
+            return size
+
+        return await self._run(copy)
