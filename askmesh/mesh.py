@@ -415,7 +415,7 @@ class LocalMesh:
         if layout.store == "postgres":
             from askmesh.local_postgres import LocalPostgres
 
-            self.postgres = LocalPostgres(layout.data_dir / "data" / "postgres", host=layout.host, port=layout.postgres_port)
+            self.postgres = LocalPostgres(layout.data_dir / "data" / "postgres", port=layout.postgres_port)
             self.store_url = self.postgres.start()
             self.say(f"  {'postgres':<12} on {layout.host}:{layout.postgres_port}")
         elif layout.store == "sqlite" and not layout.sqlite_path.exists():
