@@ -283,7 +283,7 @@ def rolling_restart_every_tier(mesh: LocalMesh, load: AskLoad) -> ScenarioReport
     events: list[str] = []
     settle(load, "before", 8, events)
     load.set_phase("during")
-    for name in ("generator", "retriever", "embedder", "gateway"):
+    for name in ("generator", "retriever", "embedder", "ingestor", "gateway"):
         started = time.monotonic()
         mesh.restart_tier(name, say=lambda message, _process: events.append(message))
         events.append(f"{name}: rolling restart of 2 replicas took {time.monotonic() - started:.1f} s")
@@ -352,7 +352,7 @@ def kill_one_replica_of_each_tier(
     kills = Kills()
     phases = ["before"]
     settle(load, "before", 6, events)
-    for name in ("generator", "retriever", "embedder", "gateway"):
+    for name in ("generator", "retriever", "embedder", "ingestor", "gateway"):
         victim = mesh.replicas[name][0]
         phases.append(f"kill {name}")
         load.set_phase(f"kill {name}")
