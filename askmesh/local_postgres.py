@@ -140,6 +140,10 @@ class LocalPostgres:
 
     def _run(self, program: str, *args: str) -> None:
         system_user = _system_user()
+        if system_user is not None:
+            # The system user runs the wheel's programs: a checkout in a private folder
+            # (mktemp's 0700, as a fresh clone's) would hide them from it.
+            _let_traverse(_binaries())
         # Output to a file, not a pipe: the server pg_ctl starts could hold a pipe open after
         # pg_ctl exits, and reading it would never end.
         with tempfile.TemporaryFile("w+") as output:
