@@ -211,7 +211,8 @@ def main() -> None:
         "# Ingestion speed: askmesh ingest vs the Chatchat-style baseline",
         "",
         f"Machine: {machine()}. Command: `.venv/bin/python -m benchmarks.ingest_speed"
-        f"{f' --dir {args.dir}' if args.dir else ''}{''.join(f' --mesh-env {item}' for item in args.mesh_env)}`.",
+        f"{f' --dir {args.dir}' if args.dir else ''}{''.join(f' --mesh-env {item}' for item in args.mesh_env)}"
+        f"{' --skip-baseline' if args.skip_baseline else ''}`.",
         f"{len(paths)} files, {characters:,} characters; mesh settings: {settings}; the mesh's start ({mesh_start_s:.1f} s) is not "
         "in its time. `× baseline speed`: the baseline's seconds over the row's; `% of model alone`: the model alone's time for "
         "the row's chunk count over the row's time.",
