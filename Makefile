@@ -27,12 +27,14 @@ test: install
 	$(PY) -m pytest -ra
 
 # The benchmark suite on the real local mesh (about 10 minutes on 2 cores; `--quick` for a
-# smoke test), then the concurrency sweep beside the Chatchat-style baseline (about 25 minutes);
-# print tables and write benchmarks/results/<date>-suite.md and <date>-concurrency.md.
+# smoke test), then the concurrency sweep beside the Chatchat-style baseline (about 25 minutes),
+# then ingestion of the man-page corpus beside the baseline and the model alone (about 6 minutes);
+# print tables and write benchmarks/results/<date>-suite.md, -concurrency.md and -ingest-speed.md.
 bench: install
 	$(PY) -m pip install -e '.[dev,bench]'
 	$(PY) -m benchmarks.suite
 	$(PY) -m benchmarks.concurrency
+	$(PY) -m benchmarks.ingest_speed
 
 protos: install
 	$(PY) -m askmesh.codegen

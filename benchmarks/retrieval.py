@@ -65,19 +65,26 @@ def baseline_chunks(corpus: Sequence[CorpusDocument]) -> list[Chunk]:
     return [Chunk(d.id, d.title, text) for d in corpus for text in splitter.split_text(d.text)]
 
 
+# --backend: the embedder's backends by name; "default" is what EmbedderSettings() serves.
+BACKENDS = {"torch": ("torch", False), "onnx-fp32": ("onnx", False), "onnx-int8": ("onnx", True)}
+
+
 class Embedder:
-    def __init__(self) -> None:
+    """The embedder's own model code (services.embedder.models), with a chosen backend."""
+
+    def __init__(self, backend: str = "default") -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        from sentence_transformers import SentenceTransformer
+        from services.embedder.config import EmbedderSettings
+        from services.embedder.models import load_model
 
-        from services.embedder.config import bundled_model_path
-
-        self.model = SentenceTransformer(str(bundled_model_path()), device="cpu")
+        settings = EmbedderSettings()
+        if backend != "default":
+            settings.backend, settings.onnx_quantize = BACKENDS[backend]  # type: ignore[assignment]
+        self.label = f"{settings.backend}{' int8' if settings.backend == 'onnx' and settings.onnx_quantize else ''}"
+        self.model = load_model(settings.resolved_model_path(), settings.model_name, settings.backend, settings)
 
     def __call__(self, texts: list[str]) -> np.ndarray:
-        return np.asarray(
-            self.model.encode(texts, batch_size=32, normalize_embeddings=True, show_progress_bar=False), dtype=np.float32
-        )
+        return self.model.encode(texts)
 
 
 def token_counter() -> Callable[[str], int]:
@@ -138,6 +145,9 @@ def main() -> None:
     parser.add_argument("--overlap-share", type=float, default=0.125, help="overlap as a share of the size")
     parser.add_argument("--budgets", default="192,256,320,384,512", help="context budgets in prompt tokens")
     parser.add_argument("--top-k", type=int, default=5, help="passages offered to the prompt (retrieved)")
+    parser.add_argument("--backend", choices=["default", *BACKENDS], default="default",
+                        help="the embedder backend (default: what the embedder's settings serve)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline's chunking")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -145,7 +155,8 @@ def main() -> None:
 
     corpus, questions = build_corpus(), load_questions()
     console.print(f"{len(corpus)} documents, {sum(len(d.text) for d in corpus):,} characters, {len(questions)} questions")
-    embed, count_tokens = Embedder(), token_counter()
+    embed, count_tokens = Embedder(args.backend), token_counter()
+    console.print(f"embedder backend: {embed.label}")
     question_vectors = embed([q.question for q in questions])
     results = []
     for size in sizes:
@@ -153,10 +164,13 @@ def main() -> None:
         label = f"askmesh {size}/{overlap}"
         results.append(score(label, askmesh_chunks(corpus, size, overlap), questions, question_vectors, embed, count_tokens, budgets, args.top_k))
         console.print(f"  {label}: done")
-    try:
-        results.append(score("baseline 250/50 (LangChain)", baseline_chunks(corpus), questions, question_vectors, embed, count_tokens, budgets, 3))
-    except ImportError:
-        console.print("  the baseline's splitter is not installed (pip install -e '.[bench]'): skipped")
+    if args.no_baseline:
+        console.print("  the baseline's chunking: skipped (--no-baseline)")
+    else:
+        try:
+            results.append(score("baseline 250/50 (LangChain)", baseline_chunks(corpus), questions, question_vectors, embed, count_tokens, budgets, 3))
+        except ImportError:
+            console.print("  the baseline's splitter is not installed (pip install -e '.[bench]'): skipped")
 
     table = Table(title=f"Retrieval on {len(questions)} labelled questions (top_k {args.top_k} offered to the prompt)")
     columns = ["chunking", "chunks", "doc@3", "phrase@5"] + [f"in prompt / tokens @ {b}" for b in budgets]
@@ -172,12 +186,12 @@ def main() -> None:
         lines.append("| " + " | ".join(cells) + " |")
     console.print(table)
     path = save(
-        "retrieval",
+        "retrieval" if args.backend == "default" else f"retrieval-{args.backend}",
         "# Retrieval by chunking and context budget\n\n"
         f"Machine: {machine()}\n\n"
         f"Corpus: {len(corpus)} Linux man-pages (Debian `manpages`), {sum(len(d.text) for d in corpus):,} characters; "
         f"{len(questions)} labelled questions (benchmarks/corpus/manpages_questions.jsonl). Exact cosine search over "
-        "all-MiniLM-L6-v2 embeddings; prompt tokens counted with SmolLM2's tokenizer; the baseline row offers its "
+        f"all-MiniLM-L6-v2 embeddings ({embed.label} backend); prompt tokens counted with SmolLM2's tokenizer; the baseline row offers its "
         "top 3 (its top_k).\n\n" + "\n".join(lines) + "\n",
     )
     console.print(f"written to {path}")
