@@ -282,7 +282,7 @@ class LocalMesh:
             "PYTHONUNBUFFERED": "1",
         }
         # Every tier reaches the others through Envoy's internal listener.
-        for other in tiers.BY_NAME[name].needs:
+        for other in tiers.BY_NAME[name].calls:
             env[f"{prefix}{other.upper()}_ADDRESS"] = layout.internal_address
         if not OPENMP_SETTINGS.intersection(os.environ):  # the user's own OpenMP settings win
             env.update(openmp_waits(name, len(layout.service_ports.get(name, []))))

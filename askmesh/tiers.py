@@ -25,6 +25,12 @@ class TierSpec:
     capacity_per_replica: bool = True
     # Tiers whose replicas must be SERVING before this one can serve.
     needs: tuple[str, ...] = field(default=())
+    # Tiers it also calls, without waiting for them to serve.
+    also_calls: tuple[str, ...] = field(default=())
+
+    @property
+    def calls(self) -> tuple[str, ...]:
+        return self.needs + self.also_calls
 
     @property
     def health_service(self) -> str:
@@ -34,7 +40,11 @@ class TierSpec:
 EMBEDDER = TierSpec("embedder", ("askmesh.v1.Embedder",), 50061, idempotent_methods=("askmesh.v1.Embedder/Embed",))
 RETRIEVER = TierSpec("retriever", ("askmesh.v1.Retriever",), 50062, idempotent_methods=("askmesh.v1.Retriever/Search",))
 GENERATOR = TierSpec(
-    "generator", ("askmesh.v1.Generator",), 50063, resendable_streams=("askmesh.v1.Generator/Generate", "askmesh.v1.Generator/AdmitAndGenerate")
+    "generator",
+    ("askmesh.v1.Generator",),
+    50063,
+    idempotent_methods=("askmesh.v1.Generator/GetLoad",),
+    resendable_streams=("askmesh.v1.Generator/Generate", "askmesh.v1.Generator/AdmitAndGenerate"),
 )
 # AddDocuments is a method of the public Gateway service, served by the ingestor: the front door
 # routes that one path here, so a client's address and API stay as they were while the gateway
@@ -47,6 +57,7 @@ INGESTOR = TierSpec(
     idempotent_methods=("askmesh.v1.Catalog/GetSearchView",),
     capacity_per_replica=False,  # its RESOURCE_EXHAUSTED is the embedder's, behind every replica
     needs=("embedder", "retriever"),
+    also_calls=("generator",),  # how busy it is, to let questions go first (ingest_yield_to_questions_s)
 )
 GATEWAY = TierSpec(
     "gateway",

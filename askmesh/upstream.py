@@ -166,6 +166,10 @@ class Upstreams:
         return await self._tiers["ingestor"].call(stub.GetSearchView(request, timeout=deadline.unary_timeout()))
 
     # -- generator ---------------------------------------------------------------------------
+    async def generator_load(self, deadline: Deadline) -> generator_pb2.GeneratorLoad:
+        stub = generator_pb2_grpc.GeneratorStub(self._channel("generator"))
+        return await self._tiers["generator"].call(stub.GetLoad(generator_pb2.GetLoadRequest(), timeout=deadline.unary_timeout()))
+
     async def admit_generation(self, deadline: Deadline) -> GenerationSession:
         """A place in a generator's line, before any work is spent on the prompt; raises
         ResourceExhausted (with the generator's time to retry after) when none would serve it
@@ -189,14 +193,15 @@ class Upstreams:
         return session
 
     # -- readiness ---------------------------------------------------------------------------
-    async def wait_until_serving(self) -> None:
-        """Returns once every tier given has answered SERVING to a health check (with its
-        service name), each at least once since this call began; logs which it still waits for.
+    async def wait_until_serving(self, tiers: list[str] | None = None) -> None:
+        """Returns once every tier of `tiers` (None: every tier given) has answered SERVING to a
+        health check (with its service name), each at least once since this call began; logs
+        which it still waits for.
 
         Called once, at start: a tier that calls others is ready when it could answer a call.
         After that its readiness does not follow theirs (see the README's operating notes).
         """
-        waiting = {name: BY_NAME[name].health_service for name in self._tiers}
+        waiting = {name: BY_NAME[name].health_service for name in (self._tiers if tiers is None else tiers)}
         last_answer = {tier: "no answer yet" for tier in waiting}
         started = next_log = time.monotonic()
         while waiting:

@@ -149,7 +149,7 @@ def main() -> None:
         "# Ingestion benchmark",
         "",
         f"Machine: {machine()}. Command: `.venv/bin/python -m benchmarks.ingestion --chunks {args.chunks} --asks {args.asks}`.",
-        "Real local mesh (four service processes, Envoy, Milvus Lite), one ingestion worker, chunks of",
+        "Real local mesh (five service processes: ingestion on its own ingestor; Envoy, Milvus Lite), one ingestion worker, chunks of",
         f"{CHUNK_SIZE} characters, questions to a second small knowledge base, 32 new tokens, greedy.",
         "",
         "| measure | value | notes |",

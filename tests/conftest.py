@@ -196,9 +196,13 @@ def ingestor_settings(addresses: dict[str, str], **overrides: object) -> Ingesto
     values: dict[str, object] = dict(
         embedder_address=addresses["embedder"],
         retriever_address=addresses["retriever"],
+        generator_address=addresses["generator"],
         upstream_timeout_s=5,
         store_url=addresses["data"] + "/store.sqlite3",
         task_poll_interval_s=0.1,
+        # The in-process tiers are shared by every test of a module: a test that wants ingestion
+        # to wait for questions says so.
+        ingest_yield_to_questions_s=0,
     )
     values.update(overrides)
     return IngestorSettings(**values)  # type: ignore[arg-type]

@@ -113,6 +113,7 @@ class Ingestor:
             **os.environ,
             "ASKMESH_INGESTOR_PORT": str(port),
             "ASKMESH_INGESTOR_EMBEDDER_ADDRESS": tiers.addresses["embedder"],
+            "ASKMESH_INGESTOR_GENERATOR_ADDRESS": tiers.addresses["generator"],
             "ASKMESH_INGESTOR_RETRIEVER_ADDRESS": tiers.addresses["retriever"],
             "ASKMESH_INGESTOR_STORE_URL": str(data / "store.sqlite3"),
             # Short leases: a crashed request's intent is stale by the time the next gateway is up.

@@ -41,6 +41,7 @@ class IngestorProcess:
             **os.environ,
             "ASKMESH_INGESTOR_PORT": str(self.port),
             "ASKMESH_INGESTOR_EMBEDDER_ADDRESS": addresses["embedder"],
+            "ASKMESH_INGESTOR_GENERATOR_ADDRESS": addresses["generator"],
             "ASKMESH_INGESTOR_RETRIEVER_ADDRESS": addresses["retriever"],
             "ASKMESH_INGESTOR_STORE_URL": f"{data}/crash.sqlite3",
             "ASKMESH_INGESTOR_INGEST_BATCH_SIZE": "4",

@@ -125,7 +125,8 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
         key for key, route in routes.items() if "unavailable" in route.get("retry_policy", {}).get("retry_on", "")
     }
     assert retried_on_unavailable == {
-        "/askmesh.v1.Embedder/Embed", "/askmesh.v1.Retriever/Search", "/askmesh.v1.Catalog/GetSearchView"
+        "/askmesh.v1.Embedder/Embed", "/askmesh.v1.Retriever/Search", "/askmesh.v1.Catalog/GetSearchView",
+        "/askmesh.v1.Generator/GetLoad",
     }
     # Answer streams are sent again when a replica reset them before answering; uploads are not.
     retried_on_reset = {
@@ -135,6 +136,7 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
         "/askmesh.v1.Embedder/Embed",
         "/askmesh.v1.Retriever/Search",
         "/askmesh.v1.Catalog/GetSearchView",
+        "/askmesh.v1.Generator/GetLoad",
         "/askmesh.v1.Generator/Generate",
         "/askmesh.v1.Generator/AdmitAndGenerate",
         "/askmesh.v1.Gateway/Ask",

@@ -27,6 +27,7 @@ from askmesh.v1 import (
     knowledge_pb2_grpc,
 )
 from services.ingestor.store import KIND_INGEST_FILE, TASK_CANCELLED, TaskRecord, open_store
+from services.generator.engine import GenerationEngine
 from tests.conftest import InProcessTiers, start_gateway
 from tests.test_parsing import docx_zip_bomb, html_memory_hog, slow_pdf
 
@@ -604,3 +605,28 @@ async def test_the_upload_of_every_ended_task_is_removed_and_an_old_orphan_too(u
     finally:
         await channel.close()
         await worker.stop()
+
+
+async def test_ingestion_lets_the_questions_in_flight_go_first(
+    upstreams: InProcessTiers, generation_engine: GenerationEngine, tmp_path: Path
+) -> None:
+    """Where the tiers share a machine's cores, a worker waits between its steps while the
+    generator tier has questions in flight (each from its admission on), then goes on."""
+    front, channel = await start_gateway(
+        upstreams.addresses, ingest_yield_to_questions_s=60, store_url=str(tmp_path / "yield.sqlite3")
+    )
+    try:
+        api = Api(channel)
+        await create_kb(api, "yielding")
+        question = generation_engine.admit()  # a question admitted and not yet answered
+        try:
+            task = await api.upload("yielding", "wiki.md", FILES["wiki.md"][0])
+            await asyncio.sleep(3)
+            held = await api.ingest.GetTask(ingestion_pb2.GetTaskRequest(id=task.id))
+            assert held.state != ingestion_pb2.TASK_STATE_SUCCEEDED and held.progress.chunks_stored == 0, held
+        finally:
+            generation_engine.queue.leave(question)
+        assert (await ended(api, task.id, timeout_s=60)).state == ingestion_pb2.TASK_STATE_SUCCEEDED
+    finally:
+        await channel.close()
+        await front.stop()

@@ -40,8 +40,13 @@ SHORT = common_pb2.GenerationParameters(max_new_tokens=4, temperature=0)
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMesh]:
     layout = MeshLayout.on_free_ports(tmp_path_factory.mktemp("pgmesh"), {"ingestor": 2, "gateway": 2}, store="postgres")
     # Short task leases: the dead ingestor's task is taken over within seconds. Small batches:
-    # the kill falls between checkpoints.
-    env = {"ASKMESH_INGESTOR_TASK_LEASE_S": "3", "ASKMESH_INGESTOR_INGEST_BATCH_SIZE": "8"}
+    # the kill falls between checkpoints. Questions are asked all along: ingestion does not
+    # wait for them here (it would, for at most 5 s per batch, by default).
+    env = {
+        "ASKMESH_INGESTOR_TASK_LEASE_S": "3",
+        "ASKMESH_INGESTOR_INGEST_BATCH_SIZE": "8",
+        "ASKMESH_INGESTOR_INGEST_YIELD_TO_QUESTIONS_S": "0",
+    }
     with LocalMesh(layout, env=env, say=lambda _: None, samples_dir=SAMPLES) as started:
         yield started
 

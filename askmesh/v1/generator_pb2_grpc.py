@@ -50,6 +50,11 @@ class GeneratorStub:
                 request_serializer=askmesh_dot_v1_dot_common__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=askmesh_dot_v1_dot_common__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.GetLoad = channel.unary_unary(
+                '/askmesh.v1.Generator/GetLoad',
+                request_serializer=askmesh_dot_v1_dot_generator__pb2.GetLoadRequest.SerializeToString,
+                response_deserializer=askmesh_dot_v1_dot_generator__pb2.GeneratorLoad.FromString,
+                _registered_method=True)
         self.SwapModel = channel.unary_unary(
                 '/askmesh.v1.Generator/SwapModel',
                 request_serializer=askmesh_dot_v1_dot_common__pb2.SwapModelRequest.SerializeToString,
@@ -93,6 +98,15 @@ class GeneratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetLoad(self, request, context):
+        """How busy this replica is: generations running and waiting for a slot (each from its
+        admission on, so a question being embedded and searched counts). The ingestor reads it to
+        let questions go first where they share a machine's cores.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SwapModel(self, request, context):
         """Admin: switches this replica to another model without a restart (see SwapModelRequest);
         generations in flight finish on the old model. INVALID_ARGUMENT: model_path is empty or
@@ -120,6 +134,11 @@ def add_GeneratorServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=askmesh_dot_v1_dot_common__pb2.GetModelRequest.FromString,
                     response_serializer=askmesh_dot_v1_dot_common__pb2.ModelInfo.SerializeToString,
+            ),
+            'GetLoad': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetLoad,
+                    request_deserializer=askmesh_dot_v1_dot_generator__pb2.GetLoadRequest.FromString,
+                    response_serializer=askmesh_dot_v1_dot_generator__pb2.GeneratorLoad.SerializeToString,
             ),
             'SwapModel': grpc.unary_unary_rpc_method_handler(
                     servicer.SwapModel,
@@ -208,6 +227,33 @@ class Generator:
             '/askmesh.v1.Generator/GetModel',
             askmesh_dot_v1_dot_common__pb2.GetModelRequest.SerializeToString,
             askmesh_dot_v1_dot_common__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetLoad(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/askmesh.v1.Generator/GetLoad',
+            askmesh_dot_v1_dot_generator__pb2.GetLoadRequest.SerializeToString,
+            askmesh_dot_v1_dot_generator__pb2.GeneratorLoad.FromString,
             options,
             channel_credentials,
             insecure,

@@ -98,6 +98,11 @@ class GenerationEngine:
         return await self.models.swap(model_path, lambda: load_model(settings))
 
     # -- admission ---------------------------------------------------------------------------
+    def load(self) -> generator_pb2.GeneratorLoad:
+        return generator_pb2.GeneratorLoad(
+            running=len(self.queue.running), waiting=len(self.queue.waiting), slots=self.slots
+        )
+
     def admit(self, max_wait_s: float | None = None, deadline_s: float | None = None) -> Ticket:
         """A place in line; ResourceExhausted at once (with a time to retry after) when the
         expected wait is longer than the call may wait."""

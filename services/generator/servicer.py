@@ -119,6 +119,10 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         return self.engine.models.info()
 
     @unary_rpc
+    async def GetLoad(self, request: generator_pb2.GetLoadRequest, context: grpc.aio.ServicerContext) -> generator_pb2.GeneratorLoad:
+        return self.engine.load()
+
+    @unary_rpc
     async def SwapModel(
         self, request: common_pb2.SwapModelRequest, context: grpc.aio.ServicerContext
     ) -> common_pb2.ModelInfo:

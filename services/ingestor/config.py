@@ -18,6 +18,7 @@ class IngestorSettings(ServiceSettings):
     # Service in a cluster. host:port, no scheme.
     embedder_address: str = "127.0.0.1:50052"
     retriever_address: str = "127.0.0.1:50052"
+    generator_address: str = "127.0.0.1:50052"
     # Deadline for each unary upstream call when the caller set none.
     upstream_timeout_s: float = Field(default=30.0, gt=0)
     default_knowledge_base: str = "default"
@@ -41,6 +42,11 @@ class IngestorSettings(ServiceSettings):
     # Chunks embedded and stored per checkpoint of an ingestion task: small batches let a
     # question's own embedding go through quickly.
     ingest_batch_size: int = Field(default=16, ge=1)
+    # Between batches, ingestion waits while the generator tier has questions in flight (from
+    # their admission to their last token), but never longer than this, so it always
+    # progresses: where the tiers share a machine's cores, questions go first. 0: never waits
+    # (tiers on machines of their own, as in Kubernetes).
+    ingest_yield_to_questions_s: float = Field(default=5.0, ge=0)
     # A worker that stops renewing its lease (crashed) loses its task to another after this.
     task_lease_s: float = Field(default=30.0, gt=0)
     # A document write, a delete or a knowledge base's create/delete holds a lease this long,
@@ -69,7 +75,7 @@ class IngestorSettings(ServiceSettings):
     # then this often, by every replica that runs workers.
     upload_sweep_interval_s: float = Field(default=60.0, gt=0)
 
-    @field_validator("embedder_address", "retriever_address")
+    @field_validator("embedder_address", "retriever_address", "generator_address")
     @classmethod
     def _address(cls, value: str) -> str:
         return check_address(value)

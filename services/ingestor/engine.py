@@ -13,6 +13,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from askmesh.runtime.errors import NotFound
+from askmesh.tiers import INGESTOR
 from askmesh.upstream import Deadline, Upstreams
 from askmesh.v1 import catalog_pb2, gateway_pb2
 from services.ingestor.config import IngestorSettings
@@ -31,7 +32,13 @@ def document_id_for(document: gateway_pb2.Document) -> str:
 class IngestorEngine:
     def __init__(self, settings: IngestorSettings) -> None:
         self.settings = settings
-        self.upstreams = Upstreams({"embedder": settings.embedder_address, "retriever": settings.retriever_address})
+        self.upstreams = Upstreams(
+            {
+                "embedder": settings.embedder_address,
+                "retriever": settings.retriever_address,
+                "generator": settings.generator_address,
+            }
+        )
         self.store = Repository(open_store(settings.store_url))
         self.knowledge = KnowledgeEngine(settings, self.store, self.upstreams)
         self.ingestion = Ingestion(settings, self.store, self.knowledge, self.upstreams)
@@ -40,7 +47,7 @@ class IngestorEngine:
     async def start(self) -> None:
         """Ready (SERVING) once the embedder and the retriever have answered SERVING once and
         what a crash left half done is finished or undone; the workers start then."""
-        await self.upstreams.wait_until_serving()
+        await self.upstreams.wait_until_serving(list(INGESTOR.needs))
         await self.reconciler.run_once_logged()
         self.reconciler.start()
         self.ingestion.start()

@@ -88,6 +88,10 @@ UPLOAD_PART_BYTES = 1024 * 1024
 # Upload parts without a task are an upload still arriving or one whose ingestor died before it
 # queued the task: removed once this old.
 ORPHAN_UPLOAD_AGE_S = 3600.0
+# How often a worker that lets questions go first asks the generator tier again, and how long
+# one answer may take.
+QUESTIONS_POLL_INTERVAL_S = 0.1
+QUESTIONS_POLL_TIMEOUT_S = 1.0
 # Statuses of a passing problem: an attempt that meets one is retried (from its checkpoint).
 PASSING_CODES = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -373,7 +377,9 @@ class Ingestion:
             raise LostLease(str(error)) from error
 
     async def _checkpoint(self, task: TaskRecord, **changes: Any) -> TaskRecord:
-        """Records progress, renews the lease, and stops here if a cancel was asked for."""
+        """Records progress, renews the lease, stops here if a cancel was asked for, and lets
+        questions being answered go first."""
+        await self._yield_to_questions()
         renewed = await self.store.renew_lease(task.id, self.worker_id, lease_s=self.settings.task_lease_s, now=time.time())
         if not renewed:
             raise LostLease(f"task {task.id} is held by another worker now")
@@ -381,6 +387,20 @@ class Ingestion:
         if updated.cancel_requested:
             raise TaskCancelled()
         return updated
+
+    async def _yield_to_questions(self) -> None:
+        """Waits while the generator tier has questions in flight, at most
+        ingest_yield_to_questions_s; a generator that does not answer is not waited for."""
+        limit = self.settings.ingest_yield_to_questions_s
+        give_up_at = time.monotonic() + limit
+        while time.monotonic() < give_up_at:
+            try:
+                load = await self.upstreams.generator_load(Deadline(None, QUESTIONS_POLL_TIMEOUT_S))
+            except AskmeshError:
+                return
+            if not load.running and not load.waiting:
+                return
+            await asyncio.sleep(QUESTIONS_POLL_INTERVAL_S)
 
     async def _clean_up(self, task: TaskRecord) -> None:
         """Removes what an unfinished task stored; what was visible before stays visible."""
