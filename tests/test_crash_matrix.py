@@ -213,10 +213,29 @@ async def task_done(api_: Api, task_id: str, timeout_s: float = 120.0) -> ingest
 
 
 # -- what must hold after the restart -----------------------------------------------------------
-def stored_versions(tiers: Tiers, knowledge_base: str) -> dict[str, set[int]]:
+# Each knowledge base's collection id, as last seen in its store: a deleted one's record is gone,
+# and Milvus must hold nothing under the id it had.
+KNOWN_COLLECTIONS: dict[str, str] = {}
+
+
+def collection_of(data: Path, knowledge_base: str) -> str | None:
+    store = SqliteStore(data / "store.sqlite3")
+    try:
+        record = store.get_knowledge_base(knowledge_base)
+    finally:
+        store.close()
+    if record is not None:
+        KNOWN_COLLECTIONS[knowledge_base] = record.collection
+    return KNOWN_COLLECTIONS.get(knowledge_base)
+
+
+def stored_versions(tiers: Tiers, data: Path, knowledge_base: str) -> dict[str, set[int]]:
     """What Milvus holds for the knowledge base: document id -> versions of its chunks."""
     client = tiers.retrieval.client
-    alias = alias_name(knowledge_base)
+    collection = collection_of(data, knowledge_base)
+    if collection is None:
+        return {}
+    alias = alias_name(collection)
     if not client.has_collection(alias):
         return {}
     rows = client.query(alias, filter="chunk_index >= 0", output_fields=["document_id", "document_version"], limit=16384)
@@ -248,7 +267,7 @@ def check_converged(tiers: Tiers, data: Path, knowledge_base: str) -> str:
         assert record is None or record.rebuilding_generation == 0, "a rebuild was left half-done"
         assert store.stale_documents(now=time.time() + 3600) == [], "a document is still pending, deleting or settling"
         assert store.abandoned_versions() == [], "an abandoned version's chunks were not removed"
-        stored = stored_versions(tiers, knowledge_base)
+        stored = stored_versions(tiers, data, knowledge_base)
         if record is None:
             assert stored == {}, f"a deleted knowledge base left chunks: {stored}"
             return "absent"
@@ -378,6 +397,7 @@ async def test_an_operation_killed_at_a_crash_point_converges_after_a_restart(
         await channel.close()
     finally:
         setup.stop()
+    collection_of(scenario_dir, knowledge_base)  # remembered: a delete takes the record with it
 
     crashing = Ingestor(tiers, scenario_dir, crash_at=scenario.crash_at)
     try:
@@ -404,7 +424,7 @@ async def test_an_operation_killed_at_a_crash_point_converges_after_a_restart(
         else:
             # The name is free again, and a new knowledge base of that name starts empty.
             await create_kb(again, knowledge_base)
-            assert stored_versions(tiers, knowledge_base) == {}
+            assert stored_versions(tiers, scenario_dir, knowledge_base) == {}
         await channel.close()
         TABLE.append((scenario.crash_at, scenario.operation, outcome, f"retry ok -> {final}; nothing locked; Milvus agrees"))
     finally:

@@ -17,6 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from askmesh.mesh import free_port
 from askmesh.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
     common_pb2,
     ingestion_pb2,
     ingestion_pb2_grpc,
@@ -126,10 +128,11 @@ async def test_a_killed_task_resumes_from_its_checkpoint_and_stores_every_chunk_
         assert final.progress.chunks_stored == final.progress.chunks_total
         described = await knowledge_pb2_grpc.KnowledgeBasesStub(channel).GetKnowledgeBase(knowledge_pb2.GetKnowledgeBaseRequest(name="crash"))
         assert described.document_count == 1 and described.chunk_count == final.progress.chunks_total
+        view = await catalog_pb2_grpc.CatalogStub(channel).GetSearchView(catalog_pb2.GetSearchViewRequest(knowledge_base="crash"))
 
     async with grpc.aio.insecure_channel(upstreams.addresses["retriever"]) as channel:
         retriever = retriever_pb2_grpc.RetrieverStub(channel)
-        collection = await retriever.DescribeCollection(retriever_pb2.DescribeCollectionRequest(knowledge_base="crash"))
+        collection = await retriever.DescribeCollection(retriever_pb2.DescribeCollectionRequest(knowledge_base=view.collection))
     assert collection.chunk_count == final.progress.chunks_total  # every chunk exactly once
 
     log = ingestor_process.log_path.read_text()

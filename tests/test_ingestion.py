@@ -630,3 +630,20 @@ async def test_ingestion_lets_the_questions_in_flight_go_first(
     finally:
         await channel.close()
         await front.stop()
+
+
+async def test_a_name_is_only_a_label_and_reaches_no_other_knowledge_bases_chunks(api: Api) -> None:
+    """`heldout__g1` once named the collection of `heldout`'s first generation, and deleting `a`
+    dropped the collections of `a__g...`: collections are keyed by ids now, and names people
+    type (hyphens) are fine."""
+    secret = gateway_pb2.Document(id="memo", text="The held-out answer key is kept in the blue binder.")
+    await api.gateway.AddDocuments(gateway_pb2.AddDocumentsRequest(knowledge_base="heldout", documents=[secret]))
+    for name in ("heldout__g1", "hr-policies"):
+        await create_kb(api, name)
+        assert await api.sources(name, "Where is the held-out answer key kept?") == [], name
+    await api.kb.DeleteKnowledgeBase(knowledge_pb2.DeleteKnowledgeBaseRequest(name="heldout__g1"))
+    cited = await api.sources("heldout", "Where is the held-out answer key kept?")
+    assert [c.document_id for c in cited] == ["memo"]  # deleting the look-alike left it alone
+    policy = gateway_pb2.Document(id="leave", text="Employees get 25 days of paid leave per year.")
+    await api.gateway.AddDocuments(gateway_pb2.AddDocumentsRequest(knowledge_base="hr-policies", documents=[policy]))
+    assert [c.document_id for c in await api.sources("hr-policies", "How many days of paid leave?")] == ["leave"]

@@ -18,6 +18,8 @@ import pytest
 
 from askmesh.mesh import LocalMesh, MeshLayout
 from askmesh.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
     common_pb2,
     gateway_pb2,
     gateway_pb2_grpc,
@@ -163,8 +165,9 @@ def test_a_task_resumes_on_another_ingestor_after_a_kill_9_while_every_question_
         assert document.chunk_count == done.progress.chunks_total
     # Exactly the file's chunks in Milvus, once each (a resumed batch re-upserts the same ids).
     with grpc.insecure_channel(mesh.layout.internal_address) as internal:
+        view = catalog_pb2_grpc.CatalogStub(internal).GetSearchView(catalog_pb2.GetSearchViewRequest(knowledge_base="offices"), timeout=30)
         info = retriever_pb2_grpc.RetrieverStub(internal).DescribeCollection(
-            retriever_pb2.DescribeCollectionRequest(knowledge_base="offices"), timeout=30
+            retriever_pb2.DescribeCollectionRequest(knowledge_base=view.collection), timeout=30
         )
     assert info.chunk_count == done.progress.chunks_total
 

@@ -24,6 +24,7 @@ import pytest
 
 from askmesh.runtime.errors import FailedPrecondition
 from askmesh.runtime.server import ServiceRunner
+from askmesh.v1 import catalog_pb2, catalog_pb2_grpc
 from askmesh.v1 import (
     common_pb2,
     embedder_pb2,
@@ -318,7 +319,11 @@ async def test_a_dimension_change_needs_the_flag_and_then_a_rebuild(
         return list(messages[0].sources.citations), messages[-1].done
 
     async def chunks_stored() -> int:
-        described = await retriever.DescribeCollection(retriever_pb2.DescribeCollectionRequest(knowledge_base="handbook"))
+        assert gateway.ingestor is not None
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.ingestor.port}") as inside:
+            catalog = catalog_pb2_grpc.CatalogStub(inside)
+            view = await catalog.GetSearchView(catalog_pb2.GetSearchViewRequest(knowledge_base="handbook"))
+        described = await retriever.DescribeCollection(retriever_pb2.DescribeCollectionRequest(knowledge_base=view.collection))
         return described.chunk_count
 
     async def document_ids() -> set[str]:

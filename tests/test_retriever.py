@@ -170,7 +170,7 @@ async def test_search_upsert_delete_over_grpc(retriever: retriever_pb2_grpc.Retr
 
 
 BAD_REQUESTS = [
-    ("Search", retriever_pb2.SearchRequest(knowledge_base="Bad Name", vector=unit(0)), grpc.StatusCode.INVALID_ARGUMENT, "knowledge_base: 'Bad Name' is not a valid"),
+    ("Search", retriever_pb2.SearchRequest(knowledge_base="Bad Name", vector=unit(0)), grpc.StatusCode.INVALID_ARGUMENT, "knowledge_base: 'Bad Name' is not a collection key"),
     ("Search", retriever_pb2.SearchRequest(knowledge_base="missing", vector=unit(0)), grpc.StatusCode.NOT_FOUND, "knowledge_base: 'missing' does not exist"),
     ("Search", retriever_pb2.SearchRequest(knowledge_base="kb"), grpc.StatusCode.INVALID_ARGUMENT, "vector: is empty"),
     ("Search", retriever_pb2.SearchRequest(knowledge_base="kb", vector=unit(0), top_k=51), grpc.StatusCode.INVALID_ARGUMENT, "top_k: 51 is out of range 1..50"),

@@ -9,6 +9,7 @@ from askmesh.runtime.validation import (
     MAX_DOCUMENT_ID_CHARS,
     MAX_TITLE_CHARS,
     check_document_id,
+    check_collection_key,
     check_knowledge_base_name,
     check_score_threshold,
     check_title,
@@ -58,10 +59,17 @@ def test_a_score_threshold_is_a_cosine_similarity() -> None:
     assert refusal(check_score_threshold, 1.5) == "score_threshold: 1.5 is outside [-1, 1]"
 
 
-def test_a_knowledge_base_name_is_lowercase_letters_digits_and_underscores() -> None:
-    assert check_knowledge_base_name("hr_handbook_2") == "hr_handbook_2"
-    for bad in ["", "HR", "2024", "has-dash", "a" * 64]:
+def test_a_knowledge_base_name_is_a_label_people_type() -> None:
+    for good in ("hr_handbook_2", "hr-policies", "2024", "docs.v2"):
+        assert check_knowledge_base_name(good) == good
+    for bad in ["", "HR", "-leading", "has space", "a/b", "a" * 64]:
         assert refusal(check_knowledge_base_name, bad, "name").startswith(f"name: {bad!r} is not a valid knowledge base name")
+
+
+def test_a_collection_key_is_what_milvus_names_may_hold() -> None:
+    assert check_collection_key("c0123abcdef") == "c0123abcdef"
+    for bad in ["", "hr-policies", "2024", "Bad"]:
+        assert refusal(check_collection_key, bad).startswith(f"knowledge_base: {bad!r} is not a collection key")
 
 
 # -- the retriever refuses what the gateway refuses, with the same words ------------------------------

@@ -18,7 +18,11 @@ MAX_TITLE_CHARS = 1024
 # holds this many).
 MAX_DOCUMENT_ID_CHARS = 256
 
-KNOWLEDGE_BASE_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# A knowledge base's name is a label people type ("hr-policies"); the retriever never sees it.
+KNOWLEDGE_BASE_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+# The retriever's key for a knowledge base's collections (the ingestor's id for it, or the name
+# of one made before ids): what Milvus collection names may hold.
+COLLECTION_KEY = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 DECLARED_FIELD_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,47}$")
 DECLARABLE_TYPES = frozenset(
     {common_pb2.METADATA_TYPE_STRING, common_pb2.METADATA_TYPE_INT, common_pb2.METADATA_TYPE_FLOAT, common_pb2.METADATA_TYPE_BOOL}
@@ -30,9 +34,17 @@ def check_knowledge_base_name(name: str, field: str = "knowledge_base") -> str:
         raise InvalidArgument(
             field,
             f"{name!r} is not a valid knowledge base name "
-            "(lowercase letters, digits and _, starting with a letter, at most 63)",
+            "(lowercase letters, digits, '-', '.' and '_', starting with a letter or digit, at most 63)",
         )
     return name
+
+
+def check_collection_key(key: str, field: str = "knowledge_base") -> str:
+    if not COLLECTION_KEY.match(key):
+        raise InvalidArgument(
+            field, f"{key!r} is not a collection key (lowercase letters, digits and _, starting with a letter, at most 63)"
+        )
+    return key
 
 
 def has_control_characters(value: str) -> bool:

@@ -14,13 +14,15 @@ class GetSearchViewRequest(_message.Message):
     def __init__(self, knowledge_base: _Optional[str] = ...) -> None: ...
 
 class SearchView(_message.Message):
-    __slots__ = ("knowledge_base", "generation", "epoch", "pins")
+    __slots__ = ("knowledge_base", "collection", "generation", "epoch", "pins")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PINS_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
+    collection: str
     generation: int
     epoch: int
     pins: _containers.RepeatedCompositeFieldContainer[_retriever_pb2.DocumentVersionPin]
-    def __init__(self, knowledge_base: _Optional[str] = ..., generation: _Optional[int] = ..., epoch: _Optional[int] = ..., pins: _Optional[_Iterable[_Union[_retriever_pb2.DocumentVersionPin, _Mapping]]] = ...) -> None: ...
+    def __init__(self, knowledge_base: _Optional[str] = ..., collection: _Optional[str] = ..., generation: _Optional[int] = ..., epoch: _Optional[int] = ..., pins: _Optional[_Iterable[_Union[_retriever_pb2.DocumentVersionPin, _Mapping]]] = ...) -> None: ...

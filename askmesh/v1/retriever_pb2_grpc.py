@@ -26,7 +26,10 @@ if _version_not_supported:
 
 
 class RetrieverStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every request's `knowledge_base` is the key of a knowledge base's collections: the id the
+    ingestor gave it (SearchView.collection), never the name people see, so no name can reach
+    another knowledge base's chunks.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -72,7 +75,10 @@ class RetrieverStub:
 
 
 class RetrieverServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every request's `knowledge_base` is the key of a knowledge base's collections: the id the
+    ingestor gave it (SearchView.collection), never the name people see, so no name can reach
+    another knowledge base's chunks.
+    """
 
     def Search(self, request, context):
         """Nearest chunks to a query vector in one knowledge base. Idempotent.
@@ -172,7 +178,10 @@ def add_RetrieverServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Retriever:
-    """Missing associated documentation comment in .proto file."""
+    """Every request's `knowledge_base` is the key of a knowledge base's collections: the id the
+    ingestor gave it (SearchView.collection), never the name people see, so no name can reach
+    another knowledge base's chunks.
+    """
 
     @staticmethod
     def Search(request,

@@ -196,7 +196,7 @@ class GatewayEngine:
         embedded = await clock.waiting(self.upstreams.embed([request.question], deadline))
         clock.embedded_at = time.perf_counter()
         search = retriever_pb2.SearchRequest(
-            knowledge_base=view.knowledge_base,
+            knowledge_base=view.collection,
             vector=embedded.embeddings[0].values,
             top_k=request.top_k or self.settings.default_top_k,
             filters=request.filters,

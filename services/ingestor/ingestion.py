@@ -556,7 +556,7 @@ class Ingestion:
             # into it (it may hold chunks of documents deleted since). Leftovers are dropped by
             # the next successful switch.
             generation = record.generation + 1
-            while await self._generation_exists(record.name, generation, deadline):
+            while await self._generation_exists(record.collection, generation, deadline):
                 generation += 1
             model, dimension = await self.knowledge.probe_embedder(deadline)
             checkpoint.update(generation=generation, embedding_model=model, dimension=dimension, done=[])
@@ -566,7 +566,7 @@ class Ingestion:
         schema = [common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema]  # type: ignore[arg-type]
         await self.upstreams.create_collection(
             retriever_pb2.CreateCollectionRequest(
-                knowledge_base=record.name, generation=generation, dimension=int(checkpoint["dimension"]),
+                knowledge_base=record.collection, generation=generation, dimension=int(checkpoint["dimension"]),
                 embedding_model=checkpoint["embedding_model"], metadata_schema=schema,
             ),
             deadline,
@@ -595,7 +595,7 @@ class Ingestion:
             )
         task = await self._checkpoint(task, stage="finalizing")
         await self.upstreams.switch_generation(
-            retriever_pb2.SwitchGenerationRequest(knowledge_base=record.name, generation=generation), deadline
+            retriever_pb2.SwitchGenerationRequest(knowledge_base=record.collection, generation=generation), deadline
         )
         crash_point("rebuild.switched")
         await self.store.update_knowledge_base(record.name,

@@ -49,6 +49,12 @@ PROBE_TEXT = "askmesh dimension probe"
 OTHER_WRITE_POLL_S = 0.2
 
 
+def new_collection_id() -> str:
+    """The retriever's key for a new knowledge base's collections: letters and digits only, so
+    it can never look like another's collection generation (`<key>__g<n>`)."""
+    return "c" + uuid.uuid4().hex
+
+
 MIN_CHUNK_SIZE = 50
 
 
@@ -172,7 +178,7 @@ class KnowledgeEngine:
             return await self._existing_for_create(existing, wanted, deadline)
         model, dimension = await self.probe_embedder(deadline)
         record = KnowledgeBaseRecord(
-            name=name, embedding_model=model, dimension=dimension, generation=1,
+            name=name, collection=new_collection_id(), embedding_model=model, dimension=dimension, generation=1,
             state=KB_CREATING, lease_until=time.time() + self.settings.write_lease_s, **wanted,  # type: ignore[arg-type]
         )
         try:
@@ -213,7 +219,7 @@ class KnowledgeEngine:
         """Creates the collection (idempotent) and makes the knowledge base ready."""
         await self.upstreams.create_collection(
             retriever_pb2.CreateCollectionRequest(
-                knowledge_base=record.name, generation=record.generation, dimension=record.dimension,
+                knowledge_base=record.collection, generation=record.generation, dimension=record.dimension,
                 embedding_model=record.embedding_model,
                 metadata_schema=[common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema],  # type: ignore[arg-type]
             ),
@@ -259,13 +265,14 @@ class KnowledgeEngine:
         deleted = await self.store.begin_knowledge_base_delete(name, lease_s=self.settings.write_lease_s, now=time.time()
         )
         crash_point("kb.delete.marked")
-        await self.finish_delete(name, deadline)
+        await self.finish_delete(record, deadline)
         return deleted
 
-    async def finish_delete(self, name: str, deadline: Deadline) -> None:
-        await self.upstreams.drop_knowledge_base(retriever_pb2.DropKnowledgeBaseRequest(knowledge_base=name), deadline)
+    async def finish_delete(self, record: KnowledgeBaseRecord, deadline: Deadline) -> None:
+        request = retriever_pb2.DropKnowledgeBaseRequest(knowledge_base=record.collection)
+        await self.upstreams.drop_knowledge_base(request, deadline)
         crash_point("kb.delete.dropped")
-        await self.store.finish_knowledge_base_delete(name)
+        await self.store.finish_knowledge_base_delete(record.name)
 
     def chunking_for(
         self, record: KnowledgeBaseRecord, options: common_pb2.ChunkingOptions, field: str = "chunking"
@@ -335,7 +342,7 @@ class KnowledgeEngine:
                 vectors.extend(reply.embeddings)
                 model = reply.model
             upsert = retriever_pb2.UpsertRequest(
-                knowledge_base=knowledge_base.name,
+                knowledge_base=knowledge_base.collection,
                 chunks=[retriever_pb2.VectorChunk(chunk=c, vector=v.values) for c, v in zip(batch, vectors)],
                 embedding_model=model,
             )
@@ -362,7 +369,10 @@ class KnowledgeEngine:
     ) -> int:
         """Removes a document's stored chunks: those of versions older than `below`, or of
         version `only`, or (neither) all of them."""
-        request = retriever_pb2.DeleteRequest(knowledge_base=knowledge_base, document_ids=[document_id])
+        record = await self.store.get_knowledge_base(knowledge_base)
+        if record is None:
+            return 0  # gone: its collections went with it
+        request = retriever_pb2.DeleteRequest(knowledge_base=record.collection, document_ids=[document_id])
         if below:
             request.below_version = below
         if only:
@@ -521,6 +531,7 @@ class KnowledgeEngine:
         epoch, pins = await self.store.read_visibility(name)
         return catalog_pb2.SearchView(
             knowledge_base=name,
+            collection=record.collection,
             generation=record.generation,
             epoch=epoch,
             pins=[retriever_pb2.DocumentVersionPin(document_id=d, version=v) for d, v in pins],

@@ -105,7 +105,7 @@ class Reconciler:
                 await self.knowledge.finish_create(record, deadline)
                 done.knowledge_bases_created += 1
             elif record.state == KB_DELETING:
-                await self.knowledge.finish_delete(record.name, deadline)
+                await self.knowledge.finish_delete(record, deadline)
                 done.knowledge_bases_deleted += 1
 
     async def _documents(self, done: Reconciled, deadline: Deadline) -> None:

@@ -123,6 +123,9 @@ class DocumentSql(SqlBase):
         now = time.time()
         record = replace(
             record,
+            # A record made without a collection id (a test's, an old caller's) keys its
+            # collections by its name, as every knowledge base did before ids.
+            collection=record.collection or record.name,
             metadata_schema=[(str(n), int(t)) for n, t in record.metadata_schema],
             created_at=record.created_at or now,
             updated_at=record.updated_at or now,

@@ -220,6 +220,15 @@ def _create_upload_parts(tx: Tx) -> None:
         tx.execute(statement)
 
 
+def _add_collection_ids(tx: Tx) -> None:
+    if "collection" not in _columns(tx, "knowledge_bases"):
+        tx.execute(
+            Template("ALTER TABLE knowledge_bases ADD COLUMN collection $TEXT NOT NULL DEFAULT ''").substitute(tx.dialect.ddl)
+        )
+    # Collections made before ids existed are named by their knowledge base's name.
+    tx.execute("UPDATE knowledge_bases SET collection = name WHERE collection = ''")
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -233,6 +242,7 @@ MIGRATIONS = (
     Migration(2, "documents settle, visibility epochs (a schema-1 SQLite file gains them)", _add_settling),
     Migration(3, "columns added during schema 2 (an older SQLite file gains them)", _add_missing_columns),
     Migration(4, "upload parts", _create_upload_parts),
+    Migration(5, "knowledge bases name their collections by an id of their own", _add_collection_ids),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

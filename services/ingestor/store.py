@@ -96,6 +96,10 @@ class KnowledgeBaseRecord:
     state: str = KB_READY
     # While creating or deleting: until when the request doing it is expected to be alive.
     lease_until: float = 0.0
+    # The retriever's key for its collections: an id of the store's own, never the name (a name
+    # is only a label, and no name can reach the collections of another knowledge base). Those
+    # made before ids existed keep their name here.
+    collection: str = ""
 
     @property
     def ready(self) -> bool:

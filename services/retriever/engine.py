@@ -154,8 +154,12 @@ class RetrievalEngine:
         return self._state(name)
 
     def _generations(self, knowledge_base: str) -> list[str]:
-        prefix = alias_name(knowledge_base) + "__g"
-        return [n for n in self.client.list_collections() if n.startswith(prefix) and _GENERATION.match(n)]
+        """Its collections' names: those whose alias part is exactly its own (a prefix match
+        would take `kb_a__gx__g1`, another key's generation, for one of `a`'s)."""
+        alias = alias_name(knowledge_base)
+        return [
+            n for n in self.client.list_collections() if (match := _GENERATION.match(n)) and match["alias"] == alias
+        ]
 
     def _create(self, knowledge_base: str, generation: int, dimension: int, model: str, schema: dict[str, int]) -> CollectionState:
         with self._admin_lock:

@@ -7,7 +7,7 @@ import math
 import grpc
 
 from askmesh.runtime.errors import InvalidArgument, unary_rpc
-from askmesh.runtime.validation import check_document_id, check_knowledge_base_name, check_score_threshold
+from askmesh.runtime.validation import check_collection_key, check_document_id, check_score_threshold
 from askmesh.v1 import retriever_pb2, retriever_pb2_grpc
 from services.retriever.engine import RetrievalEngine, validate_chunks
 
@@ -23,7 +23,7 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
     async def Search(
         self, request: retriever_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> retriever_pb2.SearchResponse:
-        check_knowledge_base_name(request.knowledge_base)
+        check_collection_key(request.knowledge_base)
         if not request.vector:
             raise InvalidArgument("vector", "is empty")
         if not all(math.isfinite(x) for x in request.vector):
@@ -40,7 +40,7 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
     async def Upsert(
         self, request: retriever_pb2.UpsertRequest, context: grpc.aio.ServicerContext
     ) -> retriever_pb2.UpsertResponse:
-        check_knowledge_base_name(request.knowledge_base)
+        check_collection_key(request.knowledge_base)
         validate_chunks(request.chunks, self.settings.max_upsert_chunks)
         upserted = await self.engine.upsert(request)
         return retriever_pb2.UpsertResponse(upserted=upserted)
@@ -49,7 +49,7 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
     async def Delete(
         self, request: retriever_pb2.DeleteRequest, context: grpc.aio.ServicerContext
     ) -> retriever_pb2.DeleteResponse:
-        check_knowledge_base_name(request.knowledge_base)
+        check_collection_key(request.knowledge_base)
         if not request.document_ids:
             raise InvalidArgument("document_ids", "must list at least one document id")
         for index, document_id in enumerate(request.document_ids):
@@ -61,7 +61,7 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
     async def CreateCollection(
         self, request: retriever_pb2.CreateCollectionRequest, context: grpc.aio.ServicerContext
     ) -> retriever_pb2.CollectionInfo:
-        check_knowledge_base_name(request.knowledge_base)
+        check_collection_key(request.knowledge_base)
         if not 1 <= request.dimension <= MAX_DIMENSION:
             raise InvalidArgument("dimension", f"{request.dimension} is out of range 1..{MAX_DIMENSION}")
         return await self.engine.create_collection(request)
@@ -70,7 +70,7 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
     async def SwitchGeneration(
         self, request: retriever_pb2.SwitchGenerationRequest, context: grpc.aio.ServicerContext
     ) -> retriever_pb2.CollectionInfo:
-        check_knowledge_base_name(request.knowledge_base)
+        check_collection_key(request.knowledge_base)
         if request.generation < 1:
             raise InvalidArgument("generation", "must be at least 1")
         return await self.engine.switch_generation(request.knowledge_base, request.generation)
@@ -79,14 +79,14 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
     async def DropKnowledgeBase(
         self, request: retriever_pb2.DropKnowledgeBaseRequest, context: grpc.aio.ServicerContext
     ) -> retriever_pb2.DropKnowledgeBaseResponse:
-        check_knowledge_base_name(request.knowledge_base)
+        check_collection_key(request.knowledge_base)
         return retriever_pb2.DropKnowledgeBaseResponse(existed=await self.engine.drop(request.knowledge_base))
 
     @unary_rpc
     async def DescribeCollection(
         self, request: retriever_pb2.DescribeCollectionRequest, context: grpc.aio.ServicerContext
     ) -> retriever_pb2.CollectionInfo:
-        check_knowledge_base_name(request.knowledge_base)
+        check_collection_key(request.knowledge_base)
         generation = request.generation if request.HasField("generation") else None
         return await self.engine.describe(request.knowledge_base, generation)
 
