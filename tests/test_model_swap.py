@@ -318,12 +318,16 @@ async def test_a_dimension_change_needs_the_flag_and_then_a_rebuild(
         assert messages[-1].HasField("done"), messages[-1]
         return list(messages[0].sources.citations), messages[-1].done
 
-    async def chunks_stored() -> int:
+    async def collection_key() -> str:
+        """The retriever's key for the handbook's collections (the ingestor's id for it)."""
         assert gateway.ingestor is not None
         async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.ingestor.port}") as inside:
             catalog = catalog_pb2_grpc.CatalogStub(inside)
             view = await catalog.GetSearchView(catalog_pb2.GetSearchViewRequest(knowledge_base="handbook"))
-        described = await retriever.DescribeCollection(retriever_pb2.DescribeCollectionRequest(knowledge_base=view.collection))
+        return view.collection
+
+    async def chunks_stored() -> int:
+        described = await retriever.DescribeCollection(retriever_pb2.DescribeCollectionRequest(knowledge_base=await collection_key()))
         return described.chunk_count
 
     async def document_ids() -> set[str]:
@@ -367,15 +371,17 @@ async def test_a_dimension_change_needs_the_flag_and_then_a_rebuild(
             )
         assert status_of(error) == (grpc.StatusCode.FAILED_PRECONDITION, refusal)
         chunk = common_pb2.Chunk(id="handbook-x", document_id="x", text="x")
+        key = await collection_key()
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await retriever.Upsert(
                 retriever_pb2.UpsertRequest(
-                    knowledge_base="handbook",
+                    knowledge_base=key,
                     chunks=[retriever_pb2.VectorChunk(chunk=chunk, vector=[0.1] * 32)],
                     embedding_model="tiny-bert32",
                 )
             )
-        assert status_of(error) == (grpc.StatusCode.FAILED_PRECONDITION, refusal)
+        # The retriever speaks of collection keys; the tiers in front of it, of names.
+        assert status_of(error) == (grpc.StatusCode.FAILED_PRECONDITION, refusal.replace("'handbook'", repr(key)))
         assert await chunks_stored() == stored and await document_ids() == {"travel", "leave"}
 
         # A rebuild makes the next generation with the dimension the embedder makes now.

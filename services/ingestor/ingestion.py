@@ -41,6 +41,7 @@ from askmesh.upstream import Deadline, Upstreams
 from services.ingestor.config import IngestorSettings
 from services.ingestor.knowledge import (
     DocumentWrite,
+    about,
     KnowledgeEngine,
     sections_from_json,
     sections_to_json,
@@ -564,13 +565,11 @@ class Ingestion:
             task = await self._checkpoint(task, checkpoint=checkpoint, stage="embedding")
             crash_point("rebuild.planned")
         schema = [common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema]  # type: ignore[arg-type]
-        await self.upstreams.create_collection(
-            retriever_pb2.CreateCollectionRequest(
-                knowledge_base=record.collection, generation=generation, dimension=int(checkpoint["dimension"]),
-                embedding_model=checkpoint["embedding_model"], metadata_schema=schema,
-            ),
-            deadline,
+        request = retriever_pb2.CreateCollectionRequest(
+            knowledge_base=record.collection, generation=generation, dimension=int(checkpoint["dimension"]),
+            embedding_model=checkpoint["embedding_model"], metadata_schema=schema,
         )
+        await about(record, self.upstreams.create_collection(request, deadline))
         documents = await self.store.all_documents_for_rebuild(record.name)
         done: list[str] = list(checkpoint.get("done", []))
         task = await self._checkpoint(task, documents_total=len(documents), documents_done=len(done))
@@ -594,9 +593,8 @@ class Ingestion:
                 task, checkpoint=checkpoint, documents_done=len(done), chunks_stored=task.chunks_stored + len(chunks)
             )
         task = await self._checkpoint(task, stage="finalizing")
-        await self.upstreams.switch_generation(
-            retriever_pb2.SwitchGenerationRequest(knowledge_base=record.collection, generation=generation), deadline
-        )
+        switch = retriever_pb2.SwitchGenerationRequest(knowledge_base=record.collection, generation=generation)
+        await about(record, self.upstreams.switch_generation(switch, deadline))
         crash_point("rebuild.switched")
         await self.store.update_knowledge_base(record.name,
             generation=generation,

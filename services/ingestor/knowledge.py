@@ -22,7 +22,7 @@ import uuid
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -44,9 +44,22 @@ from services.ingestor.parsing import Section
 from services.ingestor.repository import Repository
 from services.ingestor.store import KB_CREATING, KB_DELETING, DocumentRecord, KnowledgeBaseRecord
 
+T = TypeVar("T")
 PROBE_TEXT = "askmesh dimension probe"
 # How often a write waiting for another write of the same document looks again.
 OTHER_WRITE_POLL_S = 0.2
+
+
+async def about(record: KnowledgeBaseRecord, call: Awaitable[T]) -> T:
+    """The retriever's answer for the record's collections; its errors name the knowledge base,
+    not its collection key, which a caller never sees."""
+    try:
+        return await call
+    except AskmeshError as error:
+        if record.collection == record.name or record.collection not in error.message:
+            raise
+        renamed = error.message.replace(record.collection, record.name)
+        raise AskmeshError(renamed, code=error.code, retry_after_s=error.retry_after_s) from error
 
 
 def new_collection_id() -> str:
@@ -217,14 +230,12 @@ class KnowledgeEngine:
 
     async def finish_create(self, record: KnowledgeBaseRecord, deadline: Deadline) -> KnowledgeBaseRecord:
         """Creates the collection (idempotent) and makes the knowledge base ready."""
-        await self.upstreams.create_collection(
-            retriever_pb2.CreateCollectionRequest(
-                knowledge_base=record.collection, generation=record.generation, dimension=record.dimension,
-                embedding_model=record.embedding_model,
-                metadata_schema=[common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema],  # type: ignore[arg-type]
-            ),
-            deadline,
+        request = retriever_pb2.CreateCollectionRequest(
+            knowledge_base=record.collection, generation=record.generation, dimension=record.dimension,
+            embedding_model=record.embedding_model,
+            metadata_schema=[common_pb2.MetadataField(name=n, type=t) for n, t in record.metadata_schema],  # type: ignore[arg-type]
         )
+        await about(record, self.upstreams.create_collection(request, deadline))
         crash_point("kb.create.collection")
         return await self.store.update_knowledge_base(record.name, state="ready", lease_until=0.0)
 
@@ -270,7 +281,7 @@ class KnowledgeEngine:
 
     async def finish_delete(self, record: KnowledgeBaseRecord, deadline: Deadline) -> None:
         request = retriever_pb2.DropKnowledgeBaseRequest(knowledge_base=record.collection)
-        await self.upstreams.drop_knowledge_base(request, deadline)
+        await about(record, self.upstreams.drop_knowledge_base(request, deadline))
         crash_point("kb.delete.dropped")
         await self.store.finish_knowledge_base_delete(record.name)
 
@@ -349,7 +360,7 @@ class KnowledgeEngine:
             if generation is not None:
                 upsert.generation = generation
             upsert_started = time.perf_counter()
-            await self.upstreams.upsert(upsert, deadline)
+            await about(knowledge_base, self.upstreams.upsert(upsert, deadline))
             crash_point("doc.write.batch")
             timings.embed_s += upsert_started - embed_started
             timings.upsert_s += time.perf_counter() - upsert_started
@@ -379,7 +390,7 @@ class KnowledgeEngine:
             request.only_version = only
         if generation is not None:
             request.generation = generation
-        reply = await self.upstreams.delete_chunks(request, deadline)
+        reply = await about(record, self.upstreams.delete_chunks(request, deadline))
         return reply.deleted
 
     async def begin_version(self, write: DocumentWrite, owner: str, wait_s: float = 0.0) -> int:
