@@ -14,6 +14,7 @@ from askmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
 from services.generator.backends.local import LlamaCppBackend
 from services.generator.config import GeneratorSettings
 from services.generator.engine import GenerationEngine
+from services.generator.prompting import SOURCES_PREAMBLE
 from services.generator.servicer import GeneratorServicer
 from tests.conftest import collect_generation, start_in_process
 from tests.fakes.generators import GatedBackend
@@ -259,8 +260,8 @@ async def test_passages_are_placed_after_the_instructions_within_the_budget() ->
     started = next(m.started for m in messages if m.HasField("started"))
     assert list(started.passages_used) == [1, 2]
     system = backend.prompts[-1][0]
-    assert system["role"] == "system" and system["content"].startswith("You are brief.\n\nSources:\n")
-    assert "[2] Blue\nThe sky is blue." in system["content"] and "[1]" not in system["content"]
+    assert system["role"] == "system" and system["content"].startswith(f"You are brief.\n\n{SOURCES_PREAMBLE}\n")
+    assert "<source>\n[2] Blue\nThe sky is blue.\n</source>" in system["content"] and "[1]" not in system["content"]
     assert backend.prompts[-1][-1] == {"role": "user", "content": "Which colour?"}
 
 

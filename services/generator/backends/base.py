@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -71,9 +72,29 @@ async def warm_up(backend: GenerationBackend, max_new_tokens: int = 1) -> None:
             pass
 
 
+ZERO_WIDTH_SPACE = "\u200b"
+# The start of what a server's tokenizer, given a raw prompt string, would read as a special
+# token: `<|im_start|>`, `<|endoftext|>` (the ChatML family's markers all begin `<|`) and named
+# ones such as SmolLM2's `<file_sep>` or Llama's `</s>`. The generator's own source quotes
+# (`<source>`, `</source>`, see prompting.py) are left as they are: prompting already broke any
+# written inside a document, so every one left is ours.
+_SPECIAL_TOKEN_START = re.compile(r"<(?!/?source>)(?=\||/?[A-Za-z_][\w.\-]*>)")
+
+
+def as_plain_text(content: str) -> str:
+    """`content` with a zero-width space after each `<` that could start a special token, so a
+    raw-prompt server tokenizes it as text (it reads the same to a person)."""
+    return _SPECIAL_TOKEN_START.sub("<" + ZERO_WIDTH_SPACE, content)
+
+
 def chatml_prompt(messages: list[dict[str, str]]) -> str:
-    """ChatML, the template of SmolLM2, Qwen and most small instruct models served by TGI."""
-    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    """ChatML, the template of SmolLM2, Qwen and most small instruct models served by TGI.
+
+    The contents are spliced into one string that the server tokenizes with special tokens
+    parsed, so they go in as plain text (`as_plain_text`): a question or a document cannot
+    open a turn of its own.
+    """
+    turns = "".join(f"<|im_start|>{m['role']}\n{as_plain_text(m['content'])}<|im_end|>\n" for m in messages)
     return turns + "<|im_start|>assistant\n"
 
 

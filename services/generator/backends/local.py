@@ -8,6 +8,14 @@ server does). A new generation takes the free slot whose cached tokens (its last
 answer) share the longest prefix with its prompt, and reads only the rest: the instructions,
 first and byte-identical in every prompt, come from the cache.
 
+Prompts are text, never special tokens, where the text came from a caller: the chat template is
+rendered from the structured messages with a placeholder for each message's content, its own
+pieces (the turn markers) are tokenized with special-token parsing and each content (question,
+history, instructions, quoted sources) without it, and the token ids are concatenated. So a
+question or a document carrying `<|im_end|>\n<|im_start|>system` reads as those characters and
+cannot open a turn of its own; llama.cpp never makes a control token from text it tokenizes
+without special parsing, and `_prompt_tokens` checks that anyway.
+
 Why this and not llama-cpp-python's `Llama.create_completion`: that runs one sequence at a time,
 and measured here (benchmarks/results/2026-12-02-local-engine.md) four generations decoded
 together make 1.26x the answers per second of one at a time (one alone runs as fast as
@@ -25,6 +33,8 @@ import logging
 import os
 import queue
 import random
+import re
+import secrets
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -57,6 +67,38 @@ STEP_TOKENS = 256
 TOP_K = 40
 MIN_P = 0.05
 _PIECE_BYTES = 256
+
+
+@dataclass(frozen=True)
+class PromptPiece:
+    text: str
+    content: bool  # a message's content (never special tokens), else the template's own text
+
+
+def template_pieces(formatter: Jinja2ChatFormatter, messages: list[dict[str, str]]) -> tuple[list[PromptPiece], list[str]]:
+    """The rendered chat template as the template's own text and the messages' contents, in
+    order, and its stop strings.
+
+    Each content is rendered as a placeholder with a fresh random nonce (so no content can
+    forge one) and put back after rendering; a template that does not place every content
+    exactly once is refused rather than guessed at. (A template that transforms a content,
+    e.g. `| trim`, sees only the placeholder: the content goes in as it was sent.)
+    """
+    nonce = secrets.token_hex(16)
+    placeholders = [{**m, "content": f"\x00{nonce}:{i}\x00"} for i, m in enumerate(messages)]
+    formatted = formatter(messages=placeholders)  # type: ignore[arg-type]
+    parts = re.split(f"\x00{nonce}:(\\d+)\x00", formatted.prompt)
+    placed = [int(index) for index in parts[1::2]]
+    if sorted(placed) != list(range(len(messages))):
+        raise ValueError("the chat template does not place each message's content exactly once")
+    pieces: list[PromptPiece] = []
+    for position, part in enumerate(parts):
+        if position % 2:
+            pieces.append(PromptPiece(messages[int(part)]["content"], content=True))
+        elif part:
+            pieces.append(PromptPiece(part, content=False))
+    stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop] if formatted.stop else []
+    return pieces, stops
 
 
 def _longest_prefix(a: list[int], b: list[int]) -> int:
@@ -106,6 +148,8 @@ class LlamaCppBackend:
         self.settings = settings
         self._vocabulary: Llama | None = None  # tokenizer, chat template, metadata
         self._formatter: Jinja2ChatFormatter | None = None
+        # Control tokens (turn markers, bos/eos ...): only the template may put them in a prompt.
+        self.control_tokens: frozenset[int] = frozenset()
         self._engine: _Engine | None = None
         # How the last generation went, and how many stopped because their caller left.
         self.last_completion_tokens = 0
@@ -116,6 +160,7 @@ class LlamaCppBackend:
         return self._engine is None
 
     def _load(self) -> None:
+        import llama_cpp
         from llama_cpp import Llama
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -129,6 +174,10 @@ class LlamaCppBackend:
             template=template,
             eos_token=self._token_text(vocabulary, vocabulary.token_eos()),
             bos_token=self._token_text(vocabulary, vocabulary.token_bos()),
+        )
+        vocab = vocabulary._model.vocab
+        self.control_tokens = frozenset(
+            token for token in range(vocabulary.n_vocab()) if llama_cpp.llama_vocab_is_control(vocab, token)
         )
         self._vocabulary = vocabulary
         self._engine = _Engine(str(path), self.settings, self)
@@ -157,12 +206,24 @@ class LlamaCppBackend:
             raise Unavailable("generator: model is not loaded")
         return len(self._vocabulary.tokenize(text.encode("utf-8"), add_bos=False, special=False))
 
+    def prompt_pieces(self, messages: list[dict[str, str]]) -> tuple[list[tuple[PromptPiece, list[int]]], list[str]]:
+        """Each piece of the rendered prompt with its tokens (the template's own with special
+        tokens parsed, each content without), and the template's stop strings."""
+        if self._vocabulary is None or self._formatter is None:
+            raise Unavailable("generator: model is not loaded")
+        pieces, stops = template_pieces(self._formatter, messages)
+        tokenized = []
+        for piece in pieces:
+            tokens = self._vocabulary.tokenize(piece.text.encode("utf-8"), add_bos=False, special=not piece.content)
+            if piece.content and not self.control_tokens.isdisjoint(tokens):
+                # Cannot happen with llama.cpp's tokenizer; refusing beats a forged turn if it ever does.
+                raise Unavailable("generator: a message's content tokenized to a control token")
+            tokenized.append((piece, tokens))
+        return tokenized, stops
+
     def _prompt_tokens(self, request: GenerationInput) -> tuple[list[int], list[str]]:
-        assert self._vocabulary is not None and self._formatter is not None
-        formatted = self._formatter(messages=request.messages)
-        tokens = self._vocabulary.tokenize(formatted.prompt.encode("utf-8"), add_bos=False, special=True)
-        template_stops = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop] if formatted.stop else []
-        return tokens, template_stops
+        pieces, template_stops = self.prompt_pieces(request.messages)
+        return [token for _, tokens in pieces for token in tokens], template_stops
 
     async def generate(self, request: GenerationInput) -> AsyncIterator[BackendEvent]:
         engine = self._engine

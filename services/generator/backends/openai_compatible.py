@@ -1,7 +1,9 @@
 """Any OpenAI-compatible `/v1/chat/completions` server (vLLM, llama.cpp server, TGI's Messages API).
 
 The server applies the model's chat template and trims stop sequences itself, so messages go
-as they are and deltas come back ready to show.
+as they are and deltas come back ready to show. Each content goes as a message's `content`,
+never spliced into a template string here: vLLM and llama.cpp's server render the template from
+the structured messages (and tokenize the contents as text, not special tokens, by default).
 """
 
 from __future__ import annotations
