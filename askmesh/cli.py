@@ -52,6 +52,11 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _plain(text: str) -> str:
+    """Server-provided text for a Rich markup string: shown literally, without control sequences."""
+    return escape(client.printable(text))
+
+
 def _show_debug(error: BaseException) -> None:
     """With --debug: the error in full, after its one-line summary."""
     if _Options.debug:
@@ -201,7 +206,7 @@ def restart(tier: Service, control: ControlAddress = "127.0.0.1:50050") -> None:
     with _reported_errors(control), grpc.insecure_channel(control) as channel:
         stub = mesh_pb2_grpc.MeshControlStub(channel)
         for event in stub.RestartTier(mesh_pb2.RestartTierRequest(tier=tier.value)):
-            console.print(f"{event.replica.name:<14} {event.message}", highlight=False)
+            console.print(client.printable(f"{event.replica.name:<14} {event.message}"), markup=False, highlight=False)
     console.print(f"[green]{tier.value} restarted[/green]")
 
 
@@ -236,6 +241,7 @@ def ask(
         raise typer.Exit(2) from error
 
     citations: list[gateway_pb2.Citation] = []
+    answer = client.StreamedText()
     try:
         with channel:
             for message in client.ask(channel, request, timeout):
@@ -245,13 +251,14 @@ def ask(
                 elif event == "sources":
                     citations = [c for c in message.sources.citations if c.in_prompt]
                 elif event == "delta":
-                    sys.stdout.write(message.delta.text)
+                    # A model's text is the caller's to steer: it is printed, never obeyed.
+                    sys.stdout.write(answer.feed(message.delta.text))
                     sys.stdout.flush()
                 elif event == "done":
-                    sys.stdout.write("\n")
+                    sys.stdout.write(answer.flush() + "\n")
                     _print_sources(citations, message.done)
     except grpc.RpcError as error:
-        sys.stdout.write("\n")
+        sys.stdout.write(answer.flush() + "\n")
         _print_rpc_error(error, target=address)
         raise typer.Exit(1) from error
 
@@ -272,14 +279,14 @@ def _print_sources(citations: list[gateway_pb2.Citation], done: gateway_pb2.AskD
         table.add_column(column, overflow="fold")
     for c in citations:
         excerpt = c.text[:80].replace("\n", " ") + ("..." if len(c.text) > 80 else "")
-        table.add_row(str(c.number), c.document_id, c.title, f"{c.score:.3f}", excerpt)
+        _add_row(table, str(c.number), c.document_id, c.title, f"{c.score:.3f}", excerpt)
     console.print(table)
     t = done.timings
     reason = common_pb2.FinishReason.Name(done.finish_reason).removeprefix("FINISH_REASON_").lower()
     waited = f"waited {t.queue_ms / 1000:.1f} s, " if t.queue_ms >= 100 else ""
     usage = done.usage
     console.print(
-        f"[dim]{done.model}: {usage.completion_tokens} tokens from a {usage.prompt_tokens}-token prompt "
+        f"[dim]{_plain(done.model)}: {usage.completion_tokens} tokens from a {usage.prompt_tokens}-token prompt "
         f"({usage.cached_prompt_tokens} cached), finished by {reason}; {waited}"
         f"embed {t.embed_ms:.0f} ms, search {t.search_ms:.0f} ms, first token {t.time_to_first_token_ms:.0f} ms, "
         f"total {t.total_ms:.0f} ms[/dim]",
@@ -305,7 +312,7 @@ def add(
         _print_rpc_error(error, target=address)
         raise typer.Exit(1) from error
     for document in result.documents:
-        console.print(f"{document.id}: {document.chunk_count} chunks")
+        console.print(client.printable(f"{document.id}: {document.chunk_count} chunks"), markup=False, highlight=False)
 
 
 # -- shared helpers -----------------------------------------------------------------------------
@@ -316,7 +323,8 @@ ChunkOverlap = Annotated[Optional[int], typer.Option(help="Characters shared by 
 
 def _print_rpc_error(error: grpc.RpcError, prefix: str = "", target: str = "") -> None:
     """`error: CODE: details; what to do` on one line (client.describe_rpc_error)."""
-    errors.print(f"{prefix}error: {client.describe_rpc_error(error, target)}", markup=False, highlight=False, soft_wrap=True)
+    line = client.printable(f"{prefix}error: {client.describe_rpc_error(error, target)}")
+    errors.print(line, markup=False, highlight=False, soft_wrap=True)
     _show_debug(error)
 
 
@@ -336,7 +344,7 @@ def _reported_errors(target: str = "") -> Iterator[None]:
 
 def _add_row(table: Table, *cells: str) -> None:
     """Cells as plain text: names, titles and errors never read as Rich markup."""
-    table.add_row(*(Text(cell) for cell in cells))
+    table.add_row(*(Text(client.printable(cell)) for cell in cells))
 
 
 def _size(n: int) -> str:
@@ -417,7 +425,7 @@ def _follow_tasks(channel: grpc.Channel, tasks: Sequence[tuple[str, ingestion_pb
         if state == ingestion_pb2.TASK_STATE_SUCCEEDED:
             total = done = max(total, done)
         progress.update(
-            bar, description=f"{escape(label)} ({phase})", total=total or None, completed=done, mark=mark, mark_style=mark_style
+            bar, description=f"{_plain(label)} ({phase})", total=total or None, completed=done, mark=mark, mark_style=mark_style
         )
         if mark:
             progress.stop_task(bar)
@@ -433,7 +441,7 @@ def _follow_tasks(channel: grpc.Channel, tasks: Sequence[tuple[str, ingestion_pb
         return task
 
     with progress:
-        bars = [progress.add_task(escape(label), total=None, mark="", mark_style="") for label, _ in tasks]
+        bars = [progress.add_task(_plain(label), total=None, mark="", mark_style="") for label, _ in tasks]
         for bar, (label, task) in zip(bars, tasks):
             show(bar, label, task)
         pool = ThreadPoolExecutor(max_workers=min(len(tasks), 8) or 1)
@@ -460,17 +468,17 @@ def _report_outcomes(labels: Sequence[str], results: Sequence[ingestion_pb2.Task
             continue
         _, done, unit = _task_counts(result)
         if result.state == ingestion_pb2.TASK_STATE_SUCCEEDED:
-            console.print(f"{escape(label)}: [green]succeeded[/green] ({_plural(done, unit)})", highlight=False, soft_wrap=True)
+            console.print(f"{_plain(label)}: [green]succeeded[/green] ({_plural(done, unit)})", highlight=False, soft_wrap=True)
         elif result.state == ingestion_pb2.TASK_STATE_CANCELLED:
             all_succeeded = False
-            console.print(f"{escape(label)}: [yellow]cancelled[/yellow]", highlight=False, soft_wrap=True)
+            console.print(f"{_plain(label)}: [yellow]cancelled[/yellow]", highlight=False, soft_wrap=True)
         elif result.state != ingestion_pb2.TASK_STATE_FAILED:  # a watch that ended before the task did
             all_succeeded = False
-            console.print(f"{escape(label)}: still {_task_state(result)} (task {result.id})", highlight=False, soft_wrap=True)
+            console.print(f"{_plain(label)}: still {_task_state(result)} (task {result.id})", highlight=False, soft_wrap=True)
         else:
             all_succeeded = False
-            reason = escape(result.error or "no reason given")
-            console.print(f"{escape(label)}: [red]failed[/red] ({reason})", highlight=False, soft_wrap=True)
+            reason = _plain(result.error or "no reason given")
+            console.print(f"{_plain(label)}: [red]failed[/red] ({reason})", highlight=False, soft_wrap=True)
     return all_succeeded
 
 
@@ -497,7 +505,10 @@ def kb_create(
         options = client.chunking(chunk_size, chunk_overlap)
         with client.connect(address) as channel:
             kb = client.create_knowledge_base(channel, name, description=description, fields=fields, chunking_options=options)
-    console.print(f"Created knowledge base {kb.name!r} ({kb.embedding_model}, {kb.dimension} dimensions).", highlight=False)
+    console.print(
+        client.printable(f"Created knowledge base {kb.name!r} ({kb.embedding_model}, {kb.dimension} dimensions)."),
+        markup=False, highlight=False,
+    )
 
 
 @kb_app.command("list")
@@ -559,7 +570,7 @@ def kb_delete(
                 f"Delete knowledge base {name!r} with {kb.document_count} documents ({kb.chunk_count} chunks)?", abort=True
             )
         deleted = client.delete_knowledge_base(channel, name)
-    console.print(f"Deleted knowledge base {name!r} ({deleted.deleted_documents} documents).", highlight=False)
+    console.print(f"Deleted knowledge base {name!r} ({deleted.deleted_documents} documents).", markup=False, highlight=False)
 
 
 @kb_app.command("rebuild")
@@ -576,14 +587,14 @@ def kb_rebuild(
         channel = client.connect(address)
     with _reported_errors(address), channel:
         task = client.rebuild_knowledge_base(channel, name, options)
-        console.print(f"Rebuild of {name!r} queued as task {task.id}.", highlight=False)
+        console.print(client.printable(f"Rebuild of {name!r} queued as task {task.id}."), markup=False, highlight=False)
         if not wait:
             return
         results = _follow_tasks(channel, [(name, task)])
         succeeded = _report_outcomes([name], results)
         if succeeded:
             kb = client.get_knowledge_base(channel, name)
-            console.print(f"{name!r} now serves generation {kb.generation} ({kb.chunk_count} chunks).", highlight=False)
+            console.print(f"{name!r} now serves generation {kb.generation} ({kb.chunk_count} chunks).", markup=False, highlight=False)
     if not succeeded:
         raise typer.Exit(1)
 
@@ -593,7 +604,7 @@ def kb_docs(name: str, address: Address = "127.0.0.1:50051") -> None:
     """List the documents of a knowledge base."""
     with _reported_errors(address), client.connect(address) as channel:
         documents = list(client.list_documents(channel, name))
-    table = Table(title=f"Documents in {name}")
+    table = Table(title=Text(f"Documents in {client.printable(name)}"))
     for column in ("id", "title", "version", "chunks", "size", "file name"):
         table.add_column(column, overflow="fold", justify="right" if column in ("version", "chunks", "size") else "left")
     for d in documents:
@@ -640,7 +651,7 @@ def ingest(
                     )
                 raise typer.Exit(1 if isinstance(error, grpc.RpcError) else 2) from error
             queued.append((path.name, task))
-            console.print(f"[dim]{escape(path.name)}: uploaded, task {task.id}[/dim]", highlight=False, soft_wrap=True)
+            console.print(f"[dim]{_plain(path.name)}: uploaded, task {_plain(task.id)}[/dim]", highlight=False, soft_wrap=True)
         if not wait:
             return
         results = _follow_tasks(channel, queued)
@@ -688,7 +699,7 @@ def cancel(task_id: str, address: Address = "127.0.0.1:50051") -> None:
         task = client.cancel_task(channel, task_id)
     state = _task_state(task)
     pending = " (cancel requested)" if task.cancel_requested and task.state not in client.TERMINAL_TASK_STATES else ""
-    console.print(f"task {task.id}: {state}{pending}", highlight=False)
+    console.print(client.printable(f"task {task.id}: {state}{pending}"), markup=False, highlight=False)
 
 
 # -- models -------------------------------------------------------------------------------------
@@ -749,7 +760,7 @@ def model_show(tier: ModelTier, address: ReplicaAddresses = None, control: Contr
         except ValueError as error:
             errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from error
-        console.print(f"{replica}: {_model_summary(info)}", markup=False, highlight=False, soft_wrap=True)
+        console.print(client.printable(f"{replica}: {_model_summary(info)}"), markup=False, highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(1)
 
@@ -794,8 +805,10 @@ def model_swap(
             errors.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from error
         console.print(
-            f"{replica}: now serves {info.name} (replaced {info.replaced or 'nothing'}; loaded and warmed up "
-            f"in {info.load_seconds:.1f} s)",
+            client.printable(
+                f"{replica}: now serves {info.name} (replaced {info.replaced or 'nothing'}; loaded and warmed up "
+                f"in {info.load_seconds:.1f} s)"
+            ),
             markup=False, highlight=False, soft_wrap=True,
         )
 

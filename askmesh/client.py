@@ -4,6 +4,7 @@ the CLI, `askmesh up` and the tests."""
 from __future__ import annotations
 
 import mimetypes
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
@@ -12,7 +13,7 @@ import grpc
 from google.protobuf import struct_pb2
 
 from askmesh.runtime.channels import CHANNEL_OPTIONS
-from askmesh.runtime.config import check_address
+from askmesh.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, check_address
 from askmesh.v1 import (
     common_pb2,
     embedder_pb2_grpc,
@@ -34,6 +35,50 @@ def connect(address: str) -> grpc.Channel:
     except ValueError as error:
         raise ValueError(f"--address: {error}") from error
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+# Terminal control sequences in text from a server or a model: CSI (colours, cursor moves), OSC
+# (window titles, hyperlinks, clipboard writes) and DCS/SOS/PM/APC strings, in their 7-bit and
+# 8-bit forms, and the short ESC sequences. What is left of a sequence cut in two (a streamed
+# answer's deltas) loses its ESC to _CONTROL_CHARACTERS and prints as inert text.
+_TERMINAL_SEQUENCE = re.compile(
+    r"\x1b\[[0-?]*[ -/]*[@-~]|\x9b[0-?]*[ -/]*[@-~]"
+    r"|[\x1b][\]PX^_][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)|[\x90\x98\x9d\x9e\x9f][^\x07\x1b\x9c]*(?:\x07|\x1b\\|\x9c)"
+    r"|\x1b[ -/]+[0-~]|\x1b[0-OQ-WYZ\\`-~]"  # the short ones: not the introducers of those above
+)
+# Every other C0 control but newline and tab, DEL, and the C1 controls.
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """`text` without terminal control sequences or control characters (newlines and tabs
+    kept): what a server or a model sent can then neither restyle nor retitle the terminal."""
+    return _CONTROL_CHARACTERS.sub("", _TERMINAL_SEQUENCE.sub("", text))
+
+
+class StreamedText:
+    """`printable` for text that arrives in pieces (an answer's deltas): a control sequence cut
+    between two pieces is held back until it is whole, so it is stripped as a whole too. A held
+    piece longer than any real sequence is let go (its ESC stripped), so nothing waits forever."""
+
+    _INTRODUCERS = "\x1b\x90\x98\x9b\x9d\x9e\x9f"
+    _LONGEST_HELD = 4096
+
+    def __init__(self) -> None:
+        self._held = ""
+
+    def feed(self, text: str) -> str:
+        # Whole sequences go first; an introducer left after them starts one not finished yet.
+        text, self._held = _TERMINAL_SEQUENCE.sub("", self._held + text), ""
+        starts = [at for at in map(text.find, self._INTRODUCERS) if at >= 0]
+        if starts and len(text) - min(starts) <= self._LONGEST_HELD:
+            text, self._held = text[: min(starts)], text[min(starts) :]
+        return printable(text)
+
+    def flush(self) -> str:
+        """What is still held, at the stream's end."""
+        held, self._held = self._held, ""
+        return printable(held)
 
 
 def status_of(error: grpc.RpcError) -> grpc.StatusCode:
@@ -74,7 +119,7 @@ def describe_rpc_error(error: grpc.RpcError, target: str = "") -> str:
     if not callable(code_of) or not callable(details_of):  # an RpcError that carries no status
         return f"the call{f' to {target}' if target else ''} failed without a status; run again with --debug"
     code = status_of(error)
-    details = " ".join(str(details_of() or "").split())  # one line, whatever the server sent
+    details = " ".join(printable(str(details_of() or "")).split())  # one line, whatever the server sent
     hint = RPC_HINTS.get(code, "")
     if code == grpc.StatusCode.UNAVAILABLE and details.startswith("failed to connect to all addresses"):
         # grpc's own text: "failed to connect to all addresses; last error: UNKNOWN: ipv4:...:
@@ -96,13 +141,54 @@ def document_from_file(path: Path, root: Path | None = None) -> gateway_pb2.Docu
     return gateway_pb2.Document(id=path.stem, title=title, text=text, metadata=metadata)
 
 
+# One AddDocuments request stays below the servers' message limit (room left for the knowledge
+# base's name and the framing) and within the ingestor's default count of documents a call.
+ADD_REQUEST_BYTES = DEFAULT_MAX_MESSAGE_BYTES - 64 * 1024
+ADD_REQUEST_DOCUMENTS = 256
+
+
+def document_batches(
+    documents: Sequence[gateway_pb2.Document],
+    max_bytes: int = ADD_REQUEST_BYTES,
+    max_documents: int = ADD_REQUEST_DOCUMENTS,
+) -> list[list[gateway_pb2.Document]]:
+    """The documents in order, in batches that each fit one request; raises ValueError (naming
+    the file) for a document too large for any request, before anything is sent."""
+    batches: list[list[gateway_pb2.Document]] = []
+    size = 0
+    for document in documents:
+        # A repeated field's element costs its bytes plus a tag and a length prefix (at most 6).
+        cost = document.ByteSize() + 6
+        if cost > max_bytes:
+            source = document.metadata.fields["source"].string_value if "source" in document.metadata.fields else ""
+            raise ValueError(
+                f"{source or document.id}: too large to add in one request ({cost / 2**20:.1f} MiB, the limit is "
+                f"{max_bytes / 2**20:.1f} MiB); `askmesh ingest` uploads a file in parts"
+            )
+        if not batches or size + cost > max_bytes or len(batches[-1]) >= max_documents:
+            batches.append([])
+            size = 0
+        batches[-1].append(document)
+        size += cost
+    return batches
+
+
 def add_documents(
     channel: grpc.Channel, knowledge_base: str, documents: Sequence[gateway_pb2.Document], timeout_s: float = 600
 ) -> gateway_pb2.AddDocumentsResponse:
+    """Adds the documents in as many requests as the message limit needs; the responses are
+    summed into one. Each request is indexed as it arrives, so a failure leaves the earlier
+    batches added (adding them again replaces them)."""
     stub = gateway_pb2_grpc.GatewayStub(channel)
-    request = gateway_pb2.AddDocumentsRequest(knowledge_base=knowledge_base, documents=documents)
-    response: gateway_pb2.AddDocumentsResponse = stub.AddDocuments(request, timeout=timeout_s)
-    return response
+    total = gateway_pb2.AddDocumentsResponse()
+    for batch in document_batches(documents):
+        request = gateway_pb2.AddDocumentsRequest(knowledge_base=knowledge_base, documents=batch)
+        response: gateway_pb2.AddDocumentsResponse = stub.AddDocuments(request, timeout=timeout_s)
+        total.documents.extend(response.documents)
+        total.chunk_count += response.chunk_count
+        total.embed_ms += response.embed_ms
+        total.upsert_ms += response.upsert_ms
+    return total
 
 
 def load_samples(
@@ -248,6 +334,7 @@ def list_documents(
 
 # -- files and tasks ------------------------------------------------------------------------------
 SUPPORTED_FILE_SUFFIXES = (".pdf", ".docx", ".md", ".markdown", ".html", ".htm", ".txt")
+# Far below the message limit (DEFAULT_MAX_MESSAGE_BYTES) whatever a file holds.
 UPLOAD_PART_BYTES = 256 * 1024
 TERMINAL_TASK_STATES = frozenset(
     {ingestion_pb2.TASK_STATE_SUCCEEDED, ingestion_pb2.TASK_STATE_FAILED, ingestion_pb2.TASK_STATE_CANCELLED}

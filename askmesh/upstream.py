@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry import trace
 
 from askmesh.runtime.channels import HEALTH_SERVICE_HEADER, open_channel
 from askmesh.runtime.errors import AskmeshError, Unavailable, retry_after_of
@@ -49,27 +51,39 @@ _CALLER_STATUSES = {
 _KEPT_STATUSES = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
 
 
-def _mapped(
-    tier: str, code: grpc.StatusCode, details: str, unavailable: str, retry_after_s: float | None = None
-) -> AskmeshError:
+def trace_reference() -> str:
+    """What ties a caller's message to the log line with the details: the current trace id
+    (`trace <32 hex>`), or where no span is recording one, a fresh request id."""
+    context = trace.get_current_span().get_span_context()
+    if context.is_valid:
+        return f"trace {trace.format_trace_id(context.trace_id)}"
+    return f"request {secrets.token_hex(8)}"
+
+
+def _mapped(tier: str, code: grpc.StatusCode, details: str, what: str, retry_after_s: float | None = None) -> AskmeshError:
+    """The tier's failure for the gateway's caller. `what` says how it failed ("tier
+    unavailable", "failed mid-stream"). A failure that is not the caller's keeps only the tier and
+    the status: its details can name backend addresses or database errors, so they go to the log,
+    with the same trace id as the message the caller gets."""
     if code in _CALLER_STATUSES:
         return AskmeshError(details, code=code)
     if code in _KEPT_STATUSES:
         # Named once: the tiers' own messages often start with their name already.
         named = details if details.startswith(f"{tier}:") else f"{tier}: {details}"
         return AskmeshError(named, code=code, retry_after_s=retry_after_s)
-    return Unavailable(unavailable)
+    reference = trace_reference()
+    log.warning("[UPSTREAM] %s %s (%s): %s; %s", tier, what, code.name, details or "no details given", reference)
+    return Unavailable(f"{tier} {what} ({code.name}); {reference}")
 
 
 def upstream_error(tier: str, error: grpc.aio.AioRpcError) -> AskmeshError:
     """The tier's failure as the gateway's caller sees it; a retry pushback is passed on."""
-    code, details = error.code(), error.details() or ""
-    return _mapped(tier, code, details, f"{tier} tier unavailable: {code.name}: {details}", retry_after_of(error))
+    return _mapped(tier, error.code(), error.details() or "", "tier unavailable", retry_after_of(error))
 
 
 def stream_error(tier: str, error: common_pb2.StreamError) -> AskmeshError:
     code = grpc.StatusCode[error.code] if error.code in grpc.StatusCode.__members__ else grpc.StatusCode.UNKNOWN
-    return _mapped(tier, code, error.message, f"{tier} failed mid-stream: {error.code}: {error.message}")
+    return _mapped(tier, code, error.message, "failed mid-stream")
 
 
 @dataclass
@@ -259,7 +273,7 @@ class GenerationSession:
             # What grpc raises when the call has already ended (the generator went away while
             # the question was embedded and searched): the call's own status says why.
             code, details = await self._call.code(), await self._call.details() or ""
-            raise _mapped("generator", code, details, f"generator tier unavailable: {code.name}: {details}", None) from None
+            raise _mapped("generator", code, details, "tier unavailable") from None
 
     async def read(self) -> generator_pb2.GenerateResponse | None:
         """The next message; None at the stream's end. A message carrying an error, or a

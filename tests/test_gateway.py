@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import re
 import shutil
 import socket
 import subprocess
@@ -274,7 +276,9 @@ async def test_a_generator_failing_mid_stream_ends_the_answer_with_an_error_mess
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
         assert [m.WhichOneof("event") for m in received] == ["sources", "delta", "delta", "error"]
         assert received[-1].error.code == "UNAVAILABLE"
-        assert "TGI connection lost" in received[-1].error.message
+        # The caller learns the tier and the status; the backend's own words stay in the log.
+        assert received[-1].error.message.startswith("generator failed mid-stream (UNAVAILABLE); ")
+        assert "TGI" not in received[-1].error.message
 
 
 class VanishingGenerator(ScriptedGenerator):
@@ -295,7 +299,10 @@ async def test_a_generator_gone_before_the_prompt_is_sent_is_unavailable_naming_
             async for _ in stub.Ask(gateway_pb2.AskRequest(question="Hotel cost?", knowledge_base="policies"), timeout=30):
                 pass
         assert raised.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert raised.value.details() == "generator tier unavailable: UNAVAILABLE: generator: going away"
+        # The tier and the status, and the trace to find the details by in the gateway's log.
+        assert re.fullmatch(
+            r"generator tier unavailable \(UNAVAILABLE\); (trace [0-9a-f]{32}|request [0-9a-f]{16})", raised.value.details()
+        )
 
 
 # -- answer cache and the gateway's own overhead -----------------------------------------------
@@ -386,3 +393,40 @@ def test_a_kept_upstream_status_names_its_tier_once() -> None:
     assert busy.code == grpc.StatusCode.RESOURCE_EXHAUSTED and busy.message == "generator: 1 generations running"
     late = _mapped("embedder", grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", "-")
     assert late.message == "embedder: Deadline Exceeded"
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN])
+def test_an_upstream_failure_tells_the_caller_the_tier_and_status_and_logs_the_details(
+    code: grpc.StatusCode, caplog: pytest.LogCaptureFixture
+) -> None:
+    from opentelemetry import trace
+
+    from askmesh.upstream import _mapped
+
+    details = "retriever: Milvus error: <MilvusException: (code=2, message=fail connecting to 10.0.4.7:19530)>"
+    span = trace.NonRecordingSpan(
+        trace.SpanContext(trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736, span_id=0x00F067AA0BA902B7, is_remote=False)
+    )
+    with caplog.at_level(logging.WARNING, logger="askmesh.upstream"), trace.use_span(span):
+        mapped = _mapped("retriever", code, details, "tier unavailable")
+    assert mapped.code == grpc.StatusCode.UNAVAILABLE
+    assert mapped.message == f"retriever tier unavailable ({code.name}); trace 4bf92f3577b34da6a3ce929d0e0e4736"
+    logged = [record.getMessage() for record in caplog.records]
+    assert any(details in line and "trace 4bf92f3577b34da6a3ce929d0e0e4736" in line for line in logged)
+
+
+def test_an_upstream_failure_outside_a_trace_gets_a_request_id_in_both_places(caplog: pytest.LogCaptureFixture) -> None:
+    from askmesh.upstream import _mapped
+
+    with caplog.at_level(logging.WARNING, logger="askmesh.upstream"):
+        mapped = _mapped("embedder", grpc.StatusCode.UNAVAILABLE, "connect to 10.0.0.3:50052 refused", "failed mid-stream")
+    reference = re.fullmatch(r"embedder failed mid-stream \(UNAVAILABLE\); (request [0-9a-f]{16})", mapped.message)
+    assert reference is not None
+    assert any(reference[1] in record.getMessage() and "10.0.0.3" in record.getMessage() for record in caplog.records)
+
+
+def test_a_caller_status_keeps_its_message() -> None:
+    from askmesh.upstream import _mapped
+
+    mapped = _mapped("retriever", grpc.StatusCode.NOT_FOUND, "knowledge base 'x' does not exist", "tier unavailable")
+    assert (mapped.code, mapped.message) == (grpc.StatusCode.NOT_FOUND, "knowledge base 'x' does not exist")

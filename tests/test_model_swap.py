@@ -60,6 +60,9 @@ ASKMESH = Path(sys.executable).parent / "askmesh"
 
 
 # -- models on disk ------------------------------------------------------------------------------
+NOT_ALLOWED = "model_path: not an allowed model; models are loaded from the configured model directory"
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
@@ -134,8 +137,8 @@ class Embedder:
 
 
 @pytest.fixture
-async def embedder() -> AsyncIterator[Embedder]:
-    engine = EmbeddingEngine(EmbedderSettings())
+async def embedder(models: dict[str, Path]) -> AsyncIterator[Embedder]:
+    engine = EmbeddingEngine(EmbedderSettings(model_dir=models["tiny"].parent))
     await engine.start()
     servicer = EmbedderServicer(engine)
     runner = await start_in_process(
@@ -148,8 +151,8 @@ async def embedder() -> AsyncIterator[Embedder]:
 
 
 @pytest.fixture
-async def generation() -> AsyncIterator[GenerationEngine]:
-    engine = GenerationEngine(GeneratorSettings(default_max_new_tokens=8))
+async def generation(models: dict[str, Path]) -> AsyncIterator[GenerationEngine]:
+    engine = GenerationEngine(GeneratorSettings(default_max_new_tokens=8, model_dir=models["tiny"].parent))
     await engine.start()
     yield engine
     await engine.close()
@@ -249,8 +252,12 @@ async def test_a_swap_that_cannot_load_leaves_the_old_model_serving(
     a_file.write_bytes(b"x")
     cases = [
         ({"model_path": ""}, grpc.StatusCode.INVALID_ARGUMENT, "model_path: is empty"),
-        ({"model_path": str(tmp_path / "nope")}, grpc.StatusCode.INVALID_ARGUMENT, f"model_path: '{tmp_path / 'nope'}' does not exist"),
-        ({"model_path": str(a_file)}, grpc.StatusCode.INVALID_ARGUMENT, "is not a folder"),
+        # Outside the model directory: one answer, whether the path exists or not.
+        ({"model_path": str(tmp_path / "nope")}, grpc.StatusCode.INVALID_ARGUMENT, NOT_ALLOWED),
+        ({"model_path": str(a_file)}, grpc.StatusCode.INVALID_ARGUMENT, NOT_ALLOWED),
+        ({"model_path": str(models["tiny"].parent / ".." / "elsewhere")}, grpc.StatusCode.INVALID_ARGUMENT, NOT_ALLOWED),
+        ({"model_path": str(models["tiny"].parent / "nope")}, grpc.StatusCode.INVALID_ARGUMENT, "does not exist"),
+        ({"model_path": str(models["broken-gguf"])}, grpc.StatusCode.INVALID_ARGUMENT, "is not a folder"),
         ({"model_path": str(models["minilm-copy"]), "backend": "tensorflow"}, grpc.StatusCode.INVALID_ARGUMENT, "backend: 'tensorflow'"),
     ]
     for fields, code, message in cases:
@@ -446,8 +453,10 @@ async def test_a_generator_swap_over_grpc_and_what_it_refuses(
 
     cases = [
         ({"model_path": " "}, grpc.StatusCode.INVALID_ARGUMENT, "model_path: is empty"),
-        ({"model_path": str(tmp_path / "nope.gguf")}, grpc.StatusCode.INVALID_ARGUMENT, "does not exist on this replica"),
-        ({"model_path": str(tmp_path)}, grpc.StatusCode.INVALID_ARGUMENT, "is not a file"),
+        ({"model_path": str(tmp_path / "nope.gguf")}, grpc.StatusCode.INVALID_ARGUMENT, NOT_ALLOWED),
+        ({"model_path": "/etc/passwd"}, grpc.StatusCode.INVALID_ARGUMENT, NOT_ALLOWED),
+        ({"model_path": str(models["tiny"].parent / "nope.gguf")}, grpc.StatusCode.INVALID_ARGUMENT, "does not exist on this replica"),
+        ({"model_path": str(models["tiny"])}, grpc.StatusCode.INVALID_ARGUMENT, "is not a file"),
         ({"model_path": str(models["smol-copy"]), "backend": "onnx"}, grpc.StatusCode.INVALID_ARGUMENT, "backend:"),
         ({"model_path": str(models["broken-gguf"])}, grpc.StatusCode.FAILED_PRECONDITION, "failed to load"),
     ]

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import grpc
 
-from askmesh.runtime.config import check_address
+from askmesh.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, check_address
 
 # Streams of a slow model can be silent for a while: keepalive pings keep idle HTTP/2
-# connections (and Envoy's) from being dropped without cutting anything.
+# connections (and Envoy's) from being dropped without cutting anything. Messages are held to
+# the servers' default limit both ways: a larger one would be refused at the other end anyway,
+# and a reply that large is not one a tier should buffer.
 CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", DEFAULT_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", DEFAULT_MAX_MESSAGE_BYTES),
 ]
 
 # A health check sent through a proxy that routes many tiers on one address (the local mesh's

@@ -81,6 +81,10 @@ class TelemetrySettings(AskmeshSettings):
     endpoint: str = "http://127.0.0.1:4317"
 
 
+# grpc's own default: a caller cannot make a tier hold more than this for one message.
+DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
 class ServiceSettings(AskmeshSettings):
     """What every gRPC service has: where it listens and how it stops."""
 
@@ -89,8 +93,9 @@ class ServiceSettings(AskmeshSettings):
     # How long SIGTERM waits for calls in flight before ending them.
     grace_period_s: float = Field(default=30.0, ge=0)
     log_level: str = "INFO"
-    # Largest request or response message, in bytes.
-    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    # Largest request or response message, in bytes: grpc answers a larger one with
+    # RESOURCE_EXHAUSTED before it is parsed. Files upload in parts far below it.
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1024)
     # Prometheus metrics on http://<host>:<metrics_port>/metrics; 0 serves none.
     metrics_port: int = Field(default=0, ge=0, le=65535)
 

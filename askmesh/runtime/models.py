@@ -17,12 +17,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import os
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
-from askmesh.runtime.errors import FailedPrecondition, Unavailable
+from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, Unavailable
 from askmesh.runtime.solo import SoloJob
 from askmesh.v1 import common_pb2
+
+
+def allowed_model_path(requested: str, directories: Sequence[Path]) -> Path:
+    """`requested` (made absolute, `..` folded) when it lies inside one of `directories` once
+    symlinks and `..` are resolved; else the one refusal, the same whether the path exists or
+    not, so a caller learns nothing about the replica's file system from it."""
+    resolved = Path(requested).expanduser().resolve()
+    for directory in directories:
+        root = directory.expanduser().resolve()
+        if resolved != root and resolved.is_relative_to(root):
+            # The path as asked for, not its target: a model's default name comes from it.
+            return Path(os.path.abspath(Path(requested).expanduser()))
+    raise InvalidArgument("model_path", "not an allowed model; models are loaded from the configured model directory")
 
 
 class ServableModel(Protocol):

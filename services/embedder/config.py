@@ -25,6 +25,8 @@ class EmbedderSettings(ServiceSettings):
     # A sentence-transformers model folder; empty means the bundled all-MiniLM-L6-v2.
     model_path: Path | None = None
     model_name: str = "all-MiniLM-L6-v2"
+    # SwapModel loads only models inside this folder (or the configured model's own folder).
+    model_dir: Path = Path(".askmesh/models")
     device: str = "cpu"
     # Texts per Embed call, and characters per text: larger requests are refused, not truncated.
     max_batch_size: int = Field(default=256, ge=1)
@@ -63,3 +65,8 @@ class EmbedderSettings(ServiceSettings):
 
     def resolved_model_path(self) -> Path:
         return self.model_path or bundled_model_path()
+
+    def model_directories(self) -> list[Path]:
+        """Where SwapModel may load a model from: model_dir, and the folder of the model
+        configured at start (the bundled one by default), so a swap back to it works."""
+        return [self.model_dir, self.resolved_model_path().parent]

@@ -32,7 +32,7 @@ import numpy as np
 
 from askmesh.runtime import metrics
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
-from askmesh.runtime.models import ModelRegistry
+from askmesh.runtime.models import ModelRegistry, allowed_model_path
 from askmesh.v1 import common_pb2
 from services.embedder.config import EmbedderSettings
 from services.embedder.models import LoadedModel, load_model
@@ -178,6 +178,7 @@ class EmbeddingEngine:
         if self._batcher is None:
             raise Unavailable("embedder: model is still loading")
         self.models.refuse_if_swapping()
+        path = allowed_model_path(str(path), self.settings.model_directories())
         if not path.exists():
             raise InvalidArgument("model_path", f"{str(path)!r} does not exist on this replica")
         if not path.is_dir():

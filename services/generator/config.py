@@ -35,6 +35,8 @@ class GeneratorSettings(ServiceSettings):
 
     # local backend
     model_path: Path | None = None  # empty: the bundled SmolLM2-135M-Instruct
+    # SwapModel loads only GGUF files inside this folder (or the configured model's own folder).
+    model_dir: Path = Path(".askmesh/models")
     context_tokens: int = Field(default=4096, ge=256)  # per sequence
     # Sequences the local model decodes at once (continuous batching on one llama.cpp context);
     # also the local backend's generation slots.
@@ -85,6 +87,11 @@ class GeneratorSettings(ServiceSettings):
 
     def resolved_model_path(self) -> Path:
         return self.model_path or bundled_model_path()
+
+    def model_directories(self) -> list[Path]:
+        """Where SwapModel may load a model from: model_dir, and the folder of the model
+        configured at start (the bundled one by default), so a swap back to it works."""
+        return [self.model_dir, self.resolved_model_path().parent]
 
     def resolved_model_name(self) -> str:
         if self.model_name:

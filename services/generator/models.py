@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument
+from askmesh.runtime.models import allowed_model_path
 from askmesh.v1 import common_pb2
 from services.generator.backends import create_backend
 from services.generator.backends.base import GenerationBackend
@@ -80,7 +81,7 @@ def settings_for_swap(settings: GeneratorSettings, model_path: str, name: str) -
         )
     if backend == "openai":
         return settings.model_copy(update={"remote_model": model_path, "model_name": name})
-    path = Path(model_path)
+    path = allowed_model_path(model_path, settings.model_directories())
     if not path.exists():
         raise InvalidArgument("model_path", f"{model_path!r} does not exist on this replica")
     if not path.is_file():
