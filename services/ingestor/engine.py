@@ -7,15 +7,17 @@ and rebuild tasks, the reconciler, and the search view the gateway reads before 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
 from google.protobuf import json_format
 
-from askmesh.runtime.errors import NotFound
+from askmesh.runtime.errors import InvalidArgument, NotFound
 from askmesh.tiers import INGESTOR
 from askmesh.upstream import Deadline, Upstreams
 from askmesh.v1 import catalog_pb2, gateway_pb2
+from services.ingestor.chunking import SectionChunk, TooManyChunks, chunk_sections
 from services.ingestor.config import IngestorSettings
 from services.ingestor.ingestion import Ingestion
 from services.ingestor.knowledge import DocumentWrite, KnowledgeEngine, resolve_chunking
@@ -112,6 +114,25 @@ class IngestorEngine:
             )
         else:
             chunk_size, chunk_overlap = self.knowledge.chunking_for(record, request.chunking)
+        most = self.settings.max_chunks_per_request
+
+        def cut() -> list[list[SectionChunk]]:
+            """Each document's chunks of text, at most max_chunks_per_request in all."""
+            pieces: list[list[SectionChunk]] = []
+            left = most
+            for document in request.documents:
+                pieces.append(chunk_sections([Section(text=document.text)], chunk_size, chunk_overlap, left))
+                left -= len(pieces[-1])
+            return pieces
+
+        # Cut before anything is created or stored, and off the event loop (a 2 MB document is
+        # up to seconds of CPU); the request's chunk limit stops it as soon as it is exceeded.
+        try:
+            pieces = await asyncio.to_thread(cut)
+        except TooManyChunks:
+            raise InvalidArgument(
+                "documents", f"the documents make more than {most} chunks, the limit per request (max_chunks_per_request)"
+            ) from None
         if record is None:
             record = await self.knowledge.create(name, deadline)
         writes = []
@@ -127,6 +148,7 @@ class IngestorEngine:
                     sections=[Section(text=document.text)],
                     chunk_size=chunk_size,
                     chunk_overlap=chunk_overlap,
+                    pieces=pieces[index],
                 )
             )
         results = []

@@ -38,6 +38,7 @@ from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgu
 from askmesh.v1 import common_pb2, ingestion_pb2, retriever_pb2
 from askmesh.runtime.validation import check_document_id, clip_title
 from askmesh.upstream import Deadline, Upstreams
+from services.ingestor.chunking import TooManyChunks
 from services.ingestor.config import IngestorSettings
 from services.ingestor.knowledge import (
     DocumentWrite,
@@ -526,11 +527,14 @@ class Ingestion:
             task.checkpoint = checkpoint
             write = self._write_for(task, record, sections)
 
-        chunks = self.knowledge.plan_chunks(write, version)
-        if len(chunks) > self.settings.max_chunks_per_task:
-            raise AskmeshError(
-                f"{task.file_name!r} makes {len(chunks)} chunks; the limit is {self.settings.max_chunks_per_task} per task"
-            )
+        # Off the event loop (a big file is seconds of CPU), and stopped as soon as the task's
+        # chunk limit is exceeded rather than after every chunk exists.
+        most = self.settings.max_chunks_per_task
+        try:
+            pieces = await asyncio.to_thread(self.knowledge.cut, write, most)
+        except TooManyChunks:
+            raise AskmeshError(f"{task.file_name!r} makes more than {most} chunks; the limit is {most} per task") from None
+        chunks = self.knowledge.plan_chunks(write, version, pieces)
         task = await self._checkpoint(task, stage="embedding", chunks_total=len(chunks))
 
         async def after_batch(batches_done: int, chunks_stored: int) -> None:
@@ -584,7 +588,9 @@ class Ingestion:
                 sections=sections_from_json(saved), chunk_size=int(task.spec["chunk_size"]),
                 chunk_overlap=int(task.spec["chunk_overlap"]),
             )
-            chunks = self.knowledge.plan_chunks(write, document.version)
+            # Off the event loop; no limit: the document was stored within one already.
+            pieces = await asyncio.to_thread(self.knowledge.cut, write, None)
+            chunks = self.knowledge.plan_chunks(write, document.version, pieces)
             await self.knowledge.store_chunks(record, chunks, deadline, generation=generation)
             crash_point("rebuild.document")
             done.append(document.id)

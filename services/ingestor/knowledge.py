@@ -38,7 +38,7 @@ from askmesh.v1 import (
     retriever_pb2,
 )
 from askmesh.upstream import Deadline, Upstreams
-from services.ingestor.chunking import chunk_sections
+from services.ingestor.chunking import SectionChunk, chunk_sections
 from services.ingestor.config import IngestorSettings
 from services.ingestor.parsing import Section
 from services.ingestor.repository import Repository
@@ -80,13 +80,17 @@ def resolve_chunking(
     field: str = "chunking",
 ) -> tuple[int, int]:
     """The chunk size and overlap a write uses: the request's where set, else the defaults (the
-    knowledge base's; its overlap capped at half the size), checked together."""
+    knowledge base's; its overlap capped at half the size, so one stored before that limit
+    keeps working), checked together. At most half a chunk may overlap the previous one: more
+    makes the chunks of a text up to chunk_size times its length (see chunking.check_chunking)."""
     size = options.chunk_size or default_size
     if not MIN_CHUNK_SIZE <= size <= max_size:
         raise InvalidArgument(f"{field}.chunk_size", f"{size} is out of range {MIN_CHUNK_SIZE}..{max_size}")
     overlap = options.chunk_overlap if options.HasField("chunk_overlap") else min(default_overlap, size // 2)
     if overlap >= size:
         raise InvalidArgument(f"{field}.chunk_overlap", f"{overlap} must be smaller than chunk_size {size}")
+    if overlap > size // 2:
+        raise InvalidArgument(f"{field}.chunk_overlap", f"{overlap} is more than half of chunk_size {size} ({size // 2})")
     return size, overlap
 
 
@@ -139,6 +143,9 @@ class DocumentWrite:
     file_name: str = ""
     content_type: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # Its chunks of text when already cut (off the event loop, within the caller's chunk
+    # limit); None: plan_chunks cuts them itself.
+    pieces: list[SectionChunk] | None = field(default=None, repr=False, compare=False)
 
     @property
     def size_bytes(self) -> int:
@@ -301,8 +308,21 @@ class KnowledgeEngine:
             typed_value(metadata.get(name), declared, f"{where}.{name}")
 
     # -- documents -------------------------------------------------------------------------
-    def plan_chunks(self, write: DocumentWrite, version: int) -> list[common_pb2.Chunk]:
-        pieces = chunk_sections(write.sections, write.chunk_size, write.chunk_overlap)
+    def cut(self, write: DocumentWrite, max_chunks: int | None) -> list[SectionChunk]:
+        """The document's chunks of text, refused (TooManyChunks) as soon as there are more than
+        max_chunks. CPU-bound and linear in the text: callers run it off the event loop
+        (asyncio.to_thread) and hand the pieces to plan_chunks. A write planned before overlaps
+        were limited to half the size (a task queued then) is cut with the most allowed."""
+        overlap = min(write.chunk_overlap, write.chunk_size // 2)
+        return chunk_sections(write.sections, write.chunk_size, overlap, max_chunks)
+
+    def plan_chunks(
+        self, write: DocumentWrite, version: int, pieces: Sequence[SectionChunk] | None = None
+    ) -> list[common_pb2.Chunk]:
+        """The chunks to store for a version: from `pieces` (cut off the event loop) where
+        given, else write.pieces, else cut here (on the caller's thread, without a limit)."""
+        if pieces is None:
+            pieces = write.pieces if write.pieces is not None else self.cut(write, None)
         chunks = []
         for index, piece in enumerate(pieces):
             metadata = dict(write.metadata)
