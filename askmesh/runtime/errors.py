@@ -238,3 +238,11 @@ async def _until_expired(messages: AsyncIterator[Response], calls: CallTracker) 
         # The stream is not running now (a generator cannot be closed while it runs): close it,
         # so its work upstream stops, whether the drain expired or the caller left.
         await iterator.aclose()  # type: ignore[attr-defined]
+
+
+def with_name_for_key(error: AskmeshError, key: str, name: str) -> AskmeshError:
+    """`error` with an internal key (a collection's) replaced by the name a caller knows; the
+    error itself when it does not mention the key."""
+    if key == name or key not in error.message:
+        return error
+    return AskmeshError(error.message.replace(key, name), code=error.code, retry_after_s=error.retry_after_s)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from askmesh.runtime import metrics
-from askmesh.runtime.errors import AskmeshError, Unavailable
+from askmesh.runtime.errors import AskmeshError, Unavailable, with_name_for_key
 from askmesh.upstream import Deadline, GenerationSession, Upstreams
 from askmesh.v1 import catalog_pb2, common_pb2, gateway_pb2, generator_pb2, retriever_pb2
 from services.gateway.cache import AnswerCache, MemoryAnswerCache, RedisAnswerCache, cache_key
@@ -259,10 +259,10 @@ class GatewayEngine:
             try:
                 found = await self.upstreams.search(search, deadline)
             except AskmeshError as error:  # named by the knowledge base, not its collection key
-                if view.collection == view.knowledge_base or view.collection not in error.message:
+                renamed = with_name_for_key(error, view.collection, view.knowledge_base)
+                if renamed is error:
                     raise
-                renamed = error.message.replace(view.collection, view.knowledge_base)
-                raise AskmeshError(renamed, code=error.code, retry_after_s=error.retry_after_s) from error
+                raise renamed from error
             latest = await self.upstreams.search_view(view.knowledge_base, deadline)
             if latest.epoch == view.epoch:
                 break

@@ -28,7 +28,7 @@ import grpc
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from askmesh.runtime.crashpoints import crash_point
-from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound
+from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound, with_name_for_key
 from askmesh.runtime.validation import typed_value
 from askmesh.v1 import (
     catalog_pb2,
@@ -56,10 +56,10 @@ async def about(record: KnowledgeBaseRecord, call: Awaitable[T]) -> T:
     try:
         return await call
     except AskmeshError as error:
-        if record.collection == record.name or record.collection not in error.message:
+        renamed = with_name_for_key(error, record.collection, record.name)
+        if renamed is error:
             raise
-        renamed = error.message.replace(record.collection, record.name)
-        raise AskmeshError(renamed, code=error.code, retry_after_s=error.retry_after_s) from error
+        raise renamed from error
 
 
 def new_collection_id() -> str:
