@@ -81,6 +81,14 @@ class ResourceExhausted(AskmeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Unauthenticated(AskmeshError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(AskmeshError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class Unavailable(AskmeshError):
     code = grpc.StatusCode.UNAVAILABLE
 
