@@ -26,7 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from askmesh import client, tiers
-from askmesh.v1 import common_pb2, gateway_pb2, ingestion_pb2, knowledge_pb2
+from askmesh.v1 import common_pb2, gateway_pb2, ingestion_pb2, keys_pb2, knowledge_pb2
 
 app = typer.Typer(help="askmesh: question answering over private documents, as gRPC microservices.", no_args_is_help=True)
 console = Console()
@@ -37,14 +37,51 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 class _Options:
     # --debug: a failure also shows the error in full (status, debug string, traceback).
     debug = False
+    api_key: str | None = None
+    tenant: str | None = None
+    data_dir = Path(".askmesh")
 
 
 @app.callback()
 def options(
     debug: Annotated[bool, typer.Option("--debug", help="On a failure, also show its full details and traceback.")] = False,
+    api_key: Annotated[
+        Optional[str],
+        typer.Option(
+            "--api-key", envvar="ASKMESH_API_KEY", show_envvar=True,
+            help="The API key to call with (default: $ASKMESH_API_KEY, else the operator's key in .askmesh/admin-key).",
+        ),
+    ] = None,
+    as_tenant: Annotated[
+        Optional[str], typer.Option("--as-tenant", help="With the operator's key: the tenant to act in (default: default).")
+    ] = None,
+    data_dir: Annotated[
+        Path, typer.Option("--data-dir", help="The local mesh's folder: its admin-key and internal-token files.")
+    ] = Path(".askmesh"),
 ) -> None:
     """askmesh: question answering over private documents, as gRPC microservices."""
     _Options.debug = debug
+    _Options.api_key = api_key
+    _Options.tenant = as_tenant
+    _Options.data_dir = data_dir
+
+
+def _file_secret(name: str) -> str | None:
+    path = _Options.data_dir / name
+    try:
+        return path.read_text(encoding="utf-8").strip() or None
+    except OSError:
+        return None
+
+
+def _connect(address: str) -> grpc.Channel:
+    """A channel to the public API, with the caller's key."""
+    return client.connect(address, _Options.api_key or _file_secret("admin-key"), _Options.tenant)
+
+
+def _connect_internal(address: str) -> grpc.Channel:
+    """A channel to the mesh's own RPCs (models, the control port), with the local mesh's token."""
+    return client.connect(address, _file_secret("internal-token"))
 
 
 def _one_line(text: str) -> str:
@@ -99,10 +136,14 @@ def up(
             "postgres (a local PostgreSQL server the mesh starts) or a postgresql:// URL."
         ),
     ] = "sqlite",
+    no_auth: Annotated[
+        bool, typer.Option("--no-auth", help="Run WITHOUT authentication: anyone who reaches a port is an admin.")
+    ] = False,
 ) -> None:
     """Start the whole local mesh (every service and Envoy) on 127.0.0.1 until Ctrl-C."""
     from askmesh.mesh import LocalMesh, MeshLayout, parse_replicas
     from askmesh.mesh_control import ControlServer
+    from askmesh.runtime.auth import AUTH_OFF_WARNING, AuthSettings
 
     try:
         counts = parse_replicas(replicas)
@@ -118,6 +159,7 @@ def up(
     if store not in ("sqlite", "postgres") and not store.startswith(("postgresql://", "postgres://")):
         raise typer.BadParameter(f"{store!r}: expected sqlite, postgres or a postgresql:// URL", param_hint="--store")
     layout.store = store
+    layout.auth = not no_auth and AuthSettings().enabled
     # The samples are loaded before the front door opens: once it answers, they can be asked about.
     mesh = LocalMesh(layout, telemetry=telemetry, say=console.print, samples_dir=REPO_ROOT / "samples" if samples else None)
     control = ControlServer(mesh)
@@ -138,11 +180,20 @@ def up(
             console.print(
                 f"Loaded {len(added.documents)} sample documents ({added.chunk_count} chunks) into 'default'."
             )
+        if layout.auth:
+            console.print(
+                f"The operator's key (admin of every tenant) is in {layout.admin_key_path}; the CLI uses it "
+                "unless given --api-key or $ASKMESH_API_KEY. Make keys for others with "
+                "`askmesh keys create --tenant T --role reader`.",
+                markup=False, highlight=False,
+            )
+        else:
+            errors.print(f"[bold red]{AUTH_OFF_WARNING}[/bold red]")
         console.print(
             "\n[bold green]askmesh is ready.[/bold green] In another terminal:\n"
             '  .venv/bin/askmesh ask "How many days can I work from abroad?"\n'
-            f'  grpcurl -plaintext -d \'{{"question": "What is the hotel limit in Paris?"}}\' '
-            f"{layout.front_address} askmesh.v1.Gateway/Ask\n"
+            f'  grpcurl -plaintext -H "authorization: Bearer $(cat {layout.admin_key_path})" '
+            f'-d \'{{"question": "What is the hotel limit in Paris?"}}\' {layout.front_address} askmesh.v1.Gateway/Ask\n"
             "  .venv/bin/askmesh replicas            (every replica, its health and metrics port)\n"
             "  .venv/bin/askmesh restart generator   (rolling restart of a tier)\n"
             f"Control channel on {control_address}. Press Ctrl-C to stop.",
@@ -186,7 +237,7 @@ def replicas_command(control: ControlAddress = "127.0.0.1:50050") -> None:
     """List every replica of a running `askmesh up`, with Envoy's view of its health."""
     from askmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-    with _reported_errors(control), grpc.insecure_channel(control) as channel:
+    with _reported_errors(control), _connect_internal(control) as channel:
         reply = mesh_pb2_grpc.MeshControlStub(channel).ListReplicas(mesh_pb2.ListReplicasRequest(), timeout=10)
     table = Table("tier", "replica", "address", "pid", "Envoy", "metrics")
     for replica in reply.replicas:
@@ -203,7 +254,7 @@ def restart(tier: Service, control: ControlAddress = "127.0.0.1:50050") -> None:
     SERVING before each old one is taken out of Envoy and drained."""
     from askmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-    with _reported_errors(control), grpc.insecure_channel(control) as channel:
+    with _reported_errors(control), _connect_internal(control) as channel:
         stub = mesh_pb2_grpc.MeshControlStub(channel)
         for event in stub.RestartTier(mesh_pb2.RestartTierRequest(tier=tier.value)):
             console.print(client.printable(f"{event.replica.name:<14} {event.message}"), markup=False, highlight=False)
@@ -235,7 +286,7 @@ def ask(
             filters=[client.parse_filter(f) for f in filter or []],
             parameters=parameters,
         )
-        channel = client.connect(address)
+        channel = _connect(address)
     except ValueError as error:
         errors.print(f"error: {error}", markup=False)
         raise typer.Exit(2) from error
@@ -303,7 +354,7 @@ def add(
     """Add text or Markdown files to a knowledge base (the file name is the document id)."""
     try:
         documents = [client.document_from_file(path) for path in paths]
-        with client.connect(address) as channel:
+        with _connect(address) as channel:
             result = client.add_documents(channel, kb, documents)
     except (OSError, ValueError) as error:
         errors.print(f"error: {error}", markup=False)
@@ -503,7 +554,7 @@ def kb_create(
     with _reported_errors(address):
         fields = [client.parse_field(f) for f in field or []]
         options = client.chunking(chunk_size, chunk_overlap)
-        with client.connect(address) as channel:
+        with _connect(address) as channel:
             kb = client.create_knowledge_base(channel, name, description=description, fields=fields, chunking_options=options)
     console.print(
         client.printable(f"Created knowledge base {kb.name!r} ({kb.embedding_model}, {kb.dimension} dimensions)."),
@@ -514,7 +565,7 @@ def kb_create(
 @kb_app.command("list")
 def kb_list(address: Address = "127.0.0.1:50051") -> None:
     """List the knowledge bases."""
-    with _reported_errors(address), client.connect(address) as channel:
+    with _reported_errors(address), _connect(address) as channel:
         kbs = client.list_knowledge_bases(channel)
     table = Table(title="Knowledge bases")
     for column in ("name", "documents", "chunks", "size", "model", "dimension", "generation", "state"):
@@ -530,7 +581,7 @@ def kb_list(address: Address = "127.0.0.1:50051") -> None:
 @kb_app.command("show")
 def kb_show(name: str, address: Address = "127.0.0.1:50051") -> None:
     """Show one knowledge base: its counts, model, chunking and metadata fields."""
-    with _reported_errors(address), client.connect(address) as channel:
+    with _reported_errors(address), _connect(address) as channel:
         kb = client.get_knowledge_base(channel, name)
     grid = Table(show_header=False, box=None, padding=(0, 2))
     grid.add_column(style="bold")
@@ -563,7 +614,7 @@ def kb_delete(
     address: Address = "127.0.0.1:50051",
 ) -> None:
     """Delete a knowledge base with its documents and their chunks."""
-    with _reported_errors(address), client.connect(address) as channel:
+    with _reported_errors(address), _connect(address) as channel:
         if not yes:
             kb = client.get_knowledge_base(channel, name)
             typer.confirm(
@@ -584,7 +635,7 @@ def kb_rebuild(
     """Re-chunk and re-embed every document into a new generation (the current one keeps serving)."""
     with _reported_errors(address):
         options = client.chunking(chunk_size, chunk_overlap)
-        channel = client.connect(address)
+        channel = _connect(address)
     with _reported_errors(address), channel:
         task = client.rebuild_knowledge_base(channel, name, options)
         console.print(client.printable(f"Rebuild of {name!r} queued as task {task.id}."), markup=False, highlight=False)
@@ -602,7 +653,7 @@ def kb_rebuild(
 @kb_app.command("docs")
 def kb_docs(name: str, address: Address = "127.0.0.1:50051") -> None:
     """List the documents of a knowledge base."""
-    with _reported_errors(address), client.connect(address) as channel:
+    with _reported_errors(address), _connect(address) as channel:
         documents = list(client.list_documents(channel, name))
     table = Table(title=Text(f"Documents in {client.printable(name)}"))
     for column in ("id", "title", "version", "chunks", "size", "file name"):
@@ -633,7 +684,7 @@ def ingest(
             if path.stat().st_size == 0:
                 raise ValueError(f"{path}: the file is empty")
         meta = client.parse_metadata(metadata or [])
-        channel = client.connect(address)
+        channel = _connect(address)
     queued: list[tuple[str, ingestion_pb2.Task]] = []
     with channel:
         for path in files:
@@ -676,7 +727,7 @@ def tasks_command(
 ) -> None:
     """List ingestion and rebuild tasks, newest first."""
     states = [ingestion_pb2.TaskState.Value(f"TASK_STATE_{s.value.upper()}") for s in state or []]
-    with _reported_errors(address), client.connect(address) as channel:
+    with _reported_errors(address), _connect(address) as channel:
         found = client.list_tasks(channel, knowledge_base=kb or "", states=states, limit=limit)
     table = Table(title="Tasks")
     table.add_column("id", no_wrap=True, min_width=32)
@@ -695,7 +746,7 @@ def tasks_command(
 @app.command()
 def cancel(task_id: str, address: Address = "127.0.0.1:50051") -> None:
     """Cancel a queued or running task; what it stored so far is removed."""
-    with _reported_errors(address), client.connect(address) as channel:
+    with _reported_errors(address), _connect(address) as channel:
         task = client.cancel_task(channel, task_id)
     state = _task_state(task)
     pending = " (cancel requested)" if task.cancel_requested and task.state not in client.TERMINAL_TASK_STATES else ""
@@ -729,7 +780,7 @@ def _replica_addresses(tier: str, addresses: list[str] | None, control: str) -> 
         return addresses
     from askmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
-    with _reported_errors(control), grpc.insecure_channel(control) as channel:
+    with _reported_errors(control), _connect_internal(control) as channel:
         reply = mesh_pb2_grpc.MeshControlStub(channel).ListReplicas(mesh_pb2.ListReplicasRequest(), timeout=10)
     return [replica.address for replica in reply.replicas if replica.tier == tier]
 
@@ -751,7 +802,7 @@ def model_show(tier: ModelTier, address: ReplicaAddresses = None, control: Contr
     failed = False
     for replica in address:
         try:
-            with client.connect(replica) as channel:
+            with _connect_internal(replica) as channel:
                 info = client.get_model(channel, tier.value)
         except grpc.RpcError as error:
             _print_rpc_error(error, prefix=f"{replica}: ", target=replica)
@@ -791,7 +842,7 @@ def model_swap(
     address = _replica_addresses(tier.value, address, control)
     for index, replica in enumerate(address):
         try:
-            with client.connect(replica) as channel:
+            with _connect_internal(replica) as channel:
                 info = client.swap_model(
                     channel, tier.value, path, model_name=name, backend=backend,
                     allow_dimension_change=allow_dimension_change,
@@ -811,6 +862,56 @@ def model_swap(
             ),
             markup=False, highlight=False, soft_wrap=True,
         )
+
+
+keys_app = typer.Typer(help="Create, list and revoke API keys (an admin's key, or the operator's).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+def _key_row(table: Table, key: keys_pb2.ApiKey) -> None:
+    revoked = _time(key.revoked_at) if key.HasField("revoked_at") else "-"
+    _add_row(table, key.id, key.tenant, key.role, key.description, _time(key.created_at), revoked)
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="reader (ask, list, read), writer (and add, ingest, delete documents) or admin.")],
+    tenant: Annotated[str, typer.Option(help="The key's tenant (default: the caller's; another one needs the operator's key).")] = "",
+    description: Annotated[str, typer.Option(help="What the key is for, shown in listings.")] = "",
+    address: Address = "127.0.0.1:50051",
+) -> None:
+    """Create a key. It is shown once, alone on the last line: only its hash is kept."""
+    with _reported_errors(address), _connect(address) as channel:
+        created = client.create_key(channel, tenant=tenant, role=role, description=description)
+    key = created.key
+    errors.print(
+        client.printable(f"Created key {key.id} ({key.role} of tenant {key.tenant}); it is not shown again:"),
+        markup=False, highlight=False,
+    )
+    sys.stdout.write(created.secret + "\n")
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str, typer.Option(help="Whose keys (default: the caller's tenant).")] = "",
+    all: Annotated[bool, typer.Option("--all", help="Revoked keys too.")] = False,
+    address: Address = "127.0.0.1:50051",
+) -> None:
+    """List keys (their ids, never the keys)."""
+    with _reported_errors(address), _connect(address) as channel:
+        keys = client.list_keys(channel, tenant=tenant, include_revoked=all)
+    table = Table("id", "tenant", "role", "description", "created", "revoked")
+    for key in keys:
+        _key_row(table, key)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, address: Address = "127.0.0.1:50051") -> None:
+    """Revoke a key: calls with it are refused (by every gateway within its lookup TTL, 10 s by default)."""
+    with _reported_errors(address), _connect(address) as channel:
+        key = client.revoke_key(channel, key_id)
+    console.print(client.printable(f"Revoked key {key.id} ({key.role} of tenant {key.tenant})."), markup=False, highlight=False)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ from typing import BinaryIO
 import grpc
 from google.protobuf import struct_pb2
 
+from askmesh.runtime.auth import with_credential
 from askmesh.runtime.channels import CHANNEL_OPTIONS
 from askmesh.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, check_address
 from askmesh.v1 import (
@@ -22,6 +23,8 @@ from askmesh.v1 import (
     generator_pb2_grpc,
     ingestion_pb2,
     ingestion_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
     knowledge_pb2,
     knowledge_pb2_grpc,
 )
@@ -29,12 +32,14 @@ from askmesh.v1 import (
 TEXT_SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text"}
 
 
-def connect(address: str) -> grpc.Channel:
+def connect(address: str, credential: str | None = None, tenant: str | None = None) -> grpc.Channel:
+    """A channel to `address` whose calls carry `credential` (an API key, or the mesh's internal
+    token for its own RPCs) and, for the operator's key, the tenant it acts in."""
     try:
         check_address(address)
     except ValueError as error:
         raise ValueError(f"--address: {error}") from error
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return with_credential(grpc.insecure_channel(address, options=CHANNEL_OPTIONS), credential, tenant)
 
 
 # Terminal control sequences in text from a server or a model: CSI (colours, cursor moves), OSC
@@ -485,3 +490,17 @@ def swap_model(
         model_path=model_path, model_name=model_name, backend=backend, allow_dimension_change=allow_dimension_change
     )
     return _model_stub(channel, tier).SwapModel(request, timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+def create_key(channel: grpc.Channel, *, tenant: str, role: str, description: str, timeout_s: float = 30) -> keys_pb2.CreatedKey:
+    request = keys_pb2.CreateKeyRequest(tenant=tenant, role=role, description=description)
+    return keys_pb2_grpc.ApiKeysStub(channel).CreateKey(request, timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+def list_keys(channel: grpc.Channel, *, tenant: str = "", include_revoked: bool = False, timeout_s: float = 30) -> list[keys_pb2.ApiKey]:
+    request = keys_pb2.ListKeysRequest(tenant=tenant, include_revoked=include_revoked)
+    return list(keys_pb2_grpc.ApiKeysStub(channel).ListKeys(request, timeout=timeout_s).keys)
+
+
+def revoke_key(channel: grpc.Channel, key_id: str, timeout_s: float = 30) -> keys_pb2.ApiKey:
+    return keys_pb2_grpc.ApiKeysStub(channel).RevokeKey(keys_pb2.RevokeKeyRequest(id=key_id), timeout=timeout_s)  # type: ignore[no-any-return]

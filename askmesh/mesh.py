@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from askmesh import client, envoy, tiers
+from askmesh.runtime.auth import new_key, new_secret_file, read_secret_file
 from askmesh.v1 import gateway_pb2
 
 if TYPE_CHECKING:
@@ -105,6 +107,8 @@ class MeshLayout:
     # by URL ("postgresql://...").
     store: str = "sqlite"
     postgres_port: int = 55432
+    # Every caller needs a key (False only by `askmesh up --no-auth`, which every log line says).
+    auth: bool = True
 
     @classmethod
     def with_replicas(cls, data_dir: Path, replicas: dict[str, int], **options: object) -> MeshLayout:
@@ -155,6 +159,16 @@ class MeshLayout:
     @property
     def sqlite_path(self) -> Path:
         return self.data_dir / "data" / "store.sqlite3"
+
+    @property
+    def admin_key_path(self) -> Path:
+        """The operator's key, made on the first start: admin of every tenant and of keys."""
+        return self.data_dir / "admin-key"
+
+    @property
+    def internal_token_path(self) -> Path:
+        """The tiers' credential for their calls to each other."""
+        return self.data_dir / "internal-token"
 
     @property
     def endpoints_dir(self) -> Path:
@@ -280,6 +294,7 @@ class LocalMesh:
             "ASKMESH_OTEL_EXPORTER": self.telemetry,
             "HF_HUB_OFFLINE": "1",
             "PYTHONUNBUFFERED": "1",
+            **self.auth_env(),
         }
         # Every tier reaches the others through Envoy's internal listener.
         for other in tiers.BY_NAME[name].calls:
@@ -290,6 +305,29 @@ class LocalMesh:
             env["ASKMESH_OTEL_FILE"] = str(layout.data_dir / "spans" / f"{name}-{index}.jsonl")
         env.update(self.env)
         return env
+
+    def auth_env(self) -> dict[str, str]:
+        if not self.layout.auth:
+            return {"ASKMESH_AUTH_ENABLED": "false"}
+        return {
+            "ASKMESH_AUTH_ENABLED": "true",
+            "ASKMESH_AUTH_OPERATOR_KEY_FILE": str(self.layout.admin_key_path),
+            "ASKMESH_AUTH_INTERNAL_TOKEN_FILE": str(self.layout.internal_token_path),
+        }
+
+    def make_secrets(self) -> None:
+        """The operator's key and the internal token, each made once and kept (0600) in data_dir."""
+        if self.layout.auth:
+            new_secret_file(self.layout.admin_key_path, new_key()[1])
+            new_secret_file(self.layout.internal_token_path, secrets.token_urlsafe(32))
+
+    @property
+    def admin_key(self) -> str | None:
+        return read_secret_file(self.layout.admin_key_path) if self.layout.auth else None
+
+    @property
+    def internal_token(self) -> str | None:
+        return read_secret_file(self.layout.internal_token_path) if self.layout.auth else None
 
     def _spawn(self, command: list[str], env: dict[str, str], log_name: str) -> tuple[subprocess.Popen[bytes], Path]:
         log_path = self.layout.data_dir / "logs" / f"{log_name}.log"
@@ -347,6 +385,7 @@ class LocalMesh:
         be loaded, or `interrupted` is set."""
         layout = self.layout
         deadline = time.monotonic() + timeout_s
+        self.make_secrets()
         self._start_store()
         if layout.milvus == "server":
             self._start_milvus(deadline)
@@ -387,7 +426,7 @@ class LocalMesh:
         ingestor = self.replicas["ingestor"][0]
         assert ingestor.address is not None
         try:
-            with client.connect(ingestor.address) as channel:
+            with client.connect(ingestor.address, self.admin_key) as channel:
                 return client.load_samples(channel, samples_dir, timeout_s=max(deadline - time.monotonic(), 1.0))
         except grpc.RpcError as error:
             raise MeshError(

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from askmesh.runtime.auth import InternalOnly
+
 from askmesh.mesh import SERVICES, LocalMesh, MeshError, Process
 from askmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
@@ -97,7 +99,11 @@ class ControlServer:
     def __init__(self, mesh: LocalMesh) -> None:
         self.mesh = mesh
         self.jobs: queue.Queue[_Job] = queue.Queue()
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=[("grpc.so_reuseport", 0)])
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=4),
+            options=[("grpc.so_reuseport", 0)],
+            interceptors=[InternalOnly(_made_token(mesh))],
+        )
         mesh_pb2_grpc.add_MeshControlServicer_to_server(MeshControlServicer(mesh, self.jobs.put), self.server)
 
     def start(self) -> str:
@@ -129,3 +135,8 @@ class ControlServer:
             job.events.put(error)
         finally:
             job.events.put(None)
+
+
+def _made_token(mesh: LocalMesh) -> str | None:
+    mesh.make_secrets()  # the control port may open before the tiers start
+    return mesh.internal_token

@@ -51,10 +51,10 @@ GENERATOR = TierSpec(
 # replicas never chunk or embed a document.
 INGESTOR = TierSpec(
     "ingestor",
-    ("askmesh.v1.KnowledgeBases", "askmesh.v1.Ingestion", "askmesh.v1.Catalog", "askmesh.v1.Gateway"),
+    ("askmesh.v1.KnowledgeBases", "askmesh.v1.Ingestion", "askmesh.v1.Catalog", "askmesh.v1.Gateway", "askmesh.v1.ApiKeys"),
     50065,
-    public_routes=("askmesh.v1.KnowledgeBases", "askmesh.v1.Ingestion", "askmesh.v1.Gateway/AddDocuments"),
-    idempotent_methods=("askmesh.v1.Catalog/GetSearchView",),
+    public_routes=("askmesh.v1.KnowledgeBases", "askmesh.v1.Ingestion", "askmesh.v1.Gateway/AddDocuments", "askmesh.v1.ApiKeys"),
+    idempotent_methods=("askmesh.v1.Catalog/GetSearchView", "askmesh.v1.Catalog/Authenticate"),
     capacity_per_replica=False,  # its RESOURCE_EXHAUSTED is the embedder's, behind every replica
     needs=("embedder", "retriever"),
     also_calls=("generator",),  # how busy it is, to let questions go first (ingest_yield_to_questions_s)

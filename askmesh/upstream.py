@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
+from askmesh.runtime.auth import CALLER_HEADER, Caller, Role
 from askmesh.runtime.channels import HEALTH_SERVICE_HEADER, open_channel
 from askmesh.runtime.errors import AskmeshError, Unavailable, retry_after_of
 from askmesh.tiers import BY_NAME
@@ -108,10 +109,10 @@ class Deadline:
 class _Tier:
     """One tier's channel, and its name for the statuses of its failures."""
 
-    def __init__(self, name: str, address: str) -> None:
+    def __init__(self, name: str, address: str, credential: str | None) -> None:
         self.name = name
         self.address = address
-        self.channel = open_channel(address)
+        self.channel = open_channel(address, credential)
 
     async def call(self, call: Awaitable[T]) -> T:
         try:
@@ -124,8 +125,9 @@ class Upstreams:
     """The tiers at `addresses` (tier name -> host:port); a method of a tier not given raises
     KeyError when called, which is a wiring mistake, not a caller's."""
 
-    def __init__(self, addresses: dict[str, str]) -> None:
-        self._tiers = {name: _Tier(name, address) for name, address in addresses.items()}
+    def __init__(self, addresses: dict[str, str], credential: str | None = None) -> None:
+        """`credential`: the mesh's internal token, sent on every call (None: none is sent)."""
+        self._tiers = {name: _Tier(name, address, credential) for name, address in addresses.items()}
 
     def _channel(self, tier: str) -> grpc.aio.Channel:
         return self._tiers[tier].channel
@@ -174,22 +176,34 @@ class Upstreams:
         return await self._tiers["retriever"].call(call)
 
     # -- ingestor ----------------------------------------------------------------------------
-    async def search_view(self, knowledge_base: str, deadline: Deadline) -> catalog_pb2.SearchView:
+    async def search_view(self, knowledge_base: str, tenant: str, deadline: Deadline) -> catalog_pb2.SearchView:
         stub = catalog_pb2_grpc.CatalogStub(self._channel("ingestor"))
-        request = catalog_pb2.GetSearchViewRequest(knowledge_base=knowledge_base)
+        request = catalog_pb2.GetSearchViewRequest(knowledge_base=knowledge_base, tenant=tenant)
         return await self._tiers["ingestor"].call(stub.GetSearchView(request, timeout=deadline.unary_timeout()))
+
+    async def authenticate(self, key_hash: str, timeout_s: float = 5.0) -> Caller | None:
+        """Who the key with this hash belongs to (None: no valid key has it)."""
+        stub = catalog_pb2_grpc.CatalogStub(self._channel("ingestor"))
+        try:
+            found = await stub.Authenticate(catalog_pb2.AuthenticateRequest(key_hash=key_hash), timeout=timeout_s)
+        except grpc.aio.AioRpcError as error:
+            if error.code() == grpc.StatusCode.NOT_FOUND:
+                return None
+            raise upstream_error("ingestor", error) from error
+        return Caller(tenant=found.tenant, role=Role.parse(found.role), key_id=found.key_id)
 
     # -- generator ---------------------------------------------------------------------------
     async def generator_load(self, deadline: Deadline) -> generator_pb2.GeneratorLoad:
         stub = generator_pb2_grpc.GeneratorStub(self._channel("generator"))
         return await self._tiers["generator"].call(stub.GetLoad(generator_pb2.GetLoadRequest(), timeout=deadline.unary_timeout()))
 
-    async def admit_generation(self, deadline: Deadline) -> GenerationSession:
+    async def admit_generation(self, deadline: Deadline, caller_id: str = "") -> GenerationSession:
         """A place in a generator's line, before any work is spent on the prompt; raises
         ResourceExhausted (with the generator's time to retry after) when none would serve it
-        within its longest wait, on any replica Envoy tried."""
+        within its longest wait, on any replica Envoy tried. `caller_id` (a key id) is whose
+        question it is: the generator keeps each caller to its share of the line."""
         stub = generator_pb2_grpc.GeneratorStub(self._channel("generator"))
-        call = stub.AdmitAndGenerate(timeout=deadline.stream_timeout())
+        call = stub.AdmitAndGenerate(timeout=deadline.stream_timeout(), metadata=[(CALLER_HEADER, caller_id)])
         session = GenerationSession(call)
         try:
             await call.write(generator_pb2.AdmitAndGenerateRequest(admission=generator_pb2.Admission()))

@@ -17,6 +17,9 @@ import psycopg
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Most tests are about something else than who may call: they run without authentication, and
+# tests/test_auth.py (and the mesh tests that say so) turn it on, as a user's mesh has it.
+os.environ.setdefault("ASKMESH_AUTH_ENABLED", "false")
 
 from askmesh.local_postgres import LocalPostgres  # noqa: E402
 from askmesh.runtime.server import ServiceDefinition, ServiceRunner  # noqa: E402

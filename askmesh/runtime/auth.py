@@ -379,7 +379,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         try:
             caller = await self._authenticator.caller(details.invocation_metadata)  # type: ignore[attr-defined]
-            authorize(caller, required)
+            if self._authenticator.enabled:
+                authorize(caller, required)
             if self._limiter is not None and not caller.internal:
                 self._limiter.take(caller.key_id)
         except AskmeshError as error:
@@ -478,3 +479,83 @@ class _Credential(
 def credential_interceptors(credential: str | None) -> list[grpc.aio.ClientInterceptor]:
     return [] if credential is None else [_Credential(credential)]
 
+
+
+class _SyncCredential(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """The same for blocking channels (the CLI's): `authorization`, and the operator's tenant."""
+
+    def __init__(self, entries: list[tuple[str, str]]) -> None:
+        self._entries = entries
+
+    def _details(self, details: Any) -> Any:
+        metadata = [*(details.metadata or ()), *self._entries]
+        return _SyncCallDetails(details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        return continuation(self._details(details), request_iterator)
+
+
+@dataclass(frozen=True)
+class _SyncCallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: Any
+    wait_for_ready: bool | None
+    compression: Any
+
+
+def with_credential(channel: grpc.Channel, credential: str | None, tenant: str | None = None) -> grpc.Channel:
+    """`channel` with `authorization: Bearer <credential>` (and the tenant an operator acts
+    in) on every call; the channel itself where there is neither."""
+    entries = []
+    if credential:
+        entries.append((AUTHORIZATION_HEADER, f"Bearer {credential}"))
+    if tenant:
+        entries.append((TENANT_HEADER, tenant))
+    return grpc.intercept_channel(channel, _SyncCredential(entries)) if entries else channel
+
+
+class InternalOnly(grpc.ServerInterceptor):
+    """For blocking servers of the mesh's own (MeshControl): every RPC but health and reflection
+    needs the internal token."""
+
+    def __init__(self, token: str | None) -> None:
+        self._token = token
+
+    def intercept_service(self, continuation: Any, details: grpc.HandlerCallDetails) -> Any:
+        if self._token is None or isinstance(required_for(details.method), Open):  # type: ignore[attr-defined]
+            return continuation(details)
+        credential = bearer(details.invocation_metadata)  # type: ignore[attr-defined]
+        if credential is not None and hmac.compare_digest(credential.encode(), self._token.encode()):
+            return continuation(details)
+        code = grpc.StatusCode.UNAUTHENTICATED if credential is None else grpc.StatusCode.PERMISSION_DENIED
+        message = "this RPC is internal to the mesh; it needs the mesh's own credentials"
+
+        def refuse(_: Any, context: grpc.ServicerContext) -> None:
+            context.abort(code, message)
+
+        handler = continuation(details)
+        if handler is None:
+            return None
+        factory = {
+            (False, False): grpc.unary_unary_rpc_method_handler,
+            (False, True): grpc.unary_stream_rpc_method_handler,
+            (True, False): grpc.stream_unary_rpc_method_handler,
+            (True, True): grpc.stream_stream_rpc_method_handler,
+        }[(handler.request_streaming, handler.response_streaming)]
+        return factory(refuse)

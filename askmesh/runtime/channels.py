@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import grpc
 
+from askmesh.runtime.auth import credential_interceptors
 from askmesh.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, check_address
 
 # Streams of a slow model can be silent for a while: keepalive pings keep idle HTTP/2
@@ -23,7 +24,8 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 HEALTH_SERVICE_HEADER = "askmesh-health-service"
 
 
-def open_channel(address: str) -> grpc.aio.Channel:
-    """An insecure channel to `host:port`; raises ValueError for a malformed address."""
+def open_channel(address: str, credential: str | None = None) -> grpc.aio.Channel:
+    """An insecure channel to `host:port` whose calls carry `credential` as a bearer token (none
+    when None); raises ValueError for a malformed address."""
     check_address(address)
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=credential_interceptors(credential))

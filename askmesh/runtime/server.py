@@ -21,6 +21,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from askmesh.runtime import metrics
+from askmesh.runtime.auth import AUTH_OFF_WARNING, AuthInterceptor, AuthSettings, Authenticator, KeyLookup, RateLimiter
 from askmesh.runtime.config import ServiceSettings, TelemetrySettings
 from askmesh.runtime.lifecycle import CallTracker
 from askmesh.runtime.telemetry import setup_telemetry
@@ -44,6 +45,8 @@ class ServiceDefinition:
     # The servicer objects: the runner gives each its CallTracker (`servicer.calls`), which the
     # unary_rpc / streaming_rpc wrappers count calls in and end them with at a drain's end.
     servicers: Sequence[object] = ()
+    # How this tier finds the stored API keys (None: it serves no public RPC, or it has none).
+    key_lookup: KeyLookup | None = None
 
 
 class Engine(Protocol):
@@ -70,16 +73,24 @@ def define_service(
     )
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, auth: AuthSettings | None = None) -> None:
+    # Running without authentication says so on every line, not once among many.
+    warning = "" if auth is None or auth.enabled else f"[{AUTH_OFF_WARNING}] "
     logging.basicConfig(
         level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {warning}%(name)s: %(message)s",
         force=True,
     )
 
 
-def create_server(settings: ServiceSettings) -> grpc.aio.Server:
+def auth_interceptor(auth: AuthSettings, key_lookup: KeyLookup | None) -> AuthInterceptor:
+    authenticator = Authenticator(auth, key_lookup, None)
+    return AuthInterceptor(authenticator, RateLimiter(auth.rate_per_s, auth.rate_burst))
+
+
+def create_server(settings: ServiceSettings, interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
     return grpc.aio.server(
+        interceptors=list(interceptors),
         # Every response is gzip-compressed (for clients that accept it, as grpc clients do).
         compression=grpc.Compression.Gzip,
         options=[
@@ -98,10 +109,11 @@ class ServiceRunner:
     `serve()` drives it from signals for a real process; tests drive it directly.
     """
 
-    def __init__(self, definition: ServiceDefinition, settings: ServiceSettings) -> None:
+    def __init__(self, definition: ServiceDefinition, settings: ServiceSettings, auth: AuthSettings | None = None) -> None:
         self.definition = definition
         self.settings = settings
-        self.server = create_server(settings)
+        self.auth = auth if auth is not None else AuthSettings()
+        self.server = create_server(settings, [auth_interceptor(self.auth, definition.key_lookup)])
         self.health = health.aio.HealthServicer()
         self._health_names = ["", *definition.grpc_services]
         self.port = 0
@@ -116,6 +128,8 @@ class ServiceRunner:
         name = self.definition.name
         self.started_at = time.monotonic()
         log.info("[STARTUP] %s on %s", name, self.settings.listen_address)
+        if not self.auth.enabled:
+            log.warning("[STARTUP] %s: %s", name, AUTH_OFF_WARNING)
         metrics.SERVING.labels(name).set(0)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -217,7 +231,7 @@ Settings = TypeVar("Settings", bound=ServiceSettings)
 
 def run(name: str, settings: Settings, build: Callable[[Settings], ServiceDefinition]) -> None:
     """Entry point of `askmesh serve <name>`: logging, telemetry, then serve until stopped."""
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, AuthSettings())
     setup_telemetry(name, TelemetrySettings())
 
     async def build_and_serve() -> None:

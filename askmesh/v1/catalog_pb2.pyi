@@ -8,10 +8,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetSearchViewRequest(_message.Message):
-    __slots__ = ("knowledge_base",)
+    __slots__ = ("knowledge_base", "tenant")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
-    def __init__(self, knowledge_base: _Optional[str] = ...) -> None: ...
+    tenant: str
+    def __init__(self, knowledge_base: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class AuthenticateRequest(_message.Message):
+    __slots__ = ("key_hash",)
+    KEY_HASH_FIELD_NUMBER: _ClassVar[int]
+    key_hash: str
+    def __init__(self, key_hash: _Optional[str] = ...) -> None: ...
+
+class Principal(_message.Message):
+    __slots__ = ("tenant", "role", "key_id")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    role: str
+    key_id: str
+    def __init__(self, tenant: _Optional[str] = ..., role: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class SearchView(_message.Message):
     __slots__ = ("knowledge_base", "collection", "generation", "epoch", "pins")

@@ -42,6 +42,11 @@ class CatalogStub:
                 request_serializer=askmesh_dot_v1_dot_catalog__pb2.GetSearchViewRequest.SerializeToString,
                 response_deserializer=askmesh_dot_v1_dot_catalog__pb2.SearchView.FromString,
                 _registered_method=True)
+        self.Authenticate = channel.unary_unary(
+                '/askmesh.v1.Catalog/Authenticate',
+                request_serializer=askmesh_dot_v1_dot_catalog__pb2.AuthenticateRequest.SerializeToString,
+                response_deserializer=askmesh_dot_v1_dot_catalog__pb2.Principal.FromString,
+                _registered_method=True)
 
 
 class CatalogServicer:
@@ -57,6 +62,14 @@ class CatalogServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Authenticate(self, request, context):
+        """Who an API key belongs to, for tiers that authenticate callers but do not own the keys (the
+        gateway). NOT_FOUND for a key that is unknown or revoked.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_CatalogServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -64,6 +77,11 @@ def add_CatalogServicer_to_server(servicer, server):
                     servicer.GetSearchView,
                     request_deserializer=askmesh_dot_v1_dot_catalog__pb2.GetSearchViewRequest.FromString,
                     response_serializer=askmesh_dot_v1_dot_catalog__pb2.SearchView.SerializeToString,
+            ),
+            'Authenticate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Authenticate,
+                    request_deserializer=askmesh_dot_v1_dot_catalog__pb2.AuthenticateRequest.FromString,
+                    response_serializer=askmesh_dot_v1_dot_catalog__pb2.Principal.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -96,6 +114,33 @@ class Catalog:
             '/askmesh.v1.Catalog/GetSearchView',
             askmesh_dot_v1_dot_catalog__pb2.GetSearchViewRequest.SerializeToString,
             askmesh_dot_v1_dot_catalog__pb2.SearchView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Authenticate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/askmesh.v1.Catalog/Authenticate',
+            askmesh_dot_v1_dot_catalog__pb2.AuthenticateRequest.SerializeToString,
+            askmesh_dot_v1_dot_catalog__pb2.Principal.FromString,
             options,
             channel_credentials,
             insecure,

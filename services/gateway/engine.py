@@ -18,6 +18,7 @@ from typing import TypeVar
 
 from askmesh.runtime import metrics
 from askmesh.runtime.errors import AskmeshError, Unavailable, with_name_for_key
+from askmesh.runtime.auth import AuthSettings, Caller
 from askmesh.upstream import Deadline, GenerationSession, Upstreams
 from askmesh.v1 import catalog_pb2, common_pb2, gateway_pb2, generator_pb2, retriever_pb2
 from services.gateway.cache import AnswerCache, MemoryAnswerCache, RedisAnswerCache, cache_key
@@ -97,7 +98,8 @@ class GatewayEngine:
                 "retriever": settings.retriever_address,
                 "generator": settings.generator_address,
                 "ingestor": settings.ingestor_address,
-            }
+            },
+            AuthSettings().internal_token(),
         )
         self.cache = make_answer_cache(settings)
 
@@ -114,24 +116,29 @@ class GatewayEngine:
     def deadline(self, remaining_s: float | None) -> Deadline:
         return Deadline(remaining_s=remaining_s, default_s=self.settings.upstream_timeout_s)
 
-    async def ask(self, request: gateway_pb2.AskRequest, deadline: Deadline) -> AsyncIterator[gateway_pb2.AskResponse]:
-        """Sources, token deltas, then done; replayed from the answer cache where one is kept.
-        Raises AskmeshError (after validation by the servicer)."""
+    async def ask(
+        self, request: gateway_pb2.AskRequest, caller: Caller, deadline: Deadline
+    ) -> AsyncIterator[gateway_pb2.AskResponse]:
+        """Sources, token deltas, then done, from the caller's tenant's knowledge base only;
+        replayed from the answer cache where one is kept. Raises AskmeshError (after validation
+        by the servicer)."""
         started = time.perf_counter()
-        view = await self.upstreams.search_view(request.knowledge_base or self.settings.default_knowledge_base, deadline)
+        name = request.knowledge_base or self.settings.default_knowledge_base
+        view = await self.upstreams.search_view(name, caller.tenant, deadline)
         if self.cache is None:
-            async with contextlib.aclosing(self._answer(request, view, deadline, started)) as responses:
+            async with contextlib.aclosing(self._answer(request, view, caller, deadline, started)) as responses:
                 async for response in responses:
                     yield response
             return
-        key = cache_key(view.knowledge_base, view.generation, view.epoch, request)
+        # By collection key, which no two knowledge bases share, in any tenant.
+        key = cache_key(view.collection, view.generation, view.epoch, request)
         cached = await self.cache.get(key)
         if cached is not None:
             for message in self._replay(cached, started):
                 yield message
             return
         answer: list[gateway_pb2.AskResponse] = []
-        async with contextlib.aclosing(self._answer(request, view, deadline, started)) as responses:
+        async with contextlib.aclosing(self._answer(request, view, caller, deadline, started)) as responses:
             async for response in responses:
                 if not response.HasField("queued"):  # a replay need not wait
                     answer.append(response)
@@ -147,18 +154,23 @@ class GatewayEngine:
         return [*cached[:-1], done]
 
     async def _answer(
-        self, request: gateway_pb2.AskRequest, view: catalog_pb2.SearchView, deadline: Deadline, started: float
+        self,
+        request: gateway_pb2.AskRequest,
+        view: catalog_pb2.SearchView,
+        caller: Caller,
+        deadline: Deadline,
+        started: float,
     ) -> AsyncIterator[gateway_pb2.AskResponse]:
         """A place in a generator's line first (a question that would wait too long is refused
         here, before it costs an embedding or a search); then, while it waits, the sources;
         once it has its slot, the sources that fit the prompt, the tokens and done. Every wait on
         a tier is timed: the rest of the total is the gateway's own overhead."""
         clock = AskClock(started)
-        session = await clock.waiting(self.upstreams.admit_generation(deadline))
+        session = await clock.waiting(self.upstreams.admit_generation(deadline, caller.key_id))
         try:
             if session.standing.position:
                 yield gateway_pb2.AskResponse(queued=session.standing)
-            retrieved = await self._retrieve(request, view, deadline, clock)
+            retrieved = await self._retrieve(request, view, caller.tenant, deadline, clock)
             await session.send_prompt(self._generate_request(request, retrieved))
             async for response in self._stream(session, retrieved, clock):
                 yield response
@@ -189,7 +201,7 @@ class GatewayEngine:
         raise Unavailable("generator tier unavailable: the stream ended without a final message")
 
     async def _retrieve(
-        self, request: gateway_pb2.AskRequest, view: catalog_pb2.SearchView, deadline: Deadline, clock: AskClock
+        self, request: gateway_pb2.AskRequest, view: catalog_pb2.SearchView, tenant: str, deadline: Deadline, clock: AskClock
     ) -> Retrieved:
         """The question's embedding, then the knowledge base's best chunks as citations."""
         clock.embed_started = time.perf_counter()
@@ -203,7 +215,7 @@ class GatewayEngine:
         )
         if request.HasField("score_threshold"):
             search.score_threshold = request.score_threshold
-        found = await clock.waiting(self.search_consistently(search, view, deadline))
+        found = await clock.waiting(self.search_consistently(search, view, tenant, deadline))
         clock.searched_at = time.perf_counter()
         return Retrieved([self._citation(number, result) for number, result in enumerate(found.results, start=1)], embedded.model)
 
@@ -249,7 +261,7 @@ class GatewayEngine:
         return gateway_pb2.Sources(citations=citations)
 
     async def search_consistently(
-        self, search: retriever_pb2.SearchRequest, view: catalog_pb2.SearchView, deadline: Deadline
+        self, search: retriever_pb2.SearchRequest, view: catalog_pb2.SearchView, tenant: str, deadline: Deadline
     ) -> retriever_pb2.SearchResponse:
         """Searches with the view's pins; if a document changed while the search ran (the
         view's epoch moved), searches again with the fresh view, so no answer mixes versions."""
@@ -263,7 +275,7 @@ class GatewayEngine:
                 if renamed is error:
                     raise
                 raise renamed from error
-            latest = await self.upstreams.search_view(view.knowledge_base, deadline)
+            latest = await self.upstreams.search_view(view.knowledge_base, tenant, deadline)
             if latest.epoch == view.epoch:
                 break
             view = latest

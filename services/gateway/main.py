@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from askmesh.runtime.auth import AuthSettings, CachedLookup
 from askmesh.runtime.server import ServiceDefinition, run
 from askmesh.tiers import GATEWAY
 from askmesh.v1 import gateway_pb2_grpc
@@ -17,8 +18,12 @@ def build(settings: GatewaySettings) -> ServiceDefinition:
     def add_to_server(server: object) -> None:
         gateway_pb2_grpc.add_GatewayServicer_to_server(gateway, server)
 
+    # The ingestor owns the keys; an answer about one is trusted for a few seconds, so that a
+    # caller's every question does not cost another call.
+    key_lookup = CachedLookup(engine.upstreams.authenticate, AuthSettings().lookup_ttl_s)
     return ServiceDefinition(
-        "gateway", GATEWAY.grpc_services, add_to_server, start=engine.start, close=engine.close, servicers=[gateway]
+        "gateway", GATEWAY.grpc_services, add_to_server, start=engine.start, close=engine.close, servicers=[gateway],
+        key_lookup=key_lookup,
     )
 
 

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from askmesh.runtime.auth import current_caller
+
 from askmesh.runtime.errors import InvalidArgument, streaming_rpc
 from askmesh.runtime.validation import (
     check_count,
@@ -57,7 +59,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.AskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[gateway_pb2.AskResponse]:
         validate_ask(request, self.settings)
-        async with contextlib.aclosing(self.engine.ask(request, self.engine.deadline(context.time_remaining()))) as responses:
+        async with contextlib.aclosing(self.engine.ask(request, current_caller(), self.engine.deadline(context.time_remaining()))) as responses:
             async for response in responses:
                 yield response
 

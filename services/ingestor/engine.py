@@ -15,6 +15,7 @@ from google.protobuf import json_format
 
 from askmesh.runtime.errors import InvalidArgument, NotFound
 from askmesh.tiers import INGESTOR
+from askmesh.runtime.auth import AuthSettings
 from askmesh.upstream import Deadline, Upstreams
 from askmesh.v1 import catalog_pb2, gateway_pb2
 from services.ingestor.chunking import SectionChunk, TooManyChunks, chunk_sections
@@ -25,6 +26,7 @@ from services.ingestor.parsing import Section
 from services.ingestor.reconciler import Reconciler
 from services.ingestor.repository import Repository
 from services.ingestor.store import DocumentRecord, KnowledgeBaseRecord, TaskRecord, open_store
+from services.ingestor.tenancy import key_range
 
 
 def document_id_for(document: gateway_pb2.Document) -> str:
@@ -39,7 +41,8 @@ class IngestorEngine:
                 "embedder": settings.embedder_address,
                 "retriever": settings.retriever_address,
                 "generator": settings.generator_address,
-            }
+            },
+            AuthSettings().internal_token(),
         )
         self.store = Repository(open_store(settings.store_url))
         self.knowledge = KnowledgeEngine(settings, self.store, self.upstreams)
@@ -91,9 +94,13 @@ class IngestorEngine:
         return record
 
     async def list_tasks(
-        self, knowledge_base: str, states: list[str], limit: int, before: tuple[float, str] | None
+        self, knowledge_base: str, tenant: str, states: list[str], limit: int, before: tuple[float, str] | None
     ) -> list[TaskRecord]:
-        return await self.store.list_tasks(knowledge_base=knowledge_base, states=states, limit=limit, before=before)
+        """Newest first: those of `knowledge_base` (a store key), else all of `tenant`'s."""
+        return await self.store.list_tasks(
+            knowledge_base=knowledge_base, states=states, limit=limit, before=before,
+            key_range=key_range(tenant), bare_keys_only=key_range(tenant) is None,
+        )
 
     # -- AddDocuments --------------------------------------------------------------------------
     async def add_documents(

@@ -113,6 +113,11 @@ class Repository:
     claim_next_task = _off_loop(Store.claim_next_task)
     renew_lease = _off_loop(Store.renew_lease)
     requeue_task = _off_loop(Store.requeue_task)
+    # -- API keys (found on a reading thread: every call of a caller checks its key) ---------
+    create_api_key = _off_loop(Store.create_api_key)
+    find_api_key = _off_loop(Store.find_api_key, read=True)
+    list_api_keys = _off_loop(Store.list_api_keys)
+    revoke_api_key = _off_loop(Store.revoke_api_key)
     # -- uploaded files ----------------------------------------------------------------------
     save_upload_part = _off_loop(Store.save_upload_part)
     upload_size = _off_loop(Store.upload_size)

@@ -6,8 +6,10 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import grpc
+from google.protobuf import timestamp_pb2
 
-from askmesh.runtime.errors import InvalidArgument, NotFound, streaming_rpc, unary_rpc
+from askmesh.runtime.auth import DEFAULT_TENANT, Caller, Role, check_tenant, current_caller, key_hash, new_key
+from askmesh.runtime.errors import AskmeshError, InvalidArgument, NotFound, PermissionDenied, streaming_rpc, unary_rpc, with_name_for_key
 from askmesh.runtime.validation import (
     check_count,
     check_document_id,
@@ -23,6 +25,8 @@ from askmesh.v1 import (
     gateway_pb2_grpc,
     ingestion_pb2,
     ingestion_pb2_grpc,
+    keys_pb2,
+    keys_pb2_grpc,
     knowledge_pb2,
     knowledge_pb2_grpc,
 )
@@ -30,8 +34,33 @@ from services.ingestor.config import IngestorSettings
 from services.ingestor.engine import IngestorEngine
 from services.ingestor.ingestion import STATE_NAMES, task_message
 from services.ingestor.knowledge import document_info
-from services.ingestor.store import TaskRecord
+from services.ingestor.store import ApiKeyRecord, DocumentRecord, KnowledgeBaseRecord, TaskRecord
+from services.ingestor.tenancy import belongs_to, name_of, store_key
 from askmesh.upstream import Deadline
+
+
+class TenantScope:
+    """The caller's tenant, for one call: turns the names a caller uses into the store's keys
+    (tenancy.py), and keys in replies and errors back into names."""
+
+    def __init__(self, default_name: str) -> None:
+        self.tenant = current_caller().tenant
+        self._default_name = default_name
+        self._renamed: dict[str, str] = {}
+
+    def key(self, name: str) -> str:
+        name = name or self._default_name
+        key = store_key(self.tenant, name)
+        self._renamed[key] = name
+        return key
+
+    def owns(self, key: str) -> bool:
+        return belongs_to(key, self.tenant)
+
+    def error(self, error: AskmeshError) -> AskmeshError:
+        for key, name in self._renamed.items():
+            error = with_name_for_key(error, key, name)
+        return error
 
 def validate_add_documents(request: gateway_pb2.AddDocumentsRequest, settings: IngestorSettings) -> None:
     """Checks the documents (chunking is checked against the knowledge base's defaults later)."""
@@ -62,7 +91,12 @@ class DocumentsServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: gateway_pb2.AddDocumentsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.AddDocumentsResponse:
         validate_add_documents(request, self.settings)
-        return await self.engine.add_documents(request, self.engine.deadline(context.time_remaining()))
+        scope = TenantScope(self.settings.default_knowledge_base)
+        request.knowledge_base = scope.key(request.knowledge_base)
+        try:
+            return await self.engine.add_documents(request, self.engine.deadline(context.time_remaining()))
+        except AskmeshError as error:
+            raise scope.error(error) from error
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServicer):
@@ -75,7 +109,27 @@ class CatalogServicer(catalog_pb2_grpc.CatalogServicer):
     ) -> catalog_pb2.SearchView:
         if request.knowledge_base:
             check_knowledge_base_name(request.knowledge_base)
-        return await self.engine.search_view(request.knowledge_base)
+        tenant = request.tenant or DEFAULT_TENANT
+        check_tenant(tenant)
+        name = request.knowledge_base or self.engine.settings.default_knowledge_base
+        key = store_key(tenant, name)
+        try:
+            view = await self.engine.search_view(key)
+        except AskmeshError as error:
+            raise with_name_for_key(error, key, name) from error
+        view.knowledge_base = name
+        return view
+
+    @unary_rpc
+    async def Authenticate(
+        self, request: catalog_pb2.AuthenticateRequest, context: grpc.aio.ServicerContext
+    ) -> catalog_pb2.Principal:
+        if len(request.key_hash) != 64:
+            raise InvalidArgument("key_hash", "must be the 64 hex digits of a SHA-256")
+        found = await self.engine.store.find_api_key(request.key_hash)
+        if found is None:
+            raise NotFound("key_hash: no valid key has this hash")
+        return catalog_pb2.Principal(tenant=found.tenant, role=found.role, key_id=found.id)
 
 
 PAGE_SIZE_DEFAULT = 100
@@ -89,12 +143,23 @@ def page_size(requested: int) -> int:
 
 
 class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
+    """Every call is inside the caller's tenant (TenantScope): another tenant's knowledge bases
+    are NOT_FOUND, as if they did not exist."""
+
     def __init__(self, engine: IngestorEngine) -> None:
         self.engine = engine
         self.knowledge = engine.knowledge
 
     def _deadline(self, context: grpc.aio.ServicerContext) -> Deadline:
         return self.engine.deadline(context.time_remaining())
+
+    def _scope(self) -> TenantScope:
+        return TenantScope(self.engine.settings.default_knowledge_base)
+
+    async def _described(self, record: KnowledgeBaseRecord) -> knowledge_pb2.KnowledgeBase:
+        message = await self.knowledge.describe(record)
+        message.name = name_of(message.name)
+        return message
 
     @unary_rpc
     async def CreateKnowledgeBase(
@@ -103,37 +168,49 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         check_knowledge_base_name(request.name, "name")
         check_text("description", request.description, 2000, required=False)
         check_schema(request.metadata_schema)
-        record = await self.knowledge.create(
-            request.name, self._deadline(context), description=request.description,
-            schema=request.metadata_schema, chunking=request.chunking,
-        )
-        return await self.knowledge.describe(record)
+        scope = self._scope()
+        try:
+            record = await self.knowledge.create(
+                scope.key(request.name), self._deadline(context), description=request.description,
+                schema=request.metadata_schema, chunking=request.chunking,
+            )
+            return await self._described(record)
+        except AskmeshError as error:
+            raise scope.error(error) from error
 
     @unary_rpc
     async def ListKnowledgeBases(
         self, request: knowledge_pb2.ListKnowledgeBasesRequest, context: grpc.aio.ServicerContext
     ) -> knowledge_pb2.ListKnowledgeBasesResponse:
-        records = await self.engine.list_knowledge_bases()
-        return knowledge_pb2.ListKnowledgeBasesResponse(knowledge_bases=[await self.knowledge.describe(r) for r in records])
+        scope = self._scope()
+        records = [r for r in await self.engine.list_knowledge_bases() if scope.owns(r.name)]
+        return knowledge_pb2.ListKnowledgeBasesResponse(knowledge_bases=[await self._described(r) for r in records])
 
     @unary_rpc
     async def GetKnowledgeBase(
         self, request: knowledge_pb2.GetKnowledgeBaseRequest, context: grpc.aio.ServicerContext
     ) -> knowledge_pb2.KnowledgeBase:
         check_knowledge_base_name(request.name, "name")
-        return await self.knowledge.describe(await self.knowledge.require(request.name))
+        scope = self._scope()
+        try:
+            return await self._described(await self.knowledge.require(scope.key(request.name)))
+        except AskmeshError as error:
+            raise scope.error(error) from error
 
     @unary_rpc
     async def DeleteKnowledgeBase(
         self, request: knowledge_pb2.DeleteKnowledgeBaseRequest, context: grpc.aio.ServicerContext
     ) -> knowledge_pb2.DeleteKnowledgeBaseResponse:
         check_knowledge_base_name(request.name, "name")
+        scope = self._scope()
         try:
-            deleted = await self.knowledge.delete(request.name, self._deadline(context))
-        except NotFound:
+            deleted = await self.knowledge.delete(scope.key(request.name), self._deadline(context))
+        except NotFound as error:
             if not request.allow_missing:
-                raise
+                raise scope.error(error) from error
             deleted = 0
+        except AskmeshError as error:
+            raise scope.error(error) from error
         return knowledge_pb2.DeleteKnowledgeBaseResponse(deleted_documents=deleted)
 
     @unary_rpc
@@ -141,8 +218,12 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         self, request: knowledge_pb2.RebuildKnowledgeBaseRequest, context: grpc.aio.ServicerContext
     ) -> ingestion_pb2.Task:
         check_knowledge_base_name(request.name, "name")
-        queued = await self.engine.ingestion.queue_rebuild(request.name, request.chunking)
-        return task_message(queued, self.engine.settings.task_max_attempts)
+        scope = self._scope()
+        try:
+            queued = await self.engine.ingestion.queue_rebuild(scope.key(request.name), request.chunking)
+        except AskmeshError as error:
+            raise scope.error(error) from error
+        return public_task(queued, self.engine.settings.task_max_attempts)
 
     @unary_rpc
     async def ListDocuments(
@@ -150,11 +231,15 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
     ) -> knowledge_pb2.ListDocumentsResponse:
         check_knowledge_base_name(request.knowledge_base)
         limit = page_size(request.page_size)
-        records = await self.engine.list_documents(request.knowledge_base, request.page_token, limit + 1)
+        scope = self._scope()
+        try:
+            records = await self.engine.list_documents(scope.key(request.knowledge_base), request.page_token, limit + 1)
+        except AskmeshError as error:
+            raise scope.error(error) from error
         more = len(records) > limit
         records = records[:limit]
         return knowledge_pb2.ListDocumentsResponse(
-            documents=[document_info(r) for r in records], next_page_token=records[-1].id if more else ""
+            documents=[public_document(r) for r in records], next_page_token=records[-1].id if more else ""
         )
 
     @unary_rpc
@@ -163,7 +248,11 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
     ) -> knowledge_pb2.DocumentInfo:
         check_knowledge_base_name(request.knowledge_base)
         check_document_id(request.id, "id")
-        return document_info(await self.engine.get_document(request.knowledge_base, request.id))
+        scope = self._scope()
+        try:
+            return public_document(await self.engine.get_document(scope.key(request.knowledge_base), request.id))
+        except AskmeshError as error:
+            raise scope.error(error) from error
 
     @unary_rpc
     async def DeleteDocument(
@@ -171,19 +260,41 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
     ) -> knowledge_pb2.DeleteDocumentResponse:
         check_knowledge_base_name(request.knowledge_base)
         check_document_id(request.id, "id")
+        scope = self._scope()
         try:
-            deleted = await self.knowledge.delete_document(request.knowledge_base, request.id, self._deadline(context))
-        except NotFound:
+            deleted = await self.knowledge.delete_document(scope.key(request.knowledge_base), request.id, self._deadline(context))
+        except NotFound as error:
             if not request.allow_missing:
-                raise
+                raise scope.error(error) from error
             deleted = 0
+        except AskmeshError as error:
+            raise scope.error(error) from error
         return knowledge_pb2.DeleteDocumentResponse(deleted_chunks=deleted)
 
 
+def public_task(record: TaskRecord, max_attempts: int) -> ingestion_pb2.Task:
+    """A task as its tenant sees it: its knowledge base by name, not by store key."""
+    message = task_message(record, max_attempts)
+    message.knowledge_base = name_of(message.knowledge_base)
+    return message
+
+
+def public_document(record: DocumentRecord) -> knowledge_pb2.DocumentInfo:
+    message = document_info(record)
+    if message.knowledge_base:
+        message.knowledge_base = name_of(message.knowledge_base)
+    return message
+
+
 class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
+    """Tasks are their knowledge base's tenant's: another tenant's are NOT_FOUND."""
+
     def __init__(self, engine: IngestorEngine) -> None:
         self.engine = engine
         self.ingestion = engine.ingestion
+
+    def _scope(self) -> TenantScope:
+        return TenantScope(self.engine.settings.default_knowledge_base)
 
     @unary_rpc
     async def UploadFile(
@@ -201,6 +312,8 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
         if header.document_id:
             check_document_id(header.document_id, "header.document_id")
         check_title(header.title, "header.title")
+        scope = self._scope()
+        header.knowledge_base = scope.key(header.knowledge_base)
 
         async def data() -> AsyncIterator[bytes]:
             async for message in messages:
@@ -209,16 +322,22 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
                 yield message.data
 
         deadline = self.engine.deadline(context.time_remaining())
-        return self._message(await self.ingestion.receive_upload(header, data(), deadline))
+        try:
+            return self._message(await self.ingestion.receive_upload(header, data(), deadline))
+        except AskmeshError as error:
+            raise scope.error(error) from error
 
-    async def _task(self, task_id: str) -> ingestion_pb2.Task:
+    async def _task(self, task_id: str) -> TaskRecord:
         if not task_id or len(task_id) > 64:
             raise InvalidArgument("id", "must be a task id")
-        return self._message(await self.engine.get_task(task_id))
+        record = await self.engine.get_task(task_id)
+        if not self._scope().owns(record.knowledge_base):
+            raise NotFound(f"id: task {task_id!r} does not exist")
+        return record
 
     @unary_rpc
     async def GetTask(self, request: ingestion_pb2.GetTaskRequest, context: grpc.aio.ServicerContext) -> ingestion_pb2.Task:
-        return await self._task(request.id)
+        return self._message(await self._task(request.id))
 
     @streaming_rpc(lambda error: ingestion_pb2.Task(error=f"{error.code}: {error.message}"))
     async def WatchTask(
@@ -243,7 +362,9 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
             except ValueError:
                 raise InvalidArgument("page_token", "is not a token this server gave") from None
         states = [STATE_NAMES[s] for s in request.states if s in STATE_NAMES]
-        records = await self.engine.list_tasks(request.knowledge_base, states, limit + 1, before)
+        scope = self._scope()
+        knowledge_base = scope.key(request.knowledge_base) if request.knowledge_base else ""
+        records = await self.engine.list_tasks(knowledge_base, scope.tenant, states, limit + 1, before)
         more = len(records) > limit
         records = records[:limit]
         token = f"{records[-1].created_at!r}/{records[-1].id}" if more else ""
@@ -255,4 +376,63 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
         return self._message(await self.ingestion.cancel(request.id))
 
     def _message(self, record: TaskRecord) -> ingestion_pb2.Task:
-        return task_message(record, self.engine.settings.task_max_attempts)
+        return public_task(record, self.engine.settings.task_max_attempts)
+
+
+def _timestamp(seconds: float) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def key_message(record: ApiKeyRecord) -> keys_pb2.ApiKey:
+    message = keys_pb2.ApiKey(
+        id=record.id, tenant=record.tenant, role=record.role, description=record.description,
+        created_at=_timestamp(record.created_at),
+    )
+    if record.revoked_at:
+        message.revoked_at.CopyFrom(_timestamp(record.revoked_at))
+    return message
+
+
+class ApiKeysServicer(keys_pb2_grpc.ApiKeysServicer):
+    """A tenant's admins manage their tenant's keys; the operator manages every tenant's. A key
+    is shown once, when it is made: the store keeps only its hash."""
+
+    def __init__(self, engine: IngestorEngine) -> None:
+        self.store = engine.store
+
+    @staticmethod
+    def _tenant(caller: Caller, requested: str, field: str = "tenant") -> str:
+        tenant = check_tenant(requested, field) if requested else caller.tenant
+        if tenant != caller.tenant and not caller.operator:
+            raise PermissionDenied(f"{field}: only the operator's key manages the keys of another tenant")
+        return tenant
+
+    @unary_rpc
+    async def CreateKey(self, request: keys_pb2.CreateKeyRequest, context: grpc.aio.ServicerContext) -> keys_pb2.CreatedKey:
+        caller = current_caller()
+        tenant = self._tenant(caller, request.tenant)
+        try:
+            role = Role.parse(request.role)
+        except ValueError as error:
+            raise InvalidArgument("role", str(error)) from None
+        check_text("description", request.description, 200, required=False)
+        key_id, secret = new_key()
+        record = await self.store.create_api_key(
+            ApiKeyRecord(id=key_id, key_hash=key_hash(secret), tenant=tenant, role=role.label, description=request.description)
+        )
+        return keys_pb2.CreatedKey(key=key_message(record), secret=secret)
+
+    @unary_rpc
+    async def ListKeys(self, request: keys_pb2.ListKeysRequest, context: grpc.aio.ServicerContext) -> keys_pb2.ListKeysResponse:
+        tenant = self._tenant(current_caller(), request.tenant)
+        records = await self.store.list_api_keys(tenant, include_revoked=request.include_revoked)
+        return keys_pb2.ListKeysResponse(keys=[key_message(r) for r in records])
+
+    @unary_rpc
+    async def RevokeKey(self, request: keys_pb2.RevokeKeyRequest, context: grpc.aio.ServicerContext) -> keys_pb2.ApiKey:
+        if not request.id or len(request.id) > 64:
+            raise InvalidArgument("id", "must be a key id, as `askmesh keys list` shows")
+        caller = current_caller()
+        return key_message(await self.store.revoke_api_key(request.id, None if caller.operator else caller.tenant))

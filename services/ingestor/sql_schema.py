@@ -229,6 +229,26 @@ def _add_collection_ids(tx: Tx) -> None:
     tx.execute("UPDATE knowledge_bases SET collection = name WHERE collection = ''")
 
 
+_API_KEYS = Template("""
+-- Keys by the SHA-256 of the key: the key itself is never stored.
+CREATE TABLE IF NOT EXISTS api_keys (
+    id $TEXT PRIMARY KEY,
+    key_hash $TEXT NOT NULL UNIQUE,
+    tenant $TEXT NOT NULL,
+    role $TEXT NOT NULL,
+    description $TEXT NOT NULL DEFAULT '',
+    created_at $REAL NOT NULL,
+    revoked_at $REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS api_keys_by_tenant ON api_keys (tenant, created_at);
+""")
+
+
+def _create_api_keys(tx: Tx) -> None:
+    for statement in _statements(tx, _API_KEYS):
+        tx.execute(statement)
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -243,6 +263,7 @@ MIGRATIONS = (
     Migration(3, "columns added during schema 2 (an older SQLite file gains them)", _add_missing_columns),
     Migration(4, "upload parts", _create_upload_parts),
     Migration(5, "knowledge bases name their collections by an id of their own", _add_collection_ids),
+    Migration(6, "API keys", _create_api_keys),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -108,10 +108,17 @@ class TaskSql(SqlBase):
         states: Sequence[str] = (),
         limit: int = 100,
         before: tuple[float, str] | None = None,
+        key_range: tuple[str, str] | None = None,
+        bare_keys_only: bool = False,
     ) -> list[TaskRecord]:
         check_limit(limit)
         where: list[str] = []
         params: list[Any] = []
+        if key_range is not None:
+            where.append("knowledge_base >= ? AND knowledge_base < ?")
+            params.extend(key_range)
+        if bare_keys_only:
+            where.append("knowledge_base NOT LIKE '%/%'")
         if knowledge_base:
             where.append("knowledge_base = ?")
             params.append(knowledge_base)

@@ -166,6 +166,19 @@ class TaskRecord:
     available_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class ApiKeyRecord:
+    """An API key as stored: its hash, never the key."""
+
+    id: str
+    key_hash: str
+    tenant: str
+    role: str
+    description: str = ""
+    created_at: float = 0.0
+    revoked_at: float = 0.0  # 0 while valid
+
+
 class Store(Protocol):
     """What the ingestor needs from durable state. Every method is one atomic step: a
     multi-row change either happens entirely or not at all, also with several processes or
@@ -354,8 +367,12 @@ class Store(Protocol):
         states: Sequence[str] = (),
         limit: int = 100,
         before: tuple[float, str] | None = None,
+        key_range: tuple[str, str] | None = None,
+        bare_keys_only: bool = False,
     ) -> list[TaskRecord]:
-        """Newest first; `before` = (created_at, id) of the last row of the previous page."""
+        """Newest first; `before` = (created_at, id) of the last row of the previous page.
+        `key_range` [low, high) bounds the knowledge-base keys, `bare_keys_only` keeps those
+        without a '/' (a tenant's tasks; see tenancy.py)."""
         ...
 
     def update_task(self, task_id: str, /, *, owner: str | None = None, **changes: Any) -> TaskRecord:
@@ -393,6 +410,25 @@ class Store(Protocol):
         ...
 
     # -- uploaded bytes ---------------------------------------------------------------------
+
+    # -- API keys ----------------------------------------------------------------------------
+
+    def create_api_key(self, record: ApiKeyRecord) -> ApiKeyRecord:
+        """Store a new key (created_at filled in when 0)."""
+        ...
+
+    def find_api_key(self, key_hash: str) -> ApiKeyRecord | None:
+        """The valid (unrevoked) key with this hash."""
+        ...
+
+    def list_api_keys(self, tenant: str | None, include_revoked: bool = False) -> list[ApiKeyRecord]:
+        """The keys of `tenant` (None: of every tenant), oldest first."""
+        ...
+
+    def revoke_api_key(self, key_id: str, tenant: str | None) -> ApiKeyRecord:
+        """Revoke the key (of `tenant`, unless None); NotFoundError where there is none;
+        revoking a revoked key keeps its first revocation time."""
+        ...
 
     def save_upload_part(self, task_id: str, part: int, data: bytes, now: float) -> None:
         """Store part number `part` of the file a task ingests (saving a part again replaces
