@@ -193,7 +193,7 @@ def up(
             "\n[bold green]askmesh is ready.[/bold green] In another terminal:\n"
             '  .venv/bin/askmesh ask "How many days can I work from abroad?"\n'
             f'  grpcurl -plaintext -H "authorization: Bearer $(cat {layout.admin_key_path})" '
-            f'-d \'{{"question": "What is the hotel limit in Paris?"}}\' {layout.front_address} askmesh.v1.Gateway/Ask\n"
+            f'-d \'{{"question": "What is the hotel limit in Paris?"}}\' {layout.front_address} askmesh.v1.Gateway/Ask\n'
             "  .venv/bin/askmesh replicas            (every replica, its health and metrics port)\n"
             "  .venv/bin/askmesh restart generator   (rolling restart of a tier)\n"
             f"Control channel on {control_address}. Press Ctrl-C to stop.",

@@ -40,7 +40,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from askmesh import client, envoy, tiers
-from askmesh.runtime.auth import new_key, new_secret_file, read_secret_file
+from askmesh.runtime.auth import AuthSettings, new_key, new_secret_file, read_secret_file
 from askmesh.v1 import gateway_pb2
 
 if TYPE_CHECKING:
@@ -107,8 +107,9 @@ class MeshLayout:
     # by URL ("postgresql://...").
     store: str = "sqlite"
     postgres_port: int = 55432
-    # Every caller needs a key (False only by `askmesh up --no-auth`, which every log line says).
-    auth: bool = True
+    # Every caller needs a key (off only by `askmesh up --no-auth` or ASKMESH_AUTH_ENABLED=false,
+    # which every log line then says).
+    auth: bool = field(default_factory=lambda: AuthSettings().enabled)
 
     @classmethod
     def with_replicas(cls, data_dir: Path, replicas: dict[str, int], **options: object) -> MeshLayout:

@@ -41,7 +41,7 @@ def _no_controls(text: str) -> bool:
 @pytest.fixture
 def runner(monkeypatch: pytest.MonkeyPatch) -> CliRunner:
     monkeypatch.setenv("COLUMNS", "250")
-    monkeypatch.setattr(client, "connect", lambda address: _Channel())
+    monkeypatch.setattr(client, "connect", lambda address, *credentials: _Channel())
     return CliRunner()
 
 

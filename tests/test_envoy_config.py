@@ -126,7 +126,7 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
     }
     assert retried_on_unavailable == {
         "/askmesh.v1.Embedder/Embed", "/askmesh.v1.Retriever/Search", "/askmesh.v1.Catalog/GetSearchView",
-        "/askmesh.v1.Generator/GetLoad",
+        "/askmesh.v1.Catalog/Authenticate", "/askmesh.v1.Generator/GetLoad",
     }
     # Answer streams are sent again when a replica reset them before answering; uploads are not.
     retried_on_reset = {
@@ -136,6 +136,7 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
         "/askmesh.v1.Embedder/Embed",
         "/askmesh.v1.Retriever/Search",
         "/askmesh.v1.Catalog/GetSearchView",
+        "/askmesh.v1.Catalog/Authenticate",
         "/askmesh.v1.Generator/GetLoad",
         "/askmesh.v1.Generator/Generate",
         "/askmesh.v1.Generator/AdmitAndGenerate",

