@@ -214,10 +214,6 @@ def required_for(method: str) -> Required:
     return _PUBLIC.get(method, Internal.INTERNAL)
 
 
-def public_methods() -> Sequence[str]:
-    return tuple(_PUBLIC)
-
-
 # --- who is calling ------------------------------------------------------------------------------
 
 # The stored keys, looked up by hash: the ingestor asks its store, other tiers ask the ingestor.
@@ -225,19 +221,21 @@ KeyLookup = Callable[[str], Awaitable[Caller | None]]
 JwtCheck = Callable[[str], Caller]
 
 
-def bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
-    for key, value in metadata or ():
-        if key == AUTHORIZATION_HEADER and isinstance(value, str):
-            scheme, _, credential = value.partition(" ")
-            return credential.strip() if scheme.lower() == "bearer" and credential.strip() else None
-    return None
-
-
 def header(metadata: Sequence[tuple[str, str | bytes]] | None, name: str) -> str | None:
     for key, value in metadata or ():
         if key == name and isinstance(value, str):
             return value
     return None
+
+
+def bearer(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    scheme, _, credential = (header(metadata, AUTHORIZATION_HEADER) or "").partition(" ")
+    return credential.strip() if scheme.lower() == "bearer" and credential.strip() else None
+
+
+def _same_secret(given: str, expected: str) -> bool:
+    """Compared in constant time: how long a refusal takes tells nothing of the secret."""
+    return hmac.compare_digest(given.encode(), expected.encode())
 
 
 class Authenticator:
@@ -261,10 +259,10 @@ class Authenticator:
         credential = bearer(metadata)
         if credential is None:
             raise Unauthenticated("authorization: missing; send the header 'authorization: Bearer <api key>'")
-        if self._internal is not None and hmac.compare_digest(credential.encode(), self._internal.encode()):
+        if self._internal is not None and _same_secret(credential, self._internal):
             return INTERNAL_CALLER
         hashed = key_hash(credential)
-        if self._operator_hash is not None and hmac.compare_digest(hashed, self._operator_hash):
+        if self._operator_hash is not None and _same_secret(hashed, self._operator_hash):
             return _acting_in(Caller(tenant=DEFAULT_TENANT, role=Role.ADMIN, key_id="operator", operator=True), metadata)
         if credential.count(".") == 2 and self._jwt_check is not None:
             return self._jwt_check(credential)
@@ -350,11 +348,6 @@ def current_caller() -> Caller:
     if caller is None:
         raise AssertionError("no caller: the server runs without AuthInterceptor")
     return caller
-
-
-def acting_as(caller: Caller) -> contextvars.Token[Caller | None]:
-    """Sets the current caller outside an RPC (tests and in-process callers)."""
-    return _CURRENT.set(caller)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -542,7 +535,7 @@ class InternalOnly(grpc.ServerInterceptor):
         if self._token is None or isinstance(required_for(details.method), Open):  # type: ignore[attr-defined]
             return continuation(details)
         credential = bearer(details.invocation_metadata)  # type: ignore[attr-defined]
-        if credential is not None and hmac.compare_digest(credential.encode(), self._token.encode()):
+        if credential is not None and _same_secret(credential, self._token):
             return continuation(details)
         code = grpc.StatusCode.UNAUTHENTICATED if credential is None else grpc.StatusCode.PERMISSION_DENIED
         message = "this RPC is internal to the mesh; it needs the mesh's own credentials"
