@@ -68,6 +68,15 @@ async def collect_generation(
     return text, done
 
 
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Yields to the event loop until `condition` holds: what a concurrent task is about to do."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.01)
+
+
 async def _nothing() -> None:
     return None
 

@@ -103,3 +103,44 @@ async def test_a_waiting_ticket_is_told_each_time_it_moves_and_when_it_gets_its_
     queue.leave(mine)
     queue.leave(mine)  # leaving twice is harmless
     assert not queue.running and not queue.waiting
+
+
+async def test_one_caller_fills_only_its_own_share_and_another_is_admitted_past_it() -> None:
+    queue, _ = line(max_wait_s=9.0)  # room for four waiting calls of 2 s each
+    busy = [queue.admit(caller="key-a")]
+    busy += [queue.admit(caller="key-a") for _ in range(4)]  # waits 2, 4, 6, 8 s
+    with pytest.raises(QueueFull):
+        queue.admit(caller="key-a")  # its own fifth waiting call would wait 10 s
+    other = queue.admit(caller="key-b")  # goes behind key-a's next call only
+    assert queue.standing(other).position == 2
+    assert queue.standing(other).estimated_wait_s == pytest.approx(4.0)
+    # key-a's later calls moved back one place each, and say so.
+    assert [queue.standing(t).position for t in busy[1:]] == [1, 3, 4, 5]
+    assert [t.caller for t in queue.waiting] == ["key-a", "key-b", "key-a", "key-a", "key-a"]
+    for ticket in [*busy, other]:
+        queue.leave(ticket)
+
+
+async def test_free_slots_go_to_the_callers_in_turn() -> None:
+    queue, _ = line()
+    holder = queue.admit(caller="a")
+    waiting = [queue.admit(caller="a") for _ in range(3)] + [queue.admit(caller="b") for _ in range(2)]
+    waiting.append(queue.admit(caller="c"))
+    served: list[str] = []
+    while queue.waiting:
+        queue.leave(holder, finished=True)
+        holder = next(t for t in waiting if t.granted.done() and not t.left)
+        served.append(holder.caller)
+    queue.leave(holder)
+    assert served == ["a", "b", "c", "a", "b", "a"]
+
+
+async def test_a_waiting_call_is_told_when_another_callers_call_moves_it_back() -> None:
+    queue, _ = line()
+    queue.admit(caller="a")
+    queue.admit(caller="a")
+    second = queue.admit(caller="a")
+    turns = queue.wait_turn(second)
+    assert (await anext(turns)).position == 2
+    queue.admit(caller="b")
+    assert (await asyncio.wait_for(anext(turns), 1)).position == 3

@@ -4,6 +4,7 @@ port, with the ingestor and the gateway in this process and the real models behi
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +42,8 @@ from askmesh.v1 import (
     knowledge_pb2,
     knowledge_pb2_grpc,
 )
-from tests.conftest import FrontDoor, InProcessTiers, start_gateway
+from services.generator.engine import GenerationEngine
+from tests.conftest import FrontDoor, InProcessTiers, start_gateway, until
 
 # -- the rules ---------------------------------------------------------------------------------
 
@@ -332,6 +334,42 @@ async def test_a_revoked_key_stops_working(mesh: Mesh) -> None:
     assert await code_of(kbs.ListKnowledgeBases(knowledge_pb2.ListKnowledgeBasesRequest(), metadata=auth(created.secret))) == grpc.StatusCode.UNAUTHENTICATED
     ask = gateway.Ask(gateway_pb2.AskRequest(question="still?"), metadata=auth(created.secret))
     assert await stream_code(ask) == grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_one_key_fills_only_its_own_share_of_the_generators_line(mesh: Mesh, generation_engine: GenerationEngine) -> None:
+    """acme's reader asks more long questions at once than the generator has slots; globex's
+    question then waits behind one of acme's waiting questions, not behind all of them."""
+    kbs = knowledge_pb2_grpc.KnowledgeBasesStub(mesh.channel)
+    gateway = gateway_pb2_grpc.GatewayStub(mesh.channel)
+    for tenant in ("acme", "globex"):
+        await kbs.CreateKnowledgeBase(knowledge_pb2.CreateKnowledgeBaseRequest(name="fair-share"), metadata=auth(mesh.keys[f"{tenant}-admin"]))
+    long_answer = common_pb2.GenerationParameters(max_new_tokens=400, temperature=0)
+    flood = [
+        gateway.Ask(gateway_pb2.AskRequest(question=f"Tell me a long story ({n}).", knowledge_base="fair-share", parameters=long_answer),
+                    metadata=auth(mesh.keys["acme-reader"]))
+        for n in range(generation_engine.slots + 4)
+    ]
+    try:
+        await until(lambda: generation_engine.waiting >= 4, "acme's questions beyond the slots wait")
+        acme_id = mesh.key_ids["acme-reader"]
+        assert {ticket.caller for ticket in generation_engine.queue.waiting} == {acme_id}
+        other = gateway.Ask(
+            gateway_pb2.AskRequest(question="When are the holidays?", knowledge_base="fair-share",
+                                   parameters=common_pb2.GenerationParameters(max_new_tokens=4, temperature=0)),
+            metadata=auth(mesh.keys["globex-reader"]),
+        )
+        first = await asyncio.wait_for(other.read(), 30)
+        assert first.WhichOneof("event") == "queued" and first.queued.position == 2, first
+        for call in flood:
+            call.cancel()
+        events = [first]
+        while (message := await asyncio.wait_for(other.read(), 120)) is not grpc.aio.EOF:
+            events.append(message)
+        assert events[-1].WhichOneof("event") == "done"
+    finally:
+        for call in flood:
+            call.cancel()
+    await until(lambda: generation_engine.running + generation_engine.waiting == 0, "every place is given up")
 
 
 async def test_the_inside_stays_inside(mesh: Mesh) -> None:

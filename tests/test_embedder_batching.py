@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -22,7 +22,7 @@ from askmesh.v1 import embedder_pb2, embedder_pb2_grpc
 from services.embedder.config import EmbedderSettings
 from services.embedder.engine import BatcherStats, EmbeddingEngine
 from services.embedder.servicer import EmbedderServicer
-from tests.conftest import start_in_process
+from tests.conftest import start_in_process, until
 
 TEXTS = [
     "How many days can I work from abroad?",
@@ -44,15 +44,6 @@ TEXTS = [
     "Parental leave can be split into up to three periods.",
     "Printers on every floor accept badges since March.",
 ]
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Yields to the event loop until `condition` holds (bounded: 60 s of 10 ms naps)."""
-    for _ in range(6000):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting until {what}")
 
 
 class Plug:

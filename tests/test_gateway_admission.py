@@ -5,7 +5,6 @@ generator servicer and engine whose backend the test holds (GatedBackend), the r
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from services.generator.servicer import GeneratorServicer
 from services.retriever.config import RetrieverSettings
 from services.retriever.engine import RetrievalEngine
 from services.retriever.servicer import RetrieverServicer
-from tests.conftest import REPO_ROOT, start_gateway, start_in_process
+from tests.conftest import REPO_ROOT, start_gateway, start_in_process, until
 from tests.fakes.generators import GatedBackend
 
 
@@ -121,14 +120,6 @@ async def rest_of(call: grpc.aio.UnaryStreamCall) -> list[gateway_pb2.AskRespons
     while (message := await call.read()) is not grpc.aio.EOF:
         received.append(message)
     return received
-
-
-async def until(condition: object, what: str) -> None:
-    for _ in range(1000):
-        if condition():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting until {what}")
 
 
 async def test_a_question_that_would_wait_too_long_is_refused_before_it_costs_an_embedding_or_a_search(mesh: Mesh) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
@@ -16,7 +16,7 @@ from services.generator.config import GeneratorSettings
 from services.generator.engine import GenerationEngine
 from services.generator.prompting import SOURCES_PREAMBLE
 from services.generator.servicer import GeneratorServicer
-from tests.conftest import collect_generation, start_in_process
+from tests.conftest import collect_generation, start_in_process, until
 from tests.fakes.generators import GatedBackend
 
 
@@ -155,15 +155,6 @@ async def gated_engine(**settings: object) -> tuple[GenerationEngine, GatedBacke
     engine = GenerationEngine(GeneratorSettings(max_concurrent_generations=1, **settings), backend=backend)  # type: ignore[arg-type]
     await engine.start()
     return engine, backend
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    """Waits (generously) for what a concurrent task is about to do."""
-    for _ in range(500):
-        if condition():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting until {what}")
 
 
 async def read_all(call: grpc.aio.StreamStreamCall) -> AsyncIterator[generator_pb2.GenerateResponse]:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import socket
 import urllib.request
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc

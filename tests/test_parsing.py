@@ -9,7 +9,6 @@ import functools
 import io
 import os
 import random
-import signal
 import sys
 import zipfile
 from dataclasses import replace

@@ -1,11 +1,18 @@
-"""The generator's waiting line: first come, first served, bounded by time, not by a count.
+"""The generator's waiting line: each caller's share in turn, bounded by time, not by a count.
 
 A call asks for a place (`admit`). It gets a slot at once when one is free and nobody waits;
 else it is told where it stands and how long it should wait, from how long recent generations
 held their slots. A call whose expected wait is longer than the longest wait (the replica's
 `max_queue_wait_s`, the caller's own bound, and the caller's deadline, whichever is least) is
 refused at once, before anyone spends work on it, with the time after which asking again is
-likely to succeed. Everyone let in is served in arrival order.
+likely to succeed.
+
+The line is fair between callers (API keys): free slots go to the callers with calls waiting in
+turn (round robin), each caller's own calls in arrival order. So one key sending many calls
+fills only its own share: another key's call goes ahead of all but one of the first key's
+waiting calls per caller, and is admitted while the first key is refused for its own long
+line. Waiting calls of a busy key move back when another key's call comes in; their standings
+say so. With one caller (or none named) the line is first come, first served.
 
 The estimate is what a caller sees while it waits and what admission decides by, so it is the
 one figure to get right: each slot frees when its generation is expected to end (the mean slot
@@ -55,6 +62,7 @@ class Ticket:
     number: int
     arrived_at: float
     granted: asyncio.Future[None] = field(repr=False)
+    caller: str = ""
     granted_at: float | None = None
     moved: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
     left: bool = False
@@ -76,9 +84,24 @@ class AdmissionQueue:
         self.mean_slot_s = initial_slot_s
         self.clock = clock
         self.running: list[Ticket] = []
-        self.waiting: deque[Ticket] = deque()
+        # Each caller's waiting calls in arrival order, and the order in which callers with
+        # calls waiting get the next free slots (the first is next; served callers go last).
+        self._waiting_of: dict[str, deque[Ticket]] = {}
+        self._turns: deque[str] = deque()
         self.refused = 0
         self._numbers = itertools.count(1)
+
+    @property
+    def waiting(self) -> list[Ticket]:
+        """The waiting calls in the order they will get slots (if nobody else comes)."""
+        order: list[Ticket] = []
+        lines = [list(self._waiting_of[caller]) for caller in self._turns]
+        for round_ in range(max((len(line) for line in lines), default=0)):
+            order.extend(line[round_] for line in lines if round_ < len(line))
+        return order
+
+    def waiting_of(self, caller: str) -> int:
+        return len(self._waiting_of.get(caller, ()))
 
     # -- estimates ---------------------------------------------------------------------------
     def _slot_free_times(self, now: float) -> list[float]:
@@ -100,38 +123,60 @@ class AdmissionQueue:
             heapq.heappush(free, at + self.mean_slot_s)
         return waits
 
-    def estimated_wait_for_newcomer(self) -> float:
-        return self._waits(len(self.waiting) + 1, self.clock())[-1]
+    def _place(self, caller: str, index: int) -> int:
+        """Place in line (1 is next) of the `index`-th waiting call of `caller` (index ==
+        its count of waiting calls: a newcomer's). Round robin serves, in each round, one call
+        of each caller with calls left, in turn order: callers before this one in turn have
+        index + 1 calls served ahead of it, callers after it index."""
+        ahead = index
+        before = True
+        for other in self._turns:
+            if other == caller:
+                before = False
+                continue
+            ahead += min(len(self._waiting_of[other]), index + 1 if before else index)
+        if caller not in self._waiting_of:  # a newcomer's caller takes the last turn
+            ahead = sum(min(len(line), 1) for line in self._waiting_of.values())
+        return ahead + 1
+
+    def estimated_wait_for_newcomer(self, caller: str = "") -> float:
+        return self._waits(self._place(caller, self.waiting_of(caller)), self.clock())[-1]
 
     def standing(self, ticket: Ticket) -> Standing:
         if ticket.left:
             raise ValueError("the ticket has left the line")
         if ticket.granted.done():
             return Standing(0, 0.0)
-        position = self.waiting.index(ticket) + 1
+        position = self._place(ticket.caller, self._waiting_of[ticket.caller].index(ticket))
         return Standing(position, self._waits(position, self.clock())[-1])
 
     # -- admission ---------------------------------------------------------------------------
-    def admit(self, max_wait_s: float | None = None, deadline_s: float | None = None) -> Ticket:
+    def admit(self, max_wait_s: float | None = None, deadline_s: float | None = None, caller: str = "") -> Ticket:
         """A place in line (or a slot at once); QueueFull when the expected wait is too long.
 
         `max_wait_s`: the caller's own bound (None or 0: the queue's); `deadline_s`: the time
-        left before the caller's deadline (None: no deadline)."""
+        left before the caller's deadline (None: no deadline); `caller`: whose call it is (the
+        line is shared fairly between callers)."""
         limit = self.max_wait_s
         if max_wait_s:
             limit = min(limit, max_wait_s)
         if deadline_s is not None:
             limit = min(limit, deadline_s)
         now = self.clock()
-        ticket = Ticket(next(self._numbers), now, asyncio.get_running_loop().create_future())
-        if not self.waiting and len(self.running) < self.slots:
+        ticket = Ticket(next(self._numbers), now, asyncio.get_running_loop().create_future(), caller)
+        if not self._turns and len(self.running) < self.slots:
             self._grant(ticket, now)
             return ticket
-        wait = self._waits(len(self.waiting) + 1, now)[-1]
+        place = self._place(caller, self.waiting_of(caller))
+        wait = self._waits(place, now)[-1]
         if wait > limit:
             self.refused += 1
-            raise QueueFull(wait, limit, self._retry_after(wait, limit), ahead=len(self.waiting) + len(self.running))
-        self.waiting.append(ticket)
+            raise QueueFull(wait, limit, self._retry_after(wait, limit), ahead=place - 1 + len(self.running))
+        if caller not in self._waiting_of:
+            self._waiting_of[caller] = deque()
+            self._turns.append(caller)
+        self._waiting_of[caller].append(ticket)
+        self._tell_waiting()  # calls of busier callers moved back
         return ticket
 
     def _retry_after(self, wait: float, limit: float) -> float:
@@ -167,13 +212,24 @@ class AdmissionQueue:
             if finished and ticket.granted_at is not None:
                 held = now - ticket.granted_at
                 self.mean_slot_s += SLOT_TIME_WEIGHT * (held - self.mean_slot_s)
-        elif ticket in self.waiting:
-            self.waiting.remove(ticket)
+        elif ticket in self._waiting_of.get(ticket.caller, ()):
+            self._remove_waiting(ticket)
         if not ticket.granted.done():
             ticket.granted.cancel()
         self._grant_waiting(now)
-        for waiting in self.waiting:
-            waiting.moved.set()
+        self._tell_waiting()
+
+    def _tell_waiting(self) -> None:
+        for line in self._waiting_of.values():
+            for waiting in line:
+                waiting.moved.set()
+
+    def _remove_waiting(self, ticket: Ticket) -> None:
+        line = self._waiting_of[ticket.caller]
+        line.remove(ticket)
+        if not line:
+            del self._waiting_of[ticket.caller]
+            self._turns.remove(ticket.caller)
 
     def _grant(self, ticket: Ticket, now: float) -> None:
         ticket.granted_at = now
@@ -181,5 +237,12 @@ class AdmissionQueue:
         ticket.granted.set_result(None)
 
     def _grant_waiting(self, now: float) -> None:
-        while self.waiting and len(self.running) < self.slots:
-            self._grant(self.waiting.popleft(), now)
+        while self._turns and len(self.running) < self.slots:
+            caller = self._turns.popleft()
+            line = self._waiting_of[caller]
+            ticket = line.popleft()
+            if line:
+                self._turns.append(caller)  # its next call waits for the others' turns
+            else:
+                del self._waiting_of[caller]
+            self._grant(ticket, now)

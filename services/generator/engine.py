@@ -103,13 +103,13 @@ class GenerationEngine:
             running=len(self.queue.running), waiting=len(self.queue.waiting), slots=self.slots
         )
 
-    def admit(self, max_wait_s: float | None = None, deadline_s: float | None = None) -> Ticket:
-        """A place in line; ResourceExhausted at once (with a time to retry after) when the
-        expected wait is longer than the call may wait."""
+    def admit(self, max_wait_s: float | None = None, deadline_s: float | None = None, caller: str = "") -> Ticket:
+        """A place in `caller`'s share of the line; ResourceExhausted at once (with a time to
+        retry after) when the expected wait is longer than the call may wait."""
         if not self.ready:
             raise Unavailable("generator: model is still loading")
         try:
-            ticket = self.queue.admit(max_wait_s, deadline_s)
+            ticket = self.queue.admit(max_wait_s, deadline_s, caller)
         except QueueFull as full:
             metrics.GENERATIONS_REJECTED.labels("generator").inc()
             raise refusal(full) from None

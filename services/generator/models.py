@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument
 from askmesh.runtime.models import allowed_model_path

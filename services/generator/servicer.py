@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from askmesh.runtime.auth import CALLER_HEADER, header
 from askmesh.runtime.errors import InvalidArgument, Unavailable, streaming_rpc, unary_rpc
 from askmesh.runtime.validation import check_count, check_generation_parameters, check_text, check_title
 from askmesh.v1 import common_pb2, generator_pb2, generator_pb2_grpc
@@ -71,6 +72,16 @@ def call_deadline(context: grpc.aio.ServicerContext) -> float | None:
     return remaining if remaining is not None and remaining < 10**8 else None
 
 
+# Key ids are short; a longer header is cut so that no caller can make the line hold big strings.
+MAX_CALLER_ID_CHARS = 64
+
+
+def caller_of(context: grpc.aio.ServicerContext) -> str:
+    """Whose question the call carries (the gateway names the key it came with; only the mesh's
+    own callers reach the generator), so that the line is shared fairly between keys."""
+    return (header(context.invocation_metadata(), CALLER_HEADER) or "")[:MAX_CALLER_ID_CHARS]
+
+
 class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
     def __init__(self, engine: GenerationEngine) -> None:
         self.engine = engine
@@ -80,7 +91,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         self, request: generator_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generator_pb2.GenerateResponse]:
         validate_request(request, self.engine.settings)
-        ticket = self.engine.admit(deadline_s=call_deadline(context))
+        ticket = self.engine.admit(deadline_s=call_deadline(context), caller=caller_of(context))
         async with contextlib.aclosing(self.engine.run(ticket, request)) as responses:
             async for response in responses:
                 yield response
@@ -98,7 +109,7 @@ class GeneratorServicer(generator_pb2_grpc.GeneratorServicer):
         max_wait_s = first.admission.max_wait_s
         if not 0 <= max_wait_s < 10**6:
             raise InvalidArgument("admission.max_wait_s", f"{max_wait_s:g} is out of range 0..1000000")
-        ticket = self.engine.admit(max_wait_s or None, call_deadline(context))
+        ticket = self.engine.admit(max_wait_s or None, call_deadline(context), caller_of(context))
         prompt = asyncio.ensure_future(self._prompt(requests))
         try:
             async with contextlib.aclosing(self.engine.run(ticket, prompt)) as responses:
