@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from askmesh.runtime import metrics
 from askmesh.runtime.auth import AUTH_OFF_WARNING, AuthInterceptor, AuthSettings, Authenticator, KeyLookup, RateLimiter
 from askmesh.runtime.config import ServiceSettings, TelemetrySettings
+from askmesh.runtime.jwt_auth import JwtVerifier
 from askmesh.runtime.lifecycle import CallTracker
 from askmesh.runtime.telemetry import setup_telemetry
 
@@ -84,7 +85,8 @@ def configure_logging(level: str, auth: AuthSettings | None = None) -> None:
 
 
 def auth_interceptor(auth: AuthSettings, key_lookup: KeyLookup | None) -> AuthInterceptor:
-    authenticator = Authenticator(auth, key_lookup, None)
+    jwt_check = JwtVerifier(auth) if auth.enabled and auth.jwks_file is not None else None
+    authenticator = Authenticator(auth, key_lookup, jwt_check)
     return AuthInterceptor(authenticator, RateLimiter(auth.rate_per_s, auth.rate_burst))
 
 
