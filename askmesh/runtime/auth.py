@@ -18,7 +18,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from pydantic_settings import SettingsConfigDict
 
 from askmesh.runtime.config import AskmeshSettings
 from askmesh.runtime.errors import AskmeshError, InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from askmesh.runtime.handlers import Streaming, Unary, refusing, wrapped
 
 log = logging.getLogger("askmesh.auth")
 
@@ -380,59 +381,30 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         except AskmeshError as error:
             if error.code == grpc.StatusCode.UNAUTHENTICATED:
                 log.info("[AUTH] refused %s: %s", method, error.message)
-            return _refusing(handler, error)
+            return refusing(handler, error)
         except Exception:  # a key store that cannot answer: the caller learns only that
             log.exception("[AUTH] could not check the credentials of a call to %s", method)
-            return _refusing(handler, AskmeshError("authentication is unavailable; ask again", code=grpc.StatusCode.UNAVAILABLE))
+            return refusing(handler, AskmeshError("authentication is unavailable; ask again", code=grpc.StatusCode.UNAVAILABLE))
         return _as(handler, caller)
 
 
-def _replace(handler: grpc.RpcMethodHandler, **behaviour: Any) -> grpc.RpcMethodHandler:
-    return handler._replace(**behaviour)  # type: ignore[attr-defined,no-any-return]
-
-
-def _refusing(handler: grpc.RpcMethodHandler, error: AskmeshError) -> grpc.RpcMethodHandler:
-    async def refuse(_: Any, context: grpc.aio.ServicerContext) -> Any:
-        context.set_trailing_metadata(error.trailing_metadata())
-        await context.abort(error.code, error.message)
-
-    async def refuse_stream(_: Any, context: grpc.aio.ServicerContext) -> Any:
-        context.set_trailing_metadata(error.trailing_metadata())
-        await context.abort(error.code, error.message)
-        yield  # pragma: no cover - makes this an async generator, as the handler kind needs
-
-    if handler.unary_unary:
-        return _replace(handler, unary_unary=refuse)
-    if handler.unary_stream:
-        return _replace(handler, unary_stream=refuse_stream)
-    if handler.stream_unary:
-        return _replace(handler, stream_unary=refuse)
-    return _replace(handler, stream_stream=refuse_stream)
-
-
 def _as(handler: grpc.RpcMethodHandler, caller: Caller) -> grpc.RpcMethodHandler:
-    def unary(behaviour: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    def unary(behaviour: Unary) -> Unary:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             _CURRENT.set(caller)
             return await behaviour(request, context)
 
         return run
 
-    def streaming(behaviour: Callable[..., Any]) -> Callable[..., Any]:
-        async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def streaming(behaviour: Streaming) -> Streaming:
+        async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             _CURRENT.set(caller)
             async for message in behaviour(request, context):
                 yield message
 
         return run
 
-    if handler.unary_unary:
-        return _replace(handler, unary_unary=unary(handler.unary_unary))
-    if handler.unary_stream:
-        return _replace(handler, unary_stream=streaming(handler.unary_stream))
-    if handler.stream_unary:
-        return _replace(handler, stream_unary=unary(handler.stream_unary))
-    return _replace(handler, stream_stream=streaming(handler.stream_stream))
+    return wrapped(handler, unary, streaming)
 
 
 # --- the client side -----------------------------------------------------------------------------

@@ -21,8 +21,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from askmesh.runtime import metrics
-from askmesh.runtime.auth import AUTH_OFF_WARNING, AuthInterceptor, AuthSettings, Authenticator, KeyLookup, RateLimiter
+from askmesh.runtime.auth import AUTH_OFF_WARNING, Authenticator, AuthInterceptor, AuthSettings, KeyLookup, RateLimiter
 from askmesh.runtime.config import ServiceSettings, TelemetrySettings
+from askmesh.runtime.decoding import RequestDecoding
 from askmesh.runtime.jwt_auth import JwtVerifier
 from askmesh.runtime.lifecycle import CallTracker
 from askmesh.runtime.telemetry import setup_telemetry
@@ -115,7 +116,7 @@ class ServiceRunner:
         self.definition = definition
         self.settings = settings
         self.auth = auth if auth is not None else AuthSettings()
-        self.server = create_server(settings, [auth_interceptor(self.auth, definition.key_lookup)])
+        self.server = create_server(settings, [auth_interceptor(self.auth, definition.key_lookup), RequestDecoding()])
         self.health = health.aio.HealthServicer()
         self._health_names = ["", *definition.grpc_services]
         self.port = 0
