@@ -94,3 +94,9 @@ def test_the_retriever_refuses_a_long_title_as_the_gateway_does() -> None:
     assert refusal(validate_chunks, upsert_of(title="T" * (MAX_TITLE_CHARS + 1)), max_chunks=10) == (
         f"chunks[0].chunk.title: has {MAX_TITLE_CHARS + 1} characters; the limit is {MAX_TITLE_CHARS}"
     )
+
+
+def test_an_error_quotes_a_long_value_cut_short_and_says_how_long_it_was() -> None:
+    message = refusal(check_knowledge_base_name, "x" * 100_000 + "\x1b[31m", "name")
+    assert message.startswith("name: '" + "x" * 64 + "…' (100005 characters) is not a valid knowledge base name")
+    assert len(message) < 300

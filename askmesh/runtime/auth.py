@@ -28,7 +28,14 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from askmesh.runtime.config import AskmeshSettings
-from askmesh.runtime.errors import AskmeshError, InvalidArgument, PermissionDenied, ResourceExhausted, Unauthenticated
+from askmesh.runtime.errors import (
+    AskmeshError,
+    InvalidArgument,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    shown,
+)
 from askmesh.runtime.handlers import Streaming, Unary, refusing, wrapped
 
 log = logging.getLogger("askmesh.auth")
@@ -56,7 +63,7 @@ class Role(enum.IntEnum):
         try:
             return cls[text.strip().upper()]
         except KeyError:
-            raise ValueError(f"{text!r} is not a role (reader, writer or admin)") from None
+            raise ValueError(f"{shown(text)} is not a role (reader, writer or admin)") from None
 
     @property
     def label(self) -> str:

@@ -28,6 +28,21 @@ log = logging.getLogger(__name__)
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 
+# How much of a caller's value an error message quotes: enough to recognise it, never so much
+# that a hostile value makes the message long.
+SHOWN_CHARS = 64
+
+
+def shown(value: object, limit: int = SHOWN_CHARS) -> str:
+    """`value` quoted for an error message: non-printable characters escaped (as repr does),
+    cut after `limit` characters with its length said."""
+    text = str(value)
+    quoted = repr(text[:limit])
+    if len(text) <= limit:
+        return quoted
+    return f"{quoted[:-1]}…{quoted[-1]} ({len(text)} characters)"
+
+
 class AskmeshError(Exception):
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
 

@@ -8,7 +8,7 @@ import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
-from askmesh.runtime.errors import InvalidArgument
+from askmesh.runtime.errors import InvalidArgument, shown
 from askmesh.v1 import common_pb2
 
 # Titles of documents, chunks and passages, everywhere they are taken or made (the retriever's
@@ -33,7 +33,7 @@ def check_knowledge_base_name(name: str, field: str = "knowledge_base") -> str:
     if not KNOWLEDGE_BASE_NAME.match(name):
         raise InvalidArgument(
             field,
-            f"{name!r} is not a valid knowledge base name "
+            f"{shown(name)} is not a valid knowledge base name "
             "(lowercase letters, digits, '-', '.' and '_', starting with a letter or digit, at most 63)",
         )
     return name
@@ -42,7 +42,7 @@ def check_knowledge_base_name(name: str, field: str = "knowledge_base") -> str:
 def check_collection_key(key: str, field: str = "knowledge_base") -> str:
     if not COLLECTION_KEY.match(key):
         raise InvalidArgument(
-            field, f"{key!r} is not a collection key (lowercase letters, digits and _, starting with a letter, at most 63)"
+            field, f"{shown(key)} is not a collection key (lowercase letters, digits and _, starting with a letter, at most 63)"
         )
     return key
 
@@ -115,7 +115,7 @@ def typed_value(value: Any, declared: int, where: str) -> Any:
     if declared == common_pb2.METADATA_TYPE_FLOAT and is_number and math.isfinite(value):
         return float(value)
     expected = common_pb2.MetadataType.Name(declared).removeprefix("METADATA_TYPE_").lower()
-    raise InvalidArgument(where, f"{value!r} is not a valid {expected}")
+    raise InvalidArgument(where, f"{shown(value)} is not a valid {expected}")
 
 
 def check_schema(schema: Sequence[common_pb2.MetadataField], where: str = "metadata_schema") -> dict[str, int]:
@@ -124,12 +124,12 @@ def check_schema(schema: Sequence[common_pb2.MetadataField], where: str = "metad
     for index, item in enumerate(schema):
         if not DECLARED_FIELD_NAME.match(item.name):
             raise InvalidArgument(
-                f"{where}[{index}].name", f"{item.name!r} must be letters, digits and _, starting with a letter, at most 48"
+                f"{where}[{index}].name", f"{shown(item.name)} must be letters, digits and _, starting with a letter, at most 48"
             )
         if item.type not in DECLARABLE_TYPES:
             raise InvalidArgument(f"{where}[{index}].type", "must be STRING, INT, FLOAT or BOOL")
         if item.name in declared:
-            raise InvalidArgument(f"{where}[{index}].name", f"{item.name!r} is declared twice")
+            raise InvalidArgument(f"{where}[{index}].name", f"{shown(item.name)} is declared twice")
         declared[item.name] = item.type
     return declared
 

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from askmesh.runtime import metrics
-from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable, shown
 from askmesh.runtime.models import ModelRegistry, allowed_model_path
 from askmesh.v1 import common_pb2
 from services.embedder.config import EmbedderSettings
@@ -180,9 +180,9 @@ class EmbeddingEngine:
         self.models.refuse_if_swapping()
         path = allowed_model_path(str(path), self.settings.model_directories())
         if not path.exists():
-            raise InvalidArgument("model_path", f"{str(path)!r} does not exist on this replica")
+            raise InvalidArgument("model_path", f"{shown(str(path))} does not exist on this replica")
         if not path.is_dir():
-            raise InvalidArgument("model_path", f"{str(path)!r} is not a folder (a sentence-transformers model)")
+            raise InvalidArgument("model_path", f"{shown(str(path))} is not a folder (a sentence-transformers model)")
         name, backend = name or self._name_for(path), backend or serving.backend
 
         async def loader() -> LoadedModel:
@@ -192,7 +192,7 @@ class EmbeddingEngine:
         def check(new: LoadedModel, old: LoadedModel) -> None:
             if new.dimension != old.dimension and not allow_dimension_change:
                 raise FailedPrecondition(
-                    f"model_path: {str(path)!r} makes {new.dimension}-dimension vectors but the serving model "
+                    f"model_path: {shown(str(path))} makes {new.dimension}-dimension vectors but the serving model "
                     f"{old.name} makes {old.dimension}: "
                     f"knowledge bases built with {old.name} could not be searched or written until rebuilt; "
                     "set allow_dimension_change to swap anyway"

@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from askmesh.runtime.errors import InvalidArgument, unary_rpc
+from askmesh.runtime.errors import InvalidArgument, shown, unary_rpc
 from askmesh.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
 from services.embedder.config import EmbedderSettings
 from services.embedder.engine import EmbeddingEngine
@@ -53,7 +53,7 @@ def validate_swap(request: common_pb2.SwapModelRequest) -> None:
     if not request.model_path.strip():
         raise InvalidArgument("model_path", "is empty")
     if request.backend and request.backend not in BACKENDS:
-        raise InvalidArgument("backend", f"{request.backend!r} must be one of {', '.join(BACKENDS)} (empty: keep the current one)")
+        raise InvalidArgument("backend", f"{shown(request.backend)} must be one of {', '.join(BACKENDS)} (empty: keep the current one)")
 
 
 class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from askmesh.runtime.errors import FailedPrecondition, InvalidArgument
+from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, shown
 from askmesh.runtime.models import allowed_model_path
 from askmesh.v1 import common_pb2
 from services.generator.backends import create_backend
@@ -82,9 +82,9 @@ def settings_for_swap(settings: GeneratorSettings, model_path: str, name: str) -
         return settings.model_copy(update={"remote_model": model_path, "model_name": name})
     path = allowed_model_path(model_path, settings.model_directories())
     if not path.exists():
-        raise InvalidArgument("model_path", f"{model_path!r} does not exist on this replica")
+        raise InvalidArgument("model_path", f"{shown(model_path)} does not exist on this replica")
     if not path.is_file():
-        raise InvalidArgument("model_path", f"{model_path!r} is not a file (a GGUF model)")
+        raise InvalidArgument("model_path", f"{shown(model_path)} is not a file (a GGUF model)")
     return settings.model_copy(update={"model_path": path, "model_name": name})
 
 

@@ -17,6 +17,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, replace
 from typing import Any
 
+from askmesh.runtime.errors import shown
 from services.ingestor.sql_base import (
     TASK_UPDATABLE,
     Row,
@@ -94,7 +95,7 @@ class TaskSql(SqlBase):
                 list(values.values()),
             )
         if not inserted:
-            raise AlreadyExists(f"task {record.id!r} already exists")
+            raise AlreadyExists(f"task {shown(record.id)} already exists")
         return record
 
     def get_task(self, task_id: str) -> TaskRecord | None:
@@ -142,10 +143,10 @@ class TaskSql(SqlBase):
         with self._write() as tx:
             row = _task_row(tx, task_id, lock=True)
             if row is None:
-                raise NotFoundError(f"task {task_id!r} not found")
+                raise NotFoundError(f"task {shown(task_id)} not found")
             if owner is not None and row["owner"] != owner:
                 raise Conflict(
-                    f"task {task_id!r}: {owner!r} lost the lease (owner now {row['owner']!r}, state {row['state']!r})"
+                    f"task {shown(task_id)}: {shown(owner)} lost the lease (owner now {shown(row['owner'])}, state {shown(row['state'])})"
                 )
             tx.execute(f"UPDATE tasks SET {assignments} WHERE id = ?", (*params, task_id))
             row = _task_row(tx, task_id)
@@ -157,7 +158,7 @@ class TaskSql(SqlBase):
         with self._write() as tx:
             row = _task_row(tx, task_id, lock=True)
             if row is None:
-                raise NotFoundError(f"task {task_id!r} not found")
+                raise NotFoundError(f"task {shown(task_id)} not found")
             if row["state"] in TERMINAL_STATES:
                 return task_from_row(row)
             if row["state"] == TASK_QUEUED and not row["owner"] and json.loads(row["checkpoint"]) == {}:

@@ -31,7 +31,7 @@ from google.protobuf import json_format, struct_pb2
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from askmesh.runtime import metrics
-from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound, Unavailable, shown
 from askmesh.runtime.validation import (
     MAX_DECLARED_STRING,
     MAX_DOCUMENT_ID_CHARS,
@@ -149,7 +149,7 @@ class RetrievalEngine:
         """The active collection (through the alias), or a given generation."""
         name = alias_name(knowledge_base) if generation is None else collection_name(knowledge_base, generation)
         if not self.client.has_collection(name):
-            what = f"knowledge_base: {knowledge_base!r}"
+            what = f"knowledge_base: {shown(knowledge_base)}"
             raise NotFound(f"{what} does not exist" if generation is None else f"{what} has no generation {generation}")
         return self._state(name)
 
@@ -168,7 +168,7 @@ class RetrievalEngine:
                 existing = self._state(name)
                 if (existing.dimension, existing.embedding_model, existing.schema) != (dimension, model, schema):
                     raise FailedPrecondition(
-                        f"knowledge_base: {knowledge_base!r} generation {generation} exists with another dimension, model or schema"
+                        f"knowledge_base: {shown(knowledge_base)} generation {generation} exists with another dimension, model or schema"
                     )
             else:
                 collection_schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -325,8 +325,8 @@ class RetrievalEngine:
             _check_dimension(request.knowledge_base, state, dimension)
             if request.embedding_model and state.embedding_model and request.embedding_model != state.embedding_model:
                 raise FailedPrecondition(
-                    f"embedding_model: knowledge base {request.knowledge_base!r} was built with "
-                    f"{state.embedding_model!r}, not {request.embedding_model!r}; rebuild it to change models"
+                    f"embedding_model: knowledge base {shown(request.knowledge_base)} was built with "
+                    f"{shown(state.embedding_model)}, not {shown(request.embedding_model)}; rebuild it to change models"
                 )
             rows = []
             for index, item in enumerate(request.chunks):  # validate_chunks saw they share one length
@@ -368,7 +368,7 @@ def _check_dimension(knowledge_base: str, state: CollectionState, dimension: int
     embedder was swapped): refused as the knowledge base's state, which a rebuild changes."""
     if dimension != state.dimension:
         raise FailedPrecondition(
-            f"knowledge base {knowledge_base!r} holds {state.dimension}-dimension vectors but got {dimension}: "
+            f"knowledge base {shown(knowledge_base)} holds {state.dimension}-dimension vectors but got {dimension}: "
             "it was built with another embedding model; rebuild it"
         )
 
@@ -436,7 +436,7 @@ def validate_chunks(chunks: Sequence[retriever_pb2.VectorChunk], max_chunks: int
         if not chunk.id or len(chunk.id) > MAX_ID_LENGTH:
             raise InvalidArgument(f"{where}.chunk.id", f"must be 1 to {MAX_ID_LENGTH} characters")
         if chunk.id in seen:
-            raise InvalidArgument(f"{where}.chunk.id", f"{chunk.id!r} appears twice in one request")
+            raise InvalidArgument(f"{where}.chunk.id", f"{shown(chunk.id)} appears twice in one request")
         seen.add(chunk.id)
         check_document_id(chunk.document_id, f"{where}.chunk.document_id")
         check_title(chunk.title, f"{where}.chunk.title")

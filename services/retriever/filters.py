@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Sequence
 
-from askmesh.runtime.errors import InvalidArgument
+from askmesh.runtime.errors import InvalidArgument, shown
 from askmesh.runtime.validation import MAX_DECLARED_STRING
 from askmesh.v1 import common_pb2
 
@@ -79,7 +79,7 @@ def build_filter(
         if not FIELD_NAME.match(condition.field):
             raise InvalidArgument(
                 f"{where}.field",
-                f"{condition.field!r} is not a valid metadata key "
+                f"{shown(condition.field)} is not a valid metadata key "
                 "(letters, digits and _, not starting with a digit, at most 64)",
             )
         declared = schema.get(condition.field)
