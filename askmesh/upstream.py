@@ -128,9 +128,6 @@ class Upstreams:
     def __init__(self, addresses: dict[str, str], credential: str | None = None) -> None:
         """`credential`: the mesh's internal token, sent on every call (None: none is sent)."""
         self._tiers = {name: _Tier(name, address, credential) for name, address in addresses.items()}
-        # Sent by hand on the generator's bidirectional stream: grpc.aio's stream-stream
-        # interceptors lose added metadata there.
-        self._credential_metadata = [] if credential is None else [("authorization", f"Bearer {credential}")]
 
     def _channel(self, tier: str) -> grpc.aio.Channel:
         return self._tiers[tier].channel
@@ -206,7 +203,7 @@ class Upstreams:
         within its longest wait, on any replica Envoy tried. `caller_id` (a key id) is whose
         question it is: the generator keeps each caller to its share of the line."""
         stub = generator_pb2_grpc.GeneratorStub(self._channel("generator"))
-        call = stub.AdmitAndGenerate(timeout=deadline.stream_timeout(), metadata=[(CALLER_HEADER, caller_id), *self._credential_metadata])
+        call = stub.AdmitAndGenerate(timeout=deadline.stream_timeout(), metadata=[(CALLER_HEADER, caller_id)])
         session = GenerationSession(call)
         try:
             await call.write(generator_pb2.AdmitAndGenerateRequest(admission=generator_pb2.Admission()))

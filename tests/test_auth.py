@@ -14,14 +14,15 @@ import pytest
 
 from askmesh.runtime.auth import (
     DEFAULT_TENANT,
-    AuthSettings,
     Authenticator,
+    AuthSettings,
     Caller,
     Internal,
     Open,
     RateLimiter,
     Role,
     authorize,
+    credential_interceptors,
     key_hash,
     key_id_of,
     new_key,
@@ -132,6 +133,45 @@ async def test_the_authenticator_tells_callers_apart(tmp_path: Path) -> None:
         assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED and problem in refused.value.message
     # Only the operator may pick its tenant: a tenant's own key stays in its tenant.
     assert (await authenticator.caller([*bearer(stored_key), ("x-askmesh-tenant", "globex")])).tenant == "acme"
+
+
+async def test_an_aio_channel_sends_the_credential_on_every_kind_of_call() -> None:
+    seen: list[str | None] = []
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        seen.append(dict(context.invocation_metadata()).get("authorization"))
+        return request
+
+    async def streaming(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        seen.append(dict(context.invocation_metadata()).get("authorization"))
+        yield b"reply"
+
+    async def stream_in(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
+        seen.append(dict(context.invocation_metadata()).get("authorization"))
+        return b"reply"
+
+    handlers = grpc.method_handlers_generic_handler("askmesh.test.Echo", {
+        "UnaryUnary": grpc.unary_unary_rpc_method_handler(unary),
+        "UnaryStream": grpc.unary_stream_rpc_method_handler(streaming),
+        "StreamUnary": grpc.stream_unary_rpc_method_handler(stream_in),
+        "StreamStream": grpc.stream_stream_rpc_method_handler(streaming),
+    })
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([handlers])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", interceptors=credential_interceptors("the-token")) as channel:
+            await channel.unary_unary("/askmesh.test.Echo/UnaryUnary")(b"x")
+            assert [r async for r in channel.unary_stream("/askmesh.test.Echo/UnaryStream")(b"x")] == [b"reply"]
+            await channel.stream_unary("/askmesh.test.Echo/StreamUnary")(iter([b"x"]))
+            call = channel.stream_stream("/askmesh.test.Echo/StreamStream")()
+            await call.write(b"x")
+            assert await call.read() == b"reply"
+            await call.done_writing()
+    finally:
+        await server.stop(None)
+    assert seen == ["Bearer the-token"] * 4
 
 
 def test_the_rate_limit_allows_a_burst_then_says_when_to_ask_again() -> None:

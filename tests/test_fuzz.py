@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,7 +35,15 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from askmesh.mesh import LocalMesh, MeshLayout
-from askmesh.v1 import gateway_pb2, gateway_pb2_grpc, ingestion_pb2, keys_pb2, keys_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
+from askmesh.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    ingestion_pb2,
+    keys_pb2,
+    keys_pb2_grpc,
+    knowledge_pb2,
+    knowledge_pb2_grpc,
+)
 
 pytestmark = pytest.mark.mesh
 
@@ -54,6 +63,10 @@ SERVICES = (
 )
 METHODS = [method for service in SERVICES for method in service.methods]
 CASES_PER_METHOD = max(1, CASES // len(METHODS))
+# Each method's outcomes by status, for the table the run prints and the checks that the fuzz
+# reached past the front door's checks.
+OUTCOMES: dict[str, Counter[str]] = {method.name: Counter() for method in METHODS}
+DETAILS: dict[str, Counter[str]] = {method.name: Counter() for method in METHODS}
 
 
 # -- the mesh ------------------------------------------------------------------------------------
@@ -152,12 +165,18 @@ INT_KINDS = {
 INT_RANGES = {"int32": (-(2**31), 2**31 - 1), "int64": (-(2**63), 2**63 - 1), "uint32": (0, 2**32 - 1), "uint64": (0, 2**64 - 1)}
 MAX_DEPTH = 6
 
+def weighted(*choices: tuple[int, st.SearchStrategy[object]]) -> st.SearchStrategy[object]:
+    """One of the strategies, each drawn in proportion to its weight (st.one_of draws its
+    branches about evenly, whatever is repeated in it)."""
+    table = [strategy for weight, strategy in choices for _ in range(weight)]
+    return st.sampled_from(table).flatmap(lambda strategy: strategy)
+
+
 huge_strings = st.builds(
     lambda piece, count: piece * count, st.sampled_from(["x", "é", "🙂", "word ", "\x00", "a.b "]), st.integers(10_000, 1_200_000)
 )
-strings = st.one_of(
-    st.text(max_size=40), st.text(max_size=40), st.sampled_from(INTERESTING_STRINGS), st.sampled_from(INTERESTING_STRINGS),
-    st.text(min_size=200, max_size=5000), huge_strings,
+strings = weighted(
+    (2, st.text(max_size=40)), (2, st.sampled_from(INTERESTING_STRINGS)), (1, st.text(min_size=200, max_size=5000)), (1, huge_strings)
 )
 
 
@@ -179,36 +198,67 @@ def scalar(field: proto_descriptor.FieldDescriptor) -> st.SearchStrategy[object]
     return integers(INT_KINDS[field.type])
 
 
-def counts() -> st.SearchStrategy[int]:
-    return st.one_of(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3), st.integers(50, 400))
+def counts(plausible: bool) -> st.SearchStrategy[int]:
+    if plausible:
+        return st.integers(0, 2)
+    return weighted((5, st.integers(0, 3)), (1, st.integers(50, 400)))
+
+
+# Values a real caller would send, by field name: a case drawn "plausible" uses these (and
+# sets fewer fields), so that calls get past validation to retrieval, generation and storage.
+NAMES = st.sampled_from(["default", "plans", "hr-policies", "notes"])
+PLAUSIBLE: dict[tuple[str, int], st.SearchStrategy[object]] = {
+    ("knowledge_base", FD.TYPE_STRING): NAMES,
+    ("name", FD.TYPE_STRING): NAMES,
+    ("question", FD.TYPE_STRING): st.text(min_size=1, max_size=300),
+    ("text", FD.TYPE_STRING): st.text(min_size=1, max_size=3000),
+    ("content", FD.TYPE_STRING): st.text(min_size=1, max_size=300),
+    ("title", FD.TYPE_STRING): st.text(max_size=60),
+    ("id", FD.TYPE_STRING): st.sampled_from(["note", "launch", "d1", "", "x"]),
+    ("top_k", FD.TYPE_UINT32): st.integers(0, 8),
+    ("max_new_tokens", FD.TYPE_UINT32): st.integers(0, 4),
+    ("temperature", FD.TYPE_FLOAT): st.floats(0, 2, width=32),
+    ("top_p", FD.TYPE_FLOAT): st.floats(0, 1, width=32),
+    ("role", FD.TYPE_STRING): st.sampled_from(["reader", "writer", "admin", ""]),
+    ("role", FD.TYPE_ENUM): st.integers(0, 3),
+    ("tenant", FD.TYPE_STRING): st.sampled_from(["", "globex", "acme"]),
+    ("filename", FD.TYPE_STRING): st.sampled_from(["a.txt", "b.md", "c.pdf", "d.html", "e.docx", "../x.txt", ""]),
+    ("data", FD.TYPE_BYTES): st.binary(max_size=2000),
+}
 
 
 @st.composite
-def messages(draw: st.DrawFn, descriptor: proto_descriptor.Descriptor, depth: int = 0) -> proto_message.Message:
+def messages(draw: st.DrawFn, descriptor: proto_descriptor.Descriptor, depth: int = 0, plausible: bool | None = None) -> proto_message.Message:
+    if plausible is None:
+        plausible = draw(st.booleans())
     message = message_factory.GetMessageClass(descriptor)()
+    max_depth = 2 if plausible else MAX_DEPTH
     for field in descriptor.fields:
-        if not draw(st.booleans()):
+        value = PLAUSIBLE.get((field.name, field.type)) if plausible else None
+        # A plausible case sets the fields a caller sets (3 in 4) and few others (1 in 3).
+        present = draw(st.integers(0, 3)) != 0 if value is not None else draw(st.integers(0, 2 if plausible else 1)) == 0
+        if not present:
             continue
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
             key_field, value_field = field.message_type.fields_by_name["key"], field.message_type.fields_by_name["value"]
-            for _ in range(draw(counts()) if depth < MAX_DEPTH else 0):
+            for _ in range(draw(counts(plausible)) if depth < max_depth else 0):
                 key = draw(scalar(key_field))
                 if value_field.message_type is not None:
-                    getattr(message, field.name)[key].CopyFrom(draw(messages(value_field.message_type, depth + 1)))
+                    getattr(message, field.name)[key].CopyFrom(draw(messages(value_field.message_type, depth + 1, plausible)))
                 else:
                     getattr(message, field.name)[key] = draw(scalar(value_field))
         elif field.message_type is not None:
-            if depth >= MAX_DEPTH:
+            if depth >= max_depth:
                 continue
             if field.is_repeated:
-                for _ in range(draw(counts())):
-                    getattr(message, field.name).add().CopyFrom(draw(messages(field.message_type, depth + 1)))
+                for _ in range(draw(counts(plausible))):
+                    getattr(message, field.name).add().CopyFrom(draw(messages(field.message_type, depth + 1, plausible)))
             else:
-                getattr(message, field.name).CopyFrom(draw(messages(field.message_type, depth + 1)))
+                getattr(message, field.name).CopyFrom(draw(messages(field.message_type, depth + 1, plausible)))
         elif field.is_repeated:
-            getattr(message, field.name).extend(draw(scalar(field)) for _ in range(draw(counts())))
+            getattr(message, field.name).extend(draw(value if value is not None else scalar(field)) for _ in range(draw(counts(plausible))))
         else:
-            setattr(message, field.name, draw(scalar(field)))
+            setattr(message, field.name, draw(value if value is not None else scalar(field)))
     return message
 
 
@@ -244,16 +294,16 @@ def too_deep(number: int, depth: int) -> bytes:
 
 def payloads(descriptor: proto_descriptor.Descriptor) -> st.SearchStrategy[bytes]:
     valid = messages(descriptor).map(lambda message: message.SerializeToString())
-    strategies = [valid, valid, valid, valid, st.binary(max_size=3000)]
+    strategies: list[tuple[int, st.SearchStrategy[object]]] = [(12, valid), (1, st.binary(max_size=3000))]
     if string_fields(descriptor):
         invalid_utf8 = st.builds(
             lambda message, number, junk: message + length_delimited(number, b"\xff\xfe" + junk + b"\xc0"),
             valid, st.sampled_from(string_fields(descriptor)), st.binary(max_size=50),
         )
-        strategies.append(invalid_utf8)
+        strategies.append((1, invalid_utf8))
     if nested_fields(descriptor):
-        strategies.append(st.builds(too_deep, st.sampled_from(nested_fields(descriptor)), st.integers(90, 3000)))
-    return st.one_of(strategies)
+        strategies.append((1, st.builds(too_deep, st.sampled_from(nested_fields(descriptor)), st.integers(90, 3000))))
+    return weighted(*strategies)
 
 
 CREDENTIALS = ["globex-admin", "globex-admin", "globex-admin", "globex-reader", "none", "forged"]
@@ -313,9 +363,31 @@ def test_a_hostile_caller_gets_a_clear_refusal_or_an_answer_never_a_crash(fuzzed
     @given(parts=st.lists(request, min_size=1, max_size=3 if method.client_streaming else 1),
            credential=st.sampled_from(CREDENTIALS), other_tenant=st.booleans())
     def fuzz(parts: list[bytes], credential: str, other_tenant: bool) -> None:
-        check(call(fuzzed.channel, method, parts, metadata_for(fuzzed, credential, other_tenant)), method.name)
+        outcome = call(fuzzed.channel, method, parts, metadata_for(fuzzed, credential, other_tenant))
+        OUTCOMES[method.name][outcome.code.name] += 1
+        if os.environ.get("FUZZ_DEBUG") and outcome.code.name == "INVALID_ARGUMENT":
+            DETAILS[method.name][outcome.details[:70]] += 1
+        check(outcome, method.name)
 
     fuzz()
+    reached = {code for code in OUTCOMES[method.name] if code not in ("UNAUTHENTICATED", "PERMISSION_DENIED")}
+    assert reached, f"no {method.name} call got past authentication: {OUTCOMES[method.name]}"
+
+
+def test_the_fuzz_reached_the_services_work(fuzzed: FuzzedMesh) -> None:
+    """Runs after the fuzz: prints its outcomes, and checks that calls were answered, not only
+    refused (a fuzz that only meets validation tests only validation)."""
+    codes = sorted({code for outcomes in OUTCOMES.values() for code in outcomes})
+    print(f"\n{'method':<22}" + "".join(f"{code[:12]:>13}" for code in codes))
+    for name, outcomes in OUTCOMES.items():
+        print(f"{name:<22}" + "".join(f"{outcomes.get(code, 0):>13}" for code in codes))
+    if os.environ.get("FUZZ_DEBUG"):
+        for name, details in DETAILS.items():
+            print(name, details.most_common(6))
+    total = sum(sum(outcomes.values()) for outcomes in OUTCOMES.values())
+    assert total >= CASES_PER_METHOD * len(METHODS)
+    for name in ("Ask", "AddDocuments", "CreateKnowledgeBase", "ListKnowledgeBases", "ListTasks", "CreateKey", "ListKeys"):
+        assert OUTCOMES[name]["OK"] > 0, f"no {name} call was answered: {OUTCOMES[name]}"
 
 
 def test_after_the_fuzz_the_other_tenants_data_is_unchanged_and_answers(fuzzed: FuzzedMesh) -> None:

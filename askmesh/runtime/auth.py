@@ -417,13 +417,8 @@ def _as(handler: grpc.RpcMethodHandler, caller: Caller) -> grpc.RpcMethodHandler
 # --- the client side -----------------------------------------------------------------------------
 
 
-class _Credential(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
-    """Adds `authorization: Bearer <credential>` to every call of a channel."""
+class _Credential:
+    """Adds `authorization: Bearer <credential>` to a call's metadata."""
 
     def __init__(self, credential: str) -> None:
         self._entry = (AUTHORIZATION_HEADER, f"Bearer {credential}")
@@ -436,21 +431,35 @@ class _Credential(
             details.method, details.timeout, grpc.aio.Metadata(*metadata), details.credentials, details.wait_for_ready
         )
 
+
+# One class per kind of call: grpc.aio files an interceptor under the first kind it implements
+# only (an if/elif chain), so one class implementing all four would see unary-unary calls alone.
+class _UnaryUnaryCredential(_Credential, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_credential(details), request)
 
+
+class _UnaryStreamCredential(_Credential, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
         return await continuation(self._with_credential(details), request)
 
+
+class _StreamUnaryCredential(_Credential, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._with_credential(details), request_iterator)
 
+
+class _StreamStreamCredential(_Credential, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
         return await continuation(self._with_credential(details), request_iterator)
 
 
 def credential_interceptors(credential: str | None) -> list[grpc.aio.ClientInterceptor]:
-    return [] if credential is None else [_Credential(credential)]
+    """Interceptors that send `credential` on every call of an aio channel, of every kind."""
+    if credential is None:
+        return []
+    kinds = (_UnaryUnaryCredential, _UnaryStreamCredential, _StreamUnaryCredential, _StreamStreamCredential)
+    return [kind(credential) for kind in kinds]
 
 
 

@@ -3,13 +3,22 @@ engine's."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import grpc
 from google.protobuf import timestamp_pb2
 
 from askmesh.runtime.auth import DEFAULT_TENANT, Caller, Role, check_tenant, current_caller, key_hash, new_key
-from askmesh.runtime.errors import AskmeshError, InvalidArgument, NotFound, PermissionDenied, streaming_rpc, unary_rpc, with_name_for_key
+from askmesh.runtime.errors import (
+    AskmeshError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    streaming_rpc,
+    unary_rpc,
+    with_name_for_key,
+)
 from askmesh.runtime.validation import (
     check_count,
     check_document_id,
@@ -18,6 +27,7 @@ from askmesh.runtime.validation import (
     check_text,
     check_title,
 )
+from askmesh.upstream import Deadline
 from askmesh.v1 import (
     catalog_pb2,
     catalog_pb2_grpc,
@@ -36,7 +46,6 @@ from services.ingestor.ingestion import STATE_NAMES, task_message
 from services.ingestor.knowledge import document_info
 from services.ingestor.store import ApiKeyRecord, DocumentRecord, KnowledgeBaseRecord, TaskRecord
 from services.ingestor.tenancy import belongs_to, name_of, store_key
-from askmesh.upstream import Deadline
 
 
 class TenantScope:
@@ -61,6 +70,14 @@ class TenantScope:
         for key, name in self._renamed.items():
             error = with_name_for_key(error, key, name)
         return error
+
+    @contextlib.contextmanager
+    def naming_errors(self) -> Iterator[None]:
+        """Errors raised inside name the caller's knowledge bases, never the store's keys."""
+        try:
+            yield
+        except AskmeshError as error:
+            raise self.error(error) from error
 
 def validate_add_documents(request: gateway_pb2.AddDocumentsRequest, settings: IngestorSettings) -> None:
     """Checks the documents (chunking is checked against the knowledge base's defaults later)."""
@@ -93,10 +110,8 @@ class DocumentsServicer(gateway_pb2_grpc.GatewayServicer):
         validate_add_documents(request, self.settings)
         scope = TenantScope(self.settings.default_knowledge_base)
         request.knowledge_base = scope.key(request.knowledge_base)
-        try:
+        with scope.naming_errors():
             return await self.engine.add_documents(request, self.engine.deadline(context.time_remaining()))
-        except AskmeshError as error:
-            raise scope.error(error) from error
 
 
 class CatalogServicer(catalog_pb2_grpc.CatalogServicer):
@@ -169,14 +184,12 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         check_text("description", request.description, 2000, required=False)
         check_schema(request.metadata_schema)
         scope = self._scope()
-        try:
+        with scope.naming_errors():
             record = await self.knowledge.create(
                 scope.key(request.name), self._deadline(context), description=request.description,
                 schema=request.metadata_schema, chunking=request.chunking,
             )
             return await self._described(record)
-        except AskmeshError as error:
-            raise scope.error(error) from error
 
     @unary_rpc
     async def ListKnowledgeBases(
@@ -192,10 +205,8 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
     ) -> knowledge_pb2.KnowledgeBase:
         check_knowledge_base_name(request.name, "name")
         scope = self._scope()
-        try:
+        with scope.naming_errors():
             return await self._described(await self.knowledge.require(scope.key(request.name)))
-        except AskmeshError as error:
-            raise scope.error(error) from error
 
     @unary_rpc
     async def DeleteKnowledgeBase(
@@ -203,14 +214,13 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
     ) -> knowledge_pb2.DeleteKnowledgeBaseResponse:
         check_knowledge_base_name(request.name, "name")
         scope = self._scope()
-        try:
-            deleted = await self.knowledge.delete(scope.key(request.name), self._deadline(context))
-        except NotFound as error:
-            if not request.allow_missing:
-                raise scope.error(error) from error
-            deleted = 0
-        except AskmeshError as error:
-            raise scope.error(error) from error
+        with scope.naming_errors():
+            try:
+                deleted = await self.knowledge.delete(scope.key(request.name), self._deadline(context))
+            except NotFound:
+                if not request.allow_missing:
+                    raise
+                deleted = 0
         return knowledge_pb2.DeleteKnowledgeBaseResponse(deleted_documents=deleted)
 
     @unary_rpc
@@ -219,10 +229,8 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
     ) -> ingestion_pb2.Task:
         check_knowledge_base_name(request.name, "name")
         scope = self._scope()
-        try:
+        with scope.naming_errors():
             queued = await self.engine.ingestion.queue_rebuild(scope.key(request.name), request.chunking)
-        except AskmeshError as error:
-            raise scope.error(error) from error
         return public_task(queued, self.engine.settings.task_max_attempts)
 
     @unary_rpc
@@ -232,10 +240,8 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         check_knowledge_base_name(request.knowledge_base)
         limit = page_size(request.page_size)
         scope = self._scope()
-        try:
+        with scope.naming_errors():
             records = await self.engine.list_documents(scope.key(request.knowledge_base), request.page_token, limit + 1)
-        except AskmeshError as error:
-            raise scope.error(error) from error
         more = len(records) > limit
         records = records[:limit]
         return knowledge_pb2.ListDocumentsResponse(
@@ -249,10 +255,8 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         check_knowledge_base_name(request.knowledge_base)
         check_document_id(request.id, "id")
         scope = self._scope()
-        try:
+        with scope.naming_errors():
             return public_document(await self.engine.get_document(scope.key(request.knowledge_base), request.id))
-        except AskmeshError as error:
-            raise scope.error(error) from error
 
     @unary_rpc
     async def DeleteDocument(
@@ -261,14 +265,13 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         check_knowledge_base_name(request.knowledge_base)
         check_document_id(request.id, "id")
         scope = self._scope()
-        try:
-            deleted = await self.knowledge.delete_document(scope.key(request.knowledge_base), request.id, self._deadline(context))
-        except NotFound as error:
-            if not request.allow_missing:
-                raise scope.error(error) from error
-            deleted = 0
-        except AskmeshError as error:
-            raise scope.error(error) from error
+        with scope.naming_errors():
+            try:
+                deleted = await self.knowledge.delete_document(scope.key(request.knowledge_base), request.id, self._deadline(context))
+            except NotFound:
+                if not request.allow_missing:
+                    raise
+                deleted = 0
         return knowledge_pb2.DeleteDocumentResponse(deleted_chunks=deleted)
 
 
@@ -322,10 +325,8 @@ class IngestionServicer(ingestion_pb2_grpc.IngestionServicer):
                 yield message.data
 
         deadline = self.engine.deadline(context.time_remaining())
-        try:
+        with scope.naming_errors():
             return self._message(await self.ingestion.receive_upload(header, data(), deadline))
-        except AskmeshError as error:
-            raise scope.error(error) from error
 
     async def _task(self, task_id: str) -> TaskRecord:
         if not task_id or len(task_id) > 64:
