@@ -405,15 +405,16 @@ async def test_openai_http_errors(
     assert len(vllm.requests) == 1  # max_retries=0: no hidden retry
 
 
-async def test_openai_server_down_is_unavailable() -> None:
-    backend = OpenAICompatibleBackend(
-        GeneratorSettings(backend="openai", url=unused_url(), port=1, request_timeout_s=5)
-    )
+async def test_openai_server_down_is_unavailable_without_saying_where_it_lives(caplog: pytest.LogCaptureFixture) -> None:
+    url = unused_url()
+    backend = OpenAICompatibleBackend(GeneratorSettings(backend="openai", url=url, port=1, request_timeout_s=5))
     try:
         with pytest.raises(Unavailable, match="unreachable"):
             await backend.start()
         _, error = await collect(backend.generate(make_request()))
         assert isinstance(error, Unavailable)
+        assert "unreachable" in error.message and url not in error.message and "127.0.0.1" not in error.message
+        assert url in caplog.text  # the operator's log says where
     finally:
         await backend.close()
 

@@ -9,6 +9,7 @@ the structured messages (and tokenize the contents as text, not special tokens, 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,8 @@ from services.generator.backends.base import (
     warm_up,
 )
 from services.generator.config import GeneratorSettings
+
+log = logging.getLogger(__name__)
 
 
 class OpenAICompatibleBackend:
@@ -61,7 +64,7 @@ class OpenAICompatibleBackend:
                 if choice.finish_reason is not None:
                     reason = self._finish_reason(choice)
         if reason is None:
-            raise Unavailable(f"generator: {self.settings.url} ended the stream without a finish reason")
+            raise Unavailable("generator: the OpenAI-compatible server ended the stream without a finish reason")
         yield FinishEvent(
             reason=reason,
             # Without usage (a server that ignores include_usage) deltas are the best estimate.
@@ -75,7 +78,7 @@ class OpenAICompatibleBackend:
         if choice.finish_reason == "length":
             return common_pb2.FINISH_REASON_LENGTH
         if choice.finish_reason == "abort":  # vLLM gave up on the request (e.g. it is shutting down)
-            raise Unavailable(f"generator: {self.settings.url} aborted the generation")
+            raise Unavailable("generator: the OpenAI-compatible server aborted the generation")
         # vLLM says which stop ended it: a string is one of our stop sequences, a token id (or
         # nothing) is the model's end of turn. Servers without stop_reason report EOS.
         if isinstance(getattr(choice, "stop_reason", None), str):
@@ -113,7 +116,10 @@ class OpenAICompatibleBackend:
             raise self._error(error) from error
 
     def _error(self, error: openai.APIError) -> AskmeshError:
-        server = self.settings.url
+        """The failure in the generator's words. The server's address stays in the log: callers
+        of the mesh learn what failed, not where the backend lives."""
+        log.warning("[BACKEND] %s: %s", self.settings.url, error)
+        server = "the OpenAI-compatible server"
         detail = _detail(error)
         if isinstance(error, openai.RateLimitError):
             return ResourceExhausted(f"generator: {server} is overloaded: {detail}")
@@ -123,7 +129,7 @@ class OpenAICompatibleBackend:
             return Unavailable(f"generator: {server} timed out")
         if isinstance(error, openai.APIConnectionError):
             cause = error.__cause__  # the httpx error says what actually failed
-            return Unavailable(f"generator: {server} is unreachable: {cause!r}")
+            return Unavailable(f"generator: {server} is unreachable ({type(cause).__name__ if cause else 'no connection'})")
         if isinstance(error, openai.APIStatusError):
             return Unavailable(f"generator: {server} answered HTTP {error.status_code}: {detail}")
         return Unavailable(f"generator: {server} failed during generation: {detail}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -43,6 +44,8 @@ from services.generator.backends.base import (
     estimated_tokens,
 )
 from services.generator.config import GeneratorSettings
+
+log = logging.getLogger(__name__)
 
 _FINISH_REASONS = {
     "length": common_pb2.FINISH_REASON_LENGTH,
@@ -147,6 +150,9 @@ class TgiBackend:
             raise self._error(error) from error
 
     def _error(self, error: Exception) -> AskmeshError:
+        """The failure in the generator's words. TGI's address (which httpx's and the hub's
+        messages carry) stays in the log: callers learn what failed, not where TGI lives."""
+        log.warning("[BACKEND] TGI at %s: %s: %s", self.settings.url, type(error).__name__, error)
         if isinstance(error, OverloadedError):
             return ResourceExhausted(f"generator: TGI is overloaded: {error}")
         if isinstance(error, TgiValidationError):
@@ -154,17 +160,17 @@ class TgiBackend:
         if isinstance(error, TextGenerationError):  # generation, incomplete_generation, unknown
             return Unavailable(f"generator: TGI failed during generation: {error}")
         if isinstance(error, HfHubHTTPError):
-            status, detail = error.response.status_code, error.server_message or str(error).strip()
+            status, detail = error.response.status_code, error.server_message or error.response.reason_phrase
             if status == 429:
                 return ResourceExhausted(f"generator: TGI is overloaded: {detail}")
             if status in (400, 422):
                 return InvalidArgument("parameters", f"TGI rejected the request: {detail}")
             return Unavailable(f"generator: TGI answered HTTP {status}: {detail}")
         if isinstance(error, (InferenceTimeoutError, httpx2.TimeoutException)):
-            return Unavailable(f"generator: TGI at {self.settings.url} timed out: {error}")
+            return Unavailable("generator: TGI timed out")
         if isinstance(error, json.JSONDecodeError):
             return Unavailable(f"generator: TGI sent an unreadable event: {error}")
-        return Unavailable(f"generator: TGI at {self.settings.url} is unreachable: {type(error).__name__}: {error}")
+        return Unavailable(f"generator: TGI is unreachable ({type(error).__name__})")
 
 
 def _stop_reason(visible: str, requested: list[str]) -> common_pb2.FinishReason.ValueType:
