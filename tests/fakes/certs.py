@@ -14,7 +14,7 @@ from cryptography.x509.oid import NameOID
 
 
 @dataclass(frozen=True)
-class TestCertificates:
+class CertificateFiles:
     ca_file: Path  # what a client trusts
     cert_file: Path  # the server's chain (its certificate, signed by the CA)
     key_file: Path
@@ -24,7 +24,7 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def make_certificates(folder: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> TestCertificates:
+def make_certificates(folder: Path, hosts: tuple[str, ...] = ("localhost", "127.0.0.1")) -> CertificateFiles:
     """A CA and a server certificate for `hosts` (DNS names or IP addresses), as PEM files."""
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
@@ -59,7 +59,7 @@ def make_certificates(folder: Path, hosts: tuple[str, ...] = ("localhost", "127.
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
-    certificates = TestCertificates(folder / "ca.pem", folder / "server.pem", folder / "server-key.pem")
+    certificates = CertificateFiles(folder / "ca.pem", folder / "server.pem", folder / "server-key.pem")
     certificates.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     certificates.cert_file.write_bytes(server.public_bytes(serialization.Encoding.PEM))
     certificates.key_file.write_bytes(
