@@ -4,6 +4,7 @@ only while the front door serves every interface."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import time
@@ -207,3 +208,24 @@ def test_the_cli_names_a_tls_ca_file_it_cannot_use(tmp_path: Path) -> None:
         result = runner.invoke(cli.app, ["--tls-ca", str(path), "kb", "list", "--address", "127.0.0.1:1"])
         assert result.exit_code == 2, result.output
         assert "error: --tls-ca:" in result.output and says in result.output
+
+
+def test_askmesh_up_with_only_a_certificate_stops_in_one_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    certificates = make_certificates(tmp_path / "tls")
+    monkeypatch.setenv("ASKMESH_MESH_TLS_CERT_FILE", str(certificates.cert_file))
+    monkeypatch.delenv("ASKMESH_MESH_TLS_KEY_FILE", raising=False)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:  # `up` installs its own signal handlers
+        result = CliRunner().invoke(cli.app, ["up", "--data-dir", str(tmp_path / "mesh")])
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert result.exit_code == 1, result.output
+    failures = [line for line in result.stderr.splitlines() if line.strip()]
+    sentence = (
+        "askmesh up failed: TLS on the front door needs a certificate and a key, but only the certificate file is "
+        "set: set --tls-key-file (ASKMESH_MESH_TLS_KEY_FILE) too, or neither for plaintext"
+    )
+    assert failures == [sentence], result.stderr
