@@ -40,6 +40,7 @@ class _Options:
     api_key: str | None = None
     tenant: str | None = None
     data_dir = Path(".askmesh")
+    tls_ca: Path | None = None
 
 
 @app.callback()
@@ -58,12 +59,22 @@ def options(
     data_dir: Annotated[
         Path, typer.Option("--data-dir", help="The local mesh's folder: its admin-key and internal-token files.")
     ] = Path(".askmesh"),
+    tls_ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-ca",
+            envvar="ASKMESH_TLS_CA",
+            show_envvar=True,
+            help="Call the front door over TLS, trusting the certificates in this PEM file (default: plaintext).",
+        ),
+    ] = None,
 ) -> None:
     """askmesh: question answering over private documents, as gRPC microservices."""
     _Options.debug = debug
     _Options.api_key = api_key
     _Options.tenant = as_tenant
     _Options.data_dir = data_dir
+    _Options.tls_ca = tls_ca
 
 
 def _file_secret(name: str) -> str | None:
@@ -75,12 +86,13 @@ def _file_secret(name: str) -> str | None:
 
 
 def _connect(address: str) -> grpc.Channel:
-    """A channel to the public API, with the caller's key."""
-    return client.connect(address, _Options.api_key or _file_secret("admin-key"), _Options.tenant)
+    """A channel to the public API, with the caller's key (over TLS with --tls-ca)."""
+    return client.connect(address, _Options.api_key or _file_secret("admin-key"), _Options.tenant, _Options.tls_ca)
 
 
 def _connect_internal(address: str) -> grpc.Channel:
-    """A channel to the mesh's own RPCs (models, the control port), with the local mesh's token."""
+    """A channel to the mesh's own RPCs (models, the control port), with the local mesh's token:
+    always plaintext, as these listen on loopback only."""
     return client.connect(address, _file_secret("internal-token"))
 
 
@@ -139,9 +151,17 @@ def up(
     no_auth: Annotated[
         bool, typer.Option("--no-auth", help="Run WITHOUT authentication: anyone who reaches a port is an admin.")
     ] = False,
+    tls_cert_file: Annotated[
+        Path | None,
+        typer.Option(help="Serve TLS on the front door with this PEM certificate chain ($ASKMESH_MESH_TLS_CERT_FILE)."),
+    ] = None,
+    tls_key_file: Annotated[
+        Path | None,
+        typer.Option(help="The front door's PEM private key, for --tls-cert-file ($ASKMESH_MESH_TLS_KEY_FILE)."),
+    ] = None,
 ) -> None:
     """Start the whole local mesh (every service and Envoy) on 127.0.0.1 until Ctrl-C."""
-    from askmesh.mesh import LocalMesh, MeshLayout, parse_replicas
+    from askmesh.mesh import LocalMesh, MeshLayout, MeshSettings, parse_replicas
     from askmesh.mesh_control import ControlServer
     from askmesh.runtime.auth import AUTH_OFF_WARNING, AuthSettings
 
@@ -160,6 +180,11 @@ def up(
         raise typer.BadParameter(f"{store!r}: expected sqlite, postgres or a postgresql:// URL", param_hint="--store")
     layout.store = store
     layout.auth = not no_auth and AuthSettings().enabled
+    settings = MeshSettings()
+    cert, key = tls_cert_file or settings.tls_cert_file, tls_key_file or settings.tls_key_file
+    # Envoy's config in data_dir names them absolutely: it reads the same from any directory.
+    layout.tls_cert_file = cert.resolve() if cert is not None else None
+    layout.tls_key_file = key.resolve() if key is not None else None
     # The samples are loaded before the front door opens: once it answers, they can be asked about.
     mesh = LocalMesh(layout, telemetry=telemetry, say=console.print, samples_dir=REPO_ROOT / "samples" if samples else None)
     control = ControlServer(mesh)
@@ -189,10 +214,13 @@ def up(
             )
         else:
             errors.print(f"[bold red]{AUTH_OFF_WARNING}[/bold red]")
+        # A client of a TLS front door trusts the CA that signed its certificate.
+        tls_ca = " --tls-ca CA.pem" if layout.tls else ""
+        grpcurl_tls = "-cacert CA.pem" if layout.tls else "-plaintext"
         console.print(
             "\n[bold green]askmesh is ready.[/bold green] In another terminal:\n"
-            '  .venv/bin/askmesh ask "How many days can I work from abroad?"\n'
-            f'  grpcurl -plaintext -H "authorization: Bearer $(cat {layout.admin_key_path})" '
+            f'  .venv/bin/askmesh{tls_ca} ask "How many days can I work from abroad?"\n'
+            f'  grpcurl {grpcurl_tls} -H "authorization: Bearer $(cat {layout.admin_key_path})" '
             f'-d \'{{"question": "What is the hotel limit in Paris?"}}\' {layout.front_address} askmesh.v1.Gateway/Ask\n'
             "  .venv/bin/askmesh replicas            (every replica, its health and metrics port)\n"
             "  .venv/bin/askmesh restart generator   (rolling restart of a tier)\n"

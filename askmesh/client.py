@@ -32,14 +32,34 @@ from askmesh.v1 import (
 TEXT_SUFFIXES = {".md": "markdown", ".markdown": "markdown", ".txt": "text"}
 
 
-def connect(address: str, credential: str | None = None, tenant: str | None = None) -> grpc.Channel:
+def connect(
+    address: str, credential: str | None = None, tenant: str | None = None, tls_ca: Path | None = None
+) -> grpc.Channel:
     """A channel to `address` whose calls carry `credential` (an API key, or the mesh's internal
-    token for its own RPCs) and, for the operator's key, the tenant it acts in."""
+    token for its own RPCs) and, for the operator's key, the tenant it acts in. With `tls_ca` (a
+    PEM file of the certificates to trust) the channel speaks TLS, else plaintext."""
     try:
         check_address(address)
     except ValueError as error:
         raise ValueError(f"--address: {error}") from error
-    return with_credential(grpc.insecure_channel(address, options=CHANNEL_OPTIONS), credential, tenant)
+    if tls_ca is None:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+    else:
+        credentials = grpc.ssl_channel_credentials(root_certificates=read_tls_ca(tls_ca))
+        channel = grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
+    return with_credential(channel, credential, tenant)
+
+
+def read_tls_ca(path: Path) -> bytes:
+    """The PEM certificates of `path`; ValueError naming the file when it holds none."""
+    try:
+        pem = path.read_bytes()
+    except OSError as error:
+        raise ValueError(f"--tls-ca: cannot read {path} ({error.strerror or error})") from error
+    # grpc would otherwise fail every call later with a vague handshake error.
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ValueError(f"--tls-ca: {path} holds no PEM certificate")
+    return pem
 
 
 # Terminal control sequences in text from a server or a model: CSI (colours, cursor moves), OSC

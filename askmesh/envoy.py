@@ -17,6 +17,14 @@ restart moves traffic without dropping a call. A host removed from the file take
 the calls it is serving finish on their connections (`ignore_health_on_host_removal`: removal
 does not wait for the host to fail a health check).
 
+The front door follows Envoy's edge best practices: HTTP/2 limits per downstream connection (a
+client cannot open unbounded streams or make Envoy buffer large windows), headers with
+underscores refused (they could be read as another header by a tier behind), the client's own
+address taken as its address, and an overload manager that caps the connections of every
+listener and stops taking requests before Envoy's heap runs out. It serves TLS when the layout
+names a certificate and key. The admin listener (which can drain or stop Envoy) is always on
+loopback; the internal listener stays plain on the tiers' host.
+
 Envoy's HTTP compressor is deliberately absent: the services compress gRPC messages themselves
 (grpc-encoding: gzip) and Envoy passes them through untouched.
 """
@@ -78,11 +86,19 @@ class Tier:
     capacity_per_replica: bool = True
 
 
+# The admin listener can drain, stop and reconfigure Envoy: it never leaves this machine,
+# whatever host the listeners serve on.
+ADMIN_HOST = "127.0.0.1"
+# Envoy's edge values: small windows bound what one slow reader makes Envoy buffer.
+INITIAL_STREAM_WINDOW_BYTES = 64 * 1024
+INITIAL_CONNECTION_WINDOW_BYTES = 1024 * 1024
+
+
 @dataclass(frozen=True)
 class EnvoyLayout:
     front: list[Tier]  # the public tiers, served on front_port; the first answers health checks
     internal: list[Tier]  # the tiers' calls of one another: served on internal_port
-    host: str = "127.0.0.1"
+    host: str = "127.0.0.1"  # the listeners' (never the admin's: ADMIN_HOST)
     front_port: int = 50051
     internal_port: int = 50052
     admin_port: int = 9901
@@ -92,6 +108,21 @@ class EnvoyLayout:
     # Streams silent for this long are ended (not the stream's total duration).
     stream_idle_timeout_s: int = 300
     health_check_interval_s: float = 1.0
+    # Streams one client connection may hold open at once on the front door (each Ask is one).
+    max_concurrent_streams: int = 100
+    max_request_headers_kb: int = 60
+    # Open downstream connections of every listener together; beyond it Envoy refuses new ones.
+    max_downstream_connections: int = 10_000
+    # Envoy's own heap: past 95% it returns freed memory to the system, past 98% it answers new
+    # requests with 503 instead of growing until the kernel kills it.
+    max_heap_bytes: int = 1024 * 1024 * 1024
+    # The front door's certificate chain and private key (PEM); both or neither.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("TLS on the front door needs both a certificate file and a key file")
 
     def tiers(self) -> list[Tier]:
         """Each tier once (a tier may be on both listeners), front tiers first."""
@@ -189,7 +220,71 @@ def _health_routes(tiers: list[Tier], idle_timeout: str) -> list[dict[str, Any]]
     ]
 
 
-def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier]) -> dict[str, Any]:
+def _front_door_options(layout: EnvoyLayout) -> dict[str, Any]:
+    """What the front door's HttpConnectionManager adds for callers Envoy does not trust.
+    No request timeout: an answer stream lasts as long as the model writes (the idle timeout
+    ends silent ones)."""
+    return {
+        # The caller's own address, not an X-Forwarded-For it wrote itself.
+        "use_remote_address": True,
+        "max_request_headers_kb": layout.max_request_headers_kb,
+        "common_http_protocol_options": {"headers_with_underscores_action": "REJECT_REQUEST"},
+        "http2_protocol_options": {
+            "max_concurrent_streams": layout.max_concurrent_streams,
+            "initial_stream_window_size": INITIAL_STREAM_WINDOW_BYTES,
+            "initial_connection_window_size": INITIAL_CONNECTION_WINDOW_BYTES,
+        },
+    }
+
+
+def _tls_transport_socket(cert_file: Path, key_file: Path) -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
+                # gRPC needs HTTP/2; a client that cannot negotiate it fails the handshake.
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {"certificate_chain": {"filename": str(cert_file)}, "private_key": {"filename": str(key_file)}}
+                ],
+            },
+        },
+    }
+
+
+def _overload_manager(layout: EnvoyLayout) -> dict[str, Any]:
+    heap = "envoy.resource_monitors.fixed_heap"
+    return {
+        "refresh_interval": "0.25s",
+        "resource_monitors": [
+            {
+                "name": "envoy.resource_monitors.global_downstream_max_connections",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3.DownstreamConnectionsConfig",
+                    "max_active_downstream_connections": layout.max_downstream_connections,
+                },
+            },
+            {
+                "name": heap,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.resource_monitors.fixed_heap.v3.FixedHeapConfig",
+                    "max_heap_size_bytes": layout.max_heap_bytes,
+                },
+            },
+        ],
+        "actions": [
+            {"name": "envoy.overload_actions.shrink_heap", "triggers": [{"name": heap, "threshold": {"value": 0.95}}]},
+            {
+                "name": "envoy.overload_actions.stop_accepting_requests",
+                "triggers": [{"name": heap, "threshold": {"value": 0.98}}],
+            },
+        ],
+    }
+
+
+def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier], front: bool = False) -> dict[str, Any]:
     idle = _duration(layout.stream_idle_timeout_s)
     # Health checks and reflection go to the first tier (on the front door, the gateway tier),
     # unless a health check names its tier in HEALTH_SERVICE_HEADER.
@@ -209,6 +304,8 @@ def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier]) -> d
         "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
         "http_filters": [ROUTER],
     }
+    if front:
+        manager.update(_front_door_options(layout))
     if layout.access_log is not None:
         manager["access_log"] = [
             {
@@ -220,13 +317,12 @@ def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier]) -> d
                 },
             }
         ]
-    return {
-        "name": name,
-        "address": _address(layout.host, port),
-        "filter_chains": [
-            {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}
-        ],
+    chain: dict[str, Any] = {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]
     }
+    if front and layout.tls_cert_file is not None and layout.tls_key_file is not None:
+        chain["transport_socket"] = _tls_transport_socket(layout.tls_cert_file, layout.tls_key_file)
+    return {"name": name, "address": _address(layout.host, port), "filter_chains": [chain]}
 
 
 def endpoints_path(endpoints_dir: Path, tier_name: str) -> Path:
@@ -323,17 +419,18 @@ def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
 
 def render(layout: EnvoyLayout) -> dict[str, Any]:
     """The Envoy bootstrap config (v3 API) for `layout`."""
-    listeners = [_listener("front", layout, layout.front_port, layout.front)]
+    listeners = [_listener("front", layout, layout.front_port, layout.front, front=True)]
     if layout.internal:
         listeners.append(_listener("internal", layout, layout.internal_port, layout.internal))
     return {
         # Filesystem EDS needs a node identity.
         "node": {"id": "askmesh-local", "cluster": "askmesh"},
-        "admin": {"address": _address(layout.host, layout.admin_port)},
+        "admin": {"address": _address(ADMIN_HOST, layout.admin_port)},
         "static_resources": {
             "listeners": listeners,
             "clusters": [_cluster(tier, layout) for tier in layout.tiers()],
         },
+        "overload_manager": _overload_manager(layout),
     }
 
 

@@ -25,6 +25,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -38,9 +39,11 @@ from typing import TYPE_CHECKING, Literal
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic_settings import SettingsConfigDict
 
 from askmesh import client, envoy, tiers
 from askmesh.runtime.auth import AuthSettings, new_key, new_secret_file, read_secret_file
+from askmesh.runtime.config import AskmeshSettings
 from askmesh.v1 import gateway_pb2
 
 if TYPE_CHECKING:
@@ -86,6 +89,18 @@ def parse_replicas(text: str) -> dict[str, int]:
     return counts
 
 
+class MeshSettings(AskmeshSettings):
+    """What `askmesh up` reads from ASKMESH_MESH_* (or the `[mesh]` table of $ASKMESH_CONFIG)."""
+
+    section = "mesh"
+    model_config = SettingsConfigDict(env_prefix="ASKMESH_MESH_", extra="ignore")
+
+    # The front door serves TLS with this certificate chain and private key (PEM files, both or
+    # neither); the internal listener, on loopback, stays plaintext.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+
+
 @dataclass
 class MeshLayout:
     data_dir: Path
@@ -110,6 +125,9 @@ class MeshLayout:
     # Every caller needs a key (off only by `askmesh up --no-auth` or ASKMESH_AUTH_ENABLED=false,
     # which every log line then says).
     auth: bool = field(default_factory=lambda: AuthSettings().enabled)
+    # TLS on the front door (both or neither): see MeshSettings.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
 
     @classmethod
     def with_replicas(cls, data_dir: Path, replicas: dict[str, int], **options: object) -> MeshLayout:
@@ -138,6 +156,24 @@ class MeshLayout:
         if len(self.service_ports["retriever"]) > 1:
             self.milvus = "server"
         return self
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
+
+    def check_tls(self) -> None:
+        """MeshError, one sentence, unless TLS is off or both of its files can be read."""
+        cert, key = self.tls_cert_file, self.tls_key_file
+        if (cert is None) != (key is None):
+            given, missing = ("certificate", "key") if cert is not None else ("key", "certificate")
+            setting = "tls-cert-file" if missing == "certificate" else "tls-key-file"
+            raise MeshError(
+                f"TLS on the front door needs a certificate and a key, but only the {given} file is set: "
+                f"set --{setting} (ASKMESH_MESH_{setting.upper().replace('-', '_')}) too, or neither for plaintext"
+            )
+        for kind, path in (("certificate", cert), ("key", key)):
+            if path is not None and not os.access(path, os.R_OK):
+                raise MeshError(f"the front door's TLS {kind} file {path} cannot be read")
 
     @property
     def front_address(self) -> str:
@@ -207,6 +243,8 @@ class MeshLayout:
             admin_port=self.admin_port,
             access_log=self.data_dir / "logs" / "envoy-access.log",
             endpoints_dir=self.endpoints_dir,
+            tls_cert_file=self.tls_cert_file,
+            tls_key_file=self.tls_key_file,
         )
 
 
@@ -386,6 +424,7 @@ class LocalMesh:
         be loaded, or `interrupted` is set."""
         layout = self.layout
         deadline = time.monotonic() + timeout_s
+        layout.check_tls()
         self.make_secrets()
         self._start_store()
         if layout.milvus == "server":
@@ -414,7 +453,8 @@ class LocalMesh:
         self._publish_endpoints("gateway")
         self._wait_envoy(deadline, lambda hosts: self._routes_to_all(hosts, "gateway"))
         self._wait_front_door(deadline)
-        self.say(f"  {'envoy':<12} front door on {layout.front_address}, tiers on {layout.internal_address}")
+        front = f"{layout.front_address} (TLS)" if layout.tls else layout.front_address
+        self.say(f"  {'envoy':<12} front door on {front}, tiers on {layout.internal_address}")
 
     def _routes_to_all(self, hosts: dict[str, dict[str, bool]], name: str) -> bool:
         """Whether Envoy routes to every replica of the tier (each in its view and healthy)."""
@@ -438,6 +478,9 @@ class LocalMesh:
 
     def _wait_front_door(self, deadline: float) -> None:
         assert self.envoy is not None
+        if self.layout.tls:
+            self._wait_front_door_tls(deadline)
+            return
         with grpc.insecure_channel(self.layout.front_address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
 
@@ -447,6 +490,29 @@ class LocalMesh:
 
             failure = f"Envoy's front door did not answer SERVING in time; see {self.envoy.log_path}"
             self._wait_for(self.envoy, deadline, serving, failure)
+
+    def _wait_front_door_tls(self, deadline: float) -> None:
+        """The front door's TLS handshake completes with HTTP/2 negotiated. The mesh cannot call
+        it over gRPC: the certificate may chain to a CA it does not have, for a name other than
+        its own address. Envoy routing to every gateway, which a health check through the front
+        door would prove, was checked already."""
+        assert self.envoy is not None
+        layout = self.layout
+        context = ssl.create_default_context()
+        # Readiness of this machine's own listener, not trust in it: no verification.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        context.set_alpn_protocols(["h2"])
+
+        def handshakes() -> bool:
+            with (
+                socket.create_connection((layout.host, layout.front_port), timeout=1) as raw,
+                context.wrap_socket(raw) as tls,
+            ):
+                return tls.selected_alpn_protocol() == "h2"
+
+        failure = f"Envoy's front door did not complete a TLS handshake in time; see {self.envoy.log_path}"
+        self._wait_for(self.envoy, deadline, handshakes, failure)
 
     def _start_store(self) -> None:
         """A local PostgreSQL server for `store="postgres"`; for SQLite, the file of a mesh made
@@ -532,7 +598,7 @@ class LocalMesh:
     # -- Envoy's view ----------------------------------------------------------------------
     def envoy_hosts(self) -> dict[str, dict[str, bool]]:
         """Envoy's view: for each cluster, each host it routes to and whether it is healthy."""
-        url = f"http://{self.layout.host}:{self.layout.admin_port}/clusters?format=json"
+        url = f"http://{envoy.ADMIN_HOST}:{self.layout.admin_port}/clusters?format=json"
         with urllib.request.urlopen(url, timeout=2) as response:
             clusters = json.load(response)["cluster_statuses"]
         view: dict[str, dict[str, bool]] = {}

@@ -9,17 +9,92 @@ import yaml
 
 from askmesh import envoy
 from askmesh.mesh import LocalMesh, MeshLayout, parse_replicas
+from tests.fakes.certs import make_certificates
 
 
-def layout(tmp_path: Path) -> envoy.EnvoyLayout:
-    mesh = MeshLayout(data_dir=tmp_path)
+def layout(tmp_path: Path, **options: object) -> envoy.EnvoyLayout:
+    mesh = MeshLayout(data_dir=tmp_path, **options)  # type: ignore[arg-type]
     mesh.service_ports["generator"] = [50063, 50073]
     return mesh.envoy_layout()
+
+
+def tls_layout(tmp_path: Path) -> envoy.EnvoyLayout:
+    certificates = make_certificates(tmp_path / "tls")
+    return layout(tmp_path, tls_cert_file=certificates.cert_file, tls_key_file=certificates.key_file)
 
 
 def test_envoy_validates_the_config(tmp_path: Path) -> None:
     path = envoy.write_config(layout(tmp_path), tmp_path / "envoy.yaml")
     envoy.validate_config(path)  # raises with Envoy's own message when invalid
+
+
+def test_envoy_validates_the_config_with_tls_on_the_front_door(tmp_path: Path) -> None:
+    path = envoy.write_config(tls_layout(tmp_path), tmp_path / "envoy.yaml")
+    envoy.validate_config(path)  # Envoy loads the certificate and key while it validates
+
+
+def manager_of(config: dict, listener_name: str) -> dict:
+    listener = next(l for l in config["static_resources"]["listeners"] if l["name"] == listener_name)
+    return listener["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def test_the_front_door_limits_each_connection_and_envoy_sheds_load(tmp_path: Path) -> None:
+    config = envoy.render(layout(tmp_path))
+    front = manager_of(config, "front")
+    assert front["http2_protocol_options"] == {
+        "max_concurrent_streams": 100,
+        "initial_stream_window_size": 65536,
+        "initial_connection_window_size": 1048576,
+    }
+    assert front["common_http_protocol_options"]["headers_with_underscores_action"] == "REJECT_REQUEST"
+    assert front["max_request_headers_kb"] == 60 and front["use_remote_address"] is True
+    # Long answer streams: still only an idle timeout, no total one.
+    assert front["stream_idle_timeout"] == "300s" and "request_timeout" not in front
+    assert "max_stream_duration" not in str(front)
+    # The internal listener serves the tiers only and is left as it was.
+    assert manager_of(config, "internal")["http2_protocol_options"] == {}
+    assert "use_remote_address" not in manager_of(config, "internal")
+
+    overload = config["overload_manager"]
+    monitors = {m["name"]: m["typed_config"] for m in overload["resource_monitors"]}
+    connections = monitors["envoy.resource_monitors.global_downstream_max_connections"]
+    assert connections["max_active_downstream_connections"] == 10_000
+    assert monitors["envoy.resource_monitors.fixed_heap"]["max_heap_size_bytes"] > 0
+    actions = {a["name"]: a["triggers"][0] for a in overload["actions"]}
+    assert set(actions) == {"envoy.overload_actions.shrink_heap", "envoy.overload_actions.stop_accepting_requests"}
+    assert all(t["name"] == "envoy.resource_monitors.fixed_heap" for t in actions.values())
+
+    gateway = envoy.Tier("gateway", "askmesh.v1.Gateway", ["127.0.0.1:50054"], ["askmesh.v1.Gateway"])
+    smaller = envoy.render(envoy.EnvoyLayout(front=[gateway], internal=[], max_downstream_connections=50))
+    smaller_monitors = {m["name"]: m["typed_config"] for m in smaller["overload_manager"]["resource_monitors"]}
+    assert smaller_monitors["envoy.resource_monitors.global_downstream_max_connections"] == {
+        **connections,
+        "max_active_downstream_connections": 50,
+    }
+
+
+def test_the_front_door_serves_tls_when_given_a_certificate_and_the_internal_listener_does_not(tmp_path: Path) -> None:
+    config = envoy.render(tls_layout(tmp_path))
+    listeners = {l["name"]: l for l in config["static_resources"]["listeners"]}
+    socket = listeners["front"]["filter_chains"][0]["transport_socket"]
+    assert socket["name"] == "envoy.transport_sockets.tls"
+    assert socket["typed_config"]["@type"].endswith("DownstreamTlsContext")
+    context = socket["typed_config"]["common_tls_context"]
+    assert context["alpn_protocols"] == ["h2"]
+    assert context["tls_params"]["tls_minimum_protocol_version"] == "TLSv1_2"
+    assert context["tls_certificates"] == [
+        {
+            "certificate_chain": {"filename": str(tmp_path / "tls" / "server.pem")},
+            "private_key": {"filename": str(tmp_path / "tls" / "server-key.pem")},
+        }
+    ]
+    assert "transport_socket" not in listeners["internal"]["filter_chains"][0]
+    assert "transport_socket" not in str(envoy.render(layout(tmp_path)))
+
+
+def test_tls_needs_both_a_certificate_and_a_key(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="both a certificate file and a key file"):
+        envoy.EnvoyLayout(front=[], internal=[], tls_cert_file=tmp_path / "cert.pem")
 
 
 def test_envoy_rejects_a_broken_config(tmp_path: Path) -> None:
@@ -156,6 +231,13 @@ def test_every_port_binds_to_loopback(tmp_path: Path) -> None:
     config = envoy.render(layout(tmp_path))
     addresses = [config["admin"]["address"]] + [l["address"] for l in config["static_resources"]["listeners"]]
     assert {a["socket_address"]["address"] for a in addresses} == {"127.0.0.1"}
+
+
+def test_the_admin_port_stays_on_loopback_when_the_listeners_serve_every_interface(tmp_path: Path) -> None:
+    config = envoy.render(layout(tmp_path, host="0.0.0.0"))
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    listeners = {l["name"]: l["address"]["socket_address"]["address"] for l in config["static_resources"]["listeners"]}
+    assert listeners == {"front": "0.0.0.0", "internal": "0.0.0.0"}
 
 
 def routes_of(config: dict, listener_name: str) -> list[tuple[str, str]]:

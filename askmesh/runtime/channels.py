@@ -24,8 +24,16 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 HEALTH_SERVICE_HEADER = "askmesh-health-service"
 
 
-def open_channel(address: str, credential: str | None = None) -> grpc.aio.Channel:
-    """An insecure channel to `host:port` whose calls carry `credential` as a bearer token (none
-    when None); raises ValueError for a malformed address."""
+def open_channel(
+    address: str, credential: str | None = None, root_certificates: bytes | None = None
+) -> grpc.aio.Channel:
+    """A channel to `host:port` whose calls carry `credential` as a bearer token (none when
+    None): TLS trusting `root_certificates` (PEM) when given, else plaintext (the tiers' own
+    calls, on loopback through Envoy's internal listener); raises ValueError for a malformed
+    address."""
     check_address(address)
-    return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=credential_interceptors(credential))
+    interceptors = credential_interceptors(credential)
+    if root_certificates is None:
+        return grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS, interceptors=interceptors)
+    credentials = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    return grpc.aio.secure_channel(address, credentials, options=CHANNEL_OPTIONS, interceptors=interceptors)
