@@ -3,6 +3,7 @@ either side), for the server interceptors that check a call before its servicer 
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -23,15 +24,20 @@ def wrapped(
     unary: Callable[[Unary], Unary],
     streaming: Callable[[Streaming], Streaming],
 ) -> grpc.RpcMethodHandler:
-    """The handler with its behaviour wrapped: `unary` for the kinds that return one response,
-    `streaming` for those that yield many."""
+    """The handler with its behaviour wrapped: `streaming` for async generators (which yield
+    their responses), `unary` for coroutines (which return one response, or write a stream's
+    with context.write, as grpcio-health-checking's Watch does)."""
+
+    def wrap(behaviour: Any) -> Any:
+        return streaming(behaviour) if inspect.isasyncgenfunction(behaviour) else unary(behaviour)
+
     if handler.unary_unary:
-        return replace(handler, unary_unary=unary(handler.unary_unary))
+        return replace(handler, unary_unary=wrap(handler.unary_unary))
     if handler.unary_stream:
-        return replace(handler, unary_stream=streaming(handler.unary_stream))
+        return replace(handler, unary_stream=wrap(handler.unary_stream))
     if handler.stream_unary:
-        return replace(handler, stream_unary=unary(handler.stream_unary))
-    return replace(handler, stream_stream=streaming(handler.stream_stream))
+        return replace(handler, stream_unary=wrap(handler.stream_unary))
+    return replace(handler, stream_stream=wrap(handler.stream_stream))
 
 
 def refusing(handler: grpc.RpcMethodHandler, error: AskmeshError) -> grpc.RpcMethodHandler:
