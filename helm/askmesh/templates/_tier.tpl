@@ -202,7 +202,10 @@ spec:
           - {key: {{ $root.Values.auth.operatorKeyKey }}, path: operator-key}
     {{- end }}
     {{- if and (eq $root.Values.models.source "volume") (has $tier (list "embedder" "generator")) }}
+    {{- if not $root.Values.models.volume }}
+    {{- fail "models.volume is required when models.source is volume (e.g. {persistentVolumeClaim: {claimName: askmesh-models}})" }}
+    {{- end }}
     - name: models
-      {{- toYaml (required "models.volume is required when models.source is volume" $root.Values.models.volume) | nindent 6 }}
+      {{- toYaml $root.Values.models.volume | nindent 6 }}
     {{- end }}
 {{- end -}}
