@@ -439,3 +439,80 @@ def test_a_weight_without_canary_pods_is_refused() -> None:
     assert result.returncode != 0 and "retriever.canary.enabled is false" in result.stderr
     result = helm_template("--set", "retriever.canary.enabled=true", "--set", "retriever.canary.weight=101", check=False)
     assert result.returncode != 0 and "not within 0-100" in result.stderr
+
+
+def test_envoy_splits_calls_by_the_canary_weight(tmp_path: Path) -> None:
+    """The rendered config in a real Envoy: two gateway "pods" (a stable and a canary one, told
+    apart by the health status each reports for a probe service name), 30 percent to the canary."""
+    import asyncio
+    import time
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from askmesh.mesh import free_ports
+
+    docs = render("--set", "gateway.canary.enabled=true", "--set", "gateway.canary.weight=30")
+    text, runtime = envoy_config(docs)
+    front, internal, admin, backend = free_ports(4)
+    # Stand-ins for the two headless Services' pods: the same port on two loopback addresses.
+    hosts = {f"{FULLNAME}-gateway.{NAMESPACE}.svc.cluster.local": "127.0.0.1",
+             f"{FULLNAME}-gateway-canary.{NAMESPACE}.svc.cluster.local": "127.0.0.2"}
+    config = yaml.safe_load(text)
+    config.update(runtime)
+    config["admin"]["address"]["socket_address"]["port_value"] = admin
+    for listener, port in zip(config["static_resources"]["listeners"], (front, internal)):
+        listener["address"]["socket_address"].update(address="127.0.0.1", port_value=port)
+        listener["filter_chains"][0]["filters"][0]["typed_config"].pop("access_log", None)
+    for cluster in config["static_resources"]["clusters"]:
+        address = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        address.update(address=hosts.get(address["address"], "127.0.0.3"), port_value=backend)
+    path = tmp_path / "envoy.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    async def scenario() -> dict[str, int]:
+        servers = []
+        for host, probe in (("127.0.0.1", "stable"), ("127.0.0.2", "canary")):
+            server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            servicer = health.aio.HealthServicer()
+            await servicer.set("askmesh.v1.Gateway", health_pb2.HealthCheckResponse.SERVING)
+            # The probe name answers SERVING on the stable pod only: who answered is visible.
+            serving = health_pb2.HealthCheckResponse.SERVING if probe == "stable" else health_pb2.HealthCheckResponse.NOT_SERVING
+            await servicer.set("which", serving)
+            health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+            server.add_insecure_port(f"{host}:{backend}")
+            await server.start()
+            servers.append(server)
+        process = subprocess.Popen(envoy.envoy_command(path, tmp_path / "envoy.log"))
+        try:
+            counts = {"stable": 0, "canary": 0}
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{front}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                deadline = time.monotonic() + 20
+                while True:  # until Envoy has health-checked both hosts
+                    try:
+                        await stub.Check(health_pb2.HealthCheckRequest(service="which"), timeout=1)
+                        counts = {"stable": 0, "canary": 0}
+                        seen = set()
+                        for _ in range(40):
+                            reply = await stub.Check(health_pb2.HealthCheckRequest(service="which"), timeout=2)
+                            seen.add(reply.status)
+                        if len(seen) == 2:
+                            break
+                    except grpc.aio.AioRpcError:
+                        pass
+                    assert time.monotonic() < deadline, (tmp_path / "envoy.log").read_text()[-2000:]
+                    await asyncio.sleep(0.3)
+                for _ in range(400):
+                    reply = await stub.Check(health_pb2.HealthCheckRequest(service="which"), timeout=2)
+                    counts["stable" if reply.status == health_pb2.HealthCheckResponse.SERVING else "canary"] += 1
+            return counts
+        finally:
+            process.terminate()
+            process.wait(timeout=10)
+            for server in servers:
+                await server.stop(0)
+
+    counts = asyncio.run(scenario())
+    # 30 % of 400 is 120; a binomial spread of ±4 standard deviations (±37) still fails a wrong weight.
+    assert 83 <= counts["canary"] <= 157, counts
