@@ -42,6 +42,7 @@ protos: install
 # The Helm chart's Envoy config, from askmesh/envoy.py (tests/test_helm.py fails when it is stale).
 envoy-k8s: install
 	$(PY) -m askmesh.envoy_k8s > helm/askmesh/files/envoy.yaml
+	$(PY) -m askmesh.envoy_k8s --tls > helm/askmesh/files/envoy-tls.yaml
 
 clean:
 	rm -rf $(VENV) .askmesh

@@ -12,10 +12,15 @@ found and where traffic may go:
   this file), which the chart sets from `<tier>.canary.weight` in a runtime layer it passes with
   `--config-yaml`; a weight can also be changed live through Envoy's admin `/runtime_modify`.
 
-The file is rendered once, with placeholders where the chart puts the release's names, and
-committed under helm/askmesh/files/ (a test renders it again and compares, so it cannot drift):
+- with `tls`, the front door speaks TLS (HTTP/2 by ALPN) with the certificate and key of a
+  kubernetes.io/tls Secret mounted at TLS_DIR; the internal listener stays plaintext inside the
+  cluster (its calls carry the internal token).
+
+The files are rendered once, with placeholders where the chart puts the release's names, and
+committed under helm/askmesh/files/ (a test renders them again and compares, so they cannot drift):
 
     python -m askmesh.envoy_k8s > helm/askmesh/files/envoy.yaml
+    python -m askmesh.envoy_k8s --tls > helm/askmesh/files/envoy-tls.yaml
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ CANARY_SUFFIX = "-canary"
 DNS_REFRESH = "5s"
 # Envoy's admin stays inside the pod: it can drain, change weights and quit.
 ADMIN_HOST = "127.0.0.1"
+# Where the chart mounts the front door's TLS Secret (its tls.crt and tls.key).
+TLS_DIR = "/etc/envoy/tls"
 
 
 def service_host(tier: str) -> str:
@@ -85,7 +92,22 @@ def _weighted(route: dict[str, Any]) -> None:
     }
 
 
-def render_kubernetes(layout: envoy.EnvoyLayout | None = None) -> dict[str, Any]:
+def _front_tls() -> dict[str, Any]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {"certificate_chain": {"filename": f"{TLS_DIR}/tls.crt"}, "private_key": {"filename": f"{TLS_DIR}/tls.key"}}
+                ],
+            },
+        },
+    }
+
+
+def render_kubernetes(layout: envoy.EnvoyLayout | None = None, tls: bool = False) -> dict[str, Any]:
     """The bootstrap config for the chart's Envoy Deployment."""
     layout = layout or kubernetes_layout()
     # A copy without shared objects (render reuses one route dict for several matches).
@@ -107,6 +129,9 @@ def render_kubernetes(layout: envoy.EnvoyLayout | None = None) -> dict[str, Any]
                 for host in network_filter["typed_config"]["route_config"]["virtual_hosts"]:
                     for route in host["routes"]:
                         _weighted(route["route"])
+        if tls and listener["name"] == "front":
+            for chain in listener["filter_chains"]:
+                chain["transport_socket"] = _front_tls()
     return config
 
 
@@ -132,8 +157,11 @@ def dump(config: dict[str, Any]) -> str:
     return header + yaml.dump(config, Dumper=_NoAliases, sort_keys=False)
 
 
-def main() -> None:
-    sys.stdout.write(dump(render_kubernetes()))
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if args not in ([], ["--tls"]):
+        raise SystemExit("usage: python -m askmesh.envoy_k8s [--tls]")
+    sys.stdout.write(dump(render_kubernetes(tls=args == ["--tls"])))
 
 
 if __name__ == "__main__":

@@ -338,21 +338,63 @@ def test_auth_files_are_mounted_from_the_existing_secret() -> None:
 # --- Envoy ------------------------------------------------------------------------------------------
 
 
-def test_the_committed_envoy_config_is_a_fresh_render() -> None:
-    committed = (CHART / "files" / "envoy.yaml").read_text()
-    assert committed == envoy_k8s.dump(envoy_k8s.render_kubernetes()), (
-        "helm/askmesh/files/envoy.yaml is stale: python -m askmesh.envoy_k8s > helm/askmesh/files/envoy.yaml"
+@pytest.mark.parametrize(("file", "flags"), [("envoy.yaml", []), ("envoy-tls.yaml", ["--tls"])])
+def test_the_committed_envoy_config_is_a_fresh_render(file: str, flags: list[str]) -> None:
+    committed = (CHART / "files" / file).read_text()
+    assert committed == envoy_k8s.dump(envoy_k8s.render_kubernetes(tls=bool(flags))), (
+        f"helm/askmesh/files/{file} is stale: python -m askmesh.envoy_k8s {' '.join(flags)} > helm/askmesh/files/{file}"
+    )
+
+
+def _self_signed(directory: Path) -> None:
+    """tls.crt and tls.key, as a kubernetes.io/tls Secret mounts them."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "askmesh.example.com")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
 
 
 @pytest.mark.parametrize("name", PROFILES)
 def test_envoy_validates_the_rendered_config(name: str, tmp_path: Path) -> None:
     text, runtime = envoy_config(profile(name))
+    if envoy_k8s.TLS_DIR in text:  # Envoy reads the certificate when it validates
+        _self_signed(tmp_path / "tls")
+        text = text.replace(envoy_k8s.TLS_DIR, str(tmp_path / "tls"))
     config = yaml.safe_load(text)
     config.update(runtime)  # what --config-yaml merges in
     path = tmp_path / "envoy.yaml"
     path.write_text(yaml.safe_dump(config))
     envoy.validate_config(path)
+
+
+def test_front_door_tls_from_a_secret() -> None:
+    docs = profile("external")
+    text, _ = envoy_config(docs)
+    listeners = {l["name"]: l for l in yaml.safe_load(text)["static_resources"]["listeners"]}
+    socket = listeners["front"]["filter_chains"][0]["transport_socket"]["typed_config"]
+    assert socket["common_tls_context"]["alpn_protocols"] == ["h2"]  # gRPC needs HTTP/2
+    assert "transport_socket" not in listeners["internal"]["filter_chains"][0]
+    pod = of_kind(docs, "Deployment")[f"{FULLNAME}-envoy"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == "askmesh-front-tls"
+    assert {"name": "tls", "mountPath": envoy_k8s.TLS_DIR, "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert "transport_socket" not in envoy_config(profile("default"))[0]
 
 
 @pytest.mark.parametrize("name", PROFILES)

@@ -196,7 +196,7 @@ spec:
     - name: auth
       secret:
         secretName: {{ $root.Values.auth.existingSecret }}
-        defaultMode: 0400
+        defaultMode: 0440
         items:
           - {key: {{ $root.Values.auth.internalTokenKey }}, path: internal-token}
           - {key: {{ $root.Values.auth.operatorKeyKey }}, path: operator-key}
