@@ -92,24 +92,11 @@ def _weighted(route: dict[str, Any]) -> None:
     }
 
 
-def _front_tls() -> dict[str, Any]:
-    return {
-        "name": "envoy.transport_sockets.tls",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-            "common_tls_context": {
-                "alpn_protocols": ["h2"],
-                "tls_certificates": [
-                    {"certificate_chain": {"filename": f"{TLS_DIR}/tls.crt"}, "private_key": {"filename": f"{TLS_DIR}/tls.key"}}
-                ],
-            },
-        },
-    }
-
-
 def render_kubernetes(layout: envoy.EnvoyLayout | None = None, tls: bool = False) -> dict[str, Any]:
     """The bootstrap config for the chart's Envoy Deployment."""
     layout = layout or kubernetes_layout()
+    if tls:
+        layout = replace(layout, tls_cert_file=Path(TLS_DIR) / "tls.crt", tls_key_file=Path(TLS_DIR) / "tls.key")
     # A copy without shared objects (render reuses one route dict for several matches).
     config = json.loads(json.dumps(envoy.render(layout)))
     config["node"] = {"id": "askmesh", "cluster": "askmesh"}
@@ -129,9 +116,6 @@ def render_kubernetes(layout: envoy.EnvoyLayout | None = None, tls: bool = False
                 for host in network_filter["typed_config"]["route_config"]["virtual_hosts"]:
                     for route in host["routes"]:
                         _weighted(route["route"])
-        if tls and listener["name"] == "front":
-            for chain in listener["filter_chains"]:
-                chain["transport_socket"] = _front_tls()
     return config
 
 
