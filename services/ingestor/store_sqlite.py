@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tenacity import retry, retry_if_exception, stop_after_delay, wait_random_exponential
+
 from services.ingestor.sql_base import Dialect
 from services.ingestor.sql_store import SqlStore
 
@@ -43,6 +45,23 @@ SQLITE = Dialect(
 )
 
 
+def _locked(error: BaseException) -> bool:
+    return isinstance(error, sqlite3.OperationalError) and "locked" in str(error)
+
+
+# Switching a new file to WAL takes an exclusive lock and SQLite answers "database is locked" at
+# once, without its busy handler, while another process opens the same file: replicas starting
+# together on an empty database would fail. Retried here for as long as the busy timeout.
+@retry(
+    retry=retry_if_exception(_locked),
+    stop=stop_after_delay(BUSY_TIMEOUT_S),
+    wait=wait_random_exponential(multiplier=0.01, max=0.25),
+    reraise=True,
+)
+def _enter_wal_mode(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode = WAL")
+
+
 class SqliteStore(SqlStore):
     """`Store` on one SQLite file (WAL, foreign keys on, 5 s busy timeout).
 
@@ -69,7 +88,7 @@ class SqliteStore(SqlStore):
         try:
             self._conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
             self._conn.execute("PRAGMA foreign_keys = ON")
-            self._conn.execute("PRAGMA journal_mode = WAL")
+            _enter_wal_mode(self._conn)
             self._migrate(str(self.path))
         except BaseException:
             self._conn.close()
