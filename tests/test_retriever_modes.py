@@ -14,6 +14,7 @@ from google.protobuf import struct_pb2
 from pymilvus import DataType, MilvusClient
 
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument
+from askmesh.runtime.validation import check_search_mode
 from askmesh.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from services.retriever import modes
 from services.retriever.config import RetrieverSettings
@@ -85,14 +86,14 @@ def test_an_unspecified_mode_is_dense_and_a_collection_without_the_index_falls_b
 
 
 def test_a_threshold_goes_with_dense_search_only_and_modes_are_the_enums() -> None:
-    modes.check_mode_request(DENSE, has_threshold=True)
-    modes.check_mode_request(common_pb2.SEARCH_MODE_UNSPECIFIED, has_threshold=True)
-    modes.check_mode_request(HYBRID, has_threshold=False)
+    check_search_mode(DENSE, has_threshold=True)
+    check_search_mode(common_pb2.SEARCH_MODE_UNSPECIFIED, has_threshold=True)
+    check_search_mode(HYBRID, has_threshold=False)
     for mode in (KEYWORD, HYBRID):
         with pytest.raises(InvalidArgument, match=r"^score_threshold: is a cosine similarity, which (keyword|hybrid) search does not score"):
-            modes.check_mode_request(mode, has_threshold=True)
+            check_search_mode(mode, has_threshold=True)
     with pytest.raises(InvalidArgument, match=r"^search_mode: 7 is not a search mode"):
-        modes.check_mode_request(7, has_threshold=False)
+        check_search_mode(7, has_threshold=False)
 
 
 def test_bm25_scores_are_positive_whichever_sign_milvus_gives_them() -> None:
@@ -195,7 +196,7 @@ async def test_a_keyword_search_needs_no_vector(retrieval_engine: RetrievalEngin
 # -- collections made before keyword search -----------------------------------------------------
 
 
-def create_old_collection(client: MilvusClient, knowledge_base: str) -> None:
+def create_old_collection(client: MilvusClient, knowledge_base: str, dimension: int = DIM, model: str = "m") -> None:
     """A collection as askmesh made them before keyword search: no analyzer, no BM25 field."""
     schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
     schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=128)
@@ -205,13 +206,13 @@ def create_old_collection(client: MilvusClient, knowledge_base: str) -> None:
     schema.add_field("title", DataType.VARCHAR, max_length=512)
     schema.add_field("text", DataType.VARCHAR, max_length=65_535)
     schema.add_field("metadata", DataType.JSON)
-    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=DIM)
+    schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
     index_params = MilvusClient.prepare_index_params()
     index_params.add_index(field_name="vector", index_type="HNSW", metric_type="COSINE", params={"M": 16, "efConstruction": 200})
     name = collection_name(knowledge_base, 1)
     client.create_collection(
         name, schema=schema, index_params=index_params, consistency_level="Strong",
-        properties={EMBEDDING_MODEL_PROPERTY: "m", SCHEMA_PROPERTY: "{}"},
+        properties={EMBEDDING_MODEL_PROPERTY: model, SCHEMA_PROPERTY: "{}"},
     )
     client.load_collection(name)
     client.create_alias(name, alias_name(knowledge_base))

@@ -32,10 +32,27 @@ MAX_SEARCH_ATTEMPTS = 3
 T = TypeVar("T")
 
 
+# What a question's retrieval reads of an Ask or a Search: the same fields in both.
+SourcesQuery = gateway_pb2.AskRequest | gateway_pb2.SearchQuery
+
+
 @dataclass(frozen=True)
 class Retrieved:
     citations: list[gateway_pb2.Citation]
     embedding_model: str
+    search_mode: int = common_pb2.SEARCH_MODE_UNSPECIFIED  # the one that ran
+    search_notice: str = ""
+
+
+def search_mode_for(query: SourcesQuery, view: catalog_pb2.SearchView) -> int:
+    """The question's own mode; else DENSE where it sets a score threshold (a cosine similarity,
+    which only dense search scores: a client that set thresholds before search modes keeps its
+    answers); else the knowledge base's default."""
+    if query.search_mode:
+        return query.search_mode
+    if query.HasField("score_threshold"):
+        return common_pb2.SEARCH_MODE_DENSE
+    return view.search_mode or common_pb2.SEARCH_MODE_DENSE
 
 
 @dataclass
@@ -200,24 +217,58 @@ class GatewayEngine:
                 return
         raise Unavailable("generator tier unavailable: the stream ended without a final message")
 
+    async def search(self, query: gateway_pb2.SearchQuery, caller: Caller, deadline: Deadline) -> gateway_pb2.SearchResults:
+        """The sources an Ask of the same question would get, without the answer."""
+        started = time.perf_counter()
+        name = query.knowledge_base or self.settings.default_knowledge_base
+        clock = AskClock(started)
+        view = await clock.waiting(self.upstreams.search_view(name, caller.tenant, deadline))
+        retrieved = await self._retrieve(query, view, caller.tenant, deadline, clock)
+        embed_started = clock.embed_started or started
+        embedded_at = clock.embedded_at or embed_started
+        return gateway_pb2.SearchResults(
+            citations=retrieved.citations,
+            search_mode=retrieved.search_mode,  # type: ignore[arg-type]
+            search_notice=retrieved.search_notice,
+            embedding_model=retrieved.embedding_model,
+            timings=gateway_pb2.SearchResultsTimings(
+                embed_ms=(embedded_at - embed_started) * 1000,
+                search_ms=((clock.searched_at or embedded_at) - embedded_at) * 1000,
+                total_ms=(time.perf_counter() - started) * 1000,
+            ),
+        )
+
     async def _retrieve(
-        self, request: gateway_pb2.AskRequest, view: catalog_pb2.SearchView, tenant: str, deadline: Deadline, clock: AskClock
+        self, query: SourcesQuery, view: catalog_pb2.SearchView, tenant: str, deadline: Deadline, clock: AskClock
     ) -> Retrieved:
-        """The question's embedding, then the knowledge base's best chunks as citations."""
-        clock.embed_started = time.perf_counter()
-        embedded = await clock.waiting(self.upstreams.embed([request.question], deadline))
-        clock.embedded_at = time.perf_counter()
+        """The question's embedding (none for keyword search, which needs only its words), then
+        the knowledge base's best chunks as citations."""
+        mode = search_mode_for(query, view)
         search = retriever_pb2.SearchRequest(
             knowledge_base=view.collection,
-            vector=embedded.embeddings[0].values,
-            top_k=request.top_k or self.settings.default_top_k,
-            filters=request.filters,
+            top_k=query.top_k or self.settings.default_top_k,
+            filters=query.filters,
+            search_mode=mode,  # type: ignore[arg-type]
+            query_text=query.question if mode != common_pb2.SEARCH_MODE_DENSE else "",
         )
-        if request.HasField("score_threshold"):
-            search.score_threshold = request.score_threshold
+        clock.embed_started = time.perf_counter()
+        embedding_model = ""
+        if mode != common_pb2.SEARCH_MODE_KEYWORD:
+            embedded = await clock.waiting(self.upstreams.embed([query.question], deadline))
+            search.vector.extend(embedded.embeddings[0].values)
+            embedding_model = embedded.model
+        clock.embedded_at = time.perf_counter()
+        if query.HasField("score_threshold"):
+            search.score_threshold = query.score_threshold
         found = await clock.waiting(self.search_consistently(search, view, tenant, deadline))
         clock.searched_at = time.perf_counter()
-        return Retrieved([self._citation(number, result) for number, result in enumerate(found.results, start=1)], embedded.model)
+        return Retrieved(
+            [self._citation(number, result) for number, result in enumerate(found.results, start=1)],
+            embedding_model,
+            search_mode=found.search_mode,
+            # Named by the knowledge base, not its collection key (as errors are).
+            search_notice=found.notice.replace(view.collection, view.knowledge_base) if view.collection else found.notice,
+        )
 
     @staticmethod
     def _citation(number: int, result: retriever_pb2.ScoredChunk) -> gateway_pb2.Citation:
@@ -258,7 +309,11 @@ class GatewayEngine:
             copy.CopyFrom(citation)
             copy.in_prompt = index in used
             citations.append(copy)
-        return gateway_pb2.Sources(citations=citations)
+        return gateway_pb2.Sources(
+            citations=citations,
+            search_mode=retrieved.search_mode,  # type: ignore[arg-type]
+            search_notice=retrieved.search_notice,
+        )
 
     async def search_consistently(
         self, search: retriever_pb2.SearchRequest, view: catalog_pb2.SearchView, tenant: str, deadline: Deadline

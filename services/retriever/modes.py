@@ -26,23 +26,18 @@ from typing import Any
 from pymilvus import AnnSearchRequest, DataType, Function, FunctionType, RRFRanker, WeightedRanker
 from pymilvus.milvus_client.index import IndexParams
 
-from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, shown
+from askmesh.runtime.errors import FailedPrecondition, shown
 from askmesh.v1 import common_pb2
 from services.retriever.config import RetrieverSettings
 
 DENSE = common_pb2.SEARCH_MODE_DENSE
 KEYWORD = common_pb2.SEARCH_MODE_KEYWORD
 HYBRID = common_pb2.SEARCH_MODE_HYBRID
-MODES = (DENSE, KEYWORD, HYBRID)
 
 DENSE_FIELD = "vector"
 TEXT_FIELD = "text"
 SPARSE_FIELD = "sparse"
 BM25_FUNCTION = "text_bm25"
-
-
-def mode_name(mode: int) -> str:
-    return common_pb2.SearchMode.Name(mode).removeprefix("SEARCH_MODE_").lower()
 
 
 @dataclass(frozen=True)
@@ -69,18 +64,6 @@ def plan_mode(requested: int, knowledge_base: str, keyword_index: bool) -> ModeP
         DENSE,
         f"knowledge base {shown(knowledge_base)} was built before keyword search, so it was searched by meaning only (dense); {cure}",
     )
-
-
-def check_mode_request(mode: int, has_threshold: bool, field: str = "search_mode") -> None:
-    """A mode is one of the enum's values, and a score threshold (a cosine similarity) goes with
-    dense search only."""
-    if mode not in (common_pb2.SEARCH_MODE_UNSPECIFIED, *MODES):
-        raise InvalidArgument(field, f"{mode} is not a search mode (dense, keyword or hybrid)")
-    if has_threshold and mode in (KEYWORD, HYBRID):
-        raise InvalidArgument(
-            "score_threshold",
-            f"is a cosine similarity, which {mode_name(mode)} search does not score; leave it unset or search in dense mode",
-        )
 
 
 def add_keyword_index(schema: Any, index_params: IndexParams) -> None:

@@ -7,7 +7,13 @@ import math
 import grpc
 
 from askmesh.runtime.errors import InvalidArgument, unary_rpc
-from askmesh.runtime.validation import check_collection_key, check_document_id, check_score_threshold
+from askmesh.runtime.validation import (
+    check_collection_key,
+    check_document_id,
+    check_score_threshold,
+    check_search_mode,
+    search_mode_name,
+)
 from askmesh.v1 import retriever_pb2, retriever_pb2_grpc
 from services.retriever import modes
 from services.retriever.engine import RetrievalEngine, validate_chunks
@@ -25,15 +31,15 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
         self, request: retriever_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> retriever_pb2.SearchResponse:
         check_collection_key(request.knowledge_base)
-        modes.check_mode_request(request.search_mode, request.HasField("score_threshold"), "search_mode")
+        check_search_mode(request.search_mode, request.HasField("score_threshold"))
         mode = request.search_mode or modes.DENSE
         if not request.vector and mode != modes.KEYWORD:
-            raise InvalidArgument("vector", f"is empty; {modes.mode_name(mode)} search needs the query's embedding")
+            raise InvalidArgument("vector", f"is empty; {search_mode_name(mode)} search needs the query's embedding")
         if not all(math.isfinite(x) for x in request.vector):
             raise InvalidArgument("vector", "contains NaN or infinity")
         if mode != modes.DENSE:
             if not request.query_text.strip():
-                raise InvalidArgument("query_text", f"is empty; {modes.mode_name(mode)} search needs the query's text")
+                raise InvalidArgument("query_text", f"is empty; {search_mode_name(mode)} search needs the query's text")
             if len(request.query_text) > self.settings.max_query_chars:
                 raise InvalidArgument(
                     "query_text", f"{len(request.query_text)} characters exceed the limit of {self.settings.max_query_chars}"
