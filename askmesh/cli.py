@@ -723,7 +723,7 @@ def eval_command(
     json_output: Annotated[bool, typer.Option("--json", help="Print the scores as JSON instead of a table.")] = False,
     address: Address = "127.0.0.1:50051",
 ) -> None:
-    """Measure retrieval on labelled questions: hit@1/3/5, MRR and phrase-hit@5 of each search
+    """Measure retrieval on labelled questions: hit@1/3/5, MRR and phrase-hit@1/3/5 of each search
     mode, side by side (each question searched through the gateway's Search, as Ask searches)."""
     from askmesh import evaluation
 

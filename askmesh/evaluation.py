@@ -7,8 +7,9 @@ states the answer. Each question is searched in each mode, and its citations sco
 - hit@k: the expected document is among the documents of the top k citations (k = 1, 3, 5);
 - MRR: the mean over questions of 1 / the rank of the first citation from the expected document
   (0 when none is among those retrieved);
-- phrase-hit@5: the phrase is inside one of the top 5 citations' texts, compared lowercased with
-  whitespace collapsed (over the questions that have a phrase).
+- phrase-hit@k: the phrase is inside one of the top k citations' texts, compared lowercased with
+  whitespace collapsed (over the questions that have a phrase; k = 1, 3, 5). With a short
+  context budget the first citation or two are what the answer is written from.
 
 Nothing here talks to a server: `evaluate` takes the search as a function, so the CLI passes the
 gateway's Search RPC, and tests and benchmarks may pass anything that searches.
@@ -28,7 +29,6 @@ from rich.text import Text
 
 from askmesh.client import SEARCH_MODES as MODES
 HIT_AT = (1, 3, 5)
-PHRASE_AT = 5
 _WHITESPACE = re.compile(r"\s+")
 
 
@@ -132,8 +132,7 @@ class ModeScores:
     questions: int = 0
     hit_at: dict[int, float] = field(default_factory=dict)
     mrr: float = 0.0
-    phrase_hit_at: float | None = None  # None: no question has a phrase
-    phrase_at: int = PHRASE_AT  # min(PHRASE_AT, top_k)
+    phrase_hit_at: dict[int, float] = field(default_factory=dict)  # empty: no question has a phrase
     phrase_questions: int = 0
     # Searches that ran in another mode (a knowledge base made before keyword search answers
     # hybrid densely) and what the server said of it.
@@ -147,7 +146,7 @@ class ModeScores:
             "questions": self.questions,
             **{f"hit@{k}": round(v, 4) for k, v in self.hit_at.items()},
             "mrr": round(self.mrr, 4),
-            f"phrase_hit@{self.phrase_at}": None if self.phrase_hit_at is None else round(self.phrase_hit_at, 4),
+            **{f"phrase_hit@{k}": round(v, 4) for k, v in self.phrase_hit_at.items()},
             "phrase_questions": self.phrase_questions,
             "ran_as_other_mode": self.ran_as_other_mode,
             "notice": self.notice,
@@ -157,15 +156,14 @@ class ModeScores:
 
 def summarize(mode: str, outcomes: Sequence[Outcome], top_k: int) -> ModeScores:
     count = len(outcomes)
-    scores = ModeScores(mode, questions=count, phrase_at=min(PHRASE_AT, top_k))
+    scores = ModeScores(mode, questions=count)
     for k in hit_ks(top_k):
         scores.hit_at[k] = sum(o.document_rank is not None and o.document_rank <= k for o in outcomes) / count
     scores.mrr = sum(1 / o.document_rank for o in outcomes if o.document_rank is not None) / count
     with_phrase = [o for o in outcomes if o.has_phrase]
     scores.phrase_questions = len(with_phrase)
-    if with_phrase:
-        at = scores.phrase_at
-        scores.phrase_hit_at = sum(o.phrase_rank is not None and o.phrase_rank <= at for o in with_phrase) / len(with_phrase)
+    for k in hit_ks(top_k) if with_phrase else ():
+        scores.phrase_hit_at[k] = sum(o.phrase_rank is not None and o.phrase_rank <= k for o in with_phrase) / len(with_phrase)
     return scores
 
 
@@ -227,8 +225,7 @@ def table(knowledge_base: str, top_k: int, questions: Sequence[LabelledQuestion]
     ]
     rows.append(("MRR", lambda s: s.mrr))
     if any(s.phrase_questions for s in measured):
-        phrase_at = min(PHRASE_AT, top_k)
-        rows.append((f"phrase-hit@{phrase_at}", lambda s: s.phrase_hit_at))
+        rows += [(f"phrase-hit@{k}", lambda s, k=k: s.phrase_hit_at.get(k)) for k in hit_ks(top_k)]
     for label, value in rows:
         best = max((v for s in measured if (v := value(s)) is not None), default=None)
         cells = []

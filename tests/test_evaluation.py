@@ -56,11 +56,11 @@ def test_hits_mrr_and_phrase_hits_are_counted_per_mode() -> None:
     dense, keyword, hybrid = evaluation.evaluate(QUESTIONS, scripted, top_k=5)
     assert dense.hit_at == {1: 0.25, 3: 0.5, 5: 0.75}
     assert dense.mrr == pytest.approx((1 + 1 / 3 + 1 / 5 + 0) / 4)
-    assert dense.phrase_questions == 3 and dense.phrase_hit_at == pytest.approx(2 / 3)
+    assert dense.phrase_questions == 3 and dense.phrase_hit_at == pytest.approx({1: 1 / 3, 3: 2 / 3, 5: 2 / 3})
     assert keyword.hit_at == {1: 0.5, 3: 1.0, 5: 1.0}
     assert keyword.mrr == pytest.approx((1 / 2 + 1 + 1 + 1 / 2) / 4)
-    assert keyword.phrase_hit_at == pytest.approx(1 / 3)
-    assert hybrid.unavailable.startswith("knowledge base 'kb'") and not hybrid.hit_at
+    assert keyword.phrase_hit_at == pytest.approx({1: 1 / 3, 3: 1 / 3, 5: 1 / 3})
+    assert hybrid.unavailable.startswith("knowledge base 'kb'") and not hybrid.hit_at and not hybrid.phrase_hit_at
     assert evaluation.notes([dense, keyword, hybrid]) == ["hybrid: not measured: knowledge base 'kb' was built before keyword search"]
 
 
@@ -68,7 +68,7 @@ def test_a_smaller_top_k_counts_only_what_was_retrieved() -> None:
     (dense,) = evaluation.evaluate(QUESTIONS, scripted, modes=["dense"], top_k=3)
     assert dense.hit_at == {1: 0.25, 3: 0.5}
     assert dense.mrr == pytest.approx((1 + 1 / 3) / 4)
-    assert dense.phrase_hit_at == pytest.approx(2 / 3)  # phrase-hit@3 here
+    assert dense.phrase_hit_at == pytest.approx({1: 1 / 3, 3: 2 / 3})
     assert evaluation.hit_ks(2) == [1, 2] and evaluation.hit_ks(8) == [1, 3, 5, 8]
 
 
@@ -88,9 +88,9 @@ def test_the_report_and_the_table_show_the_modes_side_by_side() -> None:
     assert report["modes"][0]["hit@3"] == 0.5 and report["modes"][1]["phrase_hit@5"] == pytest.approx(0.3333)
     table = evaluation.table("kb", 5, QUESTIONS, scores)
     assert [c.header for c in table.columns] == ["metric", "dense", "keyword", "hybrid"]
-    assert [str(c) for c in table.columns[0].cells] == ["hit@1", "hit@3", "hit@5", "MRR", "phrase-hit@5"]
-    assert [str(c) for c in table.columns[2].cells][:3] == ["50.0%", "100.0%", "100.0%"]
-    assert [str(c) for c in table.columns[3].cells] == ["-"] * 5
+    assert [str(c) for c in table.columns[0].cells] == ["hit@1", "hit@3", "hit@5", "MRR", "phrase-hit@1", "phrase-hit@3", "phrase-hit@5"]
+    assert [str(c) for c in table.columns[2].cells] == ["50.0%", "100.0%", "100.0%", "0.750", "33.3%", "33.3%", "33.3%"]
+    assert [str(c) for c in table.columns[3].cells] == ["-"] * 7
 
 
 BAD_FILES = [
@@ -183,7 +183,7 @@ async def test_eval_measures_the_three_modes_on_a_small_file(front_address: str,
     assert code == 0, err
     header = next(line for line in out.splitlines() if "metric" in line)
     assert header.index("dense") < header.index("keyword") < header.index("hybrid")
-    for metric in ("hit@1", "hit@3", "hit@5", "MRR", "phrase-hit@5"):
+    for metric in ("hit@1", "hit@3", "hit@5", "MRR", "phrase-hit@1", "phrase-hit@5"):
         assert any(line.strip("│ ").startswith(metric) for line in out.splitlines()), (metric, out)
 
     code, out, err = await run_cli("eval", str(questions), "--kb", "nowhere", "--address", front_address)

@@ -183,14 +183,17 @@ async def test_filters_and_pins_apply_to_both_halves(retrieval_engine: Retrieval
     assert {"errno-0-v1", "errno-0-v2"} <= set(ids(unpinned))
 
 
-async def test_a_keyword_search_needs_no_vector(retrieval_engine: RetrievalEngine) -> None:
+async def test_a_keyword_search_needs_no_vector_and_ignores_stop_words(retrieval_engine: RetrievalEngine) -> None:
     await load(retrieval_engine)
     found = await retrieval_engine.search(
-        retriever_pb2.SearchRequest(knowledge_base="kb", query_text="unidirectional", search_mode=KEYWORD, top_k=3)
+        retriever_pb2.SearchRequest(knowledge_base="kb", query_text="UNIDIRECTIONAL", search_mode=KEYWORD, top_k=3)
     )
-    assert ids(found) == ["pipes-0-v1"]
+    assert ids(found) == ["pipes-0-v1"]  # lowercased on both sides
     nothing = await search(retrieval_engine, KEYWORD, query_text="zebra")  # no word in common: no results, no error
     assert list(nothing.results) == []
+    # Every chunk says "a", "is" or "the": stop words, in neither the index nor the query.
+    assert list((await search(retrieval_engine, KEYWORD, query_text="The is A")).results) == []
+    assert ids(await search(retrieval_engine, KEYWORD, query_text="the pipe")) == ["pipes-0-v1"]  # not SIGPIPE: whole words
 
 
 # -- collections made before keyword search -----------------------------------------------------
