@@ -63,7 +63,11 @@ CONFIGS = [
     Config("hybrid RRF k=60, 50 candidates", HYBRID, {"hybrid_fusion": "rrf", "rrf_k": 60, "hybrid_candidates": 50}),
     Config("hybrid RRF k=20, 20 candidates", HYBRID, {"hybrid_fusion": "rrf", "rrf_k": 20, "hybrid_candidates": 20}),
     Config("hybrid RRF k=60, 10 candidates", HYBRID, {"hybrid_fusion": "rrf", "rrf_k": 60, "hybrid_candidates": 10}),
+    Config("hybrid weighted 0.8 dense / 0.2 keyword", HYBRID, {"hybrid_fusion": "weighted", "hybrid_dense_weight": 0.8, "hybrid_candidates": 20}),
     Config("hybrid weighted 0.7 dense / 0.3 keyword", HYBRID, {"hybrid_fusion": "weighted", "hybrid_dense_weight": 0.7, "hybrid_candidates": 20}),
+    Config("hybrid weighted 0.7 / 0.3, 10 candidates", HYBRID, {"hybrid_fusion": "weighted", "hybrid_dense_weight": 0.7, "hybrid_candidates": 10}),
+    Config("hybrid weighted 0.7 / 0.3, 50 candidates", HYBRID, {"hybrid_fusion": "weighted", "hybrid_dense_weight": 0.7, "hybrid_candidates": 50}),
+    Config("hybrid weighted 0.6 dense / 0.4 keyword", HYBRID, {"hybrid_fusion": "weighted", "hybrid_dense_weight": 0.6, "hybrid_candidates": 20}),
     Config("hybrid weighted 0.5 / 0.5", HYBRID, {"hybrid_fusion": "weighted", "hybrid_dense_weight": 0.5, "hybrid_candidates": 20}),
     Config("hybrid weighted 0.3 dense / 0.7 keyword", HYBRID, {"hybrid_fusion": "weighted", "hybrid_dense_weight": 0.3, "hybrid_candidates": 20}),
 ]
@@ -206,8 +210,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def quality_section(scored: list[tuple[Config, evaluation.ModeScores]], chunk_count: int, question_count: int, console: Console) -> str:
     columns = ["configuration", "doc@1", "doc@3", "doc@5", "MRR", "phrase@1", "phrase@3", "phrase@5"]
+    default = RetrieverSettings()
     rows = [
-        [config.label, *(f"{s.hit_at[k]:.1%}" for k in (1, 3, 5)), f"{s.mrr:.3f}", *(f"{s.phrase_hit_at[k]:.1%}" for k in (1, 3, 5))]
+        [
+            config.label + (" (default)" if config.mode == HYBRID and all(getattr(default, k) == v for k, v in config.settings.items()) else ""),
+            *(f"{s.hit_at[k]:.1%}" for k in (1, 3, 5)), f"{s.mrr:.3f}", *(f"{s.phrase_hit_at[k]:.1%}" for k in (1, 3, 5)),
+        ]
         for config, s in scored
     ]
     table = Table(title=f"Quality on {question_count} labelled questions, top {TOP_K}")
@@ -225,6 +233,14 @@ def quality_section(scored: list[tuple[Config, evaluation.ModeScores]], chunk_co
     )
 
 
+def fusion_label(settings: RetrieverSettings) -> str:
+    if settings.hybrid_fusion == "weighted":
+        fusion = f"weighted {settings.hybrid_dense_weight:g} dense / {1 - settings.hybrid_dense_weight:g} keyword"
+    else:
+        fusion = f"RRF k={settings.rrf_k}"
+    return f"{fusion}, {settings.hybrid_candidates} candidates a half"
+
+
 def speed_section(times: dict[int, list[float]], chunk_count: int, console: Console) -> str:
     columns = ["mode", "searches", "p50 ms", "p99 ms", "p50 / dense p50"]
     dense_p50 = median(times[DENSE])
@@ -240,9 +256,9 @@ def speed_section(times: dict[int, list[float]], chunk_count: int, console: Cons
     console.print(table)
     return (
         f"\n## Speed at {chunk_count} chunks\n\nThe quality set's chunks repeated as other documents (real text, real "
-        "vectors) to the count; the questions' text and vectors as queries, top_k 4, the default fusion (RRF k=60, "
-        "20 candidates a half); the three modes take turns, so that the load of the machine falls on all alike. The "
-        "retriever's engine in process (no gRPC hop).\n\n" + markdown_table(columns, rows) + "\n"
+        f"vectors) to the count; the questions' text and vectors as queries, top_k 4, the default fusion "
+        f"({fusion_label(RetrieverSettings())}); the three modes take turns, so that the load of the machine falls on "
+        "all alike. The retriever's engine in process (no gRPC hop).\n\n" + markdown_table(columns, rows) + "\n"
     )
 
 

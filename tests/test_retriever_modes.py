@@ -5,6 +5,7 @@ and the gRPC contract's refusals."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator
 
 import grpc
@@ -103,9 +104,10 @@ def test_bm25_scores_are_positive_whichever_sign_milvus_gives_them() -> None:
 def test_the_fusion_is_the_configured_ranker_over_enough_candidates() -> None:
     settings = RetrieverSettings(hybrid_candidates=20)
     assert modes.hybrid_candidates(settings, 5) == 20 and modes.hybrid_candidates(settings, 30) == 30
-    assert type(modes.ranker(settings)).__name__ == "RRFRanker"
-    weighted = modes.ranker(RetrieverSettings(hybrid_fusion="weighted", hybrid_dense_weight=0.7))
+    weighted = modes.ranker(settings)  # the default: 0.7 dense, 0.3 keyword
     assert type(weighted).__name__ == "WeightedRanker" and weighted.dict()["params"]["weights"] == pytest.approx([0.7, 0.3])
+    rrf = modes.ranker(RetrieverSettings(hybrid_fusion="rrf", rrf_k=30))
+    assert type(rrf).__name__ == "RRFRanker" and rrf.dict()["params"]["k"] == 30
     dense_half, keyword_half = modes.hybrid_requests(settings, [1.0, 0.0], "words", 'dept == "x"', top_k=4)
     assert (dense_half.anns_field, keyword_half.anns_field) == ("vector", "sparse")
     assert dense_half.expr == keyword_half.expr == 'dept == "x"' and dense_half.limit == keyword_half.limit == 20
@@ -114,7 +116,16 @@ def test_the_fusion_is_the_configured_ranker_over_enough_candidates() -> None:
 # -- each mode on a real Milvus Lite --------------------------------------------------------------
 
 
-async def test_dense_scores_cosine_keyword_bm25_and_hybrid_fuses_both_ranks(retrieval_engine: RetrievalEngine) -> None:
+@pytest.fixture
+async def rrf_engine(tmp_path) -> AsyncIterator[RetrievalEngine]:  # type: ignore[no-untyped-def]
+    engine = RetrievalEngine(RetrieverSettings(milvus_uri=str(tmp_path / "milvus.db"), hybrid_fusion="rrf", rrf_k=60))
+    await engine.start()
+    yield engine
+    await engine.close()
+
+
+async def test_dense_scores_cosine_keyword_bm25_and_rrf_fuses_both_ranks(rrf_engine: RetrievalEngine) -> None:
+    retrieval_engine = rrf_engine
     await load(retrieval_engine)
     dense = await search(retrieval_engine, DENSE)
     assert dense.search_mode == DENSE and not dense.notice
@@ -143,19 +154,19 @@ async def test_dense_scores_cosine_keyword_bm25_and_hybrid_fuses_both_ranks(retr
     assert "errno-0-v1" in ids(hybrid) and "sockets-0-v1" in ids(hybrid)
 
 
-async def test_weighted_fusion_mixes_normalized_scores(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    engine = RetrievalEngine(RetrieverSettings(milvus_uri=str(tmp_path / "milvus.db"), hybrid_fusion="weighted", hybrid_dense_weight=1.0))
-    await engine.start()
-    try:
-        await load(engine)
-        dense_only = await search(engine, HYBRID)
-        # All the weight on the dense half: the dense ranking, each score (1 + cosine) / 2.
-        assert ids(dense_only) == ids(await search(engine, DENSE))[: len(ids(dense_only))]
-        cosines = {r.chunk.id: r.score for r in (await search(engine, DENSE)).results}
-        for result in dense_only.results:
-            assert result.score == pytest.approx((1 + cosines[result.chunk.id]) / 2, abs=1e-4)
-    finally:
-        await engine.close()
+async def test_weighted_fusion_adds_each_halfs_normalized_score(retrieval_engine: RetrievalEngine) -> None:
+    """The default fusion: 0.7 x (1 + cosine) / 2 + 0.3 x 2 arctan(BM25) / pi, as Milvus
+    normalizes each metric to [0, 1] (a half that did not find a chunk adds nothing)."""
+    await load(retrieval_engine)
+    cosines = {r.chunk.id: r.score for r in (await search(retrieval_engine, DENSE)).results}
+    bm25 = {r.chunk.id: r.score for r in (await search(retrieval_engine, KEYWORD)).results}
+    hybrid = await search(retrieval_engine, HYBRID)
+    expected = {
+        chunk_id: 0.7 * (1 + cosines[chunk_id]) / 2 + 0.3 * 2 * math.atan(bm25.get(chunk_id, 0.0)) / math.pi for chunk_id in cosines
+    }
+    assert ids(hybrid) == sorted(expected, key=lambda chunk_id: -expected[chunk_id])
+    for result in hybrid.results:
+        assert result.score == pytest.approx(expected[result.chunk.id], abs=1e-4)
 
 
 async def test_citations_name_the_very_chunk_in_every_mode(retrieval_engine: RetrievalEngine) -> None:
@@ -249,7 +260,11 @@ async def test_an_old_collection_searches_densely_refuses_keyword_and_gains_it_b
     finally:
         await other.close()
     hybrid = await search(retrieval_engine, HYBRID)
-    assert hybrid.search_mode == HYBRID and not hybrid.notice and "errno-0-v1" in ids(hybrid)[:2]
+    assert hybrid.search_mode == HYBRID and not hybrid.notice
+    # The keyword half counts now: errno's fused score is more than its dense share alone.
+    cosine = next(r.score for r in (await search(retrieval_engine, DENSE)).results if r.chunk.id == "errno-0-v1")
+    fused = next(r.score for r in hybrid.results if r.chunk.id == "errno-0-v1")
+    assert fused > 0.7 * (1 + cosine) / 2 + 0.05
     assert ids(await search(retrieval_engine, KEYWORD))[0] == "errno-0-v1"
 
 
