@@ -177,6 +177,16 @@ async def test_a_tei_overloaded_or_failing_is_a_status_naming_the_tier_never_its
     assert message.startswith("embedder tier unavailable while reranking (UNAVAILABLE); ")
     assert tei.url.rsplit(":", 1)[1] not in message and "127.0.0.1" not in message
 
+    # A TEI that takes fewer texts per request than the embedder sends (a configuration mismatch,
+    # TEI's 422): not the asker's doing, so not INVALID_ARGUMENT.
+    tei.script = TeiScript(max_client_batch_size=2)
+    code, message = await ask_failure(tei_gateway.stub, rerank=True, top_k=1)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert message == (
+        "rerank: the reranker refused the retrieved passages "
+        "(texts: the reranker (TEI) refused them: batch size 4 > maximum allowed batch size 2)"
+    )
+
 
 async def test_the_tiny_local_cross_encoder_orders_the_sources(
     tei_gateway: Gateway, upstreams: InProcessTiers, embedding_engine: EmbeddingEngine, tmp_path_factory: pytest.TempPathFactory

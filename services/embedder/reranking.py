@@ -50,7 +50,8 @@ class RerankingEngine:
     async def start(self) -> None:
         await self.backend.start()
         self.ready = True
-        log.info("[READY] reranker %s", self.backend.info().name)
+        info = self.backend.info()
+        log.info("[STARTUP] reranker %s (%s) loaded and warmed in %.1f s", info.name, info.backend, info.load_seconds)
 
     async def close(self) -> None:
         self.ready = False
