@@ -510,13 +510,16 @@ async def test_hostile_files_fail_their_own_tasks_on_the_limits_while_questions_
             assert final.state == ingestion_pb2.TASK_STATE_FAILED and final.attempts == 1, (name, final)
             assert not (tmp_path / "uploads" / f"{task_id}.upload").exists(), name
             reasons[name] = final.error
-        memory = "needs more memory to parse than the limit of 160 MiB (parse_max_memory_bytes)"
-        assert reasons["bomb.docx"] == f"'bomb.docx' {memory}"
-        assert reasons["tags.html"] == f"'tags.html' {memory}"
-        assert reasons["slow.pdf"] in (
-            "'slow.pdf' took longer to parse than the limit of 15 s (parse_timeout_s)",
-            "'slow.pdf' needs more CPU time to parse than the limit of 15 s (parse_timeout_s)",
-        ), reasons["slow.pdf"]
+        # Each file ends on a limit, in one sentence. Which limit a memory hog meets first depends
+        # on how busy the machine is (on a loaded one it can run out of time before it reaches
+        # 160 MiB); tests/test_parsing.py checks each limit on its own.
+        for name in files:
+            assert reasons[name] in (
+                f"'{name}' needs more memory to parse than the limit of 160 MiB (parse_max_memory_bytes)",
+                f"'{name}' took longer to parse than the limit of 15 s (parse_timeout_s)",
+                f"'{name}' needs more CPU time to parse than the limit of 15 s (parse_timeout_s)",
+            ), reasons[name]
+        assert "memory" not in reasons["slow.pdf"]
         listed = await hostile.kb.ListDocuments(knowledge_pb2.ListDocumentsRequest(knowledge_base="hostile"))
         assert [d.id for d in listed.documents] == ["wiki"]
     finally:
