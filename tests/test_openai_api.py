@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import threading
 from collections.abc import Iterator
 
-import grpc
 import httpx2
 import numpy as np
 import openai
@@ -259,3 +259,16 @@ def test_a_question_waiting_in_line_is_told_its_place_in_comments(web_mesh: WebM
     assert where["position"] >= 1 and where["estimated_wait_ms"] >= 0
     assert blocks.index(comments[-1]) < next(i for i, b in enumerate(blocks) if b.startswith(b"data: {"))
     assert blocks[-1] == b"data: [DONE]" and first[-1] == b"data: [DONE]"
+
+
+def test_the_curl_command_askmesh_up_prints_streams_a_cited_answer(web_mesh: WebMesh) -> None:
+    from askmesh.cli import _web_lines
+
+    layout = web_mesh.mesh.layout
+    printed = _web_lines(layout.http_url, web_mesh.admin_key, layout.admin_key_path)
+    assert f"{layout.http_url}/#key={web_mesh.admin_key}" in printed  # the chat page's link
+    command = next(line.strip() for line in printed.splitlines() if line.strip().startswith("curl "))
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=240, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("data: {") and '"sources":[{"number":1' in result.stdout
+    assert result.stdout.rstrip().endswith("data: [DONE]")
