@@ -272,3 +272,22 @@ def test_the_curl_command_askmesh_up_prints_streams_a_cited_answer(web_mesh: Web
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("data: {") and '"sources":[{"number":1' in result.stdout
     assert result.stdout.rstrip().endswith("data: [DONE]")
+
+
+def test_a_rolling_restart_of_the_web_tier_lets_an_answer_in_flight_finish(web_mesh: WebMesh) -> None:
+    mesh = web_mesh.mesh
+    old = list(mesh.replicas["web"])
+    generating = threading.Event()
+    blocks: list[bytes] = []
+    answer = threading.Thread(target=lambda: blocks.extend(raw_events(web_mesh, "Describe the travel policy.", 64, generating)))
+    answer.start()
+    try:
+        assert generating.wait(180), "the answer never began"
+        mesh.restart_tier("web", say=lambda message, process: None)
+    finally:
+        answer.join(timeout=300)
+    assert blocks and blocks[-1] == b"data: [DONE]", blocks[-3:]
+    assert all(not process.alive for process in old)
+    assert {p.name for p in mesh.replicas["web"]}.isdisjoint({p.name for p in old})
+    after = sdk(web_mesh, web_mesh.reader_key).chat.completions.create(model="default", messages=ask(), max_tokens=4)
+    assert after.choices[0].message.content
