@@ -210,7 +210,7 @@ def up(
                 f"The operator's key (admin of every tenant) is in {layout.admin_key_path}; the CLI uses it "
                 "unless given --api-key or $ASKMESH_API_KEY. Make keys for others with "
                 "`askmesh keys create --tenant T --role reader`.",
-                markup=False, highlight=False,
+                markup=False, highlight=False, soft_wrap=True,  # a path cut in two cannot be copied
             )
         else:
             errors.print(f"[bold red]{AUTH_OFF_WARNING}[/bold red]")
@@ -225,7 +225,7 @@ def up(
             "  .venv/bin/askmesh replicas            (every replica, its health and metrics port)\n"
             "  .venv/bin/askmesh restart generator   (rolling restart of a tier)\n"
             f"Control channel on {control_address}.",
-            highlight=False,
+            highlight=False, soft_wrap=True,  # commands to copy stay whole lines
         )
         if mesh.replicas["web"]:
             key_file = layout.admin_key_path if layout.auth else None
