@@ -112,7 +112,7 @@ def _show_debug(error: BaseException) -> None:
         errors.print("".join(traceback.format_exception(error)), markup=False, highlight=False, soft_wrap=True)
 
 
-Service = Enum("Service", {name: name for name in tiers.NAMES}, type=str)  # type: ignore[misc]
+Service = Enum("Service", {name: name for name in tiers.ALL_NAMES}, type=str)  # type: ignore[misc]
 
 
 @app.command()
@@ -210,7 +210,7 @@ def up(
                 f"The operator's key (admin of every tenant) is in {layout.admin_key_path}; the CLI uses it "
                 "unless given --api-key or $ASKMESH_API_KEY. Make keys for others with "
                 "`askmesh keys create --tenant T --role reader`.",
-                markup=False, highlight=False,
+                markup=False, highlight=False, soft_wrap=True,  # a path cut in two cannot be copied
             )
         else:
             errors.print(f"[bold red]{AUTH_OFF_WARNING}[/bold red]")
@@ -224,9 +224,13 @@ def up(
             f'-d \'{{"question": "What is the hotel limit in Paris?"}}\' {layout.front_address} askmesh.v1.Gateway/Ask\n'
             "  .venv/bin/askmesh replicas            (every replica, its health and metrics port)\n"
             "  .venv/bin/askmesh restart generator   (rolling restart of a tier)\n"
-            f"Control channel on {control_address}. Press Ctrl-C to stop.",
-            highlight=False,
+            f"Control channel on {control_address}.",
+            highlight=False, soft_wrap=True,  # commands to copy stay whole lines
         )
+        if mesh.replicas["web"]:
+            key_file = layout.admin_key_path if layout.auth else None
+            console.print(_web_lines(layout.http_url, mesh.admin_key, key_file), markup=False, highlight=False, soft_wrap=True)
+        console.print("Press Ctrl-C to stop.")
         while not stop.is_set():
             control.run_pending(wait_s=0.5)
             for dead in mesh.reap():
@@ -243,6 +247,20 @@ def up(
         control.stop()
         mesh.stop()
         console.print("Stopped.")
+
+
+def _web_lines(url: str, admin_key: str | None, key_file: Path | None) -> str:
+    """Where the chat page and the OpenAI-compatible API are. The page's link carries the
+    operator's key after `#`, as Jupyter's does: a fragment never leaves the browser, and the
+    page moves the key into its session storage and out of the address bar."""
+    page = f"{url}/#key={admin_key}" if admin_key else f"{url}/"
+    header = f'-H "Authorization: Bearer $(cat {key_file})" ' if key_file else ""
+    return (
+        f"\nChat page (open it in a browser): {page}\n"
+        f"OpenAI-compatible API: {url}/v1 (a model is a knowledge base: default), e.g.\n"
+        f"  curl -N {url}/v1/chat/completions {header}-H 'Content-Type: application/json' "
+        '-d \'{"model": "default", "stream": true, "messages": [{"role": "user", "content": "What is the hotel limit in Paris?"}]}\''
+    )
 
 
 def _up_failure(error: Exception) -> str:

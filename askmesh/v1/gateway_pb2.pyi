@@ -1,5 +1,6 @@
 from google.protobuf import struct_pb2 as _struct_pb2
 from askmesh.v1 import common_pb2 as _common_pb2
+from askmesh.v1 import embedder_pb2 as _embedder_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -7,6 +8,14 @@ from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class EmbedTextsRequest(_message.Message):
+    __slots__ = ("knowledge_base", "texts")
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, knowledge_base: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AskRequest(_message.Message):
     __slots__ = ("question", "knowledge_base", "top_k", "score_threshold", "filters", "history", "parameters", "context_token_budget", "rerank")

@@ -76,6 +76,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         response = embedder_pb2.EmbedResponse(
             model=batch.model,
             dimension=batch.dimension,
+            token_count=batch.tokens,
             timings=embedder_pb2.EmbedTimings(
                 queue_ms=batch.queue_ms,
                 inference_ms=batch.inference_ms,

@@ -22,7 +22,7 @@ from askmesh.runtime import metrics
 from askmesh.runtime.errors import AskmeshError, Unavailable, with_name_for_key
 from askmesh.runtime.auth import AuthSettings, Caller
 from askmesh.upstream import Deadline, GenerationSession, Upstreams
-from askmesh.v1 import catalog_pb2, common_pb2, gateway_pb2, generator_pb2, retriever_pb2
+from askmesh.v1 import catalog_pb2, common_pb2, embedder_pb2, gateway_pb2, generator_pb2, retriever_pb2
 from services.gateway.cache import AnswerCache, MemoryAnswerCache, RedisAnswerCache, cache_key
 from services.gateway.config import GatewaySettings
 
@@ -136,6 +136,14 @@ class GatewayEngine:
 
     def deadline(self, remaining_s: float | None) -> Deadline:
         return Deadline(remaining_s=remaining_s, default_s=self.settings.upstream_timeout_s)
+
+    async def embed(
+        self, request: gateway_pb2.EmbedTextsRequest, caller: Caller, deadline: Deadline
+    ) -> embedder_pb2.EmbedResponse:
+        """The texts embedded as the knowledge base's questions are; NOT_FOUND for a knowledge
+        base the caller's tenant does not have (the embedder validates the texts)."""
+        await self.upstreams.search_view(request.knowledge_base or self.settings.default_knowledge_base, caller.tenant, deadline)
+        return await self.upstreams.embed(list(request.texts), deadline)
 
     async def ask(
         self, request: gateway_pb2.AskRequest, caller: Caller, deadline: Deadline
