@@ -313,6 +313,9 @@ def ask(
     kb: Annotated[str, typer.Option(help="Knowledge base.")] = "default",
     top_k: Annotated[int, typer.Option(help="Sources to retrieve (0: server default).")] = 0,
     filter: Annotated[Optional[list[str]], typer.Option(help="Metadata filter key=value (repeatable).")] = None,
+    rerank: Annotated[
+        Optional[bool], typer.Option("--rerank/--no-rerank", help="Rerank the sources with the mesh's reranker (default: the gateway's).")
+    ] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer, in tokens.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="0 for greedy decoding.")] = None,
     address: Annotated[str, typer.Option(help="The gateway (Envoy's front door).")] = "127.0.0.1:50051",
@@ -332,6 +335,8 @@ def ask(
             filters=[client.parse_filter(f) for f in filter or []],
             parameters=parameters,
         )
+        if rerank is not None:
+            request.rerank = rerank
         channel = _connect(address)
     except ValueError as error:
         errors.print(f"error: {error}", markup=False)
@@ -372,20 +377,23 @@ def _waiting_line(status: common_pb2.QueueStatus) -> str:
 
 def _print_sources(citations: list[gateway_pb2.Citation], done: gateway_pb2.AskDone) -> None:
     table = Table(title="Sources", show_lines=False)
-    for column in ("#", "document", "title", "score", "excerpt"):
+    reranked = any(c.HasField("rerank_score") for c in citations)
+    for column in ("#", "document", "title", "score", *(("rerank",) if reranked else ()), "excerpt"):
         table.add_column(column, overflow="fold")
     for c in citations:
         excerpt = c.text[:80].replace("\n", " ") + ("..." if len(c.text) > 80 else "")
-        _add_row(table, str(c.number), c.document_id, c.title, f"{c.score:.3f}", excerpt)
+        rerank_score = (f"{c.rerank_score:.3f}",) if reranked else ()
+        _add_row(table, str(c.number), c.document_id, c.title, f"{c.score:.3f}", *rerank_score, excerpt)
     console.print(table)
     t = done.timings
     reason = common_pb2.FinishReason.Name(done.finish_reason).removeprefix("FINISH_REASON_").lower()
     waited = f"waited {t.queue_ms / 1000:.1f} s, " if t.queue_ms >= 100 else ""
     usage = done.usage
+    reranked_in = f"rerank {t.rerank_ms:.0f} ms, " if t.rerank_ms else ""
     console.print(
         f"[dim]{_plain(done.model)}: {usage.completion_tokens} tokens from a {usage.prompt_tokens}-token prompt "
         f"({usage.cached_prompt_tokens} cached), finished by {reason}; {waited}"
-        f"embed {t.embed_ms:.0f} ms, search {t.search_ms:.0f} ms, first token {t.time_to_first_token_ms:.0f} ms, "
+        f"embed {t.embed_ms:.0f} ms, search {t.search_ms:.0f} ms, {reranked_in}first token {t.time_to_first_token_ms:.0f} ms, "
         f"total {t.total_ms:.0f} ms[/dim]",
         highlight=False,
     )

@@ -37,7 +37,14 @@ class TierSpec:
         return self.grpc_services[0]
 
 
-EMBEDDER = TierSpec("embedder", ("askmesh.v1.Embedder",), 50061, idempotent_methods=("askmesh.v1.Embedder/Embed",))
+# The Reranker service is the embedder tier's too (a model server, as TEI serves /embed and
+# /rerank); it answers only where a reranker is configured.
+EMBEDDER = TierSpec(
+    "embedder",
+    ("askmesh.v1.Embedder", "askmesh.v1.Reranker"),
+    50061,
+    idempotent_methods=("askmesh.v1.Embedder/Embed", "askmesh.v1.Reranker/Rerank"),
+)
 RETRIEVER = TierSpec("retriever", ("askmesh.v1.Retriever",), 50062, idempotent_methods=("askmesh.v1.Retriever/Search",))
 GENERATOR = TierSpec(
     "generator",

@@ -203,8 +203,9 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
         key for key, route in routes.items() if "unavailable" in route.get("retry_policy", {}).get("retry_on", "")
     }
     assert retried_on_unavailable == {
-        "/askmesh.v1.Embedder/Embed", "/askmesh.v1.Retriever/Search", "/askmesh.v1.Catalog/GetSearchView",
-        "/askmesh.v1.Catalog/Authenticate", "/askmesh.v1.Generator/GetLoad", "/askmesh.v1.Gateway/Embed",
+        "/askmesh.v1.Embedder/Embed", "/askmesh.v1.Reranker/Rerank", "/askmesh.v1.Retriever/Search",
+        "/askmesh.v1.Catalog/GetSearchView", "/askmesh.v1.Catalog/Authenticate", "/askmesh.v1.Generator/GetLoad",
+        "/askmesh.v1.Gateway/Embed",
     }
     # Answer streams are sent again when a replica reset them before answering; uploads are not.
     retried_on_reset = {
@@ -212,6 +213,7 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
     }
     assert retried_on_reset == {
         "/askmesh.v1.Embedder/Embed",
+        "/askmesh.v1.Reranker/Rerank",
         "/askmesh.v1.Retriever/Search",
         "/askmesh.v1.Catalog/GetSearchView",
         "/askmesh.v1.Catalog/Authenticate",
@@ -273,10 +275,14 @@ def test_the_front_door_routes_each_public_service_to_its_tier_and_nothing_inter
     assert first_match(front, "/askmesh.v1.Ingestion/UploadFile") == "ingestor"
     # Internal services are not routed to their tiers from outside (the catch-all is the
     # gateway's, which does not serve them: UNIMPLEMENTED).
-    for internal in ("/askmesh.v1.Catalog/GetSearchView", "/askmesh.v1.Retriever/Delete", "/askmesh.v1.Embedder/SwapModel"):
+    for internal in ("/askmesh.v1.Catalog/GetSearchView", "/askmesh.v1.Retriever/Delete", "/askmesh.v1.Embedder/SwapModel",
+                     "/askmesh.v1.Reranker/Rerank"):
         assert first_match(front, internal) == "gateway"
     inside = routes_of(config, "internal")
     assert first_match(inside, "/askmesh.v1.Catalog/GetSearchView") == "ingestor"
+    # The Reranker is a service of the embedder tier, reached like its other calls.
+    assert first_match(inside, "/askmesh.v1.Reranker/Rerank") == "embedder"
+    assert first_match(inside, "/askmesh.v1.Reranker/GetModel") == "embedder"
     assert first_match(inside, "/askmesh.v1.Retriever/Search") == "retriever"
     # The web tier asks and embeds there, with each caller's key; AddDocuments stays the ingestor's.
     assert first_match(inside, "/askmesh.v1.Gateway/Ask") == "gateway"

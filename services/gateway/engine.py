@@ -1,16 +1,18 @@
 """The question pipeline, over the other tiers' gRPC APIs; no server here.
 
 Ask, in steps: the knowledge base's search view (from the ingestor) -> a place in a generator's
-line -> embed the question -> search with the view's pins -> send the sources -> stream the
-generator's tokens -> done with timings. Each upstream failure becomes a status that names the
-tier (a dead embedder is "UNAVAILABLE: embedder tier unavailable: ..."), and the caller's
-deadline is passed on to every hop. The gateway stores nothing: documents and knowledge bases
+line -> embed the question -> search with the view's pins -> (optionally) rerank the chunks with
+the embedder tier's reranker -> send the sources -> stream the generator's tokens -> done with
+timings. Each upstream failure becomes a status that names the tier (a dead embedder is
+"UNAVAILABLE: embedder tier unavailable: ..."), and the caller's deadline is passed on to every
+hop. The gateway stores nothing: documents and knowledge bases
 are the ingestor tier's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from services.gateway.config import GatewaySettings
 MAX_SEARCH_ATTEMPTS = 3
 
 T = TypeVar("T")
+log = logging.getLogger("askmesh.gateway")
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class AskClock:
     embed_started: float | None = None
     embedded_at: float | None = None
     searched_at: float | None = None
+    reranked_at: float | None = None  # None: not reranked
     first_token_at: float | None = None
     queue_s: float = 0.0
 
@@ -63,6 +67,7 @@ class AskClock:
         embed_started = self.embed_started or finished
         embedded_at = self.embedded_at or finished
         searched_at = self.searched_at or finished
+        retrieved_at = self.reranked_at or searched_at
         total = finished - self.started
         return gateway_pb2.AskDone(
             finish_reason=generated.finish_reason,
@@ -73,7 +78,8 @@ class AskClock:
                 embed_ms=(embedded_at - embed_started) * 1000,
                 search_ms=(searched_at - embedded_at) * 1000,
                 time_to_first_token_ms=((self.first_token_at or finished) - self.started) * 1000,
-                generate_ms=(finished - searched_at) * 1000,
+                rerank_ms=(retrieved_at - searched_at) * 1000,
+                generate_ms=(finished - retrieved_at) * 1000,
                 total_ms=total * 1000,
                 gateway_overhead_ms=max(total - self.upstream_wait_s, 0.0) * 1000,
                 queue_ms=self.queue_s * 1000,
@@ -102,11 +108,26 @@ class GatewayEngine:
             AuthSettings().internal_token(),
         )
         self.cache = make_answer_cache(settings)
+        # Whether questions that do not say are reranked (settings.rerank; "auto" is settled at start).
+        self.rerank_by_default = settings.rerank == "on"
 
     async def start(self) -> None:
         """The gateway holds no model: it is ready (SERVING) once every tier it calls has
-        answered SERVING once, so that an Ask could be answered."""
+        answered SERVING once, so that an Ask could be answered. With rerank = "auto" it then
+        asks the embedder tier whether it serves a reranker."""
         await self.upstreams.wait_until_serving()
+        if self.settings.rerank == "auto":
+            try:
+                reranker = await self.upstreams.reranker_model(self.deadline(None))
+            except AskmeshError as error:
+                log.warning(
+                    "[RERANK] could not ask the embedder tier for its reranker (%s): questions are not reranked unless they ask",
+                    error.message,
+                )
+                reranker = None
+            self.rerank_by_default = reranker is not None
+            if reranker is not None:
+                log.info("[RERANK] the embedder tier serves the reranker %s: questions are reranked unless they say not", reranker.name)
 
     async def close(self) -> None:
         if self.cache is not None:
@@ -133,12 +154,18 @@ class GatewayEngine:
         started = time.perf_counter()
         name = request.knowledge_base or self.settings.default_knowledge_base
         view = await self.upstreams.search_view(name, caller.tenant, deadline)
+        if not request.HasField("rerank"):  # this gateway's default decides, from here on
+            decided = gateway_pb2.AskRequest()
+            decided.CopyFrom(request)
+            decided.rerank = self.rerank_by_default
+            request = decided
         if self.cache is None:
             async with contextlib.aclosing(self._answer(request, view, caller, deadline, started)) as responses:
                 async for response in responses:
                     yield response
             return
-        # By collection key, which no two knowledge bases share, in any tenant.
+        # By collection key, which no two knowledge bases share, in any tenant; the request
+        # says whether it is reranked (decided above), so a changed default keys apart.
         key = cache_key(view.collection, view.generation, view.epoch, request)
         cached = await self.cache.get(key)
         if cached is not None:
@@ -152,6 +179,13 @@ class GatewayEngine:
                     answer.append(response)
                 yield response
         await self.cache.put(key, answer)  # only a complete answer gets here
+
+    def fetch_count(self, top_k: int, rerank: bool) -> int:
+        """Chunks to search for: top_k, or for a reranked question the candidates the reranker
+        chooses top_k from."""
+        if not rerank:
+            return top_k
+        return max(top_k, min(top_k * self.settings.rerank_fetch_factor, self.settings.rerank_max_candidates))
 
     @staticmethod
     def _replay(cached: list[gateway_pb2.AskResponse], started: float) -> list[gateway_pb2.AskResponse]:
@@ -211,21 +245,45 @@ class GatewayEngine:
     async def _retrieve(
         self, request: gateway_pb2.AskRequest, view: catalog_pb2.SearchView, tenant: str, deadline: Deadline, clock: AskClock
     ) -> Retrieved:
-        """The question's embedding, then the knowledge base's best chunks as citations."""
+        """The question's embedding, then the knowledge base's best chunks as citations;
+        reranked (`request.rerank`, decided by `ask`), the reranker's best top_k of more
+        candidates, numbered in its order."""
+        top_k = request.top_k or self.settings.default_top_k
         clock.embed_started = time.perf_counter()
         embedded = await clock.waiting(self.upstreams.embed([request.question], deadline))
         clock.embedded_at = time.perf_counter()
         search = retriever_pb2.SearchRequest(
             knowledge_base=view.collection,
             vector=embedded.embeddings[0].values,
-            top_k=request.top_k or self.settings.default_top_k,
+            top_k=self.fetch_count(top_k, request.rerank),
             filters=request.filters,
         )
         if request.HasField("score_threshold"):
             search.score_threshold = request.score_threshold
         found = await clock.waiting(self.search_consistently(search, view, tenant, deadline))
         clock.searched_at = time.perf_counter()
-        return Retrieved([self._citation(number, result) for number, result in enumerate(found.results, start=1)], embedded.model)
+        citations = [self._citation(number, result) for number, result in enumerate(found.results, start=1)]
+        if request.rerank and citations:
+            citations = await clock.waiting(self._rerank(request.question, citations, top_k, deadline))
+            clock.reranked_at = time.perf_counter()
+        return Retrieved(citations, embedded.model)
+
+    async def _rerank(
+        self, question: str, candidates: list[gateway_pb2.Citation], top_k: int, deadline: Deadline
+    ) -> list[gateway_pb2.Citation]:
+        """The reranker's best `top_k` candidates, renumbered best first, each with its
+        rerank_score (its score stays the retrieval score)."""
+        ranked = await self.upstreams.rerank(question, [c.text for c in candidates], top_k, deadline)
+        kept: list[gateway_pb2.Citation] = []
+        for number, rank in enumerate(ranked.ranks[:top_k], start=1):
+            if rank.index >= len(candidates):
+                raise Unavailable("embedder tier unavailable while reranking: the reranker ranked a passage it was not given")
+            citation = gateway_pb2.Citation()
+            citation.CopyFrom(candidates[rank.index])
+            citation.number = number
+            citation.rerank_score = rank.score
+            kept.append(citation)
+        return kept
 
     @staticmethod
     def _citation(number: int, result: retriever_pb2.ScoredChunk) -> gateway_pb2.Citation:
