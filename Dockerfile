@@ -62,12 +62,14 @@ ENV PATH="/opt/askmesh/venv/bin:$PATH" \
     ASKMESH_RETRIEVER_HOST=0.0.0.0 \
     ASKMESH_GENERATOR_HOST=0.0.0.0 \
     ASKMESH_INGESTOR_HOST=0.0.0.0 \
-    ASKMESH_GATEWAY_HOST=0.0.0.0
+    ASKMESH_GATEWAY_HOST=0.0.0.0 \
+    ASKMESH_WEB_HOST=0.0.0.0
 # Relative data paths (.askmesh/...) land in the user's home, a volume in Kubernetes.
 WORKDIR /var/lib/askmesh
 USER 10001:10001
-EXPOSE 50061 50062 50063 50064 50065
+EXPOSE 50061 50062 50063 50064 50065 50066
 # No HEALTHCHECK: Docker's runs a command in the container, and Kubernetes ignores it; the chart
-# uses Kubernetes' native gRPC probes on grpc.health.v1 instead (each tier's port and service).
+# uses Kubernetes' native gRPC probes on grpc.health.v1 instead (each tier's port and service;
+# the web tier's /healthz over HTTP).
 ENTRYPOINT ["askmesh", "serve"]
 CMD ["gateway"]

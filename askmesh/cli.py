@@ -113,7 +113,7 @@ def _show_debug(error: BaseException) -> None:
         errors.print("".join(traceback.format_exception(error)), markup=False, highlight=False, soft_wrap=True)
 
 
-Service = Enum("Service", {name: name for name in tiers.NAMES}, type=str)  # type: ignore[misc]
+Service = Enum("Service", {name: name for name in tiers.ALL_NAMES}, type=str)  # type: ignore[misc]
 
 
 @app.command()
@@ -211,7 +211,7 @@ def up(
                 f"The operator's key (admin of every tenant) is in {layout.admin_key_path}; the CLI uses it "
                 "unless given --api-key or $ASKMESH_API_KEY. Make keys for others with "
                 "`askmesh keys create --tenant T --role reader`.",
-                markup=False, highlight=False,
+                markup=False, highlight=False, soft_wrap=True,  # a path cut in two cannot be copied
             )
         else:
             errors.print(f"[bold red]{AUTH_OFF_WARNING}[/bold red]")
@@ -225,9 +225,13 @@ def up(
             f'-d \'{{"question": "What is the hotel limit in Paris?"}}\' {layout.front_address} askmesh.v1.Gateway/Ask\n'
             "  .venv/bin/askmesh replicas            (every replica, its health and metrics port)\n"
             "  .venv/bin/askmesh restart generator   (rolling restart of a tier)\n"
-            f"Control channel on {control_address}. Press Ctrl-C to stop.",
-            highlight=False,
+            f"Control channel on {control_address}.",
+            highlight=False, soft_wrap=True,  # commands to copy stay whole lines
         )
+        if mesh.replicas["web"]:
+            key_file = layout.admin_key_path if layout.auth else None
+            console.print(_web_lines(layout.http_url, mesh.admin_key, key_file), markup=False, highlight=False, soft_wrap=True)
+        console.print("Press Ctrl-C to stop.")
         while not stop.is_set():
             control.run_pending(wait_s=0.5)
             for dead in mesh.reap():
@@ -244,6 +248,20 @@ def up(
         control.stop()
         mesh.stop()
         console.print("Stopped.")
+
+
+def _web_lines(url: str, admin_key: str | None, key_file: Path | None) -> str:
+    """Where the chat page and the OpenAI-compatible API are. The page's link carries the
+    operator's key after `#`, as Jupyter's does: a fragment never leaves the browser, and the
+    page moves the key into its session storage and out of the address bar."""
+    page = f"{url}/#key={admin_key}" if admin_key else f"{url}/"
+    header = f'-H "Authorization: Bearer $(cat {key_file})" ' if key_file else ""
+    return (
+        f"\nChat page (open it in a browser): {page}\n"
+        f"OpenAI-compatible API: {url}/v1 (a model is a knowledge base: default), e.g.\n"
+        f"  curl -N {url}/v1/chat/completions {header}-H 'Content-Type: application/json' "
+        '-d \'{"model": "default", "stream": true, "messages": [{"role": "user", "content": "What is the hotel limit in Paris?"}]}\''
+    )
 
 
 def _up_failure(error: Exception) -> str:
@@ -299,6 +317,9 @@ def ask(
     mode: Annotated[
         Optional[str], typer.Option(help="How sources are searched: dense, keyword or hybrid (default: the knowledge base's).")
     ] = None,
+    rerank: Annotated[
+        Optional[bool], typer.Option("--rerank/--no-rerank", help="Rerank the sources with the mesh's reranker (default: the gateway's).")
+    ] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Longest answer, in tokens.")] = None,
     temperature: Annotated[Optional[float], typer.Option(help="0 for greedy decoding.")] = None,
     address: Annotated[str, typer.Option(help="The gateway (Envoy's front door).")] = "127.0.0.1:50051",
@@ -319,6 +340,8 @@ def ask(
             parameters=parameters,
             search_mode=client.search_mode(mode),  # type: ignore[arg-type]
         )
+        if rerank is not None:
+            request.rerank = rerank
         channel = _connect(address)
     except ValueError as error:
         errors.print(f"error: {error}", markup=False)
@@ -361,20 +384,23 @@ def _waiting_line(status: common_pb2.QueueStatus) -> str:
 
 def _print_sources(citations: list[gateway_pb2.Citation], done: gateway_pb2.AskDone) -> None:
     table = Table(title="Sources", show_lines=False)
-    for column in ("#", "document", "title", "score", "excerpt"):
+    reranked = any(c.HasField("rerank_score") for c in citations)
+    for column in ("#", "document", "title", "score", *(("rerank",) if reranked else ()), "excerpt"):
         table.add_column(column, overflow="fold")
     for c in citations:
         excerpt = c.text[:80].replace("\n", " ") + ("..." if len(c.text) > 80 else "")
-        _add_row(table, str(c.number), c.document_id, c.title, f"{c.score:.3f}", excerpt)
+        rerank_score = (f"{c.rerank_score:.3f}",) if reranked else ()
+        _add_row(table, str(c.number), c.document_id, c.title, f"{c.score:.3f}", *rerank_score, excerpt)
     console.print(table)
     t = done.timings
     reason = common_pb2.FinishReason.Name(done.finish_reason).removeprefix("FINISH_REASON_").lower()
     waited = f"waited {t.queue_ms / 1000:.1f} s, " if t.queue_ms >= 100 else ""
     usage = done.usage
+    reranked_in = f"rerank {t.rerank_ms:.0f} ms, " if t.rerank_ms else ""
     console.print(
         f"[dim]{_plain(done.model)}: {usage.completion_tokens} tokens from a {usage.prompt_tokens}-token prompt "
         f"({usage.cached_prompt_tokens} cached), finished by {reason}; {waited}"
-        f"embed {t.embed_ms:.0f} ms, search {t.search_ms:.0f} ms, first token {t.time_to_first_token_ms:.0f} ms, "
+        f"embed {t.embed_ms:.0f} ms, search {t.search_ms:.0f} ms, {reranked_in}first token {t.time_to_first_token_ms:.0f} ms, "
         f"total {t.total_ms:.0f} ms[/dim]",
         highlight=False,
     )

@@ -25,8 +25,14 @@ listener and stops taking requests before Envoy's heap runs out. It serves TLS w
 names a certificate and key. The admin listener (which can drain or stop Envoy) is always on
 loopback; the internal listener stays plain on the tiers' host.
 
+A third listener, when the layout has a web tier, serves plain HTTP for browsers and OpenAI
+clients (`/v1/` and the chat page at `/`) from the web tier's cluster: HTTP/1.1 to its replicas,
+health-checked on their `/healthz`, with the same stream rules (no route timeout, an idle
+timeout) so a streamed answer (Server-Sent Events) is never cut for lasting long.
+
 Envoy's HTTP compressor is deliberately absent: the services compress gRPC messages themselves
-(grpc-encoding: gzip) and Envoy passes them through untouched.
+(grpc-encoding: gzip) and Envoy passes them through untouched; on the HTTP listener a compressor
+would hold Server-Sent Events back until its buffer fills.
 """
 
 from __future__ import annotations
@@ -84,6 +90,9 @@ class Tier:
     # another replica may take the call. False for a tier whose refusals come from the tiers
     # behind it (the gateway's: every generator replica was tried already).
     capacity_per_replica: bool = True
+    # An HTTP tier (the web tier): HTTP/1.1 to its replicas and an HTTP health check on this
+    # path instead of gRPC's. None: a gRPC tier.
+    health_path: str | None = None
 
 
 # The admin listener can drain, stop and reconfigure Envoy: it never leaves this machine,
@@ -102,6 +111,10 @@ class EnvoyLayout:
     front_port: int = 50051
     internal_port: int = 50052
     admin_port: int = 9901
+    # The HTTP listener (OpenAI-compatible API and the chat page) and the tier it serves;
+    # None: no HTTP listener.
+    web: Tier | None = None
+    http_port: int = 8080
     access_log: Path | None = None
     # Where each cluster's endpoint file lives; Envoy watches this folder.
     endpoints_dir: Path = Path("endpoints")
@@ -127,7 +140,7 @@ class EnvoyLayout:
     def tiers(self) -> list[Tier]:
         """Each tier once (a tier may be on both listeners), front tiers first."""
         seen: dict[str, Tier] = {}
-        for tier in [*self.front, *self.internal]:
+        for tier in [*self.front, *self.internal, *([self.web] if self.web is not None else [])]:
             seen.setdefault(tier.name, tier)
         return list(seen.values())
 
@@ -237,15 +250,16 @@ def _front_door_options(layout: EnvoyLayout) -> dict[str, Any]:
     }
 
 
-def _tls_transport_socket(cert_file: Path, key_file: Path) -> dict[str, Any]:
+def _tls_transport_socket(cert_file: Path, key_file: Path, alpn: tuple[str, ...] = ("h2",)) -> dict[str, Any]:
     return {
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
             "common_tls_context": {
                 "tls_params": {"tls_minimum_protocol_version": "TLSv1_2"},
-                # gRPC needs HTTP/2; a client that cannot negotiate it fails the handshake.
-                "alpn_protocols": ["h2"],
+                # gRPC needs HTTP/2; a client that cannot negotiate it fails the handshake. The
+                # HTTP listener offers HTTP/1.1 too (curl, most OpenAI clients).
+                "alpn_protocols": list(alpn),
                 "tls_certificates": [
                     {"certificate_chain": {"filename": str(cert_file)}, "private_key": {"filename": str(key_file)}}
                 ],
@@ -306,23 +320,83 @@ def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier], fron
     }
     if front:
         manager.update(_front_door_options(layout))
-    if layout.access_log is not None:
-        manager["access_log"] = [
-            {
-                "name": "envoy.access_loggers.file",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                    "path": str(layout.access_log),
-                    "log_format": {"json_format": ACCESS_LOG_FORMAT},
-                },
-            }
-        ]
+    if access_log := _access_log(layout):
+        manager["access_log"] = access_log
     chain: dict[str, Any] = {
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]
     }
     if front and layout.tls_cert_file is not None and layout.tls_key_file is not None:
         chain["transport_socket"] = _tls_transport_socket(layout.tls_cert_file, layout.tls_key_file)
     return {"name": name, "address": _address(layout.host, port), "filter_chains": [chain]}
+
+
+def _access_log(layout: EnvoyLayout) -> list[dict[str, Any]]:
+    if layout.access_log is None:
+        return []
+    return [
+        {
+            "name": "envoy.access_loggers.file",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                "path": str(layout.access_log),
+                "log_format": {"json_format": ACCESS_LOG_FORMAT},
+            },
+        }
+    ]
+
+
+# The web tier's paths: the OpenAI-compatible API and the page's own JSON under /v1/ and /api/,
+# the page's files at /. One cluster serves them all; the routes are named so that a deployment
+# can move one of them (the page to a CDN, say) without touching the others.
+WEB_PREFIXES = ("/v1/", "/api/", "/")
+
+
+def _http_listener(layout: EnvoyLayout, web: Tier) -> dict[str, Any]:
+    """Plain HTTP (HTTP/1.1 or h2c; TLS with the front door's certificate when it has one) to
+    the web tier. Streams (Server-Sent Events) have no route timeout, only the idle timeout; a
+    request is retried on another replica only when it never reached one."""
+    idle = _duration(layout.stream_idle_timeout_s)
+    route = {
+        "cluster": web.name,
+        "timeout": "0s",
+        "idle_timeout": idle,
+        "retry_policy": {
+            "retry_on": "connect-failure,refused-stream,reset-before-request",
+            "num_retries": 2,
+            "retry_host_predicate": [
+                {
+                    "name": "envoy.retry_host_predicates.previous_hosts",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                    },
+                }
+            ],
+            "host_selection_retry_max_attempts": HOST_SELECTION_ATTEMPTS,
+            "retry_back_off": RETRY_BACK_OFF,
+        },
+    }
+    manager: dict[str, Any] = {
+        "@type": HCM_TYPE,
+        "stat_prefix": "http",
+        "codec_type": "AUTO",
+        "stream_idle_timeout": idle,
+        "route_config": {
+            "name": "http",
+            "virtual_hosts": [
+                {"name": "http", "domains": ["*"], "routes": [{"match": {"prefix": p}, "route": route} for p in WEB_PREFIXES]}
+            ],
+        },
+        "http_filters": [ROUTER],
+        **_front_door_options(layout),
+    }
+    if access_log := _access_log(layout):
+        manager["access_log"] = access_log
+    chain: dict[str, Any] = {
+        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]
+    }
+    if layout.tls_cert_file is not None and layout.tls_key_file is not None:
+        chain["transport_socket"] = _tls_transport_socket(layout.tls_cert_file, layout.tls_key_file, ("h2", "http/1.1"))
+    return {"name": "http", "address": _address(layout.host, layout.http_port), "filter_chains": [chain]}
 
 
 def endpoints_path(endpoints_dir: Path, tier_name: str) -> Path:
@@ -357,9 +431,28 @@ def write_endpoints(endpoints_dir: Path, tier_name: str, replicas: list[str], ve
     return path
 
 
+def _http_tier_options(tier: Tier) -> dict[str, Any]:
+    """What an HTTP tier's cluster has instead of a gRPC tier's: HTTP/1.1 (Envoy's default
+    upstream protocol), a health check on its path, and outlier detection on connection failures
+    only: its 5xx answers are about the tiers behind it (a 503 while the gateway restarts), and
+    ejecting every web replica for them would turn one clear error into Envoy's own 503."""
+    return {
+        "health_check": {"http_health_check": {"path": tier.health_path}},
+        "outlier_detection": {
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 5,
+            "enforcing_consecutive_5xx": 0,
+            "enforcing_consecutive_gateway_failure": 0,
+            "interval": "5s",
+            "base_ejection_time": "10s",
+            "max_ejection_percent": 50,
+        },
+    }
+
+
 def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
     interval = _duration(layout.health_check_interval_s)
-    return {
+    cluster: dict[str, Any] = {
         "name": tier.name,
         "type": "EDS",
         "eds_cluster_config": {
@@ -415,6 +508,13 @@ def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
             ]
         },
     }
+    if tier.health_path is not None:
+        http = _http_tier_options(tier)
+        del cluster["typed_extension_protocol_options"]
+        del cluster["health_checks"][0]["grpc_health_check"]
+        cluster["health_checks"][0].update(http["health_check"])
+        cluster["outlier_detection"] = http["outlier_detection"]
+    return cluster
 
 
 def render(layout: EnvoyLayout) -> dict[str, Any]:
@@ -422,6 +522,8 @@ def render(layout: EnvoyLayout) -> dict[str, Any]:
     listeners = [_listener("front", layout, layout.front_port, layout.front, front=True)]
     if layout.internal:
         listeners.append(_listener("internal", layout, layout.internal_port, layout.internal))
+    if layout.web is not None:
+        listeners.append(_http_listener(layout, layout.web))
     return {
         # Filesystem EDS needs a node identity.
         "node": {"id": "askmesh-local", "cluster": "askmesh"},

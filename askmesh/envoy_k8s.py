@@ -105,7 +105,7 @@ def render_kubernetes(layout: envoy.EnvoyLayout | None = None, tls: bool = False
     clusters: list[dict[str, Any]] = []
     for cluster in resources["clusters"]:
         tier = cluster["name"]
-        port = tiers.BY_NAME[tier].default_port
+        port = tiers.default_port(tier)
         clusters.append(_dns_cluster(cluster, tier, service_host(tier), port))
         canary = tier + CANARY_SUFFIX
         clusters.append(_dns_cluster(cluster, canary, service_host(canary), port))

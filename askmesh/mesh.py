@@ -1,7 +1,9 @@
 """The local mesh: every service as its own process, a real Envoy in front (`askmesh up`).
 
 Each tier runs N replicas on loopback; Envoy's front listener serves the gateway tier and its
-internal listener routes the gateway's calls to the embedder, retriever and generator tiers.
+internal listener routes the gateway's calls to the embedder, retriever and generator tiers. The
+web tier (the OpenAI-compatible API and the chat page) serves Envoy's HTTP listener and calls the
+gateway and the ingestor through the internal listener with each caller's own key.
 Envoy learns each tier's replicas from an endpoint file (filesystem EDS) that the mesh rewrites
 as replicas come and go, which makes rolling restarts possible without restarting Envoy.
 The same class starts the mesh for `make run`, for the end-to-end tests and for the chaos tests.
@@ -30,6 +32,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,8 +52,11 @@ from askmesh.v1 import gateway_pb2
 if TYPE_CHECKING:
     from askmesh.local_postgres import LocalPostgres
 
-SERVICES = tiers.NAMES  # in start-up order
-DEFAULT_PORTS = {tier.name: tier.default_port for tier in tiers.TIERS}
+SERVICES = tiers.NAMES  # the gRPC tiers, in start-up order
+# Every tier the mesh runs: the gRPC tiers, then the web tier (HTTP), which starts serving once
+# the front door is open.
+ALL_TIERS = tiers.ALL_NAMES
+DEFAULT_PORTS = {name: tiers.default_port(name) for name in ALL_TIERS}
 MilvusMode = Literal["embedded", "server"]
 
 
@@ -81,8 +87,8 @@ def parse_replicas(text: str) -> dict[str, int]:
     counts: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         tier, equals, count = part.partition("=")
-        if not equals or tier not in SERVICES:
-            raise ValueError(f"{part!r}: expected <tier>=<count> with a tier among {', '.join(SERVICES)}")
+        if not equals or tier not in ALL_TIERS:
+            raise ValueError(f"{part!r}: expected <tier>=<count> with a tier among {', '.join(ALL_TIERS)}")
         if not count.isdigit() or not 1 <= int(count) <= 16:
             raise ValueError(f"{part!r}: the count must be a whole number from 1 to 16")
         counts[tier] = int(count)
@@ -108,6 +114,8 @@ class MeshLayout:
     front_port: int = 50051
     internal_port: int = 50052
     admin_port: int = 9901
+    # Envoy's HTTP listener: the OpenAI-compatible API under /v1 and the chat page at /.
+    http_port: int = 8080
     control_port: int = 50050
     milvus_port: int = 19530
     # Replica ports of each tier at start; the default puts a tier's replicas 10 ports apart.
@@ -128,6 +136,14 @@ class MeshLayout:
     # TLS on the front door (both or neither): see MeshSettings.
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
+    # The web tier and Envoy's HTTP listener; False runs the gRPC mesh alone.
+    web: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.web:
+            self.service_ports["web"] = []
+        else:
+            self.service_ports.setdefault("web", [DEFAULT_PORTS["web"]])
 
     @classmethod
     def with_replicas(cls, data_dir: Path, replicas: dict[str, int], **options: object) -> MeshLayout:
@@ -138,13 +154,14 @@ class MeshLayout:
     @classmethod
     def on_free_ports(cls, data_dir: Path, replicas: dict[str, int] | None = None, **options: object) -> MeshLayout:
         replicas = replicas or {}
-        counts = {name: replicas.get(name, 1) for name in SERVICES}
-        ports = iter(free_ports(6 + sum(counts.values())))
+        counts = {name: replicas.get(name, 1) for name in ALL_TIERS}
+        ports = iter(free_ports(7 + sum(counts.values())))
         return cls(
             data_dir=data_dir,
             front_port=next(ports),
             internal_port=next(ports),
             admin_port=next(ports),
+            http_port=next(ports),
             control_port=next(ports),
             milvus_port=next(ports),
             postgres_port=next(ports),
@@ -184,6 +201,12 @@ class MeshLayout:
         return f"{self.host}:{self.internal_port}"
 
     @property
+    def http_url(self) -> str:
+        """Where browsers and OpenAI clients reach the mesh (the chat page; the API under /v1)."""
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.host}:{self.http_port}"
+
+    @property
     def control_address(self) -> str:
         return f"{self.host}:{self.control_port}"
 
@@ -218,12 +241,15 @@ class MeshLayout:
         """Envoy's layout; with `front_open` False the gateway tier starts with no replicas in
         its endpoints (the front door answers nothing until they are published)."""
 
+        def published(name: str) -> list[str]:
+            return self.replicas(name) if front_open or name not in ("gateway", "web") else []
+
         def tier(name: str, routes: tuple[str, ...]) -> envoy.Tier:
             spec = tiers.BY_NAME[name]
             return envoy.Tier(
                 name,
                 spec.health_service,
-                self.replicas(name) if front_open or name != "gateway" else [],
+                published(name),
                 list(routes),
                 list(spec.idempotent_methods),
                 list(spec.resendable_streams),
@@ -232,15 +258,18 @@ class MeshLayout:
 
         return envoy.EnvoyLayout(
             front=[tier(name, tiers.BY_NAME[name].public_routes) for name in tiers.FRONT],
-            internal=[
-                tier(spec.name, tuple(s for s in spec.grpc_services if s != tiers.GATEWAY.health_service))
-                for spec in tiers.TIERS
-                if spec.name != "gateway"
-            ],
+            # The gateway is there for the web tier, which calls Ask and Embed with callers' keys.
+            internal=[tier(spec.name, tiers.internal_routes(spec)) for spec in tiers.TIERS],
+            web=(
+                envoy.Tier(tiers.WEB.name, "", published(tiers.WEB.name), health_path=tiers.WEB.health_path)
+                if self.service_ports.get(tiers.WEB.name)
+                else None
+            ),
             host=self.host,
             front_port=self.front_port,
             internal_port=self.internal_port,
             admin_port=self.admin_port,
+            http_port=self.http_port,
             access_log=self.data_dir / "logs" / "envoy-access.log",
             endpoints_dir=self.endpoints_dir,
             tls_cert_file=self.tls_cert_file,
@@ -254,7 +283,7 @@ class Process:
     popen: subprocess.Popen[bytes]
     log_path: Path
     tier: str = ""  # the service tier of a replica; empty for Envoy and Milvus
-    address: str | None = None  # gRPC address of a service replica
+    address: str | None = None  # gRPC address of a service replica (the web tier's: HTTP)
     metrics_address: str | None = None
 
     @property
@@ -302,13 +331,13 @@ class LocalMesh:
         self.samples_loaded: gateway_pb2.AddDocumentsResponse | None = None
         # Set (by a signal handler) to abandon a start-up that is still waiting.
         self.interrupted = threading.Event()
-        self.replicas: dict[str, list[Process]] = {name: [] for name in SERVICES}
+        self.replicas: dict[str, list[Process]] = {name: [] for name in ALL_TIERS}
         self.envoy: Process | None = None
         self.milvus: Process | None = None
         self.postgres: LocalPostgres | None = None
         self.store_url = str(layout.sqlite_path) if layout.store == "sqlite" else layout.store
         self.retired: list[Process] = []  # replicas taken out by a restart or a test
-        self._started = {name: 0 for name in SERVICES}  # replica numbers, never reused
+        self._started = {name: 0 for name in ALL_TIERS}  # replica numbers, never reused
         self._endpoints_version = 1
         # One change of replicas at a time (a restart runs on the control channel's thread).
         self.lock = threading.RLock()
@@ -316,7 +345,7 @@ class LocalMesh:
     @property
     def processes(self) -> list[Process]:
         """Every process the mesh runs now: replicas, then Milvus and Envoy."""
-        running = [p for name in SERVICES for p in self.replicas[name]]
+        running = [p for name in ALL_TIERS for p in self.replicas[name]]
         return running + [p for p in (self.milvus, self.envoy) if p is not None]
 
     # -- environment of each process -------------------------------------------------------
@@ -336,7 +365,7 @@ class LocalMesh:
             **self.auth_env(),
         }
         # Every tier reaches the others through Envoy's internal listener.
-        for other in tiers.BY_NAME[name].calls:
+        for other in tiers.calls_of(name):
             env[f"{prefix}{other.upper()}_ADDRESS"] = layout.internal_address
         if not OPENMP_SETTINGS.intersection(os.environ):  # the user's own OpenMP settings win
             env.update(openmp_waits(name, len(layout.service_ports.get(name, []))))
@@ -389,7 +418,7 @@ class LocalMesh:
         layout = self.layout
         taken = {
             layout.front_port, layout.internal_port, layout.admin_port, layout.control_port, layout.milvus_port,
-            layout.postgres_port,
+            layout.postgres_port, layout.http_port,
         }
         taken.update(port for ports in layout.service_ports.values() for port in ports)
         while (port := free_port(layout.host)) in taken:
@@ -431,7 +460,7 @@ class LocalMesh:
             self._start_milvus(deadline)
         config = envoy.write_config(layout.envoy_layout(front_open=False), layout.data_dir / "envoy.yaml")
         envoy.validate_config(config)
-        for name in SERVICES:
+        for name in ALL_TIERS:  # the web tier waits for the front door by itself
             for port in layout.service_ports[name]:
                 self._spawn_replica(name, port)
         envoy_log = layout.data_dir / "logs" / "envoy.log"
@@ -455,6 +484,14 @@ class LocalMesh:
         self._wait_front_door(deadline)
         front = f"{layout.front_address} (TLS)" if layout.tls else layout.front_address
         self.say(f"  {'envoy':<12} front door on {front}, tiers on {layout.internal_address}")
+        if self.replicas["web"]:
+            # Ready once the gateway and the ingestor answer it, which they do from now on.
+            for replica in self.replicas["web"]:
+                self._wait_serving(replica, deadline)
+                self.say(f"  {replica.name:<12} SERVING on {replica.address}")
+            self._publish_endpoints("web")
+            self._wait_envoy(deadline, lambda hosts: self._routes_to_all(hosts, "web"))
+            self.say(f"  {'envoy':<12} chat page and OpenAI-compatible API on {layout.http_url}/")
 
     def _routes_to_all(self, hosts: dict[str, dict[str, bool]], name: str) -> bool:
         """Whether Envoy routes to every replica of the tier (each in its view and healthy)."""
@@ -584,6 +621,9 @@ class LocalMesh:
 
     def _wait_serving(self, process: Process, deadline: float) -> None:
         assert process.address is not None
+        if process.tier == tiers.WEB.name:
+            self._wait_http_ready(process, deadline)
+            return
         with grpc.insecure_channel(process.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
 
@@ -594,6 +634,19 @@ class LocalMesh:
             self._wait_for(
                 process, deadline, serving, f"{process.name} did not become SERVING in time; see {process.log_path}"
             )
+
+    def _wait_http_ready(self, process: Process, deadline: float) -> None:
+        """The web replica's health path answers 200: it has heard from the tiers it calls."""
+        url = f"http://{process.address}{tiers.WEB.health_path}"
+
+        def ready() -> bool:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    return bool(response.status == 200)
+            except urllib.error.HTTPError:  # 503 until its upstreams answered
+                return False
+
+        self._wait_for(process, deadline, ready, f"{process.name} did not become ready in time; see {process.log_path}")
 
     # -- Envoy's view ----------------------------------------------------------------------
     def envoy_hosts(self) -> dict[str, dict[str, bool]]:
@@ -683,7 +736,7 @@ class LocalMesh:
         """Takes replicas that died out of Envoy's endpoints (what Kubernetes does for a dead
         pod); returns them. Envoy's health checks have usually ejected them already."""
         with self.lock:
-            dead = [p for name in SERVICES for p in self.replicas[name] if not p.alive]
+            dead = [p for name in ALL_TIERS for p in self.replicas[name] if not p.alive]
             for process in dead:
                 self.replicas[process.tier].remove(process)
                 self.retired.append(process)
@@ -694,8 +747,8 @@ class LocalMesh:
     def restart_tier(self, name: str, say: Callable[[str, Process], None] | None = None) -> None:
         """Rolling restart: for each replica, start a new one, wait until Envoy routes to it,
         then retire the old one. The tier never has fewer serving replicas than before."""
-        if name not in SERVICES:
-            raise ValueError(f"tier: expected one of {', '.join(SERVICES)}, got {name!r}")
+        if name not in ALL_TIERS:
+            raise ValueError(f"tier: expected one of {', '.join(ALL_TIERS)}, got {name!r}")
         self._refuse_second_embedded_retriever(name)
         report = say or (lambda message, process: self.say(message))
         with self.lock:
@@ -710,7 +763,7 @@ class LocalMesh:
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM each tier before the tiers it needs (the gateways first), then Milvus, Envoy and
         PostgreSQL; SIGKILL what lingers."""
-        order = [p for name in reversed(SERVICES) for p in self.replicas[name]]
+        order = [p for name in reversed(ALL_TIERS) for p in self.replicas[name]]
         order += [p for p in (self.milvus, self.envoy) if p is not None]
         order += self.retired
         for process in order:
@@ -726,7 +779,7 @@ class LocalMesh:
         if self.postgres is not None:
             self.postgres.stop()
             self.postgres = None
-        self.replicas = {name: [] for name in SERVICES}
+        self.replicas = {name: [] for name in ALL_TIERS}
         self.envoy = self.milvus = None
         self.retired.clear()
 

@@ -18,7 +18,7 @@ import grpc
 
 from askmesh.runtime.auth import InternalOnly
 
-from askmesh.mesh import SERVICES, LocalMesh, MeshError, Process
+from askmesh.mesh import ALL_TIERS, LocalMesh, MeshError, Process
 from askmesh.v1 import mesh_pb2, mesh_pb2_grpc
 
 
@@ -57,7 +57,7 @@ class MeshControlServicer(mesh_pb2_grpc.MeshControlServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, f"Envoy's admin interface does not answer: {error}")
         replicas = [
             replica_message(p, hosts.get(p.tier, {}).get(p.address or "", False))
-            for name in SERVICES
+            for name in ALL_TIERS
             for p in list(self.mesh.replicas[name])
         ]
         return mesh_pb2.ListReplicasResponse(replicas=replicas)
@@ -65,9 +65,9 @@ class MeshControlServicer(mesh_pb2_grpc.MeshControlServicer):
     def RestartTier(
         self, request: mesh_pb2.RestartTierRequest, context: grpc.ServicerContext
     ) -> Iterator[mesh_pb2.RestartEvent]:
-        if request.tier not in SERVICES:
+        if request.tier not in ALL_TIERS:
             context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, f"tier: expected one of {', '.join(SERVICES)}, got {request.tier!r}"
+                grpc.StatusCode.INVALID_ARGUMENT, f"tier: expected one of {', '.join(ALL_TIERS)}, got {request.tier!r}"
             )
         with self._guard:
             if self._restarting:

@@ -37,7 +37,14 @@ class TierSpec:
         return self.grpc_services[0]
 
 
-EMBEDDER = TierSpec("embedder", ("askmesh.v1.Embedder",), 50061, idempotent_methods=("askmesh.v1.Embedder/Embed",))
+# The Reranker service is the embedder tier's too (a model server, as TEI serves /embed and
+# /rerank); it answers only where a reranker is configured.
+EMBEDDER = TierSpec(
+    "embedder",
+    ("askmesh.v1.Embedder", "askmesh.v1.Reranker"),
+    50061,
+    idempotent_methods=("askmesh.v1.Embedder/Embed", "askmesh.v1.Reranker/Rerank"),
+)
 RETRIEVER = TierSpec("retriever", ("askmesh.v1.Retriever",), 50062, idempotent_methods=("askmesh.v1.Retriever/Search",))
 GENERATOR = TierSpec(
     "generator",
@@ -64,7 +71,7 @@ GATEWAY = TierSpec(
     ("askmesh.v1.Gateway",),
     50064,
     public_routes=("askmesh.v1.Gateway",),
-    idempotent_methods=("askmesh.v1.Gateway/Search",),
+    idempotent_methods=("askmesh.v1.Gateway/Embed", "askmesh.v1.Gateway/Search"),
     resendable_streams=("askmesh.v1.Gateway/Ask",),
     capacity_per_replica=False,
     needs=("embedder", "retriever", "generator", "ingestor"),
@@ -76,3 +83,39 @@ BY_NAME: dict[str, TierSpec] = {tier.name: tier for tier in TIERS}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 # The tiers behind the front door, the gateway first: it answers the front door's health checks.
 FRONT: tuple[str, ...] = ("gateway", "ingestor")
+
+
+@dataclass(frozen=True)
+class HttpTierSpec:
+    """A tier that serves HTTP rather than gRPC: Envoy's HTTP listener routes to it, checks its
+    health on `health_path`, and it reaches the tiers it calls through Envoy's internal listener."""
+
+    name: str
+    default_port: int
+    health_path: str
+    # Tiers it calls, with each caller's own credentials (never the mesh's internal token).
+    calls: tuple[str, ...]
+
+
+# The OpenAI-compatible API and the chat page (services/web): a client of the public API, whose
+# Ask and Embed are the gateway's and whose knowledge bases and uploads are the ingestor's.
+WEB = HttpTierSpec("web", 50066, "/healthz", calls=("gateway", "ingestor"))
+# Every tier a mesh runs, gRPC tiers first (in start-up order), then the HTTP tier.
+ALL_NAMES: tuple[str, ...] = (*NAMES, WEB.name)
+
+
+def default_port(name: str) -> int:
+    return WEB.default_port if name == WEB.name else BY_NAME[name].default_port
+
+
+def calls_of(name: str) -> tuple[str, ...]:
+    """The tiers `name` calls (whose addresses it is given)."""
+    return WEB.calls if name == WEB.name else BY_NAME[name].calls
+
+
+def internal_routes(spec: TierSpec) -> tuple[str, ...]:
+    """What Envoy's internal listener sends to the tier: its own services and the public methods
+    it serves of another's service (the ingestor's Gateway/AddDocuments); the Gateway service
+    itself only to the gateway tier, which the web tier calls there with each caller's key."""
+    own = tuple(s for s in spec.grpc_services if s != GATEWAY.health_service or spec is GATEWAY)
+    return own + tuple(route for route in spec.public_routes if route not in own)

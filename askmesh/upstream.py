@@ -18,7 +18,7 @@ from opentelemetry import trace
 
 from askmesh.runtime.auth import CALLER_HEADER, Caller, Role
 from askmesh.runtime.channels import HEALTH_SERVICE_HEADER, open_channel
-from askmesh.runtime.errors import AskmeshError, Unavailable, retry_after_of
+from askmesh.runtime.errors import AskmeshError, FailedPrecondition, Unavailable, retry_after_of
 from askmesh.tiers import BY_NAME
 from askmesh.v1 import (
     catalog_pb2,
@@ -28,6 +28,8 @@ from askmesh.v1 import (
     embedder_pb2_grpc,
     generator_pb2,
     generator_pb2_grpc,
+    reranker_pb2,
+    reranker_pb2_grpc,
     retriever_pb2,
     retriever_pb2_grpc,
 )
@@ -77,9 +79,18 @@ def _mapped(tier: str, code: grpc.StatusCode, details: str, what: str, retry_aft
     return Unavailable(f"{tier} {what} ({code.name}); {reference}")
 
 
-def upstream_error(tier: str, error: grpc.aio.AioRpcError) -> AskmeshError:
+def upstream_error(tier: str, error: grpc.aio.AioRpcError, what: str = "tier unavailable") -> AskmeshError:
     """The tier's failure as the gateway's caller sees it; a retry pushback is passed on."""
-    return _mapped(tier, error.code(), error.details() or "", "tier unavailable", retry_after_of(error))
+    return _mapped(tier, error.code(), error.details() or "", what, retry_after_of(error))
+
+
+# What a question that asks to be reranked hears when the embedder tier has no reranker: its
+# Reranker service answers FAILED_PRECONDITION, or (an embedder from before rerankers, or a
+# proxy without the route) UNIMPLEMENTED.
+NO_RERANKER = (
+    "rerank: no reranker is configured on the embedder tier "
+    "(set ASKMESH_EMBEDDER_RERANKER_MODEL_PATH or ASKMESH_EMBEDDER_RERANKER_URL there, or ask without rerank)"
+)
 
 
 def stream_error(tier: str, error: common_pb2.StreamError) -> AskmeshError:
@@ -137,6 +148,34 @@ class Upstreams:
         stub = embedder_pb2_grpc.EmbedderStub(self._channel("embedder"))
         request = embedder_pb2.EmbedRequest(texts=texts)
         return await self._tiers["embedder"].call(stub.Embed(request, timeout=deadline.unary_timeout()))
+
+    # -- reranker (served by the embedder tier) ----------------------------------------------
+    async def rerank(
+        self, query: str, texts: list[str], top_n: int, deadline: Deadline
+    ) -> reranker_pb2.RerankResponse:
+        """The best `top_n` of `texts` for `query`, best first. FailedPrecondition when the tier
+        has no reranker; a reranker refusing the texts is not the caller's doing, so it is
+        FailedPrecondition too, with the reranker's reason."""
+        stub = reranker_pb2_grpc.RerankerStub(self._channel("embedder"))
+        request = reranker_pb2.RerankRequest(query=query, texts=texts, top_n=top_n)
+        try:
+            return await stub.Rerank(request, timeout=deadline.unary_timeout())  # type: ignore[no-any-return]
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                raise FailedPrecondition(NO_RERANKER) from error
+            if error.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise FailedPrecondition(f"rerank: the reranker refused the retrieved passages ({error.details()})") from error
+            raise upstream_error("embedder", error, "tier unavailable while reranking") from error
+
+    async def reranker_model(self, deadline: Deadline) -> common_pb2.ModelInfo | None:
+        """The embedder tier's reranker; None when it has none."""
+        stub = reranker_pb2_grpc.RerankerStub(self._channel("embedder"))
+        try:
+            return await stub.GetModel(common_pb2.GetModelRequest(), timeout=deadline.unary_timeout())  # type: ignore[no-any-return]
+        except grpc.aio.AioRpcError as error:
+            if error.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.UNIMPLEMENTED):
+                return None
+            raise upstream_error("embedder", error) from error
 
     # -- retriever ---------------------------------------------------------------------------
     def _retriever(self) -> retriever_pb2_grpc.RetrieverStub:

@@ -38,7 +38,7 @@ from services.gateway.main import build as build_gateway  # noqa: E402
 from services.ingestor.config import IngestorSettings  # noqa: E402
 from services.ingestor.main import build as build_ingestor  # noqa: E402
 from askmesh import envoy, tiers  # noqa: E402
-from askmesh.mesh import free_ports  # noqa: E402
+from askmesh.mesh import LocalMesh, MeshLayout, free_ports  # noqa: E402
 from askmesh.v1 import embedder_pb2_grpc, generator_pb2, generator_pb2_grpc, retriever_pb2_grpc  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -310,3 +310,42 @@ async def start_gateway(addresses: dict[str, str], **overrides: object) -> tuple
     data_dir.mkdir(parents=True, exist_ok=True)
     front = await start_front_door(gateway, ingestor, ingestor_address, data_dir)
     return front, grpc.aio.insecure_channel(f"127.0.0.1:{front.port}")
+
+
+class WebMesh:
+    """The real local mesh with its web tier behind Envoy's HTTP listener, and keys to call it
+    with: the operator's, a reader of `default`, and an admin of tenant `acme`, which has a
+    knowledge base of its own (`acme-handbook`)."""
+
+    def __init__(self, mesh: LocalMesh, reader_key: str, acme_key: str) -> None:
+        self.mesh = mesh
+        assert mesh.admin_key is not None
+        self.admin_key: str = mesh.admin_key
+        self.reader_key = reader_key
+        self.acme_key = acme_key
+
+    @property
+    def url(self) -> str:
+        return self.mesh.layout.http_url
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.url}/v1"
+
+
+@pytest.fixture(scope="session")
+def web_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WebMesh]:
+    """One mesh for the web tier's tests (the OpenAI API's and the chat page's), with the sample
+    documents, authentication on, and one answer generated at a time: a second question waits
+    in line, so its queue position can be seen."""
+    from askmesh import client
+
+    layout = MeshLayout.on_free_ports(tmp_path_factory.mktemp("web-mesh"), auth=True)
+    env = {"ASKMESH_GENERATOR_PARALLEL_SEQUENCES": "1"}
+    with LocalMesh(layout, env=env, say=lambda _: None, samples_dir=REPO_ROOT / "samples") as mesh:
+        with client.connect(layout.front_address, mesh.admin_key) as channel:
+            reader = client.create_key(channel, tenant="default", role="reader", description="web tests: reader").secret
+            acme = client.create_key(channel, tenant="acme", role="admin", description="web tests: acme").secret
+        with client.connect(layout.front_address, acme) as channel:
+            client.create_knowledge_base(channel, "acme-handbook", description="acme's own")
+        yield WebMesh(mesh, reader, acme)

@@ -57,7 +57,7 @@ def test_every_rpc_needs_what_its_role_allows_and_unlisted_ones_are_internal() -
     assert required_for("/askmesh.v1.Gateway/AddDocuments") is Role.WRITER
     assert required_for("/askmesh.v1.KnowledgeBases/DeleteKnowledgeBase") is Role.ADMIN
     assert required_for("/askmesh.v1.ApiKeys/CreateKey") is Role.ADMIN
-    for internal in ("/askmesh.v1.Embedder/SwapModel", "/askmesh.v1.Retriever/Upsert", "/askmesh.v1.Catalog/GetSearchView",
+    for internal in ("/askmesh.v1.Embedder/SwapModel", "/askmesh.v1.Reranker/Rerank", "/askmesh.v1.Reranker/GetModel", "/askmesh.v1.Retriever/Upsert", "/askmesh.v1.Catalog/GetSearchView",
                      "/askmesh.v1.MeshControl/RestartTier", "/askmesh.v1.Gateway/SomethingNew"):
         assert required_for(internal) is Internal.INTERNAL, internal
 

@@ -58,6 +58,27 @@ def test_an_answer_and_its_sources_print_literally_without_control_sequences(
     assert "pwned" not in result.stdout and _no_controls(result.stdout)
 
 
+def test_ask_sends_rerank_only_when_told_and_prints_the_rerankers_score_and_time(
+    runner: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sent: list[gateway_pb2.AskRequest] = []
+
+    def reranked_answer(channel: object, request: gateway_pb2.AskRequest, timeout: float | None) -> Iterator[gateway_pb2.AskResponse]:
+        sent.append(request)
+        citation = gateway_pb2.Citation(number=1, document_id="travel", score=0.41, rerank_score=0.987, in_prompt=True)
+        yield gateway_pb2.AskResponse(sources=gateway_pb2.Sources(citations=[citation]))
+        yield gateway_pb2.AskResponse(done=gateway_pb2.AskDone(timings=gateway_pb2.AskTimings(rerank_ms=42)))
+
+    monkeypatch.setattr(client, "ask", reranked_answer)
+    assert runner.invoke(cli.app, ["ask", "Hotel cost?"]).exit_code == 0
+    assert runner.invoke(cli.app, ["ask", "Hotel cost?", "--no-rerank"]).exit_code == 0
+    result = runner.invoke(cli.app, ["ask", "Hotel cost?", "--rerank"])
+    assert result.exit_code == 0, result.output
+    assert [r.HasField("rerank") for r in sent] == [False, True, True] and [r.rerank for r in sent] == [False, False, True]
+    assert "rerank" in result.stdout and "0.987" in result.stdout and "0.410" in result.stdout
+    assert "rerank 42 ms" in result.stdout
+
+
 def test_a_server_error_prints_as_one_line_without_control_sequences(
     runner: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -122,7 +122,7 @@ def test_no_model_download_at_run_time_and_models_by_build_arg() -> None:
 def test_tiers_listen_on_every_interface_in_the_container() -> None:
     final_stage = max(ins.stage for ins in _instructions())
     env = shlex.split(" ".join(ins.args for ins in _instructions() if ins.keyword == "ENV" and ins.stage == final_stage))
-    for name in tiers.NAMES:
+    for name in tiers.ALL_NAMES:
         assert f"ASKMESH_{name.upper()}_HOST=0.0.0.0" in env
 
 

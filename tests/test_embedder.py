@@ -54,6 +54,15 @@ async def test_embed_over_grpc(embedder: embedder_pb2_grpc.EmbedderStub) -> None
     assert response.timings.total_ms >= response.timings.inference_ms
 
 
+async def test_embed_says_how_many_tokens_the_model_read(
+    embedder: embedder_pb2_grpc.EmbedderStub, embedding_engine: EmbeddingEngine
+) -> None:
+    texts = ["one", "How much is the hotel allowance in Paris?"]
+    response = await embedder.Embed(embedder_pb2.EmbedRequest(texts=texts))
+    # Special tokens included: more than the words, and what the engine counts.
+    assert response.token_count == embedding_engine.count_tokens(texts) > len(" ".join(texts).split())
+
+
 async def test_embed_over_grpc_returns_the_engines_vectors_exactly(
     embedder: embedder_pb2_grpc.EmbedderStub, embedding_engine: EmbeddingEngine
 ) -> None:

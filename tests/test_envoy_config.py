@@ -111,7 +111,9 @@ def test_envoy_rejects_a_broken_config(tmp_path: Path) -> None:
 def test_clusters_balance_least_request_with_grpc_health_checks(tmp_path: Path) -> None:
     config = envoy.render(layout(tmp_path))
     clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
-    assert set(clusters) == {"gateway", "embedder", "retriever", "generator", "ingestor"}
+    assert set(clusters) == {"gateway", "embedder", "retriever", "generator", "ingestor", "web"}
+    web = clusters.pop("web")  # HTTP: see test_the_http_listener_...
+    assert web["lb_policy"] == "LEAST_REQUEST" and web["type"] == "EDS"
     for name, cluster in clusters.items():
         assert cluster["lb_policy"] == "LEAST_REQUEST"
         check = cluster["health_checks"][0]
@@ -146,6 +148,7 @@ def test_each_tier_reads_its_replicas_from_an_endpoint_file_replaced_atomically(
         "generator.yaml",
         "ingestor.yaml",
         "retriever.yaml",
+        "web.yaml",
     ]
 
 
@@ -200,8 +203,9 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
         key for key, route in routes.items() if "unavailable" in route.get("retry_policy", {}).get("retry_on", "")
     }
     assert retried_on_unavailable == {
-        "/askmesh.v1.Embedder/Embed", "/askmesh.v1.Retriever/Search", "/askmesh.v1.Catalog/GetSearchView",
-        "/askmesh.v1.Catalog/Authenticate", "/askmesh.v1.Generator/GetLoad", "/askmesh.v1.Gateway/Search",
+        "/askmesh.v1.Embedder/Embed", "/askmesh.v1.Reranker/Rerank", "/askmesh.v1.Retriever/Search",
+        "/askmesh.v1.Catalog/GetSearchView", "/askmesh.v1.Catalog/Authenticate", "/askmesh.v1.Generator/GetLoad",
+        "/askmesh.v1.Gateway/Embed", "/askmesh.v1.Gateway/Search",
     }
     # Answer streams are sent again when a replica reset them before answering; uploads are not.
     retried_on_reset = {
@@ -209,6 +213,7 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
     }
     assert retried_on_reset == {
         "/askmesh.v1.Embedder/Embed",
+        "/askmesh.v1.Reranker/Rerank",
         "/askmesh.v1.Retriever/Search",
         "/askmesh.v1.Catalog/GetSearchView",
         "/askmesh.v1.Catalog/Authenticate",
@@ -216,6 +221,7 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
         "/askmesh.v1.Generator/Generate",
         "/askmesh.v1.Generator/AdmitAndGenerate",
         "/askmesh.v1.Gateway/Ask",
+        "/askmesh.v1.Gateway/Embed",
         "/askmesh.v1.Gateway/Search",
     }
     assert routes["/askmesh.v1.Generator/"]["idle_timeout"] == "300s"
@@ -238,7 +244,7 @@ def test_the_admin_port_stays_on_loopback_when_the_listeners_serve_every_interfa
     config = envoy.render(layout(tmp_path, host="0.0.0.0"))
     assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
     listeners = {l["name"]: l["address"]["socket_address"]["address"] for l in config["static_resources"]["listeners"]}
-    assert listeners == {"front": "0.0.0.0", "internal": "0.0.0.0"}
+    assert listeners == {"front": "0.0.0.0", "internal": "0.0.0.0", "http": "0.0.0.0"}
 
 
 def routes_of(config: dict, listener_name: str) -> list[tuple[str, str]]:
@@ -271,9 +277,49 @@ def test_the_front_door_routes_each_public_service_to_its_tier_and_nothing_inter
     assert first_match(front, "/askmesh.v1.Ingestion/UploadFile") == "ingestor"
     # Internal services are not routed to their tiers from outside (the catch-all is the
     # gateway's, which does not serve them: UNIMPLEMENTED).
-    for internal in ("/askmesh.v1.Catalog/GetSearchView", "/askmesh.v1.Retriever/Delete", "/askmesh.v1.Embedder/SwapModel"):
+    for internal in ("/askmesh.v1.Catalog/GetSearchView", "/askmesh.v1.Retriever/Delete", "/askmesh.v1.Embedder/SwapModel",
+                     "/askmesh.v1.Reranker/Rerank"):
         assert first_match(front, internal) == "gateway"
     inside = routes_of(config, "internal")
     assert first_match(inside, "/askmesh.v1.Catalog/GetSearchView") == "ingestor"
+    # The Reranker is a service of the embedder tier, reached like its other calls.
+    assert first_match(inside, "/askmesh.v1.Reranker/Rerank") == "embedder"
+    assert first_match(inside, "/askmesh.v1.Reranker/GetModel") == "embedder"
     assert first_match(inside, "/askmesh.v1.Retriever/Search") == "retriever"
-    assert "gateway" not in {cluster for _, cluster in inside}
+    # The web tier asks and embeds there, with each caller's key; AddDocuments stays the ingestor's.
+    assert first_match(inside, "/askmesh.v1.Gateway/Ask") == "gateway"
+    assert first_match(inside, "/askmesh.v1.Gateway/Embed") == "gateway"
+    assert first_match(inside, "/askmesh.v1.Gateway/AddDocuments") == "ingestor"
+    assert first_match(inside, "/askmesh.v1.KnowledgeBases/ListKnowledgeBases") == "ingestor"
+
+
+def test_the_http_listener_sends_the_api_and_the_page_to_the_web_tier_with_stream_friendly_routes(tmp_path: Path) -> None:
+    config = envoy.render(layout(tmp_path))
+    http = routes_of(config, "http")
+    for path in ("/v1/chat/completions", "/v1/models", "/api/tasks/t1/events", "/", "/app.js"):
+        assert first_match(http, path) == "web"
+    manager = manager_of(config, "http")
+    listener = next(l for l in config["static_resources"]["listeners"] if l["name"] == "http")
+    assert listener["address"]["socket_address"]["port_value"] == 8080
+    assert "compressor" not in str(manager["http_filters"])  # it would hold Server-Sent Events back
+    assert manager["use_remote_address"] is True and manager["stream_idle_timeout"] == "300s"
+    for route in manager["route_config"]["virtual_hosts"][0]["routes"]:
+        assert route["route"]["timeout"] == "0s" and route["route"]["idle_timeout"] == "300s"
+        # Retried only when the request never reached a replica: a POST is not sent twice.
+        assert set(route["route"]["retry_policy"]["retry_on"].split(",")) == {
+            "connect-failure", "refused-stream", "reset-before-request"
+        }
+    web = next(c for c in config["static_resources"]["clusters"] if c["name"] == "web")
+    assert web["health_checks"][0]["http_health_check"] == {"path": "/healthz"}
+    assert "grpc_health_check" not in web["health_checks"][0]
+    assert "typed_extension_protocol_options" not in web  # HTTP/1.1 to uvicorn
+    # Its 503s are about the tiers behind it: only connection failures eject a web replica.
+    assert web["outlier_detection"]["enforcing_consecutive_5xx"] == 0
+    assert web["outlier_detection"]["enforcing_consecutive_gateway_failure"] == 0
+    assert web["outlier_detection"]["split_external_local_origin_errors"] is True
+    # Served with TLS, as the front door, when it has a certificate; HTTP/1.1 offered too.
+    tls = envoy.render(tls_layout(tmp_path))
+    chain = next(l for l in tls["static_resources"]["listeners"] if l["name"] == "http")["filter_chains"][0]
+    assert chain["transport_socket"]["typed_config"]["common_tls_context"]["alpn_protocols"] == ["h2", "http/1.1"]
+    # A mesh without the web tier has no HTTP listener.
+    assert "http" not in {l["name"] for l in envoy.render(layout(tmp_path, web=False))["static_resources"]["listeners"]}

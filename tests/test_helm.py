@@ -270,11 +270,47 @@ def test_tiers_reach_each_other_through_envoys_internal_service() -> None:
     docs = profile("default")
     internal = of_kind(docs, "Service")[f"{FULLNAME}-envoy-internal"]
     address = f"{FULLNAME}-envoy-internal:{internal['spec']['ports'][0]['port']}"
-    for spec in tiers.TIERS:
-        env = env_of(tier_deployment(docs, spec.name))
-        assert {other: env[f"ASKMESH_{spec.name.upper()}_{other.upper()}_ADDRESS"]["value"] for other in spec.calls} == {
-            other: address for other in spec.calls
+    for name in tiers.ALL_NAMES:
+        env = env_of(tier_deployment(docs, name))
+        calls = tiers.calls_of(name)
+        assert {other: env[f"ASKMESH_{name.upper()}_{other.upper()}_ADDRESS"]["value"] for other in calls} == {
+            other: address for other in calls
         }
+
+
+def test_the_web_tier_serves_http_with_http_probes_and_acts_with_its_callers_keys_only() -> None:
+    docs = profile("default")
+    web = tier_deployment(docs, "web")
+    main = container(web)
+    assert main["args"] == ["web"]
+    assert {p["name"]: p["containerPort"] for p in main["ports"]}["http"] == tiers.WEB.default_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert main[probe]["httpGet"] == {"path": tiers.WEB.health_path, "port": "http"}, probe
+        assert "grpc" not in main[probe]
+    # Its port closes as it drains: liveness outlasts the drain, as the pod outlives it.
+    drain = int(env_of(web)["ASKMESH_WEB_GRACE_PERIOD_S"]["value"])
+    assert main["livenessProbe"]["periodSeconds"] * main["livenessProbe"]["failureThreshold"] > drain
+    # No internal token: every call it makes carries its caller's key.
+    env = env_of(web)
+    assert env["ASKMESH_AUTH_ENABLED"]["value"] == "true"
+    assert not {name for name in env if name.endswith(("_TOKEN_FILE", "_KEY_FILE"))}
+    assert "auth" not in {v["name"] for v in web["spec"]["template"]["spec"]["volumes"]}
+    assert "auth" not in {m["name"] for m in main["volumeMounts"]}
+    service = of_kind(docs, "Service")[f"{FULLNAME}-web"]
+    assert service["spec"]["ports"][0] == {"name": "http", "port": tiers.WEB.default_port, "targetPort": "http", "appProtocol": "http"}
+    # Envoy serves it on the front Service's HTTP port, from a health-checked cluster.
+    front = of_kind(docs, "Service")[FULLNAME]
+    assert {"name": "http", "port": 8080, "targetPort": "http-front", "appProtocol": "http"} in front["spec"]["ports"]
+    text, _ = envoy_config(docs)
+    config = yaml.safe_load(text)
+    clusters = {c["name"]: c for c in config["static_resources"]["clusters"]}
+    for name in ("web", "web-canary"):
+        assert clusters[name]["health_checks"][0]["http_health_check"] == {"path": tiers.WEB.health_path}
+        address = clusters[name]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]["socket_address"]
+        assert address == {"address": f"{FULLNAME}-{name}.{NAMESPACE}.svc.cluster.local", "port_value": tiers.WEB.default_port}
+    http = next(l for l in config["static_resources"]["listeners"] if l["name"] == "http")
+    assert http["address"]["socket_address"] == {"address": "0.0.0.0", "port_value": 8080}
+    assert of_kind(profile("local-cpu"), "Deployment")[f"{FULLNAME}-web"]["spec"]["replicas"] == 1
 
 
 def test_tracing_and_metrics() -> None:
@@ -465,7 +501,7 @@ def test_a_canary_has_its_own_deployment_service_tag_and_weight() -> None:
     weights = _weights(envoy_config(docs)[1])
     assert (weights["askmesh.weights.gateway"], weights["askmesh.weights.gateway-canary"]) == (80, 20)
     # The chart's runtime layer is the one askmesh.envoy_k8s documents.
-    assert envoy_config(docs)[1] == envoy_k8s.runtime_layer({spec.name: 20 if spec.name == "gateway" else 0 for spec in tiers.TIERS})
+    assert envoy_config(docs)[1] == envoy_k8s.runtime_layer({name: 20 if name == "gateway" else 0 for name in tiers.ALL_NAMES})
     # The front door's Ask route goes to both by those runtime keys.
     text, _ = envoy_config(docs)
     front = yaml.safe_load(text)["static_resources"]["listeners"][0]

@@ -12,18 +12,24 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import struct_pb2
+from google.protobuf import struct_pb2, text_format
 
 from askmesh.runtime.errors import Unavailable
 from askmesh.runtime.server import ServiceRunner
 from askmesh.v1 import (
+    catalog_pb2,
+    catalog_pb2_grpc,
     common_pb2,
+    embedder_pb2,
+    embedder_pb2_grpc,
     gateway_pb2,
     gateway_pb2_grpc,
     ingestion_pb2,
     ingestion_pb2_grpc,
     knowledge_pb2,
     knowledge_pb2_grpc,
+    retriever_pb2,
+    retriever_pb2_grpc,
 )
 from services.ingestor.store import KIND_INGEST_FILE, TASK_CANCELLED, TaskRecord, open_store
 from services.generator.engine import GenerationEngine
@@ -477,6 +483,20 @@ async def ended(api: Api, task_id: str, timeout_s: float = 120.0) -> ingestion_p
     raise AssertionError(f"task {task_id} did not end within {timeout_s} s")
 
 
+async def why_no_sources(upstreams: InProcessTiers, ingestor: grpc.aio.Channel, kb: str, question: str) -> str:
+    """What the tiers say when an Ask came back without sources: the search view, and the same
+    search made on the retriever directly, with the view's pins and without them."""
+    view = await catalog_pb2_grpc.CatalogStub(ingestor).GetSearchView(catalog_pb2.GetSearchViewRequest(knowledge_base=kb))
+    async with grpc.aio.insecure_channel(upstreams.addresses["embedder"]) as embedder, grpc.aio.insecure_channel(
+        upstreams.addresses["retriever"]
+    ) as retriever:
+        vector = (await embedder_pb2_grpc.EmbedderStub(embedder).Embed(embedder_pb2.EmbedRequest(texts=[question]))).embeddings[0].values
+        search = retriever_pb2_grpc.RetrieverStub(retriever).Search
+        pinned = await search(retriever_pb2.SearchRequest(knowledge_base=view.collection, vector=vector, pins=view.pins))
+        unpinned = await search(retriever_pb2.SearchRequest(knowledge_base=view.collection, vector=vector))
+    return f"view: {text_format.MessageToString(view, as_one_line=True)}; the retriever now finds {len(pinned.results)} pinned, {len(unpinned.results)} unpinned"
+
+
 async def test_hostile_files_fail_their_own_tasks_on_the_limits_while_questions_are_answered(
     upstreams: InProcessTiers, tmp_path: Path
 ) -> None:
@@ -501,7 +521,10 @@ async def test_hostile_files_fail_their_own_tasks_on_the_limits_while_questions_
             if all(state in ENDED for state in states):
                 break
             citations = await hostile.sources("hostile", "Bicycles basement cage")  # the gateway keeps answering
-            assert citations and citations[0].document_id == "wiki"
+            if not citations:  # seen once in CI, never reproduced: say what the tiers saw
+                ingestor = grpc.aio.insecure_channel(f"127.0.0.1:{runner.ingestor.port}")
+                raise AssertionError(f"no sources after {answered_meanwhile} answers; {await why_no_sources(upstreams, ingestor, 'hostile', 'Bicycles basement cage')}")
+            assert citations[0].document_id == "wiki"
             answered_meanwhile += 1
         assert answered_meanwhile > 0
         reasons = {}
@@ -510,13 +533,16 @@ async def test_hostile_files_fail_their_own_tasks_on_the_limits_while_questions_
             assert final.state == ingestion_pb2.TASK_STATE_FAILED and final.attempts == 1, (name, final)
             assert not (tmp_path / "uploads" / f"{task_id}.upload").exists(), name
             reasons[name] = final.error
-        memory = "needs more memory to parse than the limit of 160 MiB (parse_max_memory_bytes)"
-        assert reasons["bomb.docx"] == f"'bomb.docx' {memory}"
-        assert reasons["tags.html"] == f"'tags.html' {memory}"
-        assert reasons["slow.pdf"] in (
-            "'slow.pdf' took longer to parse than the limit of 15 s (parse_timeout_s)",
-            "'slow.pdf' needs more CPU time to parse than the limit of 15 s (parse_timeout_s)",
-        ), reasons["slow.pdf"]
+        # Each file ends on a limit, in one sentence. Which limit a memory hog meets first depends
+        # on how busy the machine is (on a loaded one it can run out of time before it reaches
+        # 160 MiB); tests/test_parsing.py checks each limit on its own.
+        for name in files:
+            assert reasons[name] in (
+                f"'{name}' needs more memory to parse than the limit of 160 MiB (parse_max_memory_bytes)",
+                f"'{name}' took longer to parse than the limit of 15 s (parse_timeout_s)",
+                f"'{name}' needs more CPU time to parse than the limit of 15 s (parse_timeout_s)",
+            ), reasons[name]
+        assert "memory" not in reasons["slow.pdf"]
         listed = await hostile.kb.ListDocuments(knowledge_pb2.ListDocumentsRequest(knowledge_base="hostile"))
         assert [d.id for d in listed.documents] == ["wiki"]
     finally:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -231,12 +232,16 @@ def test_grpcurl_asks_through_reflection_and_every_service_is_serving(mesh: Loca
     assert "sources" in objects[0] and "done" in objects[-1]
     assert objects[0]["sources"]["citations"][0]["document_id"] == "travel-policy"
 
-    addresses = [mesh.layout.front_address] + [p.address for p in mesh.processes if p.address]
+    # Every gRPC replica; the web tier serves HTTP, and its health is its /healthz.
+    addresses = [mesh.layout.front_address] + [p.address for p in mesh.processes if p.address and p.tier != "web"]
     for address in addresses:
         health = subprocess.run(
             [grpcurl, "-plaintext", address, "grpc.health.v1.Health/Check"], capture_output=True, text=True, timeout=30
         )
         assert json.loads(health.stdout) == {"status": "SERVING"}, (address, health.stderr)
+    for web in mesh.replicas["web"]:
+        with urllib.request.urlopen(f"http://{web.address}/healthz", timeout=10) as response:
+            assert response.status == 200 and json.load(response) == {"status": "ready"}
 
 
 def test_the_cli_streams_an_answer_then_lists_its_sources(mesh: LocalMesh) -> None:

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from askmesh.v1 import common_pb2 as askmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61skmesh/v1/embedder.proto\x12\naskmesh.v1\x1a\x17\x61skmesh/v1/common.proto\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"H\n\x0c\x45mbedTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x87\x01\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.askmesh.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.askmesh.v1.EmbedTimings2\xca\x01\n\x08\x45mbedder\x12<\n\x05\x45mbed\x12\x18.askmesh.v1.EmbedRequest\x1a\x19.askmesh.v1.EmbedResponse\x12>\n\x08GetModel\x12\x1b.askmesh.v1.GetModelRequest\x1a\x15.askmesh.v1.ModelInfo\x12@\n\tSwapModel\x12\x1c.askmesh.v1.SwapModelRequest\x1a\x15.askmesh.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61skmesh/v1/embedder.proto\x12\naskmesh.v1\x1a\x17\x61skmesh/v1/common.proto\"\x1d\n\x0c\x45mbedRequest\x12\r\n\x05texts\x18\x01 \x03(\t\"\x1b\n\tEmbedding\x12\x0e\n\x06values\x18\x01 \x03(\x02\"H\n\x0c\x45mbedTimings\x12\x10\n\x08queue_ms\x18\x01 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\"\x9c\x01\n\rEmbedResponse\x12)\n\nembeddings\x18\x01 \x03(\x0b\x32\x15.askmesh.v1.Embedding\x12\r\n\x05model\x18\x02 \x01(\t\x12\x11\n\tdimension\x18\x03 \x01(\r\x12)\n\x07timings\x18\x04 \x01(\x0b\x32\x18.askmesh.v1.EmbedTimings\x12\x13\n\x0btoken_count\x18\x05 \x01(\r2\xca\x01\n\x08\x45mbedder\x12<\n\x05\x45mbed\x12\x18.askmesh.v1.EmbedRequest\x1a\x19.askmesh.v1.EmbedResponse\x12>\n\x08GetModel\x12\x1b.askmesh.v1.GetModelRequest\x1a\x15.askmesh.v1.ModelInfo\x12@\n\tSwapModel\x12\x1c.askmesh.v1.SwapModelRequest\x1a\x15.askmesh.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,7 +39,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDTIMINGS']._serialized_start=126
   _globals['_EMBEDTIMINGS']._serialized_end=198
   _globals['_EMBEDRESPONSE']._serialized_start=201
-  _globals['_EMBEDRESPONSE']._serialized_end=336
-  _globals['_EMBEDDER']._serialized_start=339
-  _globals['_EMBEDDER']._serialized_end=541
+  _globals['_EMBEDRESPONSE']._serialized_end=357
+  _globals['_EMBEDDER']._serialized_start=360
+  _globals['_EMBEDDER']._serialized_end=562
 # @@protoc_insertion_point(module_scope)

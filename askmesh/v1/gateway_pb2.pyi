@@ -1,5 +1,6 @@
 from google.protobuf import struct_pb2 as _struct_pb2
 from askmesh.v1 import common_pb2 as _common_pb2
+from askmesh.v1 import embedder_pb2 as _embedder_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -8,8 +9,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class EmbedTextsRequest(_message.Message):
+    __slots__ = ("knowledge_base", "texts")
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    TEXTS_FIELD_NUMBER: _ClassVar[int]
+    knowledge_base: str
+    texts: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, knowledge_base: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class AskRequest(_message.Message):
-    __slots__ = ("question", "knowledge_base", "top_k", "score_threshold", "filters", "history", "parameters", "context_token_budget", "search_mode")
+    __slots__ = ("question", "knowledge_base", "top_k", "score_threshold", "filters", "history", "parameters", "context_token_budget", "search_mode", "rerank")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +28,7 @@ class AskRequest(_message.Message):
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
     question: str
     knowledge_base: str
     top_k: int
@@ -28,10 +38,11 @@ class AskRequest(_message.Message):
     parameters: _common_pb2.GenerationParameters
     context_token_budget: int
     search_mode: _common_pb2.SearchMode
-    def __init__(self, question: _Optional[str] = ..., knowledge_base: _Optional[str] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., context_token_budget: _Optional[int] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ...) -> None: ...
+    rerank: bool
+    def __init__(self, question: _Optional[str] = ..., knowledge_base: _Optional[str] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., context_token_budget: _Optional[int] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ..., rerank: _Optional[bool] = ...) -> None: ...
 
 class Citation(_message.Message):
-    __slots__ = ("number", "document_id", "title", "text", "score", "metadata", "chunk_id", "chunk_index", "in_prompt")
+    __slots__ = ("number", "document_id", "title", "text", "score", "metadata", "chunk_id", "chunk_index", "in_prompt", "rerank_score")
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +52,7 @@ class Citation(_message.Message):
     CHUNK_ID_FIELD_NUMBER: _ClassVar[int]
     CHUNK_INDEX_FIELD_NUMBER: _ClassVar[int]
     IN_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    RERANK_SCORE_FIELD_NUMBER: _ClassVar[int]
     number: int
     document_id: str
     title: str
@@ -50,7 +62,8 @@ class Citation(_message.Message):
     chunk_id: str
     chunk_index: int
     in_prompt: bool
-    def __init__(self, number: _Optional[int] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., in_prompt: _Optional[bool] = ...) -> None: ...
+    rerank_score: float
+    def __init__(self, number: _Optional[int] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., in_prompt: _Optional[bool] = ..., rerank_score: _Optional[float] = ...) -> None: ...
 
 class Sources(_message.Message):
     __slots__ = ("citations", "search_mode", "search_notice")
@@ -63,30 +76,34 @@ class Sources(_message.Message):
     def __init__(self, citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ..., search_notice: _Optional[str] = ...) -> None: ...
 
 class SearchQuery(_message.Message):
-    __slots__ = ("question", "knowledge_base", "top_k", "score_threshold", "filters", "search_mode")
+    __slots__ = ("question", "knowledge_base", "top_k", "score_threshold", "filters", "search_mode", "rerank")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
     question: str
     knowledge_base: str
     top_k: int
     score_threshold: float
     filters: _containers.RepeatedCompositeFieldContainer[_common_pb2.MetadataFilter]
     search_mode: _common_pb2.SearchMode
-    def __init__(self, question: _Optional[str] = ..., knowledge_base: _Optional[str] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ...) -> None: ...
+    rerank: bool
+    def __init__(self, question: _Optional[str] = ..., knowledge_base: _Optional[str] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ..., rerank: _Optional[bool] = ...) -> None: ...
 
 class SearchResultsTimings(_message.Message):
-    __slots__ = ("embed_ms", "search_ms", "total_ms")
+    __slots__ = ("embed_ms", "search_ms", "total_ms", "rerank_ms")
     EMBED_MS_FIELD_NUMBER: _ClassVar[int]
     SEARCH_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MS_FIELD_NUMBER: _ClassVar[int]
     embed_ms: float
     search_ms: float
     total_ms: float
-    def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
+    rerank_ms: float
+    def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ...) -> None: ...
 
 class SearchResults(_message.Message):
     __slots__ = ("citations", "search_mode", "search_notice", "embedding_model", "timings")
@@ -103,7 +120,7 @@ class SearchResults(_message.Message):
     def __init__(self, citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ..., search_notice: _Optional[str] = ..., embedding_model: _Optional[str] = ..., timings: _Optional[_Union[SearchResultsTimings, _Mapping]] = ...) -> None: ...
 
 class AskTimings(_message.Message):
-    __slots__ = ("embed_ms", "search_ms", "time_to_first_token_ms", "generate_ms", "total_ms", "gateway_overhead_ms", "queue_ms")
+    __slots__ = ("embed_ms", "search_ms", "time_to_first_token_ms", "generate_ms", "total_ms", "gateway_overhead_ms", "queue_ms", "rerank_ms")
     EMBED_MS_FIELD_NUMBER: _ClassVar[int]
     SEARCH_MS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +128,7 @@ class AskTimings(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     GATEWAY_OVERHEAD_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MS_FIELD_NUMBER: _ClassVar[int]
     embed_ms: float
     search_ms: float
     time_to_first_token_ms: float
@@ -118,7 +136,8 @@ class AskTimings(_message.Message):
     total_ms: float
     gateway_overhead_ms: float
     queue_ms: float
-    def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., gateway_overhead_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ...) -> None: ...
+    rerank_ms: float
+    def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., time_to_first_token_ms: _Optional[float] = ..., generate_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., gateway_overhead_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ...) -> None: ...
 
 class AskDone(_message.Message):
     __slots__ = ("finish_reason", "usage", "timings", "model", "cached", "embedding_model")

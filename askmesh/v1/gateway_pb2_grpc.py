@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from askmesh.v1 import embedder_pb2 as askmesh_dot_v1_dot_embedder__pb2
 from askmesh.v1 import gateway_pb2 as askmesh_dot_v1_dot_gateway__pb2
 
 GRPC_GENERATED_VERSION = '1.85.4'
@@ -50,6 +51,11 @@ class GatewayStub:
                 request_serializer=askmesh_dot_v1_dot_gateway__pb2.SearchQuery.SerializeToString,
                 response_deserializer=askmesh_dot_v1_dot_gateway__pb2.SearchResults.FromString,
                 _registered_method=True)
+        self.Embed = channel.unary_unary(
+                '/askmesh.v1.Gateway/Embed',
+                request_serializer=askmesh_dot_v1_dot_gateway__pb2.EmbedTextsRequest.SerializeToString,
+                response_deserializer=askmesh_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
+                _registered_method=True)
 
 
 class GatewayServicer:
@@ -85,6 +91,15 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Embed(self, request, context):
+        """Embeds texts with the embedding model that a knowledge base's chunks are embedded with, as
+        its questions are (unit vectors: a dot product is the cosine). NOT_FOUND for a knowledge
+        base the caller's tenant does not have. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_GatewayServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -102,6 +117,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=askmesh_dot_v1_dot_gateway__pb2.SearchQuery.FromString,
                     response_serializer=askmesh_dot_v1_dot_gateway__pb2.SearchResults.SerializeToString,
+            ),
+            'Embed': grpc.unary_unary_rpc_method_handler(
+                    servicer.Embed,
+                    request_deserializer=askmesh_dot_v1_dot_gateway__pb2.EmbedTextsRequest.FromString,
+                    response_serializer=askmesh_dot_v1_dot_embedder__pb2.EmbedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -186,6 +206,33 @@ class Gateway:
             '/askmesh.v1.Gateway/Search',
             askmesh_dot_v1_dot_gateway__pb2.SearchQuery.SerializeToString,
             askmesh_dot_v1_dot_gateway__pb2.SearchResults.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Embed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/askmesh.v1.Gateway/Embed',
+            askmesh_dot_v1_dot_gateway__pb2.EmbedTextsRequest.SerializeToString,
+            askmesh_dot_v1_dot_embedder__pb2.EmbedResponse.FromString,
             options,
             channel_credentials,
             insecure,

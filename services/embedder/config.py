@@ -54,6 +54,49 @@ class EmbedderSettings(ServiceSettings):
     onnx_quantize: bool = False
     onnx_cache_dir: Path = Path(".askmesh/models/onnx")
 
+    # The optional reranker (the Reranker service; README: "Reranking"), off unless one of these
+    # is set: a cross-encoder folder, loaded with sentence-transformers' CrossEncoder from disk
+    # (nothing is downloaded), or the URL of a text-embeddings-inference server that serves a
+    # reranker (its /rerank). The tier reports SERVING only once the reranker answered too.
+    reranker_model_path: Path | None = None
+    reranker_url: str = ""
+    # TEI's --api-key, sent as a bearer token.
+    reranker_api_key: str = ""
+    # The name Rerank reports; empty: the model folder's name, or the model_id TEI reports.
+    reranker_model_name: str = ""
+    # Texts per Rerank call (larger calls are refused); the query and each text are held to
+    # max_text_chars.
+    reranker_max_texts: int = Field(default=128, ge=1)
+    # Local model: (query, text) pairs per forward pass. TEI: texts per /rerank request (its
+    # --max-client-batch-size defaults to 32); a call with more is split into requests sent at once.
+    reranker_batch_size: int = Field(default=32, ge=1)
+    # Local model: tokens of each (query, text) pair; longer pairs are truncated. 0: the model's own limit.
+    reranker_max_length: int = Field(default=0, ge=0)
+    # Rerank calls on this replica at once (running or waiting for the model); one more is
+    # refused with RESOURCE_EXHAUSTED, so the caller can try another replica.
+    reranker_max_calls: int = Field(default=32, ge=1)
+    # TEI: how long one /rerank request may take, and how long the tier waits at start for a
+    # TEI server that is not answering yet (it may still be loading its model).
+    reranker_timeout_s: float = Field(default=30.0, gt=0)
+    reranker_start_timeout_s: float = Field(default=120.0, ge=0)
+
+    @model_validator(mode="after")
+    def _one_reranker(self) -> EmbedderSettings:
+        if self.reranker_model_path is not None and self.reranker_url:
+            raise ValueError(
+                "reranker_model_path and reranker_url are both set: choose a local cross-encoder or a TEI server, not both"
+            )
+        if self.reranker_url and not self.reranker_url.startswith(("http://", "https://")):
+            raise ValueError(f"reranker_url: {self.reranker_url!r} must start with http:// or https://")
+        return self
+
+    @property
+    def reranker(self) -> Literal["off", "cross-encoder", "tei"]:
+        """Which reranker this replica serves."""
+        if self.reranker_model_path is not None:
+            return "cross-encoder"
+        return "tei" if self.reranker_url else "off"
+
     @model_validator(mode="after")
     def _queue_holds_a_whole_call(self) -> EmbedderSettings:
         if self.max_queue_texts < self.max_batch_size:

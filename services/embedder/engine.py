@@ -52,6 +52,7 @@ class EmbeddingBatch:
     inference_ms: float  # that batch's model time
     batch_texts: int = 0  # texts in that batch (this call's and the others')
     batch_requests: int = 0  # calls in that batch
+    tokens: int = 0  # tokens the model read for this call's texts
 
 
 @dataclass
@@ -347,6 +348,7 @@ class EmbeddingEngine:
                         inference_ms=inference_ms,
                         batch_texts=len(texts),
                         batch_requests=len(batch),
+                        tokens=pending.tokens,
                     )
                 )
             offset = end

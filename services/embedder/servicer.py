@@ -9,10 +9,16 @@ from pathlib import Path
 import grpc
 import numpy as np
 
-from askmesh.runtime.errors import InvalidArgument, shown, unary_rpc
-from askmesh.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc
+from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, shown, unary_rpc
+from askmesh.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc, reranker_pb2, reranker_pb2_grpc
 from services.embedder.config import EmbedderSettings
 from services.embedder.engine import EmbeddingEngine
+from services.embedder.reranking import RerankingEngine
+
+NO_RERANKER = (
+    "embedder: no reranker is configured on this replica "
+    "(set ASKMESH_EMBEDDER_RERANKER_MODEL_PATH to a cross-encoder folder or ASKMESH_EMBEDDER_RERANKER_URL to a TEI server)"
+)
 
 
 def validate_texts(texts: Sequence[str], settings: EmbedderSettings) -> None:
@@ -70,6 +76,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         response = embedder_pb2.EmbedResponse(
             model=batch.model,
             dimension=batch.dimension,
+            token_count=batch.tokens,
             timings=embedder_pb2.EmbedTimings(
                 queue_ms=batch.queue_ms,
                 inference_ms=batch.inference_ms,
@@ -98,3 +105,62 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
             backend=request.backend,
             allow_dimension_change=request.allow_dimension_change,
         )
+
+
+def validate_rerank(request: reranker_pb2.RerankRequest, settings: EmbedderSettings) -> None:
+    if not request.query.strip():
+        raise InvalidArgument("query", "is empty")
+    if len(request.query) > settings.max_text_chars:
+        raise InvalidArgument("query", f"has {len(request.query)} characters; the limit is {settings.max_text_chars}")
+    if not request.texts:
+        raise InvalidArgument("texts", "must contain at least one text")
+    if len(request.texts) > settings.reranker_max_texts:
+        raise InvalidArgument(
+            "texts", f"{len(request.texts)} texts exceed the limit of {settings.reranker_max_texts} per call"
+        )
+    for index, text in enumerate(request.texts):
+        if not text.strip():
+            raise InvalidArgument(f"texts[{index}]", "is empty")
+        if len(text) > settings.max_text_chars:
+            raise InvalidArgument(
+                f"texts[{index}]", f"has {len(text)} characters; the limit is {settings.max_text_chars}"
+            )
+    if request.HasField("top_n") and request.top_n == 0:
+        raise InvalidArgument("top_n", "must be at least 1 when set")
+
+
+class RerankerServicer(reranker_pb2_grpc.RerankerServicer):
+    """The Reranker service; a replica without a reranker (engine None) answers every call
+    FAILED_PRECONDITION in one sentence, rather than UNIMPLEMENTED."""
+
+    def __init__(self, engine: RerankingEngine | None) -> None:
+        self.engine = engine
+
+    def _engine(self) -> RerankingEngine:
+        if self.engine is None:
+            raise FailedPrecondition(NO_RERANKER)
+        return self.engine
+
+    @unary_rpc
+    async def Rerank(
+        self, request: reranker_pb2.RerankRequest, context: grpc.aio.ServicerContext
+    ) -> reranker_pb2.RerankResponse:
+        received_at = time.perf_counter()
+        engine = self._engine()
+        validate_rerank(request, engine.settings)
+        ranking = await engine.rerank(
+            request.query, request.texts, request.top_n if request.HasField("top_n") else None
+        )
+        return reranker_pb2.RerankResponse(
+            ranks=[reranker_pb2.RankedText(index=index, score=score) for index, score in ranking.ranks],
+            model=ranking.model,
+            timings=reranker_pb2.RerankTimings(
+                queue_ms=ranking.queue_ms,
+                inference_ms=ranking.inference_ms,
+                total_ms=(time.perf_counter() - received_at) * 1000,
+            ),
+        )
+
+    @unary_rpc
+    async def GetModel(self, request: common_pb2.GetModelRequest, context: grpc.aio.ServicerContext) -> common_pb2.ModelInfo:
+        return self._engine().model_info()

@@ -44,6 +44,15 @@ class GatewaySettings(ServiceSettings):
     max_context_token_budget: int = Field(default=2048, ge=16)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
 
+    # Reranking (README: "Reranking"): whether a question that does not set `rerank` is
+    # reranked. auto: when the embedder tier serves a reranker (asked once, at start); on; off.
+    # A question's own `rerank` always wins.
+    rerank: Literal["auto", "on", "off"] = "auto"
+    # A reranked question fetches top_k times this many chunks, at most rerank_max_candidates
+    # (keep that at or below the retriever's max_top_k, 50 by default), and keeps the best top_k.
+    rerank_fetch_factor: int = Field(default=4, ge=1, le=50)
+    rerank_max_candidates: int = Field(default=50, ge=1)
+
     # Answer cache for repeated questions: off, memory (an LRU in each replica) or redis
     # (shared by replicas, at redis_url). A knowledge-base change invalidates its answers.
     answer_cache: Literal["off", "memory", "redis"] = "off"

@@ -1,16 +1,19 @@
 """The question pipeline, over the other tiers' gRPC APIs; no server here.
 
 Ask, in steps: the knowledge base's search view (from the ingestor) -> a place in a generator's
-line -> embed the question -> search with the view's pins -> send the sources -> stream the
-generator's tokens -> done with timings. Each upstream failure becomes a status that names the
-tier (a dead embedder is "UNAVAILABLE: embedder tier unavailable: ..."), and the caller's
-deadline is passed on to every hop. The gateway stores nothing: documents and knowledge bases
-are the ingestor tier's.
+line -> embed the question (unless keyword search) -> search with the view's pins, in the
+question's or the knowledge base's search mode -> (optionally) rerank the chunks with the
+embedder tier's reranker -> send the sources -> stream the generator's tokens -> done with
+timings. Search is the same retrieval without the line or the answer. Each upstream failure
+becomes a status that names the tier (a dead embedder is "UNAVAILABLE: embedder tier
+unavailable: ..."), and the caller's deadline is passed on to every hop. The gateway stores
+nothing: documents and knowledge bases are the ingestor tier's.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
@@ -20,7 +23,7 @@ from askmesh.runtime import metrics
 from askmesh.runtime.errors import AskmeshError, Unavailable, with_name_for_key
 from askmesh.runtime.auth import AuthSettings, Caller
 from askmesh.upstream import Deadline, GenerationSession, Upstreams
-from askmesh.v1 import catalog_pb2, common_pb2, gateway_pb2, generator_pb2, retriever_pb2
+from askmesh.v1 import catalog_pb2, common_pb2, embedder_pb2, gateway_pb2, generator_pb2, retriever_pb2
 from services.gateway.cache import AnswerCache, MemoryAnswerCache, RedisAnswerCache, cache_key
 from services.gateway.config import GatewaySettings
 
@@ -30,10 +33,12 @@ from services.gateway.config import GatewaySettings
 MAX_SEARCH_ATTEMPTS = 3
 
 T = TypeVar("T")
+log = logging.getLogger("askmesh.gateway")
 
 
 # What a question's retrieval reads of an Ask or a Search: the same fields in both.
 SourcesQuery = gateway_pb2.AskRequest | gateway_pb2.SearchQuery
+Q = TypeVar("Q", gateway_pb2.AskRequest, gateway_pb2.SearchQuery)
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class AskClock:
     embed_started: float | None = None
     embedded_at: float | None = None
     searched_at: float | None = None
+    reranked_at: float | None = None  # None: not reranked
     first_token_at: float | None = None
     queue_s: float = 0.0
 
@@ -80,6 +86,7 @@ class AskClock:
         embed_started = self.embed_started or finished
         embedded_at = self.embedded_at or finished
         searched_at = self.searched_at or finished
+        retrieved_at = self.reranked_at or searched_at
         total = finished - self.started
         return gateway_pb2.AskDone(
             finish_reason=generated.finish_reason,
@@ -90,7 +97,8 @@ class AskClock:
                 embed_ms=(embedded_at - embed_started) * 1000,
                 search_ms=(searched_at - embedded_at) * 1000,
                 time_to_first_token_ms=((self.first_token_at or finished) - self.started) * 1000,
-                generate_ms=(finished - searched_at) * 1000,
+                rerank_ms=(retrieved_at - searched_at) * 1000,
+                generate_ms=(finished - retrieved_at) * 1000,
                 total_ms=total * 1000,
                 gateway_overhead_ms=max(total - self.upstream_wait_s, 0.0) * 1000,
                 queue_ms=self.queue_s * 1000,
@@ -119,11 +127,26 @@ class GatewayEngine:
             AuthSettings().internal_token(),
         )
         self.cache = make_answer_cache(settings)
+        # Whether questions that do not say are reranked (settings.rerank; "auto" is settled at start).
+        self.rerank_by_default = settings.rerank == "on"
 
     async def start(self) -> None:
         """The gateway holds no model: it is ready (SERVING) once every tier it calls has
-        answered SERVING once, so that an Ask could be answered."""
+        answered SERVING once, so that an Ask could be answered. With rerank = "auto" it then
+        asks the embedder tier whether it serves a reranker."""
         await self.upstreams.wait_until_serving()
+        if self.settings.rerank == "auto":
+            try:
+                reranker = await self.upstreams.reranker_model(self.deadline(None))
+            except AskmeshError as error:
+                log.warning(
+                    "[RERANK] could not ask the embedder tier for its reranker (%s): questions are not reranked unless they ask",
+                    error.message,
+                )
+                reranker = None
+            self.rerank_by_default = reranker is not None
+            if reranker is not None:
+                log.info("[RERANK] the embedder tier serves the reranker %s: questions are reranked unless they say not", reranker.name)
 
     async def close(self) -> None:
         if self.cache is not None:
@@ -132,6 +155,14 @@ class GatewayEngine:
 
     def deadline(self, remaining_s: float | None) -> Deadline:
         return Deadline(remaining_s=remaining_s, default_s=self.settings.upstream_timeout_s)
+
+    async def embed(
+        self, request: gateway_pb2.EmbedTextsRequest, caller: Caller, deadline: Deadline
+    ) -> embedder_pb2.EmbedResponse:
+        """The texts embedded as the knowledge base's questions are; NOT_FOUND for a knowledge
+        base the caller's tenant does not have (the embedder validates the texts)."""
+        await self.upstreams.search_view(request.knowledge_base or self.settings.default_knowledge_base, caller.tenant, deadline)
+        return await self.upstreams.embed(list(request.texts), deadline)
 
     async def ask(
         self, request: gateway_pb2.AskRequest, caller: Caller, deadline: Deadline
@@ -142,12 +173,14 @@ class GatewayEngine:
         started = time.perf_counter()
         name = request.knowledge_base or self.settings.default_knowledge_base
         view = await self.upstreams.search_view(name, caller.tenant, deadline)
+        request = self.decided(request)
         if self.cache is None:
             async with contextlib.aclosing(self._answer(request, view, caller, deadline, started)) as responses:
                 async for response in responses:
                     yield response
             return
-        # By collection key, which no two knowledge bases share, in any tenant.
+        # By collection key, which no two knowledge bases share, in any tenant; the request
+        # says whether it is reranked (decided above), so a changed default keys apart.
         key = cache_key(view.collection, view.generation, view.epoch, request)
         cached = await self.cache.get(key)
         if cached is not None:
@@ -161,6 +194,23 @@ class GatewayEngine:
                     answer.append(response)
                 yield response
         await self.cache.put(key, answer)  # only a complete answer gets here
+
+    def decided(self, query: Q) -> Q:
+        """The question with whether it is reranked settled: its own choice, else this gateway's
+        default (from here on, and in the answer cache's key)."""
+        if query.HasField("rerank"):
+            return query
+        decided = type(query)()
+        decided.CopyFrom(query)
+        decided.rerank = self.rerank_by_default
+        return decided
+
+    def fetch_count(self, top_k: int, rerank: bool) -> int:
+        """Chunks to search for: top_k, or for a reranked question the candidates the reranker
+        chooses top_k from."""
+        if not rerank:
+            return top_k
+        return max(top_k, min(top_k * self.settings.rerank_fetch_factor, self.settings.rerank_max_candidates))
 
     @staticmethod
     def _replay(cached: list[gateway_pb2.AskResponse], started: float) -> list[gateway_pb2.AskResponse]:
@@ -223,9 +273,10 @@ class GatewayEngine:
         name = query.knowledge_base or self.settings.default_knowledge_base
         clock = AskClock(started)
         view = await clock.waiting(self.upstreams.search_view(name, caller.tenant, deadline))
-        retrieved = await self._retrieve(query, view, caller.tenant, deadline, clock)
+        retrieved = await self._retrieve(self.decided(query), view, caller.tenant, deadline, clock)
         embed_started = clock.embed_started or started
         embedded_at = clock.embedded_at or embed_started
+        searched_at = clock.searched_at or embedded_at
         return gateway_pb2.SearchResults(
             citations=retrieved.citations,
             search_mode=retrieved.search_mode,  # type: ignore[arg-type]
@@ -233,8 +284,9 @@ class GatewayEngine:
             embedding_model=retrieved.embedding_model,
             timings=gateway_pb2.SearchResultsTimings(
                 embed_ms=(embedded_at - embed_started) * 1000,
-                search_ms=((clock.searched_at or embedded_at) - embedded_at) * 1000,
+                search_ms=(searched_at - embedded_at) * 1000,
                 total_ms=(time.perf_counter() - started) * 1000,
+                rerank_ms=((clock.reranked_at or searched_at) - searched_at) * 1000,
             ),
         )
 
@@ -242,11 +294,13 @@ class GatewayEngine:
         self, query: SourcesQuery, view: catalog_pb2.SearchView, tenant: str, deadline: Deadline, clock: AskClock
     ) -> Retrieved:
         """The question's embedding (none for keyword search, which needs only its words), then
-        the knowledge base's best chunks as citations."""
+        the knowledge base's best chunks as citations; reranked (`query.rerank`, decided by
+        `decided`), the reranker's best top_k of more candidates, numbered in its order."""
+        top_k = query.top_k or self.settings.default_top_k
         mode = search_mode_for(query, view)
         search = retriever_pb2.SearchRequest(
             knowledge_base=view.collection,
-            top_k=query.top_k or self.settings.default_top_k,
+            top_k=self.fetch_count(top_k, query.rerank),
             filters=query.filters,
             search_mode=mode,  # type: ignore[arg-type]
             query_text=query.question if mode != common_pb2.SEARCH_MODE_DENSE else "",
@@ -262,13 +316,34 @@ class GatewayEngine:
             search.score_threshold = query.score_threshold
         found = await clock.waiting(self.search_consistently(search, view, tenant, deadline))
         clock.searched_at = time.perf_counter()
+        citations = [self._citation(number, result) for number, result in enumerate(found.results, start=1)]
+        if query.rerank and citations:
+            citations = await clock.waiting(self._rerank(query.question, citations, top_k, deadline))
+            clock.reranked_at = time.perf_counter()
         return Retrieved(
-            [self._citation(number, result) for number, result in enumerate(found.results, start=1)],
+            citations,
             embedding_model,
             search_mode=found.search_mode,
             # Named by the knowledge base, not its collection key (as errors are).
             search_notice=found.notice.replace(view.collection, view.knowledge_base) if view.collection else found.notice,
         )
+
+    async def _rerank(
+        self, question: str, candidates: list[gateway_pb2.Citation], top_k: int, deadline: Deadline
+    ) -> list[gateway_pb2.Citation]:
+        """The reranker's best `top_k` candidates, renumbered best first, each with its
+        rerank_score (its score stays the retrieval score)."""
+        ranked = await self.upstreams.rerank(question, [c.text for c in candidates], top_k, deadline)
+        kept: list[gateway_pb2.Citation] = []
+        for number, rank in enumerate(ranked.ranks[:top_k], start=1):
+            if rank.index >= len(candidates):
+                raise Unavailable("embedder tier unavailable while reranking: the reranker ranked a passage it was not given")
+            citation = gateway_pb2.Citation()
+            citation.CopyFrom(candidates[rank.index])
+            citation.number = number
+            citation.rerank_score = rank.score
+            kept.append(citation)
+        return kept
 
     @staticmethod
     def _citation(number: int, result: retriever_pb2.ScoredChunk) -> gateway_pb2.Citation:

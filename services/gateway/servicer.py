@@ -18,7 +18,7 @@ from askmesh.runtime.validation import (
     check_search_mode,
     check_text,
 )
-from askmesh.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from askmesh.v1 import common_pb2, embedder_pb2, gateway_pb2, gateway_pb2_grpc
 from services.gateway.config import GatewaySettings
 from services.gateway.engine import GatewayEngine
 
@@ -56,6 +56,15 @@ def validate_ask(request: gateway_pb2.AskRequest, settings: GatewaySettings) -> 
     check_generation_parameters(request.parameters)
 
 
+def validate_embed(request: gateway_pb2.EmbedTextsRequest) -> None:
+    """The knowledge base's name and that there is a text; the embedder checks each text (its
+    messages name the same field, texts[i])."""
+    if request.knowledge_base:
+        check_knowledge_base_name(request.knowledge_base)
+    if not request.texts:
+        raise InvalidArgument("texts", "must contain at least one text")
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, engine: GatewayEngine) -> None:
         self.engine = engine
@@ -70,8 +79,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             async for response in responses:
                 yield response
 
-
     @unary_rpc
     async def Search(self, request: gateway_pb2.SearchQuery, context: grpc.aio.ServicerContext) -> gateway_pb2.SearchResults:
         validate_query(request, self.settings)
         return await self.engine.search(request, current_caller(), self.engine.deadline(context.time_remaining()))
+
+    @unary_rpc
+    async def Embed(
+        self, request: gateway_pb2.EmbedTextsRequest, context: grpc.aio.ServicerContext
+    ) -> embedder_pb2.EmbedResponse:
+        validate_embed(request)
+        return await self.engine.embed(request, current_caller(), self.engine.deadline(context.time_remaining()))

@@ -40,17 +40,18 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 
 {{/* The tiers, in start-up order, with their fixed ports and health service names: these are
 askmesh/tiers.py's (tests/test_helm.py checks they agree) and the Envoy config in files/ is
-rendered for them, so they are not values. */}}
+rendered for them, so they are not values. The web tier serves HTTP: its health is a path. */}}
 {{- define "askmesh.tiers" -}}
 embedder: {port: 50061, health: askmesh.v1.Embedder, calls: []}
 retriever: {port: 50062, health: askmesh.v1.Retriever, calls: []}
 generator: {port: 50063, health: askmesh.v1.Generator, calls: []}
 ingestor: {port: 50065, health: askmesh.v1.KnowledgeBases, calls: [embedder, retriever, generator]}
 gateway: {port: 50064, health: askmesh.v1.Gateway, calls: [embedder, retriever, generator, ingestor]}
+web: {port: 50066, health: /healthz, calls: [gateway, ingestor], http: true}
 {{- end -}}
 
 {{- define "askmesh.tierNames" -}}
-[embedder, retriever, generator, ingestor, gateway]
+[embedder, retriever, generator, ingestor, gateway, web]
 {{- end -}}
 
 {{- define "askmesh.image" -}}

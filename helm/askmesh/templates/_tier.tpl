@@ -7,6 +7,10 @@
 {{- $spec := index (include "askmesh.tiers" $root | fromYaml) $tier -}}
 {{- $fullname := include "askmesh.fullname" $root -}}
 {{- $prefix := printf "ASKMESH_%s_" (upper $tier) -}}
+{{- $http := $spec.http | default false -}}
+{{- $portName := ternary "http" "grpc" $http -}}
+{{- /* The web tier acts for each caller with the caller's own key: it gets no internal token. */ -}}
+{{- $mountAuth := and $root.Values.auth.enabled (not $http) -}}
 {{- $tag := $v.image.tag -}}
 {{- if eq .track "canary" }}{{ $tag = $v.canary.image.tag }}{{ end -}}
 {{- $minimum := add $v.preStopSleepSeconds $v.drainGraceSeconds 2 -}}
@@ -72,7 +76,7 @@ spec:
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
       args: [{{ $tier }}]
       ports:
-        - {name: grpc, containerPort: {{ $spec.port }}, protocol: TCP}
+        - {name: {{ $portName }}, containerPort: {{ $spec.port }}, protocol: TCP}
         - {name: metrics, containerPort: {{ $root.Values.metrics.port }}, protocol: TCP}
       env:
         - {name: {{ $prefix }}PORT, value: {{ $spec.port | quote }}}
@@ -83,12 +87,12 @@ spec:
         {{- range $other := $spec.calls }}
         - {name: {{ $prefix }}{{ upper $other }}_ADDRESS, value: {{ include "askmesh.internalAddress" $root }}}
         {{- end }}
-        {{- if $root.Values.auth.enabled }}
+        {{- if $mountAuth }}
         - {name: ASKMESH_AUTH_ENABLED, value: "true"}
         - {name: ASKMESH_AUTH_INTERNAL_TOKEN_FILE, value: /var/run/secrets/askmesh/auth/internal-token}
         - {name: ASKMESH_AUTH_OPERATOR_KEY_FILE, value: /var/run/secrets/askmesh/auth/operator-key}
         {{- else }}
-        - {name: ASKMESH_AUTH_ENABLED, value: "false"}
+        - {name: ASKMESH_AUTH_ENABLED, value: {{ $root.Values.auth.enabled | quote }}}
         {{- end }}
         {{- if $root.Values.telemetry.otlpEndpoint }}
         - {name: ASKMESH_OTEL_EXPORTER, value: otlp}
@@ -153,18 +157,19 @@ spec:
         {{- range $name, $value := $v.env }}
         - {name: {{ $name }}, value: {{ $value | quote }}}
         {{- end }}
+      {{- $probe := ternary (dict "httpGet" (dict "path" $spec.health "port" "http")) (dict "grpc" (dict "port" $spec.port "service" $spec.health)) $http }}
       startupProbe:
-        grpc: {port: {{ $spec.port }}, service: {{ $spec.health }}}
+        {{- toYaml $probe | nindent 8 }}
         periodSeconds: {{ $v.startupProbe.periodSeconds }}
         failureThreshold: {{ $v.startupProbe.failureThreshold }}
         timeoutSeconds: 2
       readinessProbe:
-        grpc: {port: {{ $spec.port }}, service: {{ $spec.health }}}
+        {{- toYaml $probe | nindent 8 }}
         periodSeconds: {{ $v.readinessProbe.periodSeconds }}
         failureThreshold: {{ $v.readinessProbe.failureThreshold }}
         timeoutSeconds: 2
       livenessProbe:
-        grpc: {port: {{ $spec.port }}, service: {{ $spec.health }}}
+        {{- toYaml $probe | nindent 8 }}
         periodSeconds: {{ $v.livenessProbe.periodSeconds }}
         failureThreshold: {{ $v.livenessProbe.failureThreshold }}
         timeoutSeconds: 5
@@ -182,7 +187,7 @@ spec:
       volumeMounts:
         - {name: data, mountPath: /var/lib/askmesh}
         - {name: tmp, mountPath: /tmp}
-        {{- if $root.Values.auth.enabled }}
+        {{- if $mountAuth }}
         - {name: auth, mountPath: /var/run/secrets/askmesh/auth, readOnly: true}
         {{- end }}
         {{- if and (eq $root.Values.models.source "volume") (has $tier (list "embedder" "generator")) }}
@@ -192,7 +197,7 @@ spec:
     # Working folder (.askmesh/: ONNX exports, parse scratch) and /tmp: the root file system is read-only.
     - {name: data, emptyDir: {}}
     - {name: tmp, emptyDir: {}}
-    {{- if $root.Values.auth.enabled }}
+    {{- if $mountAuth }}
     - name: auth
       secret:
         secretName: {{ $root.Values.auth.existingSecret }}
