@@ -46,10 +46,11 @@ envoy-k8s: install
 
 # The image, built with podman where no registry of base images is reachable: the base is made
 # from Debian's packages with mmdebstrap, and the CPU torch wheel and pip's cached llama-cpp-python
-# wheel go into the build (tools/image.py). Needs Debian's podman, runc and mmdebstrap, as root.
+# wheel go into the build (tools/image.py: the standard library only, so no venv is needed).
+# Needs Debian's podman, runc and mmdebstrap, as root.
 IMAGE_TAG ?= localhost/askmesh:dev
-image: install
-	$(PY) -m tools.image build --tag $(IMAGE_TAG)
+image:
+	$(PYTHON) -m tools.image build --tag $(IMAGE_TAG)
 
 clean:
 	rm -rf $(VENV) .askmesh
