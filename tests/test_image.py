@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -116,7 +117,7 @@ def test_a_mesh_of_containers_answers_through_envoy(container_mesh: ContainerMes
     # Each replica is a container of the image, its tier's process running as 10001, and each
     # answers grpc.health.v1 SERVING for its own service (the model tiers once loaded and warm).
     containers = json.loads(podman("inspect", *container_mesh.replicas.containers()).stdout)
-    assert sorted(c["Config"]["Cmd"][-1] for c in containers) == sorted(tiers.NAMES)
+    assert sorted(c["Config"]["Cmd"][-1] for c in containers) == sorted(tiers.ALL_NAMES)
     assert {c["ImageName"] for c in containers} == {TAG}
     assert {_process_uid(c["State"]["Pid"]) for c in containers} == {IMAGE_UID}
     for spec in tiers.TIERS:
@@ -127,6 +128,9 @@ def test_a_mesh_of_containers_answers_through_envoy(container_mesh: ContainerMes
                 health_pb2.HealthCheckRequest(service=spec.health_service), timeout=5
             )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING, spec.name
+    (web,) = mesh.replicas[tiers.WEB.name]  # the HTTP tier: its own readiness check
+    with urllib.request.urlopen(f"http://{web.address}{tiers.WEB.health_path}", timeout=5) as answer:
+        assert answer.status == 200
 
     # The samples went in through the ingestor's container; a question comes back through the
     # gateway's, which called the embedder's, the retriever's and the generator's.
