@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test bench protos envoy-k8s clean
+.PHONY: install run test bench protos envoy-k8s image clean
 
 install: $(STAMP)
 
@@ -46,6 +46,14 @@ protos: install
 envoy-k8s: install
 	$(PY) -m askmesh.envoy_k8s > helm/askmesh/files/envoy.yaml
 	$(PY) -m askmesh.envoy_k8s --tls > helm/askmesh/files/envoy-tls.yaml
+
+# The image, built with podman where no registry of base images is reachable: the base is made
+# from Debian's packages with mmdebstrap, and the CPU torch wheel and pip's cached llama-cpp-python
+# wheel go into the build (tools/image.py: the standard library only, so no venv is needed).
+# Needs Debian's podman, runc and mmdebstrap, as root.
+IMAGE_TAG ?= localhost/askmesh:dev
+image:
+	$(PYTHON) -m tools.image build --tag $(IMAGE_TAG)
 
 clean:
 	rm -rf $(VENV) .askmesh

@@ -312,6 +312,15 @@ def openmp_waits(tier: str, replicas: int) -> dict[str, str]:
     return {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
+# The command that runs one replica of a tier, given the tier and the replica's environment.
+ReplicaCommand = Callable[[str, dict[str, str]], list[str]]
+
+
+def local_replica_command(tier: str, env: dict[str, str]) -> list[str]:
+    """A replica as a process of this Python (what `askmesh up` runs)."""
+    return [sys.executable, "-m", "askmesh.cli", "serve", tier]
+
+
 class LocalMesh:
     def __init__(
         self,
@@ -321,9 +330,12 @@ class LocalMesh:
         telemetry: str = "none",
         say: Callable[[str], None] = print,
         samples_dir: Path | None = None,
+        replica_command: ReplicaCommand = local_replica_command,
     ) -> None:
         self.layout = layout
         self.env = env or {}
+        # tests/test_image.py runs each replica from the image instead (`podman run`).
+        self.replica_command = replica_command
         self.telemetry = telemetry
         self.say = say
         # Loaded into the `default` knowledge base by `start()` before the front door opens.
@@ -430,8 +442,8 @@ class LocalMesh:
         self._started[name] += 1
         label = f"{name}-{index}"
         metrics_port = self._free_port_outside_layout() if self.layout.metrics else 0
-        command = [sys.executable, "-m", "askmesh.cli", "serve", name]
-        popen, log_path = self._spawn(command, self.service_env(name, index, port, metrics_port), label)
+        env = self.service_env(name, index, port, metrics_port)
+        popen, log_path = self._spawn(self.replica_command(name, env), env, label)
         host = self.layout.host
         process = Process(
             label,
