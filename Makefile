@@ -28,13 +28,16 @@ test: install
 
 # The benchmark suite on the real local mesh (about 10 minutes on 2 cores; `--quick` for a
 # smoke test), then the concurrency sweep beside the Chatchat-style baseline (about 25 minutes),
-# then ingestion of the man-page corpus beside the baseline and the model alone (about 6 minutes);
-# print tables and write benchmarks/results/<date>-suite.md, -concurrency.md and -ingest-speed.md.
+# then ingestion of the man-page corpus beside the baseline and the model alone (about 6 minutes),
+# then dense, keyword and hybrid search on the labelled man-page set and at 10k chunks (about 5
+# minutes); print tables and write benchmarks/results/<date>-suite.md, -concurrency.md,
+# -ingest-speed.md and -hybrid.md.
 bench: install
 	$(PY) -m pip install -e '.[dev,bench]'
 	$(PY) -m benchmarks.suite
 	$(PY) -m benchmarks.concurrency
 	$(PY) -m benchmarks.ingest_speed
+	$(PY) -m benchmarks.hybrid
 
 protos: install
 	$(PY) -m askmesh.codegen

@@ -4,6 +4,7 @@ ingest files and follow ingestion tasks."""
 from __future__ import annotations
 
 import importlib
+import json
 import signal
 import sys
 import threading
@@ -313,6 +314,9 @@ def ask(
     kb: Annotated[str, typer.Option(help="Knowledge base.")] = "default",
     top_k: Annotated[int, typer.Option(help="Sources to retrieve (0: server default).")] = 0,
     filter: Annotated[Optional[list[str]], typer.Option(help="Metadata filter key=value (repeatable).")] = None,
+    mode: Annotated[
+        Optional[str], typer.Option(help="How sources are searched: dense, keyword or hybrid (default: the knowledge base's).")
+    ] = None,
     rerank: Annotated[
         Optional[bool], typer.Option("--rerank/--no-rerank", help="Rerank the sources with the mesh's reranker (default: the gateway's).")
     ] = None,
@@ -334,6 +338,7 @@ def ask(
             top_k=top_k,
             filters=[client.parse_filter(f) for f in filter or []],
             parameters=parameters,
+            search_mode=client.search_mode(mode),  # type: ignore[arg-type]
         )
         if rerank is not None:
             request.rerank = rerank
@@ -352,6 +357,8 @@ def ask(
                     errors.print(_waiting_line(message.queued), markup=False, highlight=False)
                 elif event == "sources":
                     citations = [c for c in message.sources.citations if c.in_prompt]
+                    if message.sources.search_notice:
+                        errors.print(f"note: {client.printable(message.sources.search_notice)}", markup=False, highlight=False)
                 elif event == "delta":
                     # A model's text is the caller's to steer: it is printed, never obeyed.
                     sys.stdout.write(answer.feed(message.delta.text))
@@ -424,6 +431,9 @@ def add(
 Address = Annotated[str, typer.Option(help="The gateway (Envoy's front door).")]
 ChunkSize = Annotated[Optional[int], typer.Option(help="Target chunk size in characters.")]
 ChunkOverlap = Annotated[Optional[int], typer.Option(help="Characters shared by consecutive chunks.")]
+SearchModeOption = Annotated[
+    Optional[str], typer.Option(help="Default search mode of its questions: dense, keyword or hybrid (default: the server's).")
+]
 
 
 def _print_rpc_error(error: grpc.RpcError, prefix: str = "", target: str = "") -> None:
@@ -602,14 +612,18 @@ def kb_create(
     ] = None,
     chunk_size: ChunkSize = None,
     chunk_overlap: ChunkOverlap = None,
+    search_mode: SearchModeOption = None,
     address: Address = "127.0.0.1:50051",
 ) -> None:
-    """Create a knowledge base, with typed metadata fields (fast filters) and default chunking."""
+    """Create a knowledge base, with typed metadata fields (fast filters), default chunking and search mode."""
     with _reported_errors(address):
         fields = [client.parse_field(f) for f in field or []]
         options = client.chunking(chunk_size, chunk_overlap)
+        mode = client.search_mode(search_mode)
         with _connect(address) as channel:
-            kb = client.create_knowledge_base(channel, name, description=description, fields=fields, chunking_options=options)
+            kb = client.create_knowledge_base(
+                channel, name, description=description, fields=fields, chunking_options=options, search_mode=mode
+            )
     console.print(
         client.printable(f"Created knowledge base {kb.name!r} ({kb.embedding_model}, {kb.dimension} dimensions)."),
         markup=False, highlight=False,
@@ -653,6 +667,7 @@ def kb_show(name: str, address: Address = "127.0.0.1:50051") -> None:
         ("dimension", str(kb.dimension)),
         ("generation", str(kb.generation)),
         ("chunking", chunking),
+        ("search mode", _name(common_pb2.SearchMode, kb.search_mode, "SEARCH_MODE_")),
         ("metadata fields", fields or "(none)"),
         ("created", _time(kb.created_at)),
         ("updated", _time(kb.updated_at)),
@@ -683,15 +698,20 @@ def kb_rebuild(
     name: str,
     chunk_size: ChunkSize = None,
     chunk_overlap: ChunkOverlap = None,
+    search_mode: Annotated[
+        Optional[str], typer.Option(help="A new default search mode (dense, keyword or hybrid), from the switch on.")
+    ] = None,
     wait: Annotated[bool, typer.Option(help="Follow the rebuild until it ends.")] = False,
     address: Address = "127.0.0.1:50051",
 ) -> None:
-    """Re-chunk and re-embed every document into a new generation (the current one keeps serving)."""
+    """Re-chunk and re-embed every document into a new generation (the current one keeps serving).
+    A knowledge base made before keyword search gains it."""
     with _reported_errors(address):
         options = client.chunking(chunk_size, chunk_overlap)
+        mode = client.search_mode(search_mode)
         channel = _connect(address)
     with _reported_errors(address), channel:
-        task = client.rebuild_knowledge_base(channel, name, options)
+        task = client.rebuild_knowledge_base(channel, name, options, search_mode=mode)
         console.print(client.printable(f"Rebuild of {name!r} queued as task {task.id}."), markup=False, highlight=False)
         if not wait:
             return
@@ -715,6 +735,55 @@ def kb_docs(name: str, address: Address = "127.0.0.1:50051") -> None:
     for d in documents:
         _add_row(table, d.id, d.title, str(d.version), str(d.chunk_count), _size(d.size_bytes), d.file_name)
     console.print(table)
+
+
+# -- retrieval quality --------------------------------------------------------------------------------
+@app.command("eval")
+def eval_command(
+    questions: Annotated[Path, typer.Argument(help='JSON lines, each {"question", "document", "phrase"?}.')],
+    kb: Annotated[str, typer.Option(help="The knowledge base to search (documents named by their ids).")],
+    top_k: Annotated[int, typer.Option(help="Sources retrieved per question: hit@k for k = 1, 3, 5 up to this.")] = 5,
+    mode: Annotated[
+        Optional[list[str]], typer.Option(help="A mode to measure: dense, keyword or hybrid (repeatable; default all three).")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the scores as JSON instead of a table.")] = False,
+    address: Address = "127.0.0.1:50051",
+) -> None:
+    """Measure retrieval on labelled questions: hit@1/3/5, MRR and phrase-hit@1/3/5 of each search
+    mode, side by side (each question searched through the gateway's Search, as Ask searches)."""
+    from askmesh import evaluation
+
+    with _reported_errors(address):
+        labelled = evaluation.load_questions(questions)
+        modes = [name.strip().lower() for name in mode or evaluation.MODES]
+        for name in modes:
+            client.search_mode(name)  # a ValueError names a mode that is not one
+        if top_k < 1:
+            raise ValueError(f"--top-k must be at least 1, not {top_k}")
+        channel = _connect(address)
+
+    def search(question: str, wanted: int, k: int) -> evaluation.Found:
+        query = gateway_pb2.SearchQuery(question=question, knowledge_base=kb, top_k=k, search_mode=wanted)  # type: ignore[arg-type]
+        try:
+            found = client.search(channel, query)
+        except grpc.RpcError as error:
+            if client.status_of(error) == grpc.StatusCode.FAILED_PRECONDITION:
+                raise evaluation.ModeUnavailable(error.details() or "refused") from error  # type: ignore[attr-defined]
+            raise
+        return evaluation.Found([(c.document_id, c.text) for c in found.citations], found.search_mode, found.search_notice)
+
+    with _reported_errors(address), channel:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=errors, transient=True) as bar:
+            tasks = {name: bar.add_task(f"searching ({name})", total=len(labelled)) for name in modes}
+            scores = evaluation.evaluate(
+                labelled, search, modes, top_k, progress=lambda name, done: bar.update(tasks[name], completed=done)
+            )
+    if json_output:
+        print(json.dumps(evaluation.report(kb, top_k, labelled, scores), indent=2))
+        return
+    console.print(evaluation.table(kb, top_k, labelled, scores))
+    for line in evaluation.notes(scores):
+        console.print(client.printable(line), markup=False, highlight=False, soft_wrap=True)
 
 
 # -- ingestion ------------------------------------------------------------------------------------

@@ -300,6 +300,24 @@ def chunking(chunk_size: int | None = None, chunk_overlap: int | None = None) ->
 
 
 # -- knowledge bases ------------------------------------------------------------------------------
+def search(channel: grpc.Channel, query: gateway_pb2.SearchQuery, timeout_s: float = 60) -> gateway_pb2.SearchResults:
+    """A knowledge base's best sources for a question, without an answer."""
+    return gateway_pb2_grpc.GatewayStub(channel).Search(query, timeout=timeout_s)  # type: ignore[no-any-return]
+
+
+SEARCH_MODES = {"dense": common_pb2.SEARCH_MODE_DENSE, "keyword": common_pb2.SEARCH_MODE_KEYWORD, "hybrid": common_pb2.SEARCH_MODE_HYBRID}
+
+
+def search_mode(name: str | None) -> int:
+    """A search mode by name (dense, keyword or hybrid); None or "" is UNSPECIFIED."""
+    if not name:
+        return common_pb2.SEARCH_MODE_UNSPECIFIED
+    try:
+        return SEARCH_MODES[name.strip().lower()]
+    except KeyError:
+        raise ValueError(f"{name!r} is not a search mode: dense, keyword or hybrid") from None
+
+
 def create_knowledge_base(
     channel: grpc.Channel,
     name: str,
@@ -307,10 +325,11 @@ def create_knowledge_base(
     description: str = "",
     fields: Sequence[common_pb2.MetadataField] = (),
     chunking_options: common_pb2.ChunkingOptions | None = None,
+    search_mode: int = common_pb2.SEARCH_MODE_UNSPECIFIED,
     timeout_s: float = 60,
 ) -> knowledge_pb2.KnowledgeBase:
     request = knowledge_pb2.CreateKnowledgeBaseRequest(
-        name=name, description=description, metadata_schema=fields, chunking=chunking_options
+        name=name, description=description, metadata_schema=fields, chunking=chunking_options, search_mode=search_mode  # type: ignore[arg-type]
     )
     return knowledge_pb2_grpc.KnowledgeBasesStub(channel).CreateKnowledgeBase(request, timeout=timeout_s)  # type: ignore[no-any-return]
 
@@ -333,10 +352,14 @@ def delete_knowledge_base(
 
 
 def rebuild_knowledge_base(
-    channel: grpc.Channel, name: str, chunking_options: common_pb2.ChunkingOptions | None = None, timeout_s: float = 60
+    channel: grpc.Channel,
+    name: str,
+    chunking_options: common_pb2.ChunkingOptions | None = None,
+    timeout_s: float = 60,
+    search_mode: int = common_pb2.SEARCH_MODE_UNSPECIFIED,
 ) -> ingestion_pb2.Task:
     stub = knowledge_pb2_grpc.KnowledgeBasesStub(channel)
-    request = knowledge_pb2.RebuildKnowledgeBaseRequest(name=name, chunking=chunking_options)
+    request = knowledge_pb2.RebuildKnowledgeBaseRequest(name=name, chunking=chunking_options, search_mode=search_mode)  # type: ignore[arg-type]
     return stub.RebuildKnowledgeBase(request, timeout=timeout_s)  # type: ignore[no-any-return]
 
 

@@ -71,7 +71,7 @@ GATEWAY = TierSpec(
     ("askmesh.v1.Gateway",),
     50064,
     public_routes=("askmesh.v1.Gateway",),
-    idempotent_methods=("askmesh.v1.Gateway/Embed",),
+    idempotent_methods=("askmesh.v1.Gateway/Embed", "askmesh.v1.Gateway/Search"),
     resendable_streams=("askmesh.v1.Gateway/Ask",),
     capacity_per_replica=False,
     needs=("embedder", "retriever", "generator", "ingestor"),

@@ -53,6 +53,7 @@ def test_every_rpc_needs_what_its_role_allows_and_unlisted_ones_are_internal() -
     assert required_for("/grpc.health.v1.Health/Check") is Open.OPEN
     assert required_for("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo") is Open.OPEN
     assert required_for("/askmesh.v1.Gateway/Ask") is Role.READER
+    assert required_for("/askmesh.v1.Gateway/Search") is Role.READER
     assert required_for("/askmesh.v1.Gateway/AddDocuments") is Role.WRITER
     assert required_for("/askmesh.v1.KnowledgeBases/DeleteKnowledgeBase") is Role.ADMIN
     assert required_for("/askmesh.v1.ApiKeys/CreateKey") is Role.ADMIN
@@ -287,6 +288,8 @@ async def test_each_role_may_do_what_it_allows_and_nothing_more(mesh: Mesh) -> N
             metadata=metadata,
         )
         assert await stream_code(ask) == expected_read, name
+        search = gateway.Search(gateway_pb2.SearchQuery(question="What decides what a key may do?", knowledge_base="roles"), metadata=metadata)
+        assert await code_of(search) == expected_read, name
     del checks
 
 
@@ -317,6 +320,11 @@ async def test_tenants_never_see_each_other(mesh: Mesh, caplog: pytest.LogCaptur
         if message.WhichOneof("event") == "sources":
             sources = [c.text for c in message.sources.citations]
     assert sources and all("PELICAN" not in text for text in sources)
+    for mode in (common_pb2.SEARCH_MODE_KEYWORD, common_pb2.SEARCH_MODE_HYBRID, common_pb2.SEARCH_MODE_DENSE):
+        found = await gateway.Search(gateway_pb2.SearchQuery(
+            question="What is the acme launch code PELICAN-7?", knowledge_base="hr-policies", top_k=5, search_mode=mode,
+        ), metadata=auth(mesh.keys["globex-reader"]))
+        assert all("PELICAN" not in c.text for c in found.citations), mode
 
     # A knowledge base only acme has is NOT_FOUND for globex, with no hint that it exists.
     await kbs.CreateKnowledgeBase(knowledge_pb2.CreateKnowledgeBaseRequest(name="acme-only"), metadata=auth(acme))
@@ -331,6 +339,8 @@ async def test_tenants_never_see_each_other(mesh: Mesh, caplog: pytest.LogCaptur
     assert missing == grpc.StatusCode.NOT_FOUND
     ask = gateway.Ask(gateway_pb2.AskRequest(question="anything?", knowledge_base="acme-only"), metadata=auth(globex))
     assert await stream_code(ask) == grpc.StatusCode.NOT_FOUND
+    search = gateway.Search(gateway_pb2.SearchQuery(question="anything?", knowledge_base="acme-only"), metadata=auth(globex))
+    assert await code_of(search) == grpc.StatusCode.NOT_FOUND
 
     # Tasks: acme's are not globex's to see, list or cancel.
     rebuild = await kbs.RebuildKnowledgeBase(knowledge_pb2.RebuildKnowledgeBaseRequest(name="hr-policies"), metadata=auth(acme))

@@ -205,7 +205,7 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
     assert retried_on_unavailable == {
         "/askmesh.v1.Embedder/Embed", "/askmesh.v1.Reranker/Rerank", "/askmesh.v1.Retriever/Search",
         "/askmesh.v1.Catalog/GetSearchView", "/askmesh.v1.Catalog/Authenticate", "/askmesh.v1.Generator/GetLoad",
-        "/askmesh.v1.Gateway/Embed",
+        "/askmesh.v1.Gateway/Embed", "/askmesh.v1.Gateway/Search",
     }
     # Answer streams are sent again when a replica reset them before answering; uploads are not.
     retried_on_reset = {
@@ -222,6 +222,7 @@ def test_streams_have_no_route_timeout_and_only_idempotent_unary_calls_retry_on_
         "/askmesh.v1.Generator/AdmitAndGenerate",
         "/askmesh.v1.Gateway/Ask",
         "/askmesh.v1.Gateway/Embed",
+        "/askmesh.v1.Gateway/Search",
     }
     assert routes["/askmesh.v1.Generator/"]["idle_timeout"] == "300s"
     # A replica's RESOURCE_EXHAUSTED goes to another replica, except the gateway's: it says
@@ -269,6 +270,7 @@ def test_the_front_door_routes_each_public_service_to_its_tier_and_nothing_inter
     config = envoy.render(layout(tmp_path))
     front = routes_of(config, "front")
     assert first_match(front, "/askmesh.v1.Gateway/Ask") == "gateway"
+    assert first_match(front, "/askmesh.v1.Gateway/Search") == "gateway"
     # AddDocuments is a Gateway method the ingestor serves: a client's address and API stay.
     assert first_match(front, "/askmesh.v1.Gateway/AddDocuments") == "ingestor"
     assert first_match(front, "/askmesh.v1.KnowledgeBases/DeleteKnowledgeBase") == "ingestor"

@@ -221,6 +221,7 @@ PLAUSIBLE: dict[tuple[str, int], st.SearchStrategy[object]] = {
     ("top_p", FD.TYPE_FLOAT): st.floats(0, 1, width=32),
     ("role", FD.TYPE_STRING): st.sampled_from(["reader", "writer", "admin", ""]),
     ("role", FD.TYPE_ENUM): st.integers(0, 3),
+    ("search_mode", FD.TYPE_ENUM): st.integers(0, 3),
     ("tenant", FD.TYPE_STRING): st.sampled_from(["", "globex", "acme"]),
     ("filename", FD.TYPE_STRING): st.sampled_from(["a.txt", "b.md", "c.pdf", "d.html", "e.docx", "../x.txt", ""]),
     ("data", FD.TYPE_BYTES): st.binary(max_size=2000),
@@ -386,7 +387,7 @@ def test_the_fuzz_reached_the_services_work(fuzzed: FuzzedMesh) -> None:
             print(name, details.most_common(6))
     total = sum(sum(outcomes.values()) for outcomes in OUTCOMES.values())
     assert total >= CASES_PER_METHOD * len(METHODS)
-    for name in ("Ask", "AddDocuments", "CreateKnowledgeBase", "ListKnowledgeBases", "ListTasks", "CreateKey", "ListKeys"):
+    for name in ("Ask", "Search", "AddDocuments", "CreateKnowledgeBase", "ListKnowledgeBases", "ListTasks", "CreateKey", "ListKeys"):
         assert OUTCOMES[name]["OK"] > 0, f"no {name} call was answered: {OUTCOMES[name]}"
 
 

@@ -157,6 +157,21 @@ async def test_questions_that_do_not_say_are_reranked_when_the_tier_has_a_rerank
     assert [c.number for c in citations] == [1, 2]
 
 
+async def test_search_reranks_as_ask_does_in_every_search_mode(tei_gateway: Gateway) -> None:
+    """Gateway/Search is Ask's retrieval: the gateway's default reranks it too, and a question
+    may say no; the reranker reranks what the search mode found."""
+    for mode in (common_pb2.SEARCH_MODE_DENSE, common_pb2.SEARCH_MODE_KEYWORD, common_pb2.SEARCH_MODE_HYBRID):
+        query = gateway_pb2.SearchQuery(question=QUESTION, knowledge_base=KNOWLEDGE_BASE, top_k=3, search_mode=mode)
+        reranked = await tei_gateway.stub.Search(query)
+        assert reranked.search_mode == mode and len(reranked.citations) == 3
+        assert reranked.timings.rerank_ms > 0 and all(c.HasField("rerank_score") for c in reranked.citations)
+        citations, _ = await ask(tei_gateway.stub, top_k=3, search_mode=mode)
+        assert [c.chunk_id for c in citations] == [c.chunk_id for c in reranked.citations], mode
+        query.rerank = False
+        plain = await tei_gateway.stub.Search(query)
+        assert plain.timings.rerank_ms == 0 and not any(c.HasField("rerank_score") for c in plain.citations)
+
+
 async def test_a_tei_overloaded_or_failing_is_a_status_naming_the_tier_never_its_address(
     tei_gateway: Gateway, tei: FakeTeiServer
 ) -> None:

@@ -305,6 +305,31 @@ def test_update_knowledge_base(store: Store) -> None:
     assert store.update_knowledge_base("kb", updated_at=42.0).updated_at == 42.0
 
 
+def test_a_knowledge_base_keeps_its_search_mode(store: Store) -> None:
+    assert _kb(store, "plain").search_mode == ""  # follows the ingestor's default
+    assert _kb(store, "exact", search_mode="keyword").search_mode == "keyword"
+    assert store.get_knowledge_base("exact").search_mode == "keyword"
+    assert store.update_knowledge_base("plain", search_mode="hybrid").search_mode == "hybrid"
+    assert store.get_knowledge_base("plain").search_mode == "hybrid"
+
+
+def test_a_store_made_before_search_modes_gains_them_and_its_knowledge_bases_follow_the_default(backend: Backend) -> None:
+    store = backend.open()
+    _kb(store, description="from before")
+    store.close()
+    backend.opened.remove(store)
+    # The database as the previous schema version left it: no column, no migration 7.
+    backend.sql("ALTER TABLE knowledge_bases DROP COLUMN search_mode")
+    backend.sql("DELETE FROM schema_migrations WHERE version >= 7")
+    if backend.name == "sqlite":
+        backend.sql("PRAGMA user_version = 6")
+    reopened = backend.open()
+    record = reopened.get_knowledge_base("kb")
+    assert record is not None and (record.description, record.search_mode) == ("from before", "")
+    assert [row[0] for row in backend.sql("SELECT version FROM schema_migrations ORDER BY version")] == list(range(1, SCHEMA_VERSION + 1))
+    assert reopened.update_knowledge_base("kb", search_mode="dense").search_mode == "dense"
+
+
 def test_update_knowledge_base_rejects_bad_fields_and_missing(store: Store) -> None:
     _kb(store)
     with pytest.raises(ValueError, match="bogus"):

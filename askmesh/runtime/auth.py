@@ -195,6 +195,7 @@ Required = Role | Open | Internal
 
 _PUBLIC: dict[str, Required] = {
     "/askmesh.v1.Gateway/Ask": Role.READER,
+    "/askmesh.v1.Gateway/Search": Role.READER,
     "/askmesh.v1.Gateway/AddDocuments": Role.WRITER,
     "/askmesh.v1.Gateway/Embed": Role.READER,
     "/askmesh.v1.KnowledgeBases/CreateKnowledgeBase": Role.ADMIN,

@@ -80,6 +80,27 @@ def check_score_threshold(value: float, field: str = "score_threshold") -> float
     return value
 
 
+SEARCH_MODES = (common_pb2.SEARCH_MODE_DENSE, common_pb2.SEARCH_MODE_KEYWORD, common_pb2.SEARCH_MODE_HYBRID)
+
+
+def search_mode_name(mode: int) -> str:
+    return common_pb2.SearchMode.Name(mode).removeprefix("SEARCH_MODE_").lower()
+
+
+def check_search_mode(mode: int, has_threshold: bool = False, field: str = "search_mode") -> int:
+    """A search mode is one of the enum's values (UNSPECIFIED too), and a score threshold (a cosine
+    similarity) goes with dense search only."""
+    if mode != common_pb2.SEARCH_MODE_UNSPECIFIED and mode not in SEARCH_MODES:
+        raise InvalidArgument(field, f"{mode} is not a search mode (dense, keyword or hybrid)")
+    if has_threshold and mode in (common_pb2.SEARCH_MODE_KEYWORD, common_pb2.SEARCH_MODE_HYBRID):
+        raise InvalidArgument(
+            "score_threshold",
+            f"is a cosine similarity, which {search_mode_name(mode)} search does not score; "
+            "leave it unset or search in dense mode",
+        )
+    return mode
+
+
 def check_text(field: str, value: str, max_chars: int, *, required: bool = True) -> str:
     if required and not value.strip():
         raise InvalidArgument(field, "is empty")

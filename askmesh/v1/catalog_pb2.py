@@ -22,24 +22,25 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from askmesh.v1 import common_pb2 as askmesh_dot_v1_dot_common__pb2
 from askmesh.v1 import retriever_pb2 as askmesh_dot_v1_dot_retriever__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61skmesh/v1/catalog.proto\x12\naskmesh.v1\x1a\x1a\x61skmesh/v1/retriever.proto\">\n\x14GetSearchViewRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\'\n\x13\x41uthenticateRequest\x12\x10\n\x08key_hash\x18\x01 \x01(\t\"9\n\tPrincipal\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"\x89\x01\n\nSearchView\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x05 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12,\n\x04pins\x18\x04 \x03(\x0b\x32\x1e.askmesh.v1.DocumentVersionPin2\x9c\x01\n\x07\x43\x61talog\x12I\n\rGetSearchView\x12 .askmesh.v1.GetSearchViewRequest\x1a\x16.askmesh.v1.SearchView\x12\x46\n\x0c\x41uthenticate\x12\x1f.askmesh.v1.AuthenticateRequest\x1a\x15.askmesh.v1.Principalb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61skmesh/v1/catalog.proto\x12\naskmesh.v1\x1a\x17\x61skmesh/v1/common.proto\x1a\x1a\x61skmesh/v1/retriever.proto\">\n\x14GetSearchViewRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"\'\n\x13\x41uthenticateRequest\x12\x10\n\x08key_hash\x18\x01 \x01(\t\"9\n\tPrincipal\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x0e\n\x06key_id\x18\x03 \x01(\t\"\xb6\x01\n\nSearchView\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x12\n\ncollection\x18\x05 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12,\n\x04pins\x18\x04 \x03(\x0b\x32\x1e.askmesh.v1.DocumentVersionPin\x12+\n\x0bsearch_mode\x18\x06 \x01(\x0e\x32\x16.askmesh.v1.SearchMode2\x9c\x01\n\x07\x43\x61talog\x12I\n\rGetSearchView\x12 .askmesh.v1.GetSearchViewRequest\x1a\x16.askmesh.v1.SearchView\x12\x46\n\x0c\x41uthenticate\x12\x1f.askmesh.v1.AuthenticateRequest\x1a\x15.askmesh.v1.Principalb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'askmesh.v1.catalog_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETSEARCHVIEWREQUEST']._serialized_start=68
-  _globals['_GETSEARCHVIEWREQUEST']._serialized_end=130
-  _globals['_AUTHENTICATEREQUEST']._serialized_start=132
-  _globals['_AUTHENTICATEREQUEST']._serialized_end=171
-  _globals['_PRINCIPAL']._serialized_start=173
-  _globals['_PRINCIPAL']._serialized_end=230
-  _globals['_SEARCHVIEW']._serialized_start=233
-  _globals['_SEARCHVIEW']._serialized_end=370
-  _globals['_CATALOG']._serialized_start=373
-  _globals['_CATALOG']._serialized_end=529
+  _globals['_GETSEARCHVIEWREQUEST']._serialized_start=93
+  _globals['_GETSEARCHVIEWREQUEST']._serialized_end=155
+  _globals['_AUTHENTICATEREQUEST']._serialized_start=157
+  _globals['_AUTHENTICATEREQUEST']._serialized_end=196
+  _globals['_PRINCIPAL']._serialized_start=198
+  _globals['_PRINCIPAL']._serialized_end=255
+  _globals['_SEARCHVIEW']._serialized_start=258
+  _globals['_SEARCHVIEW']._serialized_end=440
+  _globals['_CATALOG']._serialized_start=443
+  _globals['_CATALOG']._serialized_end=599
 # @@protoc_insertion_point(module_scope)

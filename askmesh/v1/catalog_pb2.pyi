@@ -1,3 +1,4 @@
+from askmesh.v1 import common_pb2 as _common_pb2
 from askmesh.v1 import retriever_pb2 as _retriever_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
@@ -32,15 +33,17 @@ class Principal(_message.Message):
     def __init__(self, tenant: _Optional[str] = ..., role: _Optional[str] = ..., key_id: _Optional[str] = ...) -> None: ...
 
 class SearchView(_message.Message):
-    __slots__ = ("knowledge_base", "collection", "generation", "epoch", "pins")
+    __slots__ = ("knowledge_base", "collection", "generation", "epoch", "pins", "search_mode")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PINS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
     collection: str
     generation: int
     epoch: int
     pins: _containers.RepeatedCompositeFieldContainer[_retriever_pb2.DocumentVersionPin]
-    def __init__(self, knowledge_base: _Optional[str] = ..., collection: _Optional[str] = ..., generation: _Optional[int] = ..., epoch: _Optional[int] = ..., pins: _Optional[_Iterable[_Union[_retriever_pb2.DocumentVersionPin, _Mapping]]] = ...) -> None: ...
+    search_mode: _common_pb2.SearchMode
+    def __init__(self, knowledge_base: _Optional[str] = ..., collection: _Optional[str] = ..., generation: _Optional[int] = ..., epoch: _Optional[int] = ..., pins: _Optional[_Iterable[_Union[_retriever_pb2.DocumentVersionPin, _Mapping]]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ...) -> None: ...

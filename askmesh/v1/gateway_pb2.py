@@ -27,7 +27,7 @@ from askmesh.v1 import common_pb2 as askmesh_dot_v1_dot_common__pb2
 from askmesh.v1 import embedder_pb2 as askmesh_dot_v1_dot_embedder__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61skmesh/v1/gateway.proto\x12\naskmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17\x61skmesh/v1/common.proto\x1a\x19\x61skmesh/v1/embedder.proto\":\n\x11\x45mbedTextsRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"\xc2\x02\n\nAskRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x16\n\x0eknowledge_base\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12+\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x1a.askmesh.v1.MetadataFilter\x12(\n\x07history\x18\x06 \x03(\x0b\x32\x17.askmesh.v1.ChatMessage\x12\x34\n\nparameters\x18\x07 \x01(\x0b\x32 .askmesh.v1.GenerationParameters\x12\x1c\n\x14\x63ontext_token_budget\x18\x08 \x01(\r\x12\x13\n\x06rerank\x18\n \x01(\x08H\x01\x88\x01\x01\x42\x12\n\x10_score_thresholdB\t\n\x07_rerank\"\xec\x01\n\x08\x43itation\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x02\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08\x63hunk_id\x18\x07 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x08 \x01(\r\x12\x11\n\tin_prompt\x18\t \x01(\x08\x12\x19\n\x0crerank_score\x18\n \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_rerank_score\"2\n\x07Sources\x12\'\n\tcitations\x18\x01 \x03(\x0b\x32\x14.askmesh.v1.Citation\"\xba\x01\n\nAskTimings\x12\x10\n\x08\x65mbed_ms\x18\x01 \x01(\x01\x12\x11\n\tsearch_ms\x18\x02 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x1b\n\x13gateway_overhead_ms\x18\x06 \x01(\x01\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x11\n\trerank_ms\x18\x08 \x01(\x01\"\xbd\x01\n\x07\x41skDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.askmesh.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.askmesh.v1.Usage\x12\'\n\x07timings\x18\x03 \x01(\x0b\x32\x16.askmesh.v1.AskTimings\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x17\n\x0f\x65mbedding_model\x18\x06 \x01(\t\"\xe1\x01\n\x0b\x41skResponse\x12&\n\x07sources\x18\x01 \x01(\x0b\x32\x13.askmesh.v1.SourcesH\x00\x12\'\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.askmesh.v1.TokenDeltaH\x00\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x13.askmesh.v1.AskDoneH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.askmesh.v1.StreamErrorH\x00\x12)\n\x06queued\x18\x05 \x01(\x0b\x32\x17.askmesh.v1.QueueStatusH\x00\x42\x07\n\x05\x65vent\"^\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x85\x01\n\x13\x41\x64\x64\x44ocumentsRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\'\n\tdocuments\x18\x02 \x03(\x0b\x32\x14.askmesh.v1.Document\x12-\n\x08\x63hunking\x18\x03 \x01(\x0b\x32\x1b.askmesh.v1.ChunkingOptions\"1\n\x0e\x44ocumentResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\"\x7f\n\x14\x41\x64\x64\x44ocumentsResponse\x12-\n\tdocuments\x18\x01 \x03(\x0b\x32\x1a.askmesh.v1.DocumentResult\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x10\n\x08\x65mbed_ms\x18\x03 \x01(\x01\x12\x11\n\tupsert_ms\x18\x04 \x01(\x01\x32\xd9\x01\n\x07Gateway\x12\x38\n\x03\x41sk\x12\x16.askmesh.v1.AskRequest\x1a\x17.askmesh.v1.AskResponse0\x01\x12Q\n\x0c\x41\x64\x64\x44ocuments\x12\x1f.askmesh.v1.AddDocumentsRequest\x1a .askmesh.v1.AddDocumentsResponse\x12\x41\n\x05\x45mbed\x12\x1d.askmesh.v1.EmbedTextsRequest\x1a\x19.askmesh.v1.EmbedResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61skmesh/v1/gateway.proto\x12\naskmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x17\x61skmesh/v1/common.proto\x1a\x19\x61skmesh/v1/embedder.proto\":\n\x11\x45mbedTextsRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\"\xef\x02\n\nAskRequest\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x16\n\x0eknowledge_base\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12+\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x1a.askmesh.v1.MetadataFilter\x12(\n\x07history\x18\x06 \x03(\x0b\x32\x17.askmesh.v1.ChatMessage\x12\x34\n\nparameters\x18\x07 \x01(\x0b\x32 .askmesh.v1.GenerationParameters\x12\x1c\n\x14\x63ontext_token_budget\x18\x08 \x01(\r\x12+\n\x0bsearch_mode\x18\t \x01(\x0e\x32\x16.askmesh.v1.SearchMode\x12\x13\n\x06rerank\x18\n \x01(\x08H\x01\x88\x01\x01\x42\x12\n\x10_score_thresholdB\t\n\x07_rerank\"\xec\x01\n\x08\x43itation\x12\x0e\n\x06number\x18\x01 \x01(\r\x12\x13\n\x0b\x64ocument_id\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\r\n\x05score\x18\x05 \x01(\x02\x12)\n\x08metadata\x18\x06 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x10\n\x08\x63hunk_id\x18\x07 \x01(\t\x12\x13\n\x0b\x63hunk_index\x18\x08 \x01(\r\x12\x11\n\tin_prompt\x18\t \x01(\x08\x12\x19\n\x0crerank_score\x18\n \x01(\x02H\x00\x88\x01\x01\x42\x0f\n\r_rerank_score\"v\n\x07Sources\x12\'\n\tcitations\x18\x01 \x03(\x0b\x32\x14.askmesh.v1.Citation\x12+\n\x0bsearch_mode\x18\x02 \x01(\x0e\x32\x16.askmesh.v1.SearchMode\x12\x15\n\rsearch_notice\x18\x03 \x01(\t\"\xf2\x01\n\x0bSearchQuery\x12\x10\n\x08question\x18\x01 \x01(\t\x12\x16\n\x0eknowledge_base\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12+\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x1a.askmesh.v1.MetadataFilter\x12+\n\x0bsearch_mode\x18\x06 \x01(\x0e\x32\x16.askmesh.v1.SearchMode\x12\x13\n\x06rerank\x18\x07 \x01(\x08H\x01\x88\x01\x01\x42\x12\n\x10_score_thresholdB\t\n\x07_rerank\"`\n\x14SearchResultsTimings\x12\x10\n\x08\x65mbed_ms\x18\x01 \x01(\x01\x12\x11\n\tsearch_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x11\n\trerank_ms\x18\x04 \x01(\x01\"\xc8\x01\n\rSearchResults\x12\'\n\tcitations\x18\x01 \x03(\x0b\x32\x14.askmesh.v1.Citation\x12+\n\x0bsearch_mode\x18\x02 \x01(\x0e\x32\x16.askmesh.v1.SearchMode\x12\x15\n\rsearch_notice\x18\x03 \x01(\t\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x31\n\x07timings\x18\x05 \x01(\x0b\x32 .askmesh.v1.SearchResultsTimings\"\xba\x01\n\nAskTimings\x12\x10\n\x08\x65mbed_ms\x18\x01 \x01(\x01\x12\x11\n\tsearch_ms\x18\x02 \x01(\x01\x12\x1e\n\x16time_to_first_token_ms\x18\x03 \x01(\x01\x12\x13\n\x0bgenerate_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\x12\x1b\n\x13gateway_overhead_ms\x18\x06 \x01(\x01\x12\x10\n\x08queue_ms\x18\x07 \x01(\x01\x12\x11\n\trerank_ms\x18\x08 \x01(\x01\"\xbd\x01\n\x07\x41skDone\x12/\n\rfinish_reason\x18\x01 \x01(\x0e\x32\x18.askmesh.v1.FinishReason\x12 \n\x05usage\x18\x02 \x01(\x0b\x32\x11.askmesh.v1.Usage\x12\'\n\x07timings\x18\x03 \x01(\x0b\x32\x16.askmesh.v1.AskTimings\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x05 \x01(\x08\x12\x17\n\x0f\x65mbedding_model\x18\x06 \x01(\t\"\xe1\x01\n\x0b\x41skResponse\x12&\n\x07sources\x18\x01 \x01(\x0b\x32\x13.askmesh.v1.SourcesH\x00\x12\'\n\x05\x64\x65lta\x18\x02 \x01(\x0b\x32\x16.askmesh.v1.TokenDeltaH\x00\x12#\n\x04\x64one\x18\x03 \x01(\x0b\x32\x13.askmesh.v1.AskDoneH\x00\x12(\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x17.askmesh.v1.StreamErrorH\x00\x12)\n\x06queued\x18\x05 \x01(\x0b\x32\x17.askmesh.v1.QueueStatusH\x00\x42\x07\n\x05\x65vent\"^\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\"\x85\x01\n\x13\x41\x64\x64\x44ocumentsRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\'\n\tdocuments\x18\x02 \x03(\x0b\x32\x14.askmesh.v1.Document\x12-\n\x08\x63hunking\x18\x03 \x01(\x0b\x32\x1b.askmesh.v1.ChunkingOptions\"1\n\x0e\x44ocumentResult\x12\n\n\x02id\x18\x01 \x01(\t\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\"\x7f\n\x14\x41\x64\x64\x44ocumentsResponse\x12-\n\tdocuments\x18\x01 \x03(\x0b\x32\x1a.askmesh.v1.DocumentResult\x12\x13\n\x0b\x63hunk_count\x18\x02 \x01(\r\x12\x10\n\x08\x65mbed_ms\x18\x03 \x01(\x01\x12\x11\n\tupsert_ms\x18\x04 \x01(\x01\x32\x97\x02\n\x07Gateway\x12\x38\n\x03\x41sk\x12\x16.askmesh.v1.AskRequest\x1a\x17.askmesh.v1.AskResponse0\x01\x12Q\n\x0c\x41\x64\x64\x44ocuments\x12\x1f.askmesh.v1.AddDocumentsRequest\x1a .askmesh.v1.AddDocumentsResponse\x12<\n\x06Search\x12\x17.askmesh.v1.SearchQuery\x1a\x19.askmesh.v1.SearchResults\x12\x41\n\x05\x45mbed\x12\x1d.askmesh.v1.EmbedTextsRequest\x1a\x19.askmesh.v1.EmbedResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,25 +37,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EMBEDTEXTSREQUEST']._serialized_start=122
   _globals['_EMBEDTEXTSREQUEST']._serialized_end=180
   _globals['_ASKREQUEST']._serialized_start=183
-  _globals['_ASKREQUEST']._serialized_end=505
-  _globals['_CITATION']._serialized_start=508
-  _globals['_CITATION']._serialized_end=744
-  _globals['_SOURCES']._serialized_start=746
-  _globals['_SOURCES']._serialized_end=796
-  _globals['_ASKTIMINGS']._serialized_start=799
-  _globals['_ASKTIMINGS']._serialized_end=985
-  _globals['_ASKDONE']._serialized_start=988
-  _globals['_ASKDONE']._serialized_end=1177
-  _globals['_ASKRESPONSE']._serialized_start=1180
-  _globals['_ASKRESPONSE']._serialized_end=1405
-  _globals['_DOCUMENT']._serialized_start=1407
-  _globals['_DOCUMENT']._serialized_end=1501
-  _globals['_ADDDOCUMENTSREQUEST']._serialized_start=1504
-  _globals['_ADDDOCUMENTSREQUEST']._serialized_end=1637
-  _globals['_DOCUMENTRESULT']._serialized_start=1639
-  _globals['_DOCUMENTRESULT']._serialized_end=1688
-  _globals['_ADDDOCUMENTSRESPONSE']._serialized_start=1690
-  _globals['_ADDDOCUMENTSRESPONSE']._serialized_end=1817
-  _globals['_GATEWAY']._serialized_start=1820
-  _globals['_GATEWAY']._serialized_end=2037
+  _globals['_ASKREQUEST']._serialized_end=550
+  _globals['_CITATION']._serialized_start=553
+  _globals['_CITATION']._serialized_end=789
+  _globals['_SOURCES']._serialized_start=791
+  _globals['_SOURCES']._serialized_end=909
+  _globals['_SEARCHQUERY']._serialized_start=912
+  _globals['_SEARCHQUERY']._serialized_end=1154
+  _globals['_SEARCHRESULTSTIMINGS']._serialized_start=1156
+  _globals['_SEARCHRESULTSTIMINGS']._serialized_end=1252
+  _globals['_SEARCHRESULTS']._serialized_start=1255
+  _globals['_SEARCHRESULTS']._serialized_end=1455
+  _globals['_ASKTIMINGS']._serialized_start=1458
+  _globals['_ASKTIMINGS']._serialized_end=1644
+  _globals['_ASKDONE']._serialized_start=1647
+  _globals['_ASKDONE']._serialized_end=1836
+  _globals['_ASKRESPONSE']._serialized_start=1839
+  _globals['_ASKRESPONSE']._serialized_end=2064
+  _globals['_DOCUMENT']._serialized_start=2066
+  _globals['_DOCUMENT']._serialized_end=2160
+  _globals['_ADDDOCUMENTSREQUEST']._serialized_start=2163
+  _globals['_ADDDOCUMENTSREQUEST']._serialized_end=2296
+  _globals['_DOCUMENTRESULT']._serialized_start=2298
+  _globals['_DOCUMENTRESULT']._serialized_end=2347
+  _globals['_ADDDOCUMENTSRESPONSE']._serialized_start=2349
+  _globals['_ADDDOCUMENTSRESPONSE']._serialized_end=2476
+  _globals['_GATEWAY']._serialized_start=2479
+  _globals['_GATEWAY']._serialized_end=2758
 # @@protoc_insertion_point(module_scope)

@@ -18,7 +18,7 @@ class EmbedTextsRequest(_message.Message):
     def __init__(self, knowledge_base: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AskRequest(_message.Message):
-    __slots__ = ("question", "knowledge_base", "top_k", "score_threshold", "filters", "history", "parameters", "context_token_budget", "rerank")
+    __slots__ = ("question", "knowledge_base", "top_k", "score_threshold", "filters", "history", "parameters", "context_token_budget", "search_mode", "rerank")
     QUESTION_FIELD_NUMBER: _ClassVar[int]
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -27,6 +27,7 @@ class AskRequest(_message.Message):
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     PARAMETERS_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKEN_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     question: str
     knowledge_base: str
@@ -36,8 +37,9 @@ class AskRequest(_message.Message):
     history: _containers.RepeatedCompositeFieldContainer[_common_pb2.ChatMessage]
     parameters: _common_pb2.GenerationParameters
     context_token_budget: int
+    search_mode: _common_pb2.SearchMode
     rerank: bool
-    def __init__(self, question: _Optional[str] = ..., knowledge_base: _Optional[str] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., context_token_budget: _Optional[int] = ..., rerank: _Optional[bool] = ...) -> None: ...
+    def __init__(self, question: _Optional[str] = ..., knowledge_base: _Optional[str] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., parameters: _Optional[_Union[_common_pb2.GenerationParameters, _Mapping]] = ..., context_token_budget: _Optional[int] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ..., rerank: _Optional[bool] = ...) -> None: ...
 
 class Citation(_message.Message):
     __slots__ = ("number", "document_id", "title", "text", "score", "metadata", "chunk_id", "chunk_index", "in_prompt", "rerank_score")
@@ -64,10 +66,58 @@ class Citation(_message.Message):
     def __init__(self, number: _Optional[int] = ..., document_id: _Optional[str] = ..., title: _Optional[str] = ..., text: _Optional[str] = ..., score: _Optional[float] = ..., metadata: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., chunk_id: _Optional[str] = ..., chunk_index: _Optional[int] = ..., in_prompt: _Optional[bool] = ..., rerank_score: _Optional[float] = ...) -> None: ...
 
 class Sources(_message.Message):
-    __slots__ = ("citations",)
+    __slots__ = ("citations", "search_mode", "search_notice")
     CITATIONS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_NOTICE_FIELD_NUMBER: _ClassVar[int]
     citations: _containers.RepeatedCompositeFieldContainer[Citation]
-    def __init__(self, citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ...) -> None: ...
+    search_mode: _common_pb2.SearchMode
+    search_notice: str
+    def __init__(self, citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ..., search_notice: _Optional[str] = ...) -> None: ...
+
+class SearchQuery(_message.Message):
+    __slots__ = ("question", "knowledge_base", "top_k", "score_threshold", "filters", "search_mode", "rerank")
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    FILTERS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
+    RERANK_FIELD_NUMBER: _ClassVar[int]
+    question: str
+    knowledge_base: str
+    top_k: int
+    score_threshold: float
+    filters: _containers.RepeatedCompositeFieldContainer[_common_pb2.MetadataFilter]
+    search_mode: _common_pb2.SearchMode
+    rerank: bool
+    def __init__(self, question: _Optional[str] = ..., knowledge_base: _Optional[str] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ..., rerank: _Optional[bool] = ...) -> None: ...
+
+class SearchResultsTimings(_message.Message):
+    __slots__ = ("embed_ms", "search_ms", "total_ms", "rerank_ms")
+    EMBED_MS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MS_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
+    RERANK_MS_FIELD_NUMBER: _ClassVar[int]
+    embed_ms: float
+    search_ms: float
+    total_ms: float
+    rerank_ms: float
+    def __init__(self, embed_ms: _Optional[float] = ..., search_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., rerank_ms: _Optional[float] = ...) -> None: ...
+
+class SearchResults(_message.Message):
+    __slots__ = ("citations", "search_mode", "search_notice", "embedding_model", "timings")
+    CITATIONS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_NOTICE_FIELD_NUMBER: _ClassVar[int]
+    EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    citations: _containers.RepeatedCompositeFieldContainer[Citation]
+    search_mode: _common_pb2.SearchMode
+    search_notice: str
+    embedding_model: str
+    timings: SearchResultsTimings
+    def __init__(self, citations: _Optional[_Iterable[_Union[Citation, _Mapping]]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ..., search_notice: _Optional[str] = ..., embedding_model: _Optional[str] = ..., timings: _Optional[_Union[SearchResultsTimings, _Mapping]] = ...) -> None: ...
 
 class AskTimings(_message.Message):
     __slots__ = ("embed_ms", "search_ms", "time_to_first_token_ms", "generate_ms", "total_ms", "gateway_overhead_ms", "queue_ms", "rerank_ms")

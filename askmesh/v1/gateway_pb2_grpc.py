@@ -46,6 +46,11 @@ class GatewayStub:
                 request_serializer=askmesh_dot_v1_dot_gateway__pb2.AddDocumentsRequest.SerializeToString,
                 response_deserializer=askmesh_dot_v1_dot_gateway__pb2.AddDocumentsResponse.FromString,
                 _registered_method=True)
+        self.Search = channel.unary_unary(
+                '/askmesh.v1.Gateway/Search',
+                request_serializer=askmesh_dot_v1_dot_gateway__pb2.SearchQuery.SerializeToString,
+                response_deserializer=askmesh_dot_v1_dot_gateway__pb2.SearchResults.FromString,
+                _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/askmesh.v1.Gateway/Embed',
                 request_serializer=askmesh_dot_v1_dot_gateway__pb2.EmbedTextsRequest.SerializeToString,
@@ -77,6 +82,15 @@ class GatewayServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Search(self, request, context):
+        """A knowledge base's best sources for a question, without an answer: the retrieval Ask makes
+        (the question embedded, the knowledge base searched with its pins), as citations. What
+        `askmesh eval` measures. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Embed(self, request, context):
         """Embeds texts with the embedding model that a knowledge base's chunks are embedded with, as
         its questions are (unit vectors: a dot product is the cosine). NOT_FOUND for a knowledge
@@ -98,6 +112,11 @@ def add_GatewayServicer_to_server(servicer, server):
                     servicer.AddDocuments,
                     request_deserializer=askmesh_dot_v1_dot_gateway__pb2.AddDocumentsRequest.FromString,
                     response_serializer=askmesh_dot_v1_dot_gateway__pb2.AddDocumentsResponse.SerializeToString,
+            ),
+            'Search': grpc.unary_unary_rpc_method_handler(
+                    servicer.Search,
+                    request_deserializer=askmesh_dot_v1_dot_gateway__pb2.SearchQuery.FromString,
+                    response_serializer=askmesh_dot_v1_dot_gateway__pb2.SearchResults.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
@@ -160,6 +179,33 @@ class Gateway:
             '/askmesh.v1.Gateway/AddDocuments',
             askmesh_dot_v1_dot_gateway__pb2.AddDocumentsRequest.SerializeToString,
             askmesh_dot_v1_dot_gateway__pb2.AddDocumentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Search(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/askmesh.v1.Gateway/Search',
+            askmesh_dot_v1_dot_gateway__pb2.SearchQuery.SerializeToString,
+            askmesh_dot_v1_dot_gateway__pb2.SearchResults.FromString,
             options,
             channel_credentials,
             insecure,

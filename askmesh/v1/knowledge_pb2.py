@@ -28,43 +28,43 @@ from askmesh.v1 import common_pb2 as askmesh_dot_v1_dot_common__pb2
 from askmesh.v1 import ingestion_pb2 as askmesh_dot_v1_dot_ingestion__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/knowledge.proto\x12\naskmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17\x61skmesh/v1/common.proto\x1a\x1a\x61skmesh/v1/ingestion.proto\"\xa5\x03\n\rKnowledgeBase\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x32\n\x0fmetadata_schema\x18\x03 \x03(\x0b\x32\x19.askmesh.v1.MetadataField\x12-\n\x08\x63hunking\x18\x04 \x01(\x0b\x32\x1b.askmesh.v1.ChunkingOptions\x12\x17\n\x0f\x65mbedding_model\x18\x05 \x01(\t\x12\x11\n\tdimension\x18\x06 \x01(\r\x12\x16\n\x0e\x64ocument_count\x18\x07 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x08 \x01(\x04\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12\x12\n\ngeneration\x18\n \x01(\r\x12-\n\x05state\x18\x0b \x01(\x0e\x32\x1e.askmesh.v1.KnowledgeBaseState\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa2\x01\n\x1a\x43reateKnowledgeBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x32\n\x0fmetadata_schema\x18\x03 \x03(\x0b\x32\x19.askmesh.v1.MetadataField\x12-\n\x08\x63hunking\x18\x04 \x01(\x0b\x32\x1b.askmesh.v1.ChunkingOptions\"\x1b\n\x19ListKnowledgeBasesRequest\"P\n\x1aListKnowledgeBasesResponse\x12\x32\n\x0fknowledge_bases\x18\x01 \x03(\x0b\x32\x19.askmesh.v1.KnowledgeBase\"\'\n\x17GetKnowledgeBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x1a\x44\x65leteKnowledgeBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"8\n\x1b\x44\x65leteKnowledgeBaseResponse\x12\x19\n\x11\x64\x65leted_documents\x18\x01 \x01(\x04\"Z\n\x1bRebuildKnowledgeBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x08\x63hunking\x18\x02 \x01(\x0b\x32\x1b.askmesh.v1.ChunkingOptions\"\xff\x01\n\x0c\x44ocumentInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0eknowledge_base\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07version\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x06 \x01(\r\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x11\n\tfile_name\x18\x08 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x14ListDocumentsRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x15ListDocumentsResponse\x12+\n\tdocuments\x18\x01 \x03(\x0b\x32\x18.askmesh.v1.DocumentInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x12GetDocumentRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"R\n\x15\x44\x65leteDocumentRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\"0\n\x16\x44\x65leteDocumentResponse\x12\x16\n\x0e\x64\x65leted_chunks\x18\x01 \x01(\r*\x7f\n\x12KnowledgeBaseState\x12$\n KNOWLEDGE_BASE_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aKNOWLEDGE_BASE_STATE_READY\x10\x01\x12#\n\x1fKNOWLEDGE_BASE_STATE_REBUILDING\x10\x02\x32\xd6\x05\n\x0eKnowledgeBases\x12X\n\x13\x43reateKnowledgeBase\x12&.askmesh.v1.CreateKnowledgeBaseRequest\x1a\x19.askmesh.v1.KnowledgeBase\x12\x63\n\x12ListKnowledgeBases\x12%.askmesh.v1.ListKnowledgeBasesRequest\x1a&.askmesh.v1.ListKnowledgeBasesResponse\x12R\n\x10GetKnowledgeBase\x12#.askmesh.v1.GetKnowledgeBaseRequest\x1a\x19.askmesh.v1.KnowledgeBase\x12\x66\n\x13\x44\x65leteKnowledgeBase\x12&.askmesh.v1.DeleteKnowledgeBaseRequest\x1a\'.askmesh.v1.DeleteKnowledgeBaseResponse\x12Q\n\x14RebuildKnowledgeBase\x12\'.askmesh.v1.RebuildKnowledgeBaseRequest\x1a\x10.askmesh.v1.Task\x12T\n\rListDocuments\x12 .askmesh.v1.ListDocumentsRequest\x1a!.askmesh.v1.ListDocumentsResponse\x12G\n\x0bGetDocument\x12\x1e.askmesh.v1.GetDocumentRequest\x1a\x18.askmesh.v1.DocumentInfo\x12W\n\x0e\x44\x65leteDocument\x12!.askmesh.v1.DeleteDocumentRequest\x1a\".askmesh.v1.DeleteDocumentResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/knowledge.proto\x12\naskmesh.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17\x61skmesh/v1/common.proto\x1a\x1a\x61skmesh/v1/ingestion.proto\"\xd2\x03\n\rKnowledgeBase\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x32\n\x0fmetadata_schema\x18\x03 \x03(\x0b\x32\x19.askmesh.v1.MetadataField\x12-\n\x08\x63hunking\x18\x04 \x01(\x0b\x32\x1b.askmesh.v1.ChunkingOptions\x12\x17\n\x0f\x65mbedding_model\x18\x05 \x01(\t\x12\x11\n\tdimension\x18\x06 \x01(\r\x12\x16\n\x0e\x64ocument_count\x18\x07 \x01(\x04\x12\x13\n\x0b\x63hunk_count\x18\x08 \x01(\x04\x12\x12\n\nsize_bytes\x18\t \x01(\x04\x12\x12\n\ngeneration\x18\n \x01(\r\x12-\n\x05state\x18\x0b \x01(\x0e\x32\x1e.askmesh.v1.KnowledgeBaseState\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x0bsearch_mode\x18\x0e \x01(\x0e\x32\x16.askmesh.v1.SearchMode\"\xcf\x01\n\x1a\x43reateKnowledgeBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x32\n\x0fmetadata_schema\x18\x03 \x03(\x0b\x32\x19.askmesh.v1.MetadataField\x12-\n\x08\x63hunking\x18\x04 \x01(\x0b\x32\x1b.askmesh.v1.ChunkingOptions\x12+\n\x0bsearch_mode\x18\x05 \x01(\x0e\x32\x16.askmesh.v1.SearchMode\"\x1b\n\x19ListKnowledgeBasesRequest\"P\n\x1aListKnowledgeBasesResponse\x12\x32\n\x0fknowledge_bases\x18\x01 \x03(\x0b\x32\x19.askmesh.v1.KnowledgeBase\"\'\n\x17GetKnowledgeBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x1a\x44\x65leteKnowledgeBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rallow_missing\x18\x02 \x01(\x08\"8\n\x1b\x44\x65leteKnowledgeBaseResponse\x12\x19\n\x11\x64\x65leted_documents\x18\x01 \x01(\x04\"\x87\x01\n\x1bRebuildKnowledgeBaseRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12-\n\x08\x63hunking\x18\x02 \x01(\x0b\x32\x1b.askmesh.v1.ChunkingOptions\x12+\n\x0bsearch_mode\x18\x03 \x01(\x0e\x32\x16.askmesh.v1.SearchMode\"\xff\x01\n\x0c\x44ocumentInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0eknowledge_base\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12)\n\x08metadata\x18\x04 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\x0f\n\x07version\x18\x05 \x01(\r\x12\x13\n\x0b\x63hunk_count\x18\x06 \x01(\r\x12\x12\n\nsize_bytes\x18\x07 \x01(\x04\x12\x11\n\tfile_name\x18\x08 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\t \x01(\t\x12.\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"U\n\x14ListDocumentsRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\r\x12\x12\n\npage_token\x18\x03 \x01(\t\"]\n\x15ListDocumentsResponse\x12+\n\tdocuments\x18\x01 \x03(\x0b\x32\x18.askmesh.v1.DocumentInfo\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"8\n\x12GetDocumentRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\"R\n\x15\x44\x65leteDocumentRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\n\n\x02id\x18\x02 \x01(\t\x12\x15\n\rallow_missing\x18\x03 \x01(\x08\"0\n\x16\x44\x65leteDocumentResponse\x12\x16\n\x0e\x64\x65leted_chunks\x18\x01 \x01(\r*\x7f\n\x12KnowledgeBaseState\x12$\n KNOWLEDGE_BASE_STATE_UNSPECIFIED\x10\x00\x12\x1e\n\x1aKNOWLEDGE_BASE_STATE_READY\x10\x01\x12#\n\x1fKNOWLEDGE_BASE_STATE_REBUILDING\x10\x02\x32\xd6\x05\n\x0eKnowledgeBases\x12X\n\x13\x43reateKnowledgeBase\x12&.askmesh.v1.CreateKnowledgeBaseRequest\x1a\x19.askmesh.v1.KnowledgeBase\x12\x63\n\x12ListKnowledgeBases\x12%.askmesh.v1.ListKnowledgeBasesRequest\x1a&.askmesh.v1.ListKnowledgeBasesResponse\x12R\n\x10GetKnowledgeBase\x12#.askmesh.v1.GetKnowledgeBaseRequest\x1a\x19.askmesh.v1.KnowledgeBase\x12\x66\n\x13\x44\x65leteKnowledgeBase\x12&.askmesh.v1.DeleteKnowledgeBaseRequest\x1a\'.askmesh.v1.DeleteKnowledgeBaseResponse\x12Q\n\x14RebuildKnowledgeBase\x12\'.askmesh.v1.RebuildKnowledgeBaseRequest\x1a\x10.askmesh.v1.Task\x12T\n\rListDocuments\x12 .askmesh.v1.ListDocumentsRequest\x1a!.askmesh.v1.ListDocumentsResponse\x12G\n\x0bGetDocument\x12\x1e.askmesh.v1.GetDocumentRequest\x1a\x18.askmesh.v1.DocumentInfo\x12W\n\x0e\x44\x65leteDocument\x12!.askmesh.v1.DeleteDocumentRequest\x1a\".askmesh.v1.DeleteDocumentResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'askmesh.v1.knowledge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_KNOWLEDGEBASESTATE']._serialized_start=1748
-  _globals['_KNOWLEDGEBASESTATE']._serialized_end=1875
+  _globals['_KNOWLEDGEBASESTATE']._serialized_start=1884
+  _globals['_KNOWLEDGEBASESTATE']._serialized_end=2011
   _globals['_KNOWLEDGEBASE']._serialized_start=159
-  _globals['_KNOWLEDGEBASE']._serialized_end=580
-  _globals['_CREATEKNOWLEDGEBASEREQUEST']._serialized_start=583
-  _globals['_CREATEKNOWLEDGEBASEREQUEST']._serialized_end=745
-  _globals['_LISTKNOWLEDGEBASESREQUEST']._serialized_start=747
-  _globals['_LISTKNOWLEDGEBASESREQUEST']._serialized_end=774
-  _globals['_LISTKNOWLEDGEBASESRESPONSE']._serialized_start=776
-  _globals['_LISTKNOWLEDGEBASESRESPONSE']._serialized_end=856
-  _globals['_GETKNOWLEDGEBASEREQUEST']._serialized_start=858
-  _globals['_GETKNOWLEDGEBASEREQUEST']._serialized_end=897
-  _globals['_DELETEKNOWLEDGEBASEREQUEST']._serialized_start=899
-  _globals['_DELETEKNOWLEDGEBASEREQUEST']._serialized_end=964
-  _globals['_DELETEKNOWLEDGEBASERESPONSE']._serialized_start=966
-  _globals['_DELETEKNOWLEDGEBASERESPONSE']._serialized_end=1022
-  _globals['_REBUILDKNOWLEDGEBASEREQUEST']._serialized_start=1024
-  _globals['_REBUILDKNOWLEDGEBASEREQUEST']._serialized_end=1114
-  _globals['_DOCUMENTINFO']._serialized_start=1117
-  _globals['_DOCUMENTINFO']._serialized_end=1372
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=1374
-  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=1459
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=1461
-  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=1554
-  _globals['_GETDOCUMENTREQUEST']._serialized_start=1556
-  _globals['_GETDOCUMENTREQUEST']._serialized_end=1612
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1614
-  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1696
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1698
-  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1746
-  _globals['_KNOWLEDGEBASES']._serialized_start=1878
-  _globals['_KNOWLEDGEBASES']._serialized_end=2604
+  _globals['_KNOWLEDGEBASE']._serialized_end=625
+  _globals['_CREATEKNOWLEDGEBASEREQUEST']._serialized_start=628
+  _globals['_CREATEKNOWLEDGEBASEREQUEST']._serialized_end=835
+  _globals['_LISTKNOWLEDGEBASESREQUEST']._serialized_start=837
+  _globals['_LISTKNOWLEDGEBASESREQUEST']._serialized_end=864
+  _globals['_LISTKNOWLEDGEBASESRESPONSE']._serialized_start=866
+  _globals['_LISTKNOWLEDGEBASESRESPONSE']._serialized_end=946
+  _globals['_GETKNOWLEDGEBASEREQUEST']._serialized_start=948
+  _globals['_GETKNOWLEDGEBASEREQUEST']._serialized_end=987
+  _globals['_DELETEKNOWLEDGEBASEREQUEST']._serialized_start=989
+  _globals['_DELETEKNOWLEDGEBASEREQUEST']._serialized_end=1054
+  _globals['_DELETEKNOWLEDGEBASERESPONSE']._serialized_start=1056
+  _globals['_DELETEKNOWLEDGEBASERESPONSE']._serialized_end=1112
+  _globals['_REBUILDKNOWLEDGEBASEREQUEST']._serialized_start=1115
+  _globals['_REBUILDKNOWLEDGEBASEREQUEST']._serialized_end=1250
+  _globals['_DOCUMENTINFO']._serialized_start=1253
+  _globals['_DOCUMENTINFO']._serialized_end=1508
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_start=1510
+  _globals['_LISTDOCUMENTSREQUEST']._serialized_end=1595
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_start=1597
+  _globals['_LISTDOCUMENTSRESPONSE']._serialized_end=1690
+  _globals['_GETDOCUMENTREQUEST']._serialized_start=1692
+  _globals['_GETDOCUMENTREQUEST']._serialized_end=1748
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_start=1750
+  _globals['_DELETEDOCUMENTREQUEST']._serialized_end=1832
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_start=1834
+  _globals['_DELETEDOCUMENTRESPONSE']._serialized_end=1882
+  _globals['_KNOWLEDGEBASES']._serialized_start=2014
+  _globals['_KNOWLEDGEBASES']._serialized_end=2740
 # @@protoc_insertion_point(module_scope)

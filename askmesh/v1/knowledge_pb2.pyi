@@ -23,7 +23,7 @@ KNOWLEDGE_BASE_STATE_READY: KnowledgeBaseState
 KNOWLEDGE_BASE_STATE_REBUILDING: KnowledgeBaseState
 
 class KnowledgeBase(_message.Message):
-    __slots__ = ("name", "description", "metadata_schema", "chunking", "embedding_model", "dimension", "document_count", "chunk_count", "size_bytes", "generation", "state", "created_at", "updated_at")
+    __slots__ = ("name", "description", "metadata_schema", "chunking", "embedding_model", "dimension", "document_count", "chunk_count", "size_bytes", "generation", "state", "created_at", "updated_at", "search_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     METADATA_SCHEMA_FIELD_NUMBER: _ClassVar[int]
@@ -37,6 +37,7 @@ class KnowledgeBase(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     metadata_schema: _containers.RepeatedCompositeFieldContainer[_common_pb2.MetadataField]
@@ -50,19 +51,22 @@ class KnowledgeBase(_message.Message):
     state: KnowledgeBaseState
     created_at: _timestamp_pb2.Timestamp
     updated_at: _timestamp_pb2.Timestamp
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., metadata_schema: _Optional[_Iterable[_Union[_common_pb2.MetadataField, _Mapping]]] = ..., chunking: _Optional[_Union[_common_pb2.ChunkingOptions, _Mapping]] = ..., embedding_model: _Optional[str] = ..., dimension: _Optional[int] = ..., document_count: _Optional[int] = ..., chunk_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[_Union[KnowledgeBaseState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    search_mode: _common_pb2.SearchMode
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., metadata_schema: _Optional[_Iterable[_Union[_common_pb2.MetadataField, _Mapping]]] = ..., chunking: _Optional[_Union[_common_pb2.ChunkingOptions, _Mapping]] = ..., embedding_model: _Optional[str] = ..., dimension: _Optional[int] = ..., document_count: _Optional[int] = ..., chunk_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., generation: _Optional[int] = ..., state: _Optional[_Union[KnowledgeBaseState, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ...) -> None: ...
 
 class CreateKnowledgeBaseRequest(_message.Message):
-    __slots__ = ("name", "description", "metadata_schema", "chunking")
+    __slots__ = ("name", "description", "metadata_schema", "chunking", "search_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     METADATA_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     CHUNKING_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     metadata_schema: _containers.RepeatedCompositeFieldContainer[_common_pb2.MetadataField]
     chunking: _common_pb2.ChunkingOptions
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., metadata_schema: _Optional[_Iterable[_Union[_common_pb2.MetadataField, _Mapping]]] = ..., chunking: _Optional[_Union[_common_pb2.ChunkingOptions, _Mapping]] = ...) -> None: ...
+    search_mode: _common_pb2.SearchMode
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., metadata_schema: _Optional[_Iterable[_Union[_common_pb2.MetadataField, _Mapping]]] = ..., chunking: _Optional[_Union[_common_pb2.ChunkingOptions, _Mapping]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ...) -> None: ...
 
 class ListKnowledgeBasesRequest(_message.Message):
     __slots__ = ()
@@ -95,12 +99,14 @@ class DeleteKnowledgeBaseResponse(_message.Message):
     def __init__(self, deleted_documents: _Optional[int] = ...) -> None: ...
 
 class RebuildKnowledgeBaseRequest(_message.Message):
-    __slots__ = ("name", "chunking")
+    __slots__ = ("name", "chunking", "search_mode")
     NAME_FIELD_NUMBER: _ClassVar[int]
     CHUNKING_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
     name: str
     chunking: _common_pb2.ChunkingOptions
-    def __init__(self, name: _Optional[str] = ..., chunking: _Optional[_Union[_common_pb2.ChunkingOptions, _Mapping]] = ...) -> None: ...
+    search_mode: _common_pb2.SearchMode
+    def __init__(self, name: _Optional[str] = ..., chunking: _Optional[_Union[_common_pb2.ChunkingOptions, _Mapping]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ...) -> None: ...
 
 class DocumentInfo(_message.Message):
     __slots__ = ("id", "knowledge_base", "title", "metadata", "version", "chunk_count", "size_bytes", "file_name", "content_type", "updated_at")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from askmesh.v1 import common_pb2 as askmesh_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/retriever.proto\x12\naskmesh.v1\x1a\x17\x61skmesh/v1/common.proto\"\xd3\x01\n\rSearchRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12+\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x1a.askmesh.v1.MetadataFilter\x12,\n\x04pins\x18\x06 \x03(\x0b\x32\x1e.askmesh.v1.DocumentVersionPinB\x12\n\x10_score_threshold\":\n\x12\x44ocumentVersionPin\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\">\n\x0bScoredChunk\x12 \n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.askmesh.v1.Chunk\x12\r\n\x05score\x18\x02 \x01(\x02\"\"\n\rSearchTimings\x12\x11\n\tsearch_ms\x18\x01 \x01(\x01\"f\n\x0eSearchResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.askmesh.v1.ScoredChunk\x12*\n\x07timings\x18\x02 \x01(\x0b\x32\x19.askmesh.v1.SearchTimings\"?\n\x0bVectorChunk\x12 \n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.askmesh.v1.Chunk\x12\x0e\n\x06vector\x18\x02 \x03(\x02\"\xac\x01\n\rUpsertRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.askmesh.v1.VectorChunk\x12\x19\n\x11\x63reate_if_missing\x18\x03 \x01(\x08\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x17\n\ngeneration\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_generation\"\"\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\"\xa3\x02\n\rDeleteRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\t\x12\x1d\n\x10\x66rom_chunk_index\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0e\x65xcept_version\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x17\n\ngeneration\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x1a\n\rbelow_version\x18\x06 \x01(\rH\x03\x88\x01\x01\x12\x19\n\x0conly_version\x18\x07 \x01(\rH\x04\x88\x01\x01\x42\x13\n\x11_from_chunk_indexB\x11\n\x0f_except_versionB\r\n\x0b_generationB\x10\n\x0e_below_versionB\x0f\n\r_only_version\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\xa5\x01\n\x17\x43reateCollectionRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\r\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x32\n\x0fmetadata_schema\x18\x05 \x03(\x0b\x32\x19.askmesh.v1.MetadataField\"\xb8\x01\n\x0e\x43ollectionInfo\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x19\n\x11\x61\x63tive_generation\x18\x02 \x01(\r\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x32\n\x0fmetadata_schema\x18\x05 \x03(\x0b\x32\x19.askmesh.v1.MetadataField\x12\x13\n\x0b\x63hunk_count\x18\x06 \x01(\x04\"E\n\x17SwitchGenerationRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\r\"2\n\x18\x44ropKnowledgeBaseRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\",\n\x19\x44ropKnowledgeBaseResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"[\n\x19\x44\x65scribeCollectionRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x17\n\ngeneration\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_generation2\xb3\x04\n\tRetriever\x12?\n\x06Search\x12\x19.askmesh.v1.SearchRequest\x1a\x1a.askmesh.v1.SearchResponse\x12?\n\x06Upsert\x12\x19.askmesh.v1.UpsertRequest\x1a\x1a.askmesh.v1.UpsertResponse\x12?\n\x06\x44\x65lete\x12\x19.askmesh.v1.DeleteRequest\x1a\x1a.askmesh.v1.DeleteResponse\x12S\n\x10\x43reateCollection\x12#.askmesh.v1.CreateCollectionRequest\x1a\x1a.askmesh.v1.CollectionInfo\x12S\n\x10SwitchGeneration\x12#.askmesh.v1.SwitchGenerationRequest\x1a\x1a.askmesh.v1.CollectionInfo\x12`\n\x11\x44ropKnowledgeBase\x12$.askmesh.v1.DropKnowledgeBaseRequest\x1a%.askmesh.v1.DropKnowledgeBaseResponse\x12W\n\x12\x44\x65scribeCollection\x12%.askmesh.v1.DescribeCollectionRequest\x1a\x1a.askmesh.v1.CollectionInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61skmesh/v1/retriever.proto\x12\naskmesh.v1\x1a\x17\x61skmesh/v1/common.proto\"\x94\x02\n\rSearchRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x0e\n\x06vector\x18\x02 \x03(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x1c\n\x0fscore_threshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12+\n\x07\x66ilters\x18\x05 \x03(\x0b\x32\x1a.askmesh.v1.MetadataFilter\x12,\n\x04pins\x18\x06 \x03(\x0b\x32\x1e.askmesh.v1.DocumentVersionPin\x12+\n\x0bsearch_mode\x18\x07 \x01(\x0e\x32\x16.askmesh.v1.SearchMode\x12\x12\n\nquery_text\x18\x08 \x01(\tB\x12\n\x10_score_threshold\":\n\x12\x44ocumentVersionPin\x12\x13\n\x0b\x64ocument_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\r\">\n\x0bScoredChunk\x12 \n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.askmesh.v1.Chunk\x12\r\n\x05score\x18\x02 \x01(\x02\"\"\n\rSearchTimings\x12\x11\n\tsearch_ms\x18\x01 \x01(\x01\"\xa3\x01\n\x0eSearchResponse\x12(\n\x07results\x18\x01 \x03(\x0b\x32\x17.askmesh.v1.ScoredChunk\x12*\n\x07timings\x18\x02 \x01(\x0b\x32\x19.askmesh.v1.SearchTimings\x12+\n\x0bsearch_mode\x18\x03 \x01(\x0e\x32\x16.askmesh.v1.SearchMode\x12\x0e\n\x06notice\x18\x04 \x01(\t\"?\n\x0bVectorChunk\x12 \n\x05\x63hunk\x18\x01 \x01(\x0b\x32\x11.askmesh.v1.Chunk\x12\x0e\n\x06vector\x18\x02 \x03(\x02\"\xac\x01\n\rUpsertRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.askmesh.v1.VectorChunk\x12\x19\n\x11\x63reate_if_missing\x18\x03 \x01(\x08\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x17\n\ngeneration\x18\x05 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_generation\"\"\n\x0eUpsertResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\"\xa3\x02\n\rDeleteRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x14\n\x0c\x64ocument_ids\x18\x02 \x03(\t\x12\x1d\n\x10\x66rom_chunk_index\x18\x03 \x01(\rH\x00\x88\x01\x01\x12\x1b\n\x0e\x65xcept_version\x18\x04 \x01(\rH\x01\x88\x01\x01\x12\x17\n\ngeneration\x18\x05 \x01(\rH\x02\x88\x01\x01\x12\x1a\n\rbelow_version\x18\x06 \x01(\rH\x03\x88\x01\x01\x12\x19\n\x0conly_version\x18\x07 \x01(\rH\x04\x88\x01\x01\x42\x13\n\x11_from_chunk_indexB\x11\n\x0f_except_versionB\r\n\x0b_generationB\x10\n\x0e_below_versionB\x0f\n\r_only_version\"!\n\x0e\x44\x65leteResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\"\xa5\x01\n\x17\x43reateCollectionRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\r\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x32\n\x0fmetadata_schema\x18\x05 \x03(\x0b\x32\x19.askmesh.v1.MetadataField\"\xd0\x01\n\x0e\x43ollectionInfo\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x19\n\x11\x61\x63tive_generation\x18\x02 \x01(\r\x12\x11\n\tdimension\x18\x03 \x01(\r\x12\x17\n\x0f\x65mbedding_model\x18\x04 \x01(\t\x12\x32\n\x0fmetadata_schema\x18\x05 \x03(\x0b\x32\x19.askmesh.v1.MetadataField\x12\x13\n\x0b\x63hunk_count\x18\x06 \x01(\x04\x12\x16\n\x0ekeyword_search\x18\x07 \x01(\x08\"E\n\x17SwitchGenerationRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x12\n\ngeneration\x18\x02 \x01(\r\"2\n\x18\x44ropKnowledgeBaseRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\",\n\x19\x44ropKnowledgeBaseResponse\x12\x0f\n\x07\x65xisted\x18\x01 \x01(\x08\"[\n\x19\x44\x65scribeCollectionRequest\x12\x16\n\x0eknowledge_base\x18\x01 \x01(\t\x12\x17\n\ngeneration\x18\x02 \x01(\rH\x00\x88\x01\x01\x42\r\n\x0b_generation2\xb3\x04\n\tRetriever\x12?\n\x06Search\x12\x19.askmesh.v1.SearchRequest\x1a\x1a.askmesh.v1.SearchResponse\x12?\n\x06Upsert\x12\x19.askmesh.v1.UpsertRequest\x1a\x1a.askmesh.v1.UpsertResponse\x12?\n\x06\x44\x65lete\x12\x19.askmesh.v1.DeleteRequest\x1a\x1a.askmesh.v1.DeleteResponse\x12S\n\x10\x43reateCollection\x12#.askmesh.v1.CreateCollectionRequest\x1a\x1a.askmesh.v1.CollectionInfo\x12S\n\x10SwitchGeneration\x12#.askmesh.v1.SwitchGenerationRequest\x1a\x1a.askmesh.v1.CollectionInfo\x12`\n\x11\x44ropKnowledgeBase\x12$.askmesh.v1.DropKnowledgeBaseRequest\x1a%.askmesh.v1.DropKnowledgeBaseResponse\x12W\n\x12\x44\x65scribeCollection\x12%.askmesh.v1.DescribeCollectionRequest\x1a\x1a.askmesh.v1.CollectionInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,37 +33,37 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'askmesh.v1.retriever_pb2', 
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEARCHREQUEST']._serialized_start=68
-  _globals['_SEARCHREQUEST']._serialized_end=279
-  _globals['_DOCUMENTVERSIONPIN']._serialized_start=281
-  _globals['_DOCUMENTVERSIONPIN']._serialized_end=339
-  _globals['_SCOREDCHUNK']._serialized_start=341
-  _globals['_SCOREDCHUNK']._serialized_end=403
-  _globals['_SEARCHTIMINGS']._serialized_start=405
-  _globals['_SEARCHTIMINGS']._serialized_end=439
-  _globals['_SEARCHRESPONSE']._serialized_start=441
-  _globals['_SEARCHRESPONSE']._serialized_end=543
-  _globals['_VECTORCHUNK']._serialized_start=545
-  _globals['_VECTORCHUNK']._serialized_end=608
-  _globals['_UPSERTREQUEST']._serialized_start=611
-  _globals['_UPSERTREQUEST']._serialized_end=783
-  _globals['_UPSERTRESPONSE']._serialized_start=785
-  _globals['_UPSERTRESPONSE']._serialized_end=819
-  _globals['_DELETEREQUEST']._serialized_start=822
-  _globals['_DELETEREQUEST']._serialized_end=1113
-  _globals['_DELETERESPONSE']._serialized_start=1115
-  _globals['_DELETERESPONSE']._serialized_end=1148
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=1151
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=1316
-  _globals['_COLLECTIONINFO']._serialized_start=1319
-  _globals['_COLLECTIONINFO']._serialized_end=1503
-  _globals['_SWITCHGENERATIONREQUEST']._serialized_start=1505
-  _globals['_SWITCHGENERATIONREQUEST']._serialized_end=1574
-  _globals['_DROPKNOWLEDGEBASEREQUEST']._serialized_start=1576
-  _globals['_DROPKNOWLEDGEBASEREQUEST']._serialized_end=1626
-  _globals['_DROPKNOWLEDGEBASERESPONSE']._serialized_start=1628
-  _globals['_DROPKNOWLEDGEBASERESPONSE']._serialized_end=1672
-  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_start=1674
-  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_end=1765
-  _globals['_RETRIEVER']._serialized_start=1768
-  _globals['_RETRIEVER']._serialized_end=2331
+  _globals['_SEARCHREQUEST']._serialized_end=344
+  _globals['_DOCUMENTVERSIONPIN']._serialized_start=346
+  _globals['_DOCUMENTVERSIONPIN']._serialized_end=404
+  _globals['_SCOREDCHUNK']._serialized_start=406
+  _globals['_SCOREDCHUNK']._serialized_end=468
+  _globals['_SEARCHTIMINGS']._serialized_start=470
+  _globals['_SEARCHTIMINGS']._serialized_end=504
+  _globals['_SEARCHRESPONSE']._serialized_start=507
+  _globals['_SEARCHRESPONSE']._serialized_end=670
+  _globals['_VECTORCHUNK']._serialized_start=672
+  _globals['_VECTORCHUNK']._serialized_end=735
+  _globals['_UPSERTREQUEST']._serialized_start=738
+  _globals['_UPSERTREQUEST']._serialized_end=910
+  _globals['_UPSERTRESPONSE']._serialized_start=912
+  _globals['_UPSERTRESPONSE']._serialized_end=946
+  _globals['_DELETEREQUEST']._serialized_start=949
+  _globals['_DELETEREQUEST']._serialized_end=1240
+  _globals['_DELETERESPONSE']._serialized_start=1242
+  _globals['_DELETERESPONSE']._serialized_end=1275
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=1278
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=1443
+  _globals['_COLLECTIONINFO']._serialized_start=1446
+  _globals['_COLLECTIONINFO']._serialized_end=1654
+  _globals['_SWITCHGENERATIONREQUEST']._serialized_start=1656
+  _globals['_SWITCHGENERATIONREQUEST']._serialized_end=1725
+  _globals['_DROPKNOWLEDGEBASEREQUEST']._serialized_start=1727
+  _globals['_DROPKNOWLEDGEBASEREQUEST']._serialized_end=1777
+  _globals['_DROPKNOWLEDGEBASERESPONSE']._serialized_start=1779
+  _globals['_DROPKNOWLEDGEBASERESPONSE']._serialized_end=1823
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_start=1825
+  _globals['_DESCRIBECOLLECTIONREQUEST']._serialized_end=1916
+  _globals['_RETRIEVER']._serialized_start=1919
+  _globals['_RETRIEVER']._serialized_end=2482
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,24 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("knowledge_base", "vector", "top_k", "score_threshold", "filters", "pins")
+    __slots__ = ("knowledge_base", "vector", "top_k", "score_threshold", "filters", "pins", "search_mode", "query_text")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     SCORE_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
     PINS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
     vector: _containers.RepeatedScalarFieldContainer[float]
     top_k: int
     score_threshold: float
     filters: _containers.RepeatedCompositeFieldContainer[_common_pb2.MetadataFilter]
     pins: _containers.RepeatedCompositeFieldContainer[DocumentVersionPin]
-    def __init__(self, knowledge_base: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., pins: _Optional[_Iterable[_Union[DocumentVersionPin, _Mapping]]] = ...) -> None: ...
+    search_mode: _common_pb2.SearchMode
+    query_text: str
+    def __init__(self, knowledge_base: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., top_k: _Optional[int] = ..., score_threshold: _Optional[float] = ..., filters: _Optional[_Iterable[_Union[_common_pb2.MetadataFilter, _Mapping]]] = ..., pins: _Optional[_Iterable[_Union[DocumentVersionPin, _Mapping]]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ..., query_text: _Optional[str] = ...) -> None: ...
 
 class DocumentVersionPin(_message.Message):
     __slots__ = ("document_id", "version")
@@ -46,12 +50,16 @@ class SearchTimings(_message.Message):
     def __init__(self, search_ms: _Optional[float] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("results", "timings")
+    __slots__ = ("results", "timings", "search_mode", "notice")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    SEARCH_MODE_FIELD_NUMBER: _ClassVar[int]
+    NOTICE_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ScoredChunk]
     timings: SearchTimings
-    def __init__(self, results: _Optional[_Iterable[_Union[ScoredChunk, _Mapping]]] = ..., timings: _Optional[_Union[SearchTimings, _Mapping]] = ...) -> None: ...
+    search_mode: _common_pb2.SearchMode
+    notice: str
+    def __init__(self, results: _Optional[_Iterable[_Union[ScoredChunk, _Mapping]]] = ..., timings: _Optional[_Union[SearchTimings, _Mapping]] = ..., search_mode: _Optional[_Union[_common_pb2.SearchMode, str]] = ..., notice: _Optional[str] = ...) -> None: ...
 
 class VectorChunk(_message.Message):
     __slots__ = ("chunk", "vector")
@@ -120,20 +128,22 @@ class CreateCollectionRequest(_message.Message):
     def __init__(self, knowledge_base: _Optional[str] = ..., generation: _Optional[int] = ..., dimension: _Optional[int] = ..., embedding_model: _Optional[str] = ..., metadata_schema: _Optional[_Iterable[_Union[_common_pb2.MetadataField, _Mapping]]] = ...) -> None: ...
 
 class CollectionInfo(_message.Message):
-    __slots__ = ("knowledge_base", "active_generation", "dimension", "embedding_model", "metadata_schema", "chunk_count")
+    __slots__ = ("knowledge_base", "active_generation", "dimension", "embedding_model", "metadata_schema", "chunk_count", "keyword_search")
     KNOWLEDGE_BASE_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_GENERATION_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
     METADATA_SCHEMA_FIELD_NUMBER: _ClassVar[int]
     CHUNK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    KEYWORD_SEARCH_FIELD_NUMBER: _ClassVar[int]
     knowledge_base: str
     active_generation: int
     dimension: int
     embedding_model: str
     metadata_schema: _containers.RepeatedCompositeFieldContainer[_common_pb2.MetadataField]
     chunk_count: int
-    def __init__(self, knowledge_base: _Optional[str] = ..., active_generation: _Optional[int] = ..., dimension: _Optional[int] = ..., embedding_model: _Optional[str] = ..., metadata_schema: _Optional[_Iterable[_Union[_common_pb2.MetadataField, _Mapping]]] = ..., chunk_count: _Optional[int] = ...) -> None: ...
+    keyword_search: bool
+    def __init__(self, knowledge_base: _Optional[str] = ..., active_generation: _Optional[int] = ..., dimension: _Optional[int] = ..., embedding_model: _Optional[str] = ..., metadata_schema: _Optional[_Iterable[_Union[_common_pb2.MetadataField, _Mapping]]] = ..., chunk_count: _Optional[int] = ..., keyword_search: _Optional[bool] = ...) -> None: ...
 
 class SwitchGenerationRequest(_message.Message):
     __slots__ = ("knowledge_base", "generation")

@@ -1,12 +1,13 @@
 """The question pipeline, over the other tiers' gRPC APIs; no server here.
 
 Ask, in steps: the knowledge base's search view (from the ingestor) -> a place in a generator's
-line -> embed the question -> search with the view's pins -> (optionally) rerank the chunks with
-the embedder tier's reranker -> send the sources -> stream the generator's tokens -> done with
-timings. Each upstream failure becomes a status that names the tier (a dead embedder is
-"UNAVAILABLE: embedder tier unavailable: ..."), and the caller's deadline is passed on to every
-hop. The gateway stores nothing: documents and knowledge bases
-are the ingestor tier's.
+line -> embed the question (unless keyword search) -> search with the view's pins, in the
+question's or the knowledge base's search mode -> (optionally) rerank the chunks with the
+embedder tier's reranker -> send the sources -> stream the generator's tokens -> done with
+timings. Search is the same retrieval without the line or the answer. Each upstream failure
+becomes a status that names the tier (a dead embedder is "UNAVAILABLE: embedder tier
+unavailable: ..."), and the caller's deadline is passed on to every hop. The gateway stores
+nothing: documents and knowledge bases are the ingestor tier's.
 """
 
 from __future__ import annotations
@@ -35,10 +36,28 @@ T = TypeVar("T")
 log = logging.getLogger("askmesh.gateway")
 
 
+# What a question's retrieval reads of an Ask or a Search: the same fields in both.
+SourcesQuery = gateway_pb2.AskRequest | gateway_pb2.SearchQuery
+Q = TypeVar("Q", gateway_pb2.AskRequest, gateway_pb2.SearchQuery)
+
+
 @dataclass(frozen=True)
 class Retrieved:
     citations: list[gateway_pb2.Citation]
     embedding_model: str
+    search_mode: int = common_pb2.SEARCH_MODE_UNSPECIFIED  # the one that ran
+    search_notice: str = ""
+
+
+def search_mode_for(query: SourcesQuery, view: catalog_pb2.SearchView) -> int:
+    """The question's own mode; else DENSE where it sets a score threshold (a cosine similarity,
+    which only dense search scores: a client that set thresholds before search modes keeps its
+    answers); else the knowledge base's default."""
+    if query.search_mode:
+        return query.search_mode
+    if query.HasField("score_threshold"):
+        return common_pb2.SEARCH_MODE_DENSE
+    return view.search_mode or common_pb2.SEARCH_MODE_DENSE
 
 
 @dataclass
@@ -154,11 +173,7 @@ class GatewayEngine:
         started = time.perf_counter()
         name = request.knowledge_base or self.settings.default_knowledge_base
         view = await self.upstreams.search_view(name, caller.tenant, deadline)
-        if not request.HasField("rerank"):  # this gateway's default decides, from here on
-            decided = gateway_pb2.AskRequest()
-            decided.CopyFrom(request)
-            decided.rerank = self.rerank_by_default
-            request = decided
+        request = self.decided(request)
         if self.cache is None:
             async with contextlib.aclosing(self._answer(request, view, caller, deadline, started)) as responses:
                 async for response in responses:
@@ -179,6 +194,16 @@ class GatewayEngine:
                     answer.append(response)
                 yield response
         await self.cache.put(key, answer)  # only a complete answer gets here
+
+    def decided(self, query: Q) -> Q:
+        """The question with whether it is reranked settled: its own choice, else this gateway's
+        default (from here on, and in the answer cache's key)."""
+        if query.HasField("rerank"):
+            return query
+        decided = type(query)()
+        decided.CopyFrom(query)
+        decided.rerank = self.rerank_by_default
+        return decided
 
     def fetch_count(self, top_k: int, rerank: bool) -> int:
         """Chunks to search for: top_k, or for a reranked question the candidates the reranker
@@ -242,31 +267,66 @@ class GatewayEngine:
                 return
         raise Unavailable("generator tier unavailable: the stream ended without a final message")
 
+    async def search(self, query: gateway_pb2.SearchQuery, caller: Caller, deadline: Deadline) -> gateway_pb2.SearchResults:
+        """The sources an Ask of the same question would get, without the answer."""
+        started = time.perf_counter()
+        name = query.knowledge_base or self.settings.default_knowledge_base
+        clock = AskClock(started)
+        view = await clock.waiting(self.upstreams.search_view(name, caller.tenant, deadline))
+        retrieved = await self._retrieve(self.decided(query), view, caller.tenant, deadline, clock)
+        embed_started = clock.embed_started or started
+        embedded_at = clock.embedded_at or embed_started
+        searched_at = clock.searched_at or embedded_at
+        return gateway_pb2.SearchResults(
+            citations=retrieved.citations,
+            search_mode=retrieved.search_mode,  # type: ignore[arg-type]
+            search_notice=retrieved.search_notice,
+            embedding_model=retrieved.embedding_model,
+            timings=gateway_pb2.SearchResultsTimings(
+                embed_ms=(embedded_at - embed_started) * 1000,
+                search_ms=(searched_at - embedded_at) * 1000,
+                total_ms=(time.perf_counter() - started) * 1000,
+                rerank_ms=((clock.reranked_at or searched_at) - searched_at) * 1000,
+            ),
+        )
+
     async def _retrieve(
-        self, request: gateway_pb2.AskRequest, view: catalog_pb2.SearchView, tenant: str, deadline: Deadline, clock: AskClock
+        self, query: SourcesQuery, view: catalog_pb2.SearchView, tenant: str, deadline: Deadline, clock: AskClock
     ) -> Retrieved:
-        """The question's embedding, then the knowledge base's best chunks as citations;
-        reranked (`request.rerank`, decided by `ask`), the reranker's best top_k of more
-        candidates, numbered in its order."""
-        top_k = request.top_k or self.settings.default_top_k
-        clock.embed_started = time.perf_counter()
-        embedded = await clock.waiting(self.upstreams.embed([request.question], deadline))
-        clock.embedded_at = time.perf_counter()
+        """The question's embedding (none for keyword search, which needs only its words), then
+        the knowledge base's best chunks as citations; reranked (`query.rerank`, decided by
+        `decided`), the reranker's best top_k of more candidates, numbered in its order."""
+        top_k = query.top_k or self.settings.default_top_k
+        mode = search_mode_for(query, view)
         search = retriever_pb2.SearchRequest(
             knowledge_base=view.collection,
-            vector=embedded.embeddings[0].values,
-            top_k=self.fetch_count(top_k, request.rerank),
-            filters=request.filters,
+            top_k=self.fetch_count(top_k, query.rerank),
+            filters=query.filters,
+            search_mode=mode,  # type: ignore[arg-type]
+            query_text=query.question if mode != common_pb2.SEARCH_MODE_DENSE else "",
         )
-        if request.HasField("score_threshold"):
-            search.score_threshold = request.score_threshold
+        clock.embed_started = time.perf_counter()
+        embedding_model = ""
+        if mode != common_pb2.SEARCH_MODE_KEYWORD:
+            embedded = await clock.waiting(self.upstreams.embed([query.question], deadline))
+            search.vector.extend(embedded.embeddings[0].values)
+            embedding_model = embedded.model
+        clock.embedded_at = time.perf_counter()
+        if query.HasField("score_threshold"):
+            search.score_threshold = query.score_threshold
         found = await clock.waiting(self.search_consistently(search, view, tenant, deadline))
         clock.searched_at = time.perf_counter()
         citations = [self._citation(number, result) for number, result in enumerate(found.results, start=1)]
-        if request.rerank and citations:
-            citations = await clock.waiting(self._rerank(request.question, citations, top_k, deadline))
+        if query.rerank and citations:
+            citations = await clock.waiting(self._rerank(query.question, citations, top_k, deadline))
             clock.reranked_at = time.perf_counter()
-        return Retrieved(citations, embedded.model)
+        return Retrieved(
+            citations,
+            embedding_model,
+            search_mode=found.search_mode,
+            # Named by the knowledge base, not its collection key (as errors are).
+            search_notice=found.notice.replace(view.collection, view.knowledge_base) if view.collection else found.notice,
+        )
 
     async def _rerank(
         self, question: str, candidates: list[gateway_pb2.Citation], top_k: int, deadline: Deadline
@@ -324,7 +384,11 @@ class GatewayEngine:
             copy.CopyFrom(citation)
             copy.in_prompt = index in used
             citations.append(copy)
-        return gateway_pb2.Sources(citations=citations)
+        return gateway_pb2.Sources(
+            citations=citations,
+            search_mode=retrieved.search_mode,  # type: ignore[arg-type]
+            search_notice=retrieved.search_notice,
+        )
 
     async def search_consistently(
         self, search: retriever_pb2.SearchRequest, view: catalog_pb2.SearchView, tenant: str, deadline: Deadline

@@ -15,6 +15,7 @@ from askmesh.runtime.validation import (
     check_generation_parameters,
     check_knowledge_base_name,
     check_score_threshold,
+    check_search_mode,
     check_text,
 )
 from askmesh.v1 import common_pb2, embedder_pb2, gateway_pb2, gateway_pb2_grpc
@@ -22,18 +23,24 @@ from services.gateway.config import GatewaySettings
 from services.gateway.engine import GatewayEngine
 
 
-def validate_ask(request: gateway_pb2.AskRequest, settings: GatewaySettings) -> None:
+def validate_query(request: gateway_pb2.AskRequest | gateway_pb2.SearchQuery, settings: GatewaySettings) -> None:
+    """What an Ask and a Search share: the question and how its sources are found."""
     check_text("question", request.question, settings.max_question_chars)
     if request.knowledge_base:
         check_knowledge_base_name(request.knowledge_base)
     if request.top_k > settings.max_top_k:
         raise InvalidArgument("top_k", f"{request.top_k} is out of range 1..{settings.max_top_k}")
+    if request.HasField("score_threshold"):
+        check_score_threshold(request.score_threshold)
+    check_search_mode(request.search_mode, request.HasField("score_threshold"))
+
+
+def validate_ask(request: gateway_pb2.AskRequest, settings: GatewaySettings) -> None:
+    validate_query(request, settings)
     if request.context_token_budget > settings.max_context_token_budget:
         raise InvalidArgument(
             "context_token_budget", f"{request.context_token_budget} is out of range 1..{settings.max_context_token_budget}"
         )
-    if request.HasField("score_threshold"):
-        check_score_threshold(request.score_threshold)
     check_count("history", len(request.history), settings.max_history_messages)
     total = 0
     for index, message in enumerate(request.history):
@@ -71,6 +78,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         async with contextlib.aclosing(self.engine.ask(request, current_caller(), self.engine.deadline(context.time_remaining()))) as responses:
             async for response in responses:
                 yield response
+
+    @unary_rpc
+    async def Search(self, request: gateway_pb2.SearchQuery, context: grpc.aio.ServicerContext) -> gateway_pb2.SearchResults:
+        validate_query(request, self.settings)
+        return await self.engine.search(request, current_caller(), self.engine.deadline(context.time_remaining()))
 
     @unary_rpc
     async def Embed(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
@@ -22,6 +24,10 @@ class IngestorSettings(ServiceSettings):
     # Deadline for each unary upstream call when the caller set none.
     upstream_timeout_s: float = Field(default=30.0, gt=0)
     default_knowledge_base: str = "default"
+    # How a knowledge base's questions search when neither the question nor the knowledge base
+    # says (those created without a mode follow this, so changing it changes them). Chosen by
+    # measurement on the labelled man-pages set: benchmarks/results/*-hybrid.md.
+    default_search_mode: Literal["dense", "keyword", "hybrid"] = "hybrid"
 
     # AddDocuments
     chunk_size: int = Field(default=600, ge=50)

@@ -46,6 +46,7 @@ from services.ingestor.knowledge import (
     KnowledgeEngine,
     sections_from_json,
     sections_to_json,
+    stored_search_mode,
     timestamp,
 )
 from services.ingestor.parse_worker import ParseLimits, parse_file
@@ -202,15 +203,16 @@ class Ingestion:
         log.info("task %s: %s (%d bytes) queued for %s", task_id, label, size, record.name)
         return created
 
-    async def queue_rebuild(self, name: str, chunking: common_pb2.ChunkingOptions) -> TaskRecord:
+    async def queue_rebuild(
+        self, name: str, chunking: common_pb2.ChunkingOptions, search_mode: int = common_pb2.SEARCH_MODE_UNSPECIFIED
+    ) -> TaskRecord:
+        new_mode = stored_search_mode(search_mode)  # checked before anything is queued
         record = await self.knowledge.require(name)
         chunk_size, overlap = self.knowledge.chunking_for(record, chunking)
-        task = TaskRecord(
-            id=uuid.uuid4().hex,
-            kind=KIND_REBUILD,
-            knowledge_base=name,
-            spec={"chunk_size": chunk_size, "chunk_overlap": overlap},
-        )
+        spec: dict[str, Any] = {"chunk_size": chunk_size, "chunk_overlap": overlap}
+        if new_mode:
+            spec["search_mode"] = new_mode  # applied when the rebuild switches, with the index it needs
+        task = TaskRecord(id=uuid.uuid4().hex, kind=KIND_REBUILD, knowledge_base=name, spec=spec)
         return await self.store.create_task(task)
 
     # -- workers ---------------------------------------------------------------------------
@@ -609,6 +611,7 @@ class Ingestion:
             chunk_overlap=int(task.spec["chunk_overlap"]),
             embedding_model=checkpoint["embedding_model"],
             dimension=int(checkpoint["dimension"]),
+            search_mode=task.spec.get("search_mode", record.search_mode),
         )
         await self._update(task, state=TASK_SUCCEEDED, stage="done", error="")
         log.info("task %s rebuilt %s into generation %d", task.id, record.name, generation)

@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from askmesh.runtime.crashpoints import crash_point
 from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound, with_name_for_key
-from askmesh.runtime.validation import typed_value
+from askmesh.runtime.validation import check_search_mode, search_mode_name, typed_value
 from askmesh.v1 import (
     catalog_pb2,
     common_pb2,
@@ -69,6 +69,17 @@ def new_collection_id() -> str:
 
 
 MIN_CHUNK_SIZE = 50
+
+def stored_search_mode(mode: int, field: str = "search_mode") -> str:
+    """A knowledge base's default search mode as the store keeps it: "dense", "keyword" or
+    "hybrid"; "" (UNSPECIFIED) follows the server's default_search_mode."""
+    check_search_mode(mode, field=field)
+    return search_mode_name(mode) if mode else ""
+
+
+def effective_search_mode(record: KnowledgeBaseRecord, default: str) -> int:
+    """The mode a knowledge base's questions search in when they do not say."""
+    return common_pb2.SearchMode.Value("SEARCH_MODE_" + (record.search_mode or default).upper())
 
 
 def resolve_chunking(
@@ -180,6 +191,7 @@ class KnowledgeEngine:
         description: str = "",
         schema: Sequence[common_pb2.MetadataField] = (),
         chunking: common_pb2.ChunkingOptions | None = None,
+        search_mode: int = common_pb2.SEARCH_MODE_UNSPECIFIED,
     ) -> KnowledgeBaseRecord:
         chunk_size, chunk_overlap = resolve_chunking(
             chunking or common_pb2.ChunkingOptions(),
@@ -192,6 +204,7 @@ class KnowledgeEngine:
             metadata_schema=[(f.name, int(f.type)) for f in schema],
             chunk_size=chunk_size,
             chunk_overlap=chunk_overlap,
+            search_mode=stored_search_mode(search_mode),
         )
         existing = await self.store.get_knowledge_base(name)
         if existing is not None:
@@ -272,6 +285,7 @@ class KnowledgeEngine:
             ),
             created_at=timestamp(record.created_at),
             updated_at=timestamp(record.updated_at),
+            search_mode=effective_search_mode(record, self.settings.default_search_mode),  # type: ignore[arg-type]
         )
 
     async def delete(self, name: str, deadline: Deadline) -> int:
@@ -566,6 +580,7 @@ class KnowledgeEngine:
             generation=record.generation,
             epoch=epoch,
             pins=[retriever_pb2.DocumentVersionPin(document_id=d, version=v) for d, v in pins],
+            search_mode=effective_search_mode(record, self.settings.default_search_mode),  # type: ignore[arg-type]
         )
 
 

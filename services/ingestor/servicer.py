@@ -187,7 +187,7 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         with scope.naming_errors():
             record = await self.knowledge.create(
                 scope.key(request.name), self._deadline(context), description=request.description,
-                schema=request.metadata_schema, chunking=request.chunking,
+                schema=request.metadata_schema, chunking=request.chunking, search_mode=request.search_mode,
             )
             return await self._described(record)
 
@@ -230,7 +230,7 @@ class KnowledgeBasesServicer(knowledge_pb2_grpc.KnowledgeBasesServicer):
         check_knowledge_base_name(request.name, "name")
         scope = self._scope()
         with scope.naming_errors():
-            queued = await self.engine.ingestion.queue_rebuild(scope.key(request.name), request.chunking)
+            queued = await self.engine.ingestion.queue_rebuild(scope.key(request.name), request.chunking, request.search_mode)
         return public_task(queued, self.engine.settings.task_max_attempts)
 
     @unary_rpc

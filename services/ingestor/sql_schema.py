@@ -249,6 +249,14 @@ def _create_api_keys(tx: Tx) -> None:
         tx.execute(statement)
 
 
+def _add_search_modes(tx: Tx) -> None:
+    if "search_mode" not in _columns(tx, "knowledge_bases"):
+        # '' follows the ingestor's default_search_mode, as every knowledge base made before did.
+        tx.execute(
+            Template("ALTER TABLE knowledge_bases ADD COLUMN search_mode $TEXT NOT NULL DEFAULT ''").substitute(tx.dialect.ddl)
+        )
+
+
 @dataclass(frozen=True)
 class Migration:
     version: int
@@ -264,6 +272,7 @@ MIGRATIONS = (
     Migration(4, "upload parts", _create_upload_parts),
     Migration(5, "knowledge bases name their collections by an id of their own", _add_collection_ids),
     Migration(6, "API keys", _create_api_keys),
+    Migration(7, "knowledge bases keep a default search mode", _add_search_modes),
 )
 SCHEMA_VERSION = MIGRATIONS[-1].version
 

@@ -100,6 +100,9 @@ class KnowledgeBaseRecord:
     # is only a label, and no name can reach the collections of another knowledge base). Those
     # made before ids existed keep their name here.
     collection: str = ""
+    # How its questions search when they do not say: "dense", "keyword" or "hybrid"; "" follows
+    # the ingestor's default_search_mode (every knowledge base made before search modes does).
+    search_mode: str = ""
 
     @property
     def ready(self) -> bool:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -24,3 +26,15 @@ class RetrieverSettings(ServiceSettings):
     hnsw_m: int = Field(default=16, ge=2)
     hnsw_ef_construction: int = Field(default=200, ge=8)
     hnsw_ef_search: int = Field(default=64, ge=1)
+    # Hybrid search: how the dense and keyword (BM25) halves are fused, by Milvus's WeightedRanker
+    # (hybrid_dense_weight for the dense half's cosine, the rest for the keyword half's BM25, each
+    # normalized to [0, 1]) or RRFRanker (reciprocal rank fusion with constant rrf_k), and how
+    # many candidates each half offers the fusion (at least top_k). Chosen on the labelled
+    # man-pages set (benchmarks/results/2026-12-07-hybrid.md): dense weights 0.6 to 0.8 beat
+    # dense search and RRF at every depth; 0.5 falls off; 0.7 is the middle.
+    hybrid_fusion: Literal["rrf", "weighted"] = "weighted"
+    rrf_k: int = Field(default=60, ge=1, le=16384)
+    hybrid_dense_weight: float = Field(default=0.7, ge=0.0, le=1.0)
+    hybrid_candidates: int = Field(default=20, ge=1, le=1000)
+    # The longest query text keyword and hybrid search take (the gateway's questions are shorter).
+    max_query_chars: int = Field(default=8000, ge=1)

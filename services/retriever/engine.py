@@ -7,8 +7,9 @@ serving the current one, then switches the alias atomically and drops the old co
 Each collection holds chunks: primary key `id` (deterministic, so re-upserting replaces), the
 document id, version and chunk index as scalar fields, title, text, all metadata as JSON, one
 typed nullable column `m_<key>` per metadata key the knowledge base declares (fast, type-checked
-filters), and the vector with an HNSW index on cosine similarity. Every write is flushed: Milvus
-Lite searches unflushed rows about 50x slower.
+filters), the vector with an HNSW index on cosine similarity, and (in collections made since
+keyword search) a BM25 sparse vector that Milvus makes from the text itself (modes.py). Every
+write is flushed: Milvus Lite searches unflushed rows about 50x slower.
 
 pymilvus is blocking, so every call runs on a small thread pool off the event loop.
 """
@@ -43,6 +44,7 @@ from askmesh.runtime.validation import (
 )
 from askmesh.v1 import common_pb2, retriever_pb2
 from services.retriever.config import RetrieverSettings
+from services.retriever import modes
 from services.retriever.filters import DECLARED_PREFIX, build_filter, literal
 
 log = logging.getLogger("askmesh.retriever")
@@ -79,6 +81,8 @@ class CollectionState:
     dimension: int
     embedding_model: str
     schema: dict[str, int] = field(default_factory=dict)
+    # It has the BM25 keyword index (made since keyword search; older ones gain it by a rebuild).
+    keyword_index: bool = False
 
 
 class RetrievalEngine:
@@ -133,7 +137,7 @@ class RetrievalEngine:
     # -- collections -----------------------------------------------------------------------
     def _state(self, physical: str) -> CollectionState:
         description = self.client.describe_collection(physical)
-        dimension = next(int(f["params"]["dim"]) for f in description["fields"] if f["name"] == "vector")
+        dimension = next(int(f["params"]["dim"]) for f in description["fields"] if f["name"] == modes.DENSE_FIELD)
         properties = description.get("properties") or {}
         schema = {name: int(kind) for name, kind in json.loads(properties.get(SCHEMA_PROPERTY) or "{}").items()}
         match = _GENERATION.match(description["collection_name"])
@@ -143,6 +147,7 @@ class RetrievalEngine:
             dimension=dimension,
             embedding_model=properties.get(EMBEDDING_MODEL_PROPERTY, ""),
             schema=schema,
+            keyword_index=modes.has_keyword_index(description),
         )
 
     def _resolve(self, knowledge_base: str, generation: int | None = None) -> CollectionState:
@@ -177,15 +182,16 @@ class RetrievalEngine:
                 collection_schema.add_field("document_version", DataType.INT64)
                 collection_schema.add_field("chunk_index", DataType.INT64)
                 collection_schema.add_field("title", DataType.VARCHAR, max_length=MAX_TITLE_CHARS)
-                collection_schema.add_field("text", DataType.VARCHAR, max_length=MAX_TEXT_BYTES)
+                modes.create_text_field(collection_schema, MAX_TEXT_BYTES)
                 collection_schema.add_field("metadata", DataType.JSON)
                 for key, kind in schema.items():
                     extra = {"max_length": MAX_DECLARED_STRING} if kind == common_pb2.METADATA_TYPE_STRING else {}
                     collection_schema.add_field(DECLARED_PREFIX + key, _COLUMN_TYPES[kind], nullable=True, **extra)
-                collection_schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dimension)
+                collection_schema.add_field(modes.DENSE_FIELD, DataType.FLOAT_VECTOR, dim=dimension)
                 index_params = MilvusClient.prepare_index_params()
+                modes.add_keyword_index(collection_schema, index_params)
                 index_params.add_index(
-                    field_name="vector",
+                    field_name=modes.DENSE_FIELD,
                     index_type="HNSW",
                     metric_type="COSINE",
                     params={"M": self.settings.hnsw_m, "efConstruction": self.settings.hnsw_ef_construction},
@@ -252,30 +258,39 @@ class RetrievalEngine:
                 embedding_model=state.embedding_model,
                 metadata_schema=[common_pb2.MetadataField(name=k, type=v) for k, v in state.schema.items()],
                 chunk_count=int(rows[0]["count(*)"]) if rows else 0,
+                keyword_search=state.keyword_index,
             )
 
         return await self._run(describe)
 
     # -- operations ------------------------------------------------------------------------
     async def search(self, request: retriever_pb2.SearchRequest) -> retriever_pb2.SearchResponse:
+        """The best chunks in the mode asked (modes.py); the servicer has checked that the mode,
+        the vector, the query text and the threshold go together."""
         top_k = request.top_k or self.settings.default_top_k
         vector = list(request.vector)
+        needs_keyword_index = (request.search_mode or modes.DENSE) != modes.DENSE
 
-        def search() -> list[Any]:
+        def search() -> tuple[modes.ModePlan, list[Any]]:
             remembered = self._active.get(request.knowledge_base)
-            if remembered is not None:
+            # One remembered without a keyword index may have been rebuilt with one since (by
+            # another replica, the search still succeeding densely): a search that wants the
+            # index looks afresh.
+            if remembered is not None and (remembered.keyword_index or not needs_keyword_index):
                 try:
                     return search_in(remembered)
                 except (MilvusException, AskmeshError):
                     # Perhaps another replica switched or dropped it since: the alias decides.
                     self._active.pop(request.knowledge_base, None)
             state = self._resolve(request.knowledge_base)
-            hits = search_in(state)
+            found = search_in(state)
             self._active[request.knowledge_base] = state
-            return hits
+            return found
 
-        def search_in(state: CollectionState) -> list[Any]:
-            _check_dimension(request.knowledge_base, state, len(vector))
+        def search_in(state: CollectionState) -> tuple[modes.ModePlan, list[Any]]:
+            plan = modes.plan_mode(request.search_mode, request.knowledge_base, state.keyword_index)
+            if plan.mode != modes.KEYWORD:
+                _check_dimension(request.knowledge_base, state, len(vector))
             expression = _and(
                 build_filter(
                     request.filters,
@@ -285,30 +300,57 @@ class RetrievalEngine:
                 ),
                 _pins_expression(request.pins),
             )
-            hits = self.client.search(
-                # Through the alias, always: a remembered state only checks the vector and builds
-                # the filter. One gone stale (another generation with another dimension or
-                # schema, or none) makes this fail, and the search is made again afresh.
-                alias_name(request.knowledge_base),
-                data=[vector],
-                anns_field="vector",
-                limit=top_k,
-                filter=expression,
-                output_fields=OUTPUT_FIELDS,
-                search_params={"metric_type": "COSINE", "params": {"ef": max(self.settings.hnsw_ef_search, top_k)}},
-            )
-            return list(hits[0])
+            # Through the alias, always: a remembered state only checks the vector and builds
+            # the filter. One gone stale (another generation with another dimension or
+            # schema, or none) makes this fail, and the search is made again afresh.
+            alias = alias_name(request.knowledge_base)
+            if plan.mode == modes.HYBRID:
+                hits = self.client.hybrid_search(
+                    alias,
+                    modes.hybrid_requests(self.settings, vector, request.query_text, expression, top_k),
+                    ranker=modes.ranker(self.settings),
+                    limit=top_k,
+                    output_fields=OUTPUT_FIELDS,
+                )
+            elif plan.mode == modes.KEYWORD:
+                hits = self.client.search(
+                    alias,
+                    data=[request.query_text],
+                    anns_field=modes.SPARSE_FIELD,
+                    limit=top_k,
+                    filter=expression,
+                    output_fields=OUTPUT_FIELDS,
+                    search_params=modes.KEYWORD_PARAMS,
+                )
+            else:
+                hits = self.client.search(
+                    alias,
+                    data=[vector],
+                    anns_field=modes.DENSE_FIELD,
+                    limit=top_k,
+                    filter=expression,
+                    output_fields=OUTPUT_FIELDS,
+                    search_params=modes.dense_params(self.settings, top_k),
+                )
+            return plan, list(hits[0])
 
         started = time.perf_counter()
-        hits = await self._run(search)
+        plan, hits = await self._run(search)
         search_s = time.perf_counter() - started
         metrics.SEARCH_LATENCY.labels("retriever").observe(search_s)
+        score = modes.keyword_score if plan.mode == modes.KEYWORD else float
+        threshold = request.score_threshold if request.HasField("score_threshold") and plan.mode == modes.DENSE else None
         results = [
-            retriever_pb2.ScoredChunk(chunk=_chunk_from_row(hit["entity"]), score=float(hit["distance"]))
+            retriever_pb2.ScoredChunk(chunk=_chunk_from_row(hit["entity"]), score=score(hit["distance"]))
             for hit in hits
-            if not request.HasField("score_threshold") or float(hit["distance"]) >= request.score_threshold
+            if threshold is None or float(hit["distance"]) >= threshold
         ]
-        return retriever_pb2.SearchResponse(results=results, timings=retriever_pb2.SearchTimings(search_ms=search_s * 1000))
+        return retriever_pb2.SearchResponse(
+            results=results,
+            timings=retriever_pb2.SearchTimings(search_ms=search_s * 1000),
+            search_mode=plan.mode,  # type: ignore[arg-type]
+            notice=plan.notice,
+        )
 
     async def upsert(self, request: retriever_pb2.UpsertRequest) -> int:
         dimension = len(request.chunks[0].vector)

@@ -7,8 +7,15 @@ import math
 import grpc
 
 from askmesh.runtime.errors import InvalidArgument, unary_rpc
-from askmesh.runtime.validation import check_collection_key, check_document_id, check_score_threshold
+from askmesh.runtime.validation import (
+    check_collection_key,
+    check_document_id,
+    check_score_threshold,
+    check_search_mode,
+    search_mode_name,
+)
 from askmesh.v1 import retriever_pb2, retriever_pb2_grpc
+from services.retriever import modes
 from services.retriever.engine import RetrievalEngine, validate_chunks
 
 MAX_DIMENSION = 32_768
@@ -24,10 +31,19 @@ class RetrieverServicer(retriever_pb2_grpc.RetrieverServicer):
         self, request: retriever_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> retriever_pb2.SearchResponse:
         check_collection_key(request.knowledge_base)
-        if not request.vector:
-            raise InvalidArgument("vector", "is empty")
+        check_search_mode(request.search_mode, request.HasField("score_threshold"))
+        mode = request.search_mode or modes.DENSE
+        if not request.vector and mode != modes.KEYWORD:
+            raise InvalidArgument("vector", f"is empty; {search_mode_name(mode)} search needs the query's embedding")
         if not all(math.isfinite(x) for x in request.vector):
             raise InvalidArgument("vector", "contains NaN or infinity")
+        if mode != modes.DENSE:
+            if not request.query_text.strip():
+                raise InvalidArgument("query_text", f"is empty; {search_mode_name(mode)} search needs the query's text")
+            if len(request.query_text) > self.settings.max_query_chars:
+                raise InvalidArgument(
+                    "query_text", f"{len(request.query_text)} characters exceed the limit of {self.settings.max_query_chars}"
+                )
         if request.top_k > self.settings.max_top_k:
             raise InvalidArgument("top_k", f"{request.top_k} is out of range 1..{self.settings.max_top_k}")
         if request.HasField("score_threshold"):
