@@ -81,8 +81,10 @@ async def parsed(request: Request, model: type[Body], limit: int) -> Body:
             raise InvalidArgument("body", f"exceeds the limit of {limit} bytes")
     try:
         value = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidArgument("body", f"is not valid JSON ({error.__class__.__name__} at position {getattr(error, 'pos', 0)})") from None
+    except UnicodeDecodeError as error:
+        raise InvalidArgument("body", f"is not UTF-8 (at byte {error.start})") from None
+    except json.JSONDecodeError as error:
+        raise InvalidArgument("body", f"is not valid JSON ({error.msg.lower()} at character {error.pos})") from None
     if not isinstance(value, dict):
         raise InvalidArgument("body", "must be a JSON object")
     try:
