@@ -1,4 +1,4 @@
-"""What every benchmark shares: the machine it ran on, percentiles, and where results go."""
+"""What every benchmark shares: the machine it ran on, percentiles, its tables, and where results go."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import datetime as dt
 import os
 import platform
 import statistics
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from rich.table import Table
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -39,6 +42,21 @@ def percentile(values: list[float], fraction: float) -> float:
 
 def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def rich_table(title: str, columns: Sequence[str], rows: Iterable[Sequence[str]], figures_right: bool = False) -> Table:
+    """The console's table; `figures_right` aligns every column but the first (the label) right."""
+    table = Table(title=title)
+    for index, column in enumerate(columns):
+        table.add_column(column, justify="right" if figures_right and index > 0 else "left")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """The lines of the results file's table."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *("| " + " | ".join(row) + " |" for row in rows)]
 
 
 def save(name: str, markdown: str) -> Path:

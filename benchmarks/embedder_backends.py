@@ -29,9 +29,8 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
-from benchmarks.common import machine, save
+from benchmarks.common import machine, markdown_table, rich_table, save
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -180,12 +179,7 @@ def main() -> None:
         del model
 
     columns = ["backend", "load", *(f"{way} {size}" for way, size in ways), "cosine to torch"]
-    table = Table(title=f"Embedder model alone, chunks/s ({len(texts)} chunks of the man-page corpus, {CHUNK_SIZE}/{CHUNK_OVERLAP})")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(rich_table(f"Embedder model alone, chunks/s ({len(texts)} chunks of the man-page corpus, {CHUNK_SIZE}/{CHUNK_OVERLAP})", columns, rows))
     notes.append(f"- {args.repeats} runs of each measurement, the fastest kept; 1-minute load average after each: "
                  f"{min(loads):.1f}-{max(loads):.1f} (this benchmark alone keeps it near 2: above, other work shared the cores)")
     for note in notes:
@@ -203,9 +197,7 @@ def main() -> None:
         "`LoadedModel.encode`. `unsorted N`: encode calls of N chunks in corpus order, each one model batch (one ingestion "
         "worker's Embed calls of N); `sorted N`: one call of every chunk, sorted by length, model batches of N.",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-        *["| " + " | ".join(row) + " |" for row in rows],
+        *markdown_table(columns, rows),
         "",
         *notes,
         "",

@@ -32,11 +32,10 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from askmesh import evaluation
 from askmesh.v1 import common_pb2, retriever_pb2
-from benchmarks.common import machine, median, percentile, save
+from benchmarks.common import machine, markdown_table, median, percentile, rich_table, save
 from benchmarks.corpus.manpages import build_corpus, load_questions
 from services.ingestor.chunking import chunk_sections
 from services.ingestor.parsing import Section
@@ -159,10 +158,6 @@ def speed(
     return times
 
 
-def markdown_table(columns: list[str], rows: list[list[str]]) -> str:
-    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *("| " + " | ".join(r) + " |" for r in rows)])
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--chunks", type=int, default=10_000, help="chunks in the collection the speed is measured on")
@@ -218,18 +213,13 @@ def quality_section(scored: list[tuple[Config, evaluation.ModeScores]], chunk_co
         ]
         for config, s in scored
     ]
-    table = Table(title=f"Quality on {question_count} labelled questions, top {TOP_K}")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "configuration" else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(rich_table(f"Quality on {question_count} labelled questions, top {TOP_K}", columns, rows, figures_right=True))
     return (
         f"\n## Quality\n\n{question_count} labelled questions (benchmarks/corpus/manpages_questions.jsonl) over "
         f"{chunk_count} chunks of the 80 man pages ({CHUNK_SIZE}/{CHUNK_OVERLAP}, cut as the ingestor cuts a text "
         "document), all-MiniLM-L6-v2 embeddings, the retriever's engine on Milvus Lite; top 5 citations, scored by "
         "askmesh.evaluation (doc@k: the page among the top k; phrase@k: its phrase inside one of the top k chunks).\n\n"
-        + markdown_table(columns, rows) + "\n"
+        + "\n".join(markdown_table(columns, rows)) + "\n"
     )
 
 
@@ -248,17 +238,13 @@ def speed_section(times: dict[int, list[float]], chunk_count: int, console: Cons
         [evaluation_mode(mode), str(len(values)), f"{median(values):.1f}", f"{percentile(values, 0.99):.1f}", f"{median(values) / dense_p50:.2f}x"]
         for mode, values in times.items()
     ]
-    table = Table(title=f"Search at {chunk_count} chunks (top_k 4, the retriever's engine, modes interleaved)")
-    for column in columns:
-        table.add_column(column, justify="left" if column == "mode" else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    title = f"Search at {chunk_count} chunks (top_k 4, the retriever's engine, modes interleaved)"
+    console.print(rich_table(title, columns, rows, figures_right=True))
     return (
         f"\n## Speed at {chunk_count} chunks\n\nThe quality set's chunks repeated as other documents (real text, real "
         f"vectors) to the count; the questions' text and vectors as queries, top_k 4, the default fusion "
         f"({fusion_label(RetrieverSettings())}); the three modes take turns, so that the load of the machine falls on "
-        "all alike. The retriever's engine in process (no gRPC hop).\n\n" + markdown_table(columns, rows) + "\n"
+        "all alike. The retriever's engine in process (no gRPC hop).\n\n" + "\n".join(markdown_table(columns, rows)) + "\n"
     )
 
 

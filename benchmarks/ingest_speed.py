@@ -30,12 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from askmesh import client
 from askmesh.mesh import LocalMesh, MeshLayout
 from askmesh.v1 import ingestion_pb2
-from benchmarks.common import machine, save
+from benchmarks.common import machine, markdown_table, rich_table, save
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -195,17 +194,13 @@ def main() -> None:
         rows.append(mesh)
 
     columns = ["", "seconds", "chunks", "chunks/s", "× baseline speed", "% of model alone", "notes"]
-    table = Table(title=f"Ingesting {len(paths)} files ({characters:,} characters)")
-    for column in columns:
-        table.add_column(column)
     cells: list[list[str]] = []
     for row in rows:
         ratio = f"{base.seconds / row.seconds:.2f}x" if base is not None else "-"
         # Of the model alone's time for the same chunks: the model-alone rate applied to its own count.
         share = f"{(row.chunks / alone.chunks * alone.seconds) / row.seconds:.0%}" if row is not base else "-"
         cells.append([row.label, f"{row.seconds:.1f}", str(row.chunks), f"{row.chunks / row.seconds:.1f}", ratio, share, row.note])
-        table.add_row(*cells[-1])
-    console.print(table)
+    console.print(rich_table(f"Ingesting {len(paths)} files ({characters:,} characters)", columns, cells))
     settings = " ".join(f"`{key}={value}`" for key, value in env.items()) or "none (defaults)"
     lines = [
         "# Ingestion speed: askmesh ingest vs the Chatchat-style baseline",
@@ -217,9 +212,7 @@ def main() -> None:
         "in its time. `× baseline speed`: the baseline's seconds over the row's; `% of model alone`: the model alone's time for "
         "the row's chunk count over the row's time.",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-        *["| " + " | ".join(row) + " |" for row in cells],
+        *markdown_table(columns, cells),
         "",
     ]
     console.print(f"saved to {save('ingest-speed', chr(10).join(lines))}")

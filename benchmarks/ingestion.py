@@ -22,12 +22,11 @@ from pathlib import Path
 
 import grpc
 from rich.console import Console
-from rich.table import Table
 
 from askmesh import client
 from askmesh.mesh import LocalMesh, MeshLayout
 from askmesh.v1 import common_pb2, gateway_pb2, ingestion_pb2, ingestion_pb2_grpc, knowledge_pb2, knowledge_pb2_grpc
-from benchmarks.common import machine, median, percentile, save
+from benchmarks.common import machine, markdown_table, median, percentile, rich_table, save
 
 # Different questions each time: llama.cpp reuses the KV cache of a repeated prompt, which
 # would make repeated questions look faster than real traffic.
@@ -139,12 +138,8 @@ def main() -> None:
         ("Ask, during ingestion: time to first token p50 / p99", f"{median(busy_ttft) * 1000:.0f} / {percentile(busy_ttft, 0.99) * 1000:.0f} ms", f"{len(busy)} questions, {median(busy_ttft) / median(idle_ttft):.2f}x idle p50"),
         ("Ask, during ingestion: total p50 / p99", f"{median(busy_total) * 1000:.0f} / {percentile(busy_total, 0.99) * 1000:.0f} ms", f"{median(busy_total) / median(idle_total):.2f}x idle p50"),
     ]
-    table = Table(title="askmesh ingestion benchmark")
-    for column in ("measure", "value", "notes"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    columns = ("measure", "value", "notes")
+    console.print(rich_table("askmesh ingestion benchmark", columns, rows))
     lines = [
         "# Ingestion benchmark",
         "",
@@ -152,9 +147,7 @@ def main() -> None:
         "Real local mesh (five service processes: ingestion on its own ingestor; Envoy, Milvus Lite), one ingestion worker, chunks of",
         f"{CHUNK_SIZE} characters, questions to a second small knowledge base, 32 new tokens, greedy.",
         "",
-        "| measure | value | notes |",
-        "|---|---|---|",
-        *[f"| {a} | {b} | {c} |" for a, b, c in rows],
+        *markdown_table(columns, rows),
         "",
     ]
     console.print(f"saved to {save('ingestion', chr(10).join(lines))}")

@@ -27,12 +27,11 @@ from pathlib import Path
 
 import grpc
 from rich.console import Console
-from rich.table import Table
 
 from askmesh import client
 from askmesh.mesh import LocalMesh, MeshLayout
 from askmesh.v1 import common_pb2, gateway_pb2
-from benchmarks.common import machine, median, percentile, save
+from benchmarks.common import machine, markdown_table, median, percentile, rich_table, save
 from benchmarks.corpus.manpages import LabelledQuestion, build_corpus, load_questions
 
 KNOWLEDGE_BASE = "manpages"
@@ -170,12 +169,7 @@ def main() -> None:
                 ))
     columns = ("reranker", "rerank", "Ask total p50", "vs off", "first token p50", "search p50",
                "rerank p50", "rerank p90", "gateway overhead p50", "errors")
-    table = Table(title=f"Ask with and without reranking ({len(questions)} questions, top_k {TOP_K}, {TOP_K * 4} candidates)")
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
+    console.print(rich_table(f"Ask with and without reranking ({len(questions)} questions, top_k {TOP_K}, {TOP_K * 4} candidates)", columns, rows))
     text = "\n".join([
         "# Reranking: its cost on Ask",
         "",
@@ -194,9 +188,7 @@ def main() -> None:
         + "; ".join(f"{kind} {min(LOADS[kind]):.1f}-{max(LOADS[kind]):.1f}" for kind in kinds if LOADS.get(kind))
         + f" (on {os.cpu_count()} cores).",
         "",
-        "| " + " | ".join(columns) + " |",
-        "|" + "---|" * len(columns),
-        *["| " + " | ".join(row) + " |" for row in rows],
+        *markdown_table(columns, rows),
         "",
     ])
     console.print(f"saved to {save('rerank', text)}")

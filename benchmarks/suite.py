@@ -54,7 +54,7 @@ from askmesh.v1 import (
     retriever_pb2,
     retriever_pb2_grpc,
 )
-from benchmarks.common import machine, median, save
+from benchmarks.common import machine, markdown_table, median, rich_table, save
 from benchmarks.loadgen import Outcome, Run, StreamFailed, drive, errors_text, median_of
 
 REPO = Path(__file__).resolve().parent.parent
@@ -198,12 +198,7 @@ class Section:
     notes: list[str] = field(default_factory=list)
 
     def table(self) -> Table:
-        table = Table(title=self.title)
-        for column in self.columns:
-            table.add_column(column)
-        for row in self.rows:
-            table.add_row(*row)
-        return table
+        return rich_table(self.title, self.columns, self.rows)
 
     def markdown(self) -> list[str]:
         return [
@@ -211,9 +206,7 @@ class Section:
             "",
             *self.notes,
             *([""] if self.notes else []),
-            "| " + " | ".join(self.columns) + " |",
-            "|" + "---|" * len(self.columns),
-            *["| " + " | ".join(row) + " |" for row in self.rows],
+            *markdown_table(self.columns, self.rows),
             "",
         ]
 
