@@ -8,15 +8,12 @@ import asyncio
 import grpc
 
 from askmesh.runtime.server import ServiceDefinition, run
-from askmesh.v1 import embedder_pb2, embedder_pb2_grpc, reranker_pb2, reranker_pb2_grpc
+from askmesh.tiers import EMBEDDER
+from askmesh.v1 import embedder_pb2_grpc, reranker_pb2_grpc
 from services.embedder.config import EmbedderSettings
 from services.embedder.engine import EmbeddingEngine
 from services.embedder.reranking import RerankingEngine
 from services.embedder.servicer import EmbedderServicer, RerankerServicer
-
-EMBEDDER_SERVICE = embedder_pb2.DESCRIPTOR.services_by_name["Embedder"].full_name
-RERANKER_SERVICE = reranker_pb2.DESCRIPTOR.services_by_name["Reranker"].full_name
-
 
 def build(settings: EmbedderSettings) -> ServiceDefinition:
     return define_embedder(EmbeddingEngine(settings), RerankingEngine.configured(settings))
@@ -46,7 +43,7 @@ def define_embedder(embedding: EmbeddingEngine, reranking: RerankingEngine | Non
         finally:
             await embedding.close()
 
-    services = [EMBEDDER_SERVICE] if reranking is None else [EMBEDDER_SERVICE, RERANKER_SERVICE]
+    services = [EMBEDDER.health_service] if reranking is None else list(EMBEDDER.grpc_services)
     return ServiceDefinition("embedder", services, add_to_server, start=start, close=close, servicers=[embedder, reranker])
 
 

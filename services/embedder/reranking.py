@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from askmesh.runtime.errors import ResourceExhausted, Unavailable
+from askmesh.runtime.inflight import InFlight
 from askmesh.v1 import common_pb2
 from services.embedder.config import EmbedderSettings
 from services.embedder.rerankers import create_reranker
@@ -39,7 +40,7 @@ class RerankingEngine:
         self.settings = settings
         self.backend = backend
         self.ready = False
-        self.calls = 0  # running or waiting for the model
+        self.calls = InFlight()  # running or waiting for the model
 
     @classmethod
     def configured(cls, settings: EmbedderSettings) -> RerankingEngine | None:
@@ -64,19 +65,16 @@ class RerankingEngine:
         """The texts (already validated) best first, the best `top_n` of them when given."""
         if not self.ready:
             raise Unavailable("embedder: the reranker is still loading")
-        if self.calls >= self.settings.reranker_max_calls:
+        if self.calls.count >= self.settings.reranker_max_calls:
             raise ResourceExhausted(
-                f"embedder: the reranker is busy ({self.calls} calls running or waiting, "
+                f"embedder: the reranker is busy ({self.calls.count} calls running or waiting, "
                 f"limit {self.settings.reranker_max_calls}); retry later"
             )
-        self.calls += 1
-        try:
+        with self.calls.track():
             scores = await self.backend.score(query, texts)
-        finally:
-            self.calls -= 1
         return Ranking(
             ranks=best_first(scores.values, top_n),
-            model=self.backend.info().name,
+            model=self.backend.name,
             queue_ms=scores.queue_ms,
             inference_ms=scores.inference_ms,
         )

@@ -10,6 +10,7 @@ import grpc
 import numpy as np
 
 from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, shown, unary_rpc
+from askmesh.runtime.validation import check_text
 from askmesh.v1 import common_pb2, embedder_pb2, embedder_pb2_grpc, reranker_pb2, reranker_pb2_grpc
 from services.embedder.config import EmbedderSettings
 from services.embedder.engine import EmbeddingEngine
@@ -21,21 +22,13 @@ NO_RERANKER = (
 )
 
 
-def validate_texts(texts: Sequence[str], settings: EmbedderSettings) -> None:
+def validate_texts(texts: Sequence[str], max_texts: int, max_chars: int) -> None:
     if not texts:
         raise InvalidArgument("texts", "must contain at least one text")
-    if len(texts) > settings.max_batch_size:
-        raise InvalidArgument(
-            "texts", f"{len(texts)} texts exceed the limit of {settings.max_batch_size} per call"
-        )
+    if len(texts) > max_texts:
+        raise InvalidArgument("texts", f"{len(texts)} texts exceed the limit of {max_texts} per call")
     for index, text in enumerate(texts):
-        if not text.strip():
-            raise InvalidArgument(f"texts[{index}]", "is empty")
-        if len(text) > settings.max_text_chars:
-            raise InvalidArgument(
-                f"texts[{index}]",
-                f"has {len(text)} characters; the limit is {settings.max_text_chars}",
-            )
+        check_text(f"texts[{index}]", text, max_chars)
 
 
 def embedding_wire_form(vector: np.ndarray) -> bytes:
@@ -71,7 +64,7 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
         self, request: embedder_pb2.EmbedRequest, context: grpc.aio.ServicerContext
     ) -> embedder_pb2.EmbedResponse:
         received_at = time.perf_counter()
-        validate_texts(request.texts, self.engine.settings)
+        validate_texts(request.texts, self.engine.settings.max_batch_size, self.engine.settings.max_text_chars)
         batch = await self.engine.embed(request.texts)
         response = embedder_pb2.EmbedResponse(
             model=batch.model,
@@ -108,23 +101,8 @@ class EmbedderServicer(embedder_pb2_grpc.EmbedderServicer):
 
 
 def validate_rerank(request: reranker_pb2.RerankRequest, settings: EmbedderSettings) -> None:
-    if not request.query.strip():
-        raise InvalidArgument("query", "is empty")
-    if len(request.query) > settings.max_text_chars:
-        raise InvalidArgument("query", f"has {len(request.query)} characters; the limit is {settings.max_text_chars}")
-    if not request.texts:
-        raise InvalidArgument("texts", "must contain at least one text")
-    if len(request.texts) > settings.reranker_max_texts:
-        raise InvalidArgument(
-            "texts", f"{len(request.texts)} texts exceed the limit of {settings.reranker_max_texts} per call"
-        )
-    for index, text in enumerate(request.texts):
-        if not text.strip():
-            raise InvalidArgument(f"texts[{index}]", "is empty")
-        if len(text) > settings.max_text_chars:
-            raise InvalidArgument(
-                f"texts[{index}]", f"has {len(text)} characters; the limit is {settings.max_text_chars}"
-            )
+    check_text("query", request.query, settings.max_text_chars)
+    validate_texts(request.texts, settings.reranker_max_texts, settings.max_text_chars)
     if request.HasField("top_n") and request.top_n == 0:
         raise InvalidArgument("top_n", "must be at least 1 when set")
 

@@ -20,6 +20,8 @@ class Scores:
 
 
 class RerankBackend(Protocol):
+    name: str  # the model's (a TEI server's own id, once started)
+
     async def start(self) -> None:
         """Loads the model or reaches the server, then scores one pair: the replica says SERVING
         only after that. Raises when it cannot."""
