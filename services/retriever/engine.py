@@ -269,18 +269,16 @@ class RetrievalEngine:
         the vector, the query text and the threshold go together."""
         top_k = request.top_k or self.settings.default_top_k
         vector = list(request.vector)
-        needs_keyword_index = (request.search_mode or modes.DENSE) != modes.DENSE
 
         def search() -> tuple[modes.ModePlan, list[Any]]:
             remembered = self._active.get(request.knowledge_base)
-            # One remembered without a keyword index may have been rebuilt with one since (by
-            # another replica, the search still succeeding densely): a search that wants the
-            # index looks afresh.
-            if remembered is not None and (remembered.keyword_index or not needs_keyword_index):
+            if remembered is not None:
                 try:
                     return search_in(remembered)
                 except (MilvusException, AskmeshError):
-                    # Perhaps another replica switched or dropped it since: the alias decides.
+                    # Perhaps another replica switched or dropped it since (a switch drops the
+                    # generations it leaves, a rebuild that adds the keyword index included):
+                    # the alias decides.
                     self._active.pop(request.knowledge_base, None)
             state = self._resolve(request.knowledge_base)
             found = search_in(state)
