@@ -15,6 +15,7 @@ from google.protobuf import struct_pb2
 from askmesh.runtime.auth import with_credential
 from askmesh.runtime.channels import CHANNEL_OPTIONS
 from askmesh.runtime.config import DEFAULT_MAX_MESSAGE_BYTES, check_address
+from askmesh.runtime.validation import SEARCH_MODE_BY_NAME
 from askmesh.v1 import (
     common_pb2,
     embedder_pb2_grpc,
@@ -305,15 +306,12 @@ def search(channel: grpc.Channel, query: gateway_pb2.SearchQuery, timeout_s: flo
     return gateway_pb2_grpc.GatewayStub(channel).Search(query, timeout=timeout_s)  # type: ignore[no-any-return]
 
 
-SEARCH_MODES = {"dense": common_pb2.SEARCH_MODE_DENSE, "keyword": common_pb2.SEARCH_MODE_KEYWORD, "hybrid": common_pb2.SEARCH_MODE_HYBRID}
-
-
 def search_mode(name: str | None) -> int:
     """A search mode by name (dense, keyword or hybrid); None or "" is UNSPECIFIED."""
     if not name:
         return common_pb2.SEARCH_MODE_UNSPECIFIED
     try:
-        return SEARCH_MODES[name.strip().lower()]
+        return SEARCH_MODE_BY_NAME[name.strip().lower()]
     except KeyError:
         raise ValueError(f"{name!r} is not a search mode: dense, keyword or hybrid") from None
 

@@ -27,7 +27,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-from askmesh.client import SEARCH_MODES as MODES
+from askmesh.runtime.validation import SEARCH_MODE_BY_NAME as MODES
 HIT_AT = (1, 3, 5)
 _WHITESPACE = re.compile(r"\s+")
 

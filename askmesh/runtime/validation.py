@@ -87,6 +87,9 @@ def search_mode_name(mode: int) -> str:
     return common_pb2.SearchMode.Name(mode).removeprefix("SEARCH_MODE_").lower()
 
 
+SEARCH_MODE_BY_NAME = {search_mode_name(mode): mode for mode in SEARCH_MODES}
+
+
 def check_search_mode(mode: int, has_threshold: bool = False, field: str = "search_mode") -> int:
     """A search mode is one of the enum's values (UNSPECIFIED too), and a score threshold (a cosine
     similarity) goes with dense search only."""

@@ -29,7 +29,7 @@ from google.protobuf import struct_pb2, timestamp_pb2
 
 from askmesh.runtime.crashpoints import crash_point
 from askmesh.runtime.errors import AskmeshError, FailedPrecondition, InvalidArgument, NotFound, with_name_for_key
-from askmesh.runtime.validation import check_search_mode, search_mode_name, typed_value
+from askmesh.runtime.validation import SEARCH_MODE_BY_NAME, check_search_mode, search_mode_name, typed_value
 from askmesh.v1 import (
     catalog_pb2,
     common_pb2,
@@ -79,7 +79,7 @@ def stored_search_mode(mode: int, field: str = "search_mode") -> str:
 
 def effective_search_mode(record: KnowledgeBaseRecord, default: str) -> int:
     """The mode a knowledge base's questions search in when they do not say."""
-    return common_pb2.SearchMode.Value("SEARCH_MODE_" + (record.search_mode or default).upper())
+    return SEARCH_MODE_BY_NAME[record.search_mode or default]
 
 
 def resolve_chunking(
