@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from askmesh.client import TERMINAL_TASK_STATES, status_of
 from askmesh.runtime.auth import AUTHORIZATION_HEADER, TENANT_HEADER
-from askmesh.runtime.channels import HEALTH_SERVICE_HEADER, open_channel
+from askmesh.runtime.channels import health_of, open_channel
 from askmesh.runtime.errors import AskmeshError, retry_after_of
 from askmesh.tiers import GATEWAY, INGESTOR
 from askmesh.v1 import (
@@ -31,8 +31,6 @@ from askmesh.v1 import (
 )
 
 T = TypeVar("T")
-# How long one health check may take (the web tier's readiness).
-HEALTH_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -53,9 +51,11 @@ class CallerCredentials:
 
 
 def api_error(error: grpc.aio.AioRpcError) -> AskmeshError:
-    """The public API's answer as an AskmeshError, with its retry pushback."""
-    details = error.details() or error.code().name.lower().replace("_", " ")
-    return AskmeshError(details, code=error.code(), retry_after_s=retry_after_of(error))
+    """The public API's answer as an AskmeshError, with its retry pushback (a stream that Envoy
+    reset, its gateway replica gone, is UNAVAILABLE: see status_of)."""
+    code = status_of(error)
+    details = error.details() or code.name.lower().replace("_", " ")
+    return AskmeshError(details, code=code, retry_after_s=retry_after_of(error))
 
 
 async def _answered(call: Awaitable[T]) -> T:
@@ -146,7 +146,11 @@ class PublicApi:
         call = stub.WatchTask(ingestion_pb2.WatchTaskRequest(id=task_id), metadata=caller.metadata())
         try:
             async for task in call:
+                if not task.id:  # the error message a failing stream ends with; its status follows
+                    continue
                 yield task
+                if task.state in TERMINAL_TASK_STATES:
+                    return
         except grpc.aio.AioRpcError as error:
             raise api_error(error) from error
         finally:
@@ -157,19 +161,10 @@ class PublicApi:
     async def health(self) -> dict[str, str]:
         """Each tier's health as one word ("SERVING") or why it did not answer; health is open,
         so no caller's credentials are needed."""
-        answers = {}
-        for tier, channel in ((GATEWAY, self._gateway), (INGESTOR, self._ingestor)):
-            stub = health_pb2_grpc.HealthStub(channel)
-            try:
-                reply = await stub.Check(
-                    health_pb2.HealthCheckRequest(service=tier.health_service),
-                    timeout=HEALTH_TIMEOUT_S,
-                    metadata=[(HEALTH_SERVICE_HEADER, tier.health_service)],
-                )
-                answers[tier.name] = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            except grpc.aio.AioRpcError as error:
-                answers[tier.name] = f"{error.code().name}: {error.details()}"
-        return answers
+        return {
+            tier.name: await health_of(channel, tier.health_service)
+            for tier, channel in ((GATEWAY, self._gateway), (INGESTOR, self._ingestor))
+        }
 
     async def close(self) -> None:
         await self._gateway.close()

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry import trace
 
 from askmesh.runtime.auth import CALLER_HEADER, Caller, Role
-from askmesh.runtime.channels import HEALTH_SERVICE_HEADER, open_channel
+from askmesh.runtime.channels import READY_LOG_INTERVAL_S, READY_POLL_INTERVAL_S, health_of, open_channel
 from askmesh.runtime.errors import AskmeshError, FailedPrecondition, Unavailable, retry_after_of
 from askmesh.tiers import BY_NAME
 from askmesh.v1 import (
@@ -36,12 +35,6 @@ from askmesh.v1 import (
 
 T = TypeVar("T")
 log = logging.getLogger("askmesh.upstream")
-# While waiting for the tiers at start: how often each is asked, how long one answer may take,
-# and how often the wait is logged (a model can take a minute to load).
-READY_POLL_INTERVAL_S = 0.5
-READY_CHECK_TIMEOUT_S = 2.0
-READY_LOG_INTERVAL_S = 10.0
-
 # Statuses that describe the request itself: passed on as they are (their messages name the
 # request field, and the field has the same name in the gateway's API).
 _CALLER_STATUSES = {
@@ -273,7 +266,7 @@ class Upstreams:
         started = next_log = time.monotonic()
         while waiting:
             for tier, service in list(waiting.items()):
-                answer = await self._health(tier, service)
+                answer = await health_of(self._channel(tier), service)
                 if answer == "SERVING":
                     del waiting[tier]
                     log.info("[UPSTREAM] %s tier at %s is SERVING", tier, self._tiers[tier].address)
@@ -289,19 +282,6 @@ class Upstreams:
                     "; ".join(f"{tier} at {self._tiers[tier].address} ({last_answer[tier]})" for tier in waiting),
                 )
             await asyncio.sleep(READY_POLL_INTERVAL_S)
-
-    async def _health(self, tier: str, service: str) -> str:
-        """The tier's health as one word ("SERVING", "NOT_SERVING"), or why it did not answer."""
-        stub = health_pb2_grpc.HealthStub(self._channel(tier))
-        try:
-            reply = await stub.Check(
-                health_pb2.HealthCheckRequest(service=service),
-                timeout=READY_CHECK_TIMEOUT_S,
-                metadata=[(HEALTH_SERVICE_HEADER, service)],
-            )
-        except grpc.aio.AioRpcError as error:
-            return f"{error.code().name}: {error.details()}"
-        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
     async def close(self) -> None:
         for tier in self._tiers.values():

@@ -33,6 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from askmesh.public_api import CallerCredentials, PublicApi
 from askmesh.runtime.auth import AUTHORIZATION_HEADER, TENANT_HEADER
+from askmesh.runtime.channels import READY_LOG_INTERVAL_S, READY_POLL_INTERVAL_S
 from askmesh.runtime.errors import AskmeshError, InvalidArgument, NotFound, Unauthenticated, Unavailable
 from askmesh.v1 import gateway_pb2, ingestion_pb2
 from services.web import engine
@@ -43,8 +44,6 @@ from services.web.schemas import ChatCompletionRequest, EmbeddingsRequest, probl
 log = logging.getLogger("askmesh.web")
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 Body = TypeVar("Body", bound=BaseModel)
-READY_POLL_INTERVAL_S = 0.5
-READY_LOG_INTERVAL_S = 10.0
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 # The page loads its own script and style only; nothing may frame it.
 PAGE_HEADERS = [

@@ -27,6 +27,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
+from askmesh.client import TERMINAL_TASK_STATES
 from askmesh.runtime.errors import AskmeshError, InvalidArgument, NotFound, shown
 from askmesh.v1 import common_pb2, embedder_pb2, gateway_pb2, ingestion_pb2, knowledge_pb2
 from services.web.errors import error_body, error_field
@@ -293,9 +294,6 @@ def models_json(knowledge_bases: list[knowledge_pb2.KnowledgeBase]) -> dict[str,
 
 # -- the page's own JSON -------------------------------------------------------------------------
 
-_ENDED = {ingestion_pb2.TASK_STATE_SUCCEEDED, ingestion_pb2.TASK_STATE_FAILED, ingestion_pb2.TASK_STATE_CANCELLED}
-
-
 def _enum_word(name: str, prefix: str) -> str:
     return name.removeprefix(prefix).lower()
 
@@ -321,5 +319,5 @@ def task_json(task: ingestion_pb2.Task) -> dict[str, Any]:
         "error": task.error,
         "attempts": task.attempts,
         "max_attempts": task.max_attempts,
-        "ended": task.state in _ENDED,
+        "ended": task.state in TERMINAL_TASK_STATES,
     }
