@@ -263,9 +263,15 @@ async def _until_expired(messages: AsyncIterator[Response], calls: CallTracker) 
         await iterator.aclose()  # type: ignore[attr-defined]
 
 
+def name_for_key(text: str, key: str, name: str) -> str:
+    """`text` with an internal key (a collection's) replaced by the name a caller knows."""
+    return text.replace(key, name) if key and key != name else text
+
+
 def with_name_for_key(error: AskmeshError, key: str, name: str) -> AskmeshError:
     """`error` with an internal key (a collection's) replaced by the name a caller knows; the
     error itself when it does not mention the key."""
-    if key == name or key not in error.message:
+    renamed = name_for_key(error.message, key, name)
+    if renamed == error.message:
         return error
-    return AskmeshError(error.message.replace(key, name), code=error.code, retry_after_s=error.retry_after_s)
+    return AskmeshError(renamed, code=error.code, retry_after_s=error.retry_after_s)

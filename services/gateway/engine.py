@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from askmesh.runtime import metrics
-from askmesh.runtime.errors import AskmeshError, Unavailable, with_name_for_key
+from askmesh.runtime.errors import AskmeshError, Unavailable, name_for_key, with_name_for_key
 from askmesh.runtime.auth import AuthSettings, Caller
 from askmesh.upstream import Deadline, GenerationSession, Upstreams
 from askmesh.v1 import catalog_pb2, common_pb2, embedder_pb2, gateway_pb2, generator_pb2, retriever_pb2
@@ -81,12 +81,23 @@ class AskClock:
         finally:
             self.upstream_wait_s += time.perf_counter() - waiting_since
 
-    def done(self, generated: generator_pb2.GenerateDone, embedding_model: str) -> gateway_pb2.AskDone:
-        finished = time.perf_counter()
+    def retrieved_at(self, finished: float) -> float:
+        return self.reranked_at or self.searched_at or finished
+
+    def retrieval_ms(self, finished: float) -> dict[str, float]:
+        """embed_ms, search_ms and rerank_ms (a step not taken: 0), as AskTimings and
+        SearchResultsTimings both report them."""
         embed_started = self.embed_started or finished
         embedded_at = self.embedded_at or finished
         searched_at = self.searched_at or finished
-        retrieved_at = self.reranked_at or searched_at
+        return {
+            "embed_ms": (embedded_at - embed_started) * 1000,
+            "search_ms": (searched_at - embedded_at) * 1000,
+            "rerank_ms": (self.retrieved_at(finished) - searched_at) * 1000,
+        }
+
+    def done(self, generated: generator_pb2.GenerateDone, embedding_model: str) -> gateway_pb2.AskDone:
+        finished = time.perf_counter()
         total = finished - self.started
         return gateway_pb2.AskDone(
             finish_reason=generated.finish_reason,
@@ -94,11 +105,9 @@ class AskClock:
             model=generated.model,
             embedding_model=embedding_model,
             timings=gateway_pb2.AskTimings(
-                embed_ms=(embedded_at - embed_started) * 1000,
-                search_ms=(searched_at - embedded_at) * 1000,
+                **self.retrieval_ms(finished),
                 time_to_first_token_ms=((self.first_token_at or finished) - self.started) * 1000,
-                rerank_ms=(retrieved_at - searched_at) * 1000,
-                generate_ms=(finished - retrieved_at) * 1000,
+                generate_ms=(finished - self.retrieved_at(finished)) * 1000,
                 total_ms=total * 1000,
                 gateway_overhead_ms=max(total - self.upstream_wait_s, 0.0) * 1000,
                 queue_ms=self.queue_s * 1000,
@@ -274,20 +283,13 @@ class GatewayEngine:
         clock = AskClock(started)
         view = await clock.waiting(self.upstreams.search_view(name, caller.tenant, deadline))
         retrieved = await self._retrieve(self.decided(query), view, caller.tenant, deadline, clock)
-        embed_started = clock.embed_started or started
-        embedded_at = clock.embedded_at or embed_started
-        searched_at = clock.searched_at or embedded_at
+        finished = time.perf_counter()
         return gateway_pb2.SearchResults(
             citations=retrieved.citations,
             search_mode=retrieved.search_mode,  # type: ignore[arg-type]
             search_notice=retrieved.search_notice,
             embedding_model=retrieved.embedding_model,
-            timings=gateway_pb2.SearchResultsTimings(
-                embed_ms=(embedded_at - embed_started) * 1000,
-                search_ms=(searched_at - embedded_at) * 1000,
-                total_ms=(time.perf_counter() - started) * 1000,
-                rerank_ms=((clock.reranked_at or searched_at) - searched_at) * 1000,
-            ),
+            timings=gateway_pb2.SearchResultsTimings(**clock.retrieval_ms(finished), total_ms=(finished - started) * 1000),
         )
 
     async def _retrieve(
@@ -320,13 +322,7 @@ class GatewayEngine:
         if query.rerank and citations:
             citations = await clock.waiting(self._rerank(query.question, citations, top_k, deadline))
             clock.reranked_at = time.perf_counter()
-        return Retrieved(
-            citations,
-            embedding_model,
-            search_mode=found.search_mode,
-            # Named by the knowledge base, not its collection key (as errors are).
-            search_notice=found.notice.replace(view.collection, view.knowledge_base) if view.collection else found.notice,
-        )
+        return Retrieved(citations, embedding_model, search_mode=found.search_mode, search_notice=found.notice)
 
     async def _rerank(
         self, question: str, candidates: list[gateway_pb2.Citation], top_k: int, deadline: Deadline
@@ -394,13 +390,14 @@ class GatewayEngine:
         self, search: retriever_pb2.SearchRequest, view: catalog_pb2.SearchView, tenant: str, deadline: Deadline
     ) -> retriever_pb2.SearchResponse:
         """Searches with the view's pins; if a document changed while the search ran (the
-        view's epoch moved), searches again with the fresh view, so no answer mixes versions."""
+        view's epoch moved), searches again with the fresh view, so no answer mixes versions.
+        Its errors and notice name the knowledge base, not its collection key."""
         for _ in range(MAX_SEARCH_ATTEMPTS):
             del search.pins[:]
             search.pins.extend(view.pins)
             try:
                 found = await self.upstreams.search(search, deadline)
-            except AskmeshError as error:  # named by the knowledge base, not its collection key
+            except AskmeshError as error:
                 renamed = with_name_for_key(error, view.collection, view.knowledge_base)
                 if renamed is error:
                     raise
@@ -409,4 +406,5 @@ class GatewayEngine:
             if latest.epoch == view.epoch:
                 break
             view = latest
+        found.notice = name_for_key(found.notice, view.collection, view.knowledge_base)
         return found
