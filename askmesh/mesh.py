@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -652,11 +651,9 @@ class LocalMesh:
         url = f"http://{process.address}{tiers.WEB.health_path}"
 
         def ready() -> bool:
-            try:
-                with urllib.request.urlopen(url, timeout=2) as response:
-                    return bool(response.status == 200)
-            except urllib.error.HTTPError:  # 503 until its upstreams answered
-                return False
+            # 503 until its upstreams answered: urllib raises HTTPError, an OSError (_wait_for).
+            with urllib.request.urlopen(url, timeout=2) as response:
+                return bool(response.status == 200)
 
         self._wait_for(process, deadline, ready, f"{process.name} did not become ready in time; see {process.log_path}")
 
