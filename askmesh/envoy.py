@@ -165,44 +165,45 @@ HOST_SELECTION_ATTEMPTS = 10
 RETRY_BACK_OFF = {"base_interval": "0.002s", "max_interval": "0.02s"}
 
 
+# Failed before any response byte (a replica refusing at once because it is full, or a
+# connection that never carried the call): nothing reached the client, so another replica may
+# answer it.
+UNSENT = "connect-failure,refused-stream,reset-before-request"
+
+
+def _retry_policy(retry_on: str) -> dict[str, Any]:
+    """Up to two more tries, each on a replica not tried yet."""
+    return {
+        "retry_on": retry_on,
+        "num_retries": 2,
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                },
+            }
+        ],
+        "host_selection_retry_max_attempts": HOST_SELECTION_ATTEMPTS,
+        "retry_back_off": RETRY_BACK_OFF,
+    }
+
+
+def _stream_route(cluster: str, idle_timeout: str, retry_on: str) -> dict[str, Any]:
+    """A route with no timeout (a stream lasts as long as its answer), only the idle timeout."""
+    return {"cluster": cluster, "timeout": "0s", "idle_timeout": idle_timeout, "retry_policy": _retry_policy(retry_on)}
+
+
 def _routes(tier: Tier, idle_timeout: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The tier's routes on one listener: exact method paths (which must come before every
     prefix), then whole services."""
     capacity = ",resource-exhausted" if tier.capacity_per_replica else ""
-    previous_hosts = [
-        {
-            "name": "envoy.retry_host_predicates.previous_hosts",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-            },
-        }
-    ]
-    stream_route = {
-        "cluster": tier.name,
-        "timeout": "0s",
-        "idle_timeout": idle_timeout,
-        # Failed before any response byte (a replica refusing at once because it is full, or a
-        # connection that never carried the call): nothing reached the client, so another
-        # replica may answer it.
-        "retry_policy": {
-            "retry_on": "connect-failure,refused-stream,reset-before-request" + capacity,
-            "num_retries": 2,
-            "retry_host_predicate": previous_hosts,
-            "host_selection_retry_max_attempts": HOST_SELECTION_ATTEMPTS,
-            "retry_back_off": RETRY_BACK_OFF,
-        },
-    }
+    stream_route = _stream_route(tier.name, idle_timeout, UNSENT + capacity)
     # An idempotent call may be tried again whatever cut it short, including CANCELLED: what
     # grpc's own shutdown answers a call that reaches a replica just as it begins to stop (seen
     # once in a rolling restart under load).
-    unary_retry = {
-        **stream_route["retry_policy"],
-        "retry_on": "unavailable,cancelled,connect-failure,refused-stream,reset" + capacity,
-    }
-    resend_retry = {
-        **stream_route["retry_policy"],
-        "retry_on": "connect-failure,refused-stream,reset" + capacity,
-    }
+    unary_retry = _retry_policy("unavailable,cancelled,connect-failure,refused-stream,reset" + capacity)
+    resend_retry = _retry_policy("connect-failure,refused-stream,reset" + capacity)
     routed = list(tier.routes)
     retries = {method: unary_retry for method in tier.idempotent_methods}
     retries.update({method: resend_retry for method in tier.resendable_streams})
@@ -309,12 +310,21 @@ def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier], fron
     routes.append(
         {"match": {"prefix": "/"}, "route": {"cluster": tiers[0].name, "timeout": "0s", "idle_timeout": idle}}
     )
+    return _http_connection_listener(name, layout, port, routes, front=front, grpc=True)
+
+
+def _http_connection_listener(
+    name: str, layout: EnvoyLayout, port: int, routes: list[dict[str, Any]], *, front: bool, grpc: bool
+) -> dict[str, Any]:
+    """A listener of one HTTP connection manager: `routes`, the front door's limits and TLS
+    (with its certificate) when `front`; a gRPC listener negotiates HTTP/2 only, another
+    HTTP/1.1 too."""
     manager: dict[str, Any] = {
         "@type": HCM_TYPE,
         "stat_prefix": name,
         "codec_type": "AUTO",
-        "stream_idle_timeout": idle,
-        "http2_protocol_options": {},
+        "stream_idle_timeout": _duration(layout.stream_idle_timeout_s),
+        **({"http2_protocol_options": {}} if grpc else {}),
         "route_config": {"name": name, "virtual_hosts": [{"name": name, "domains": ["*"], "routes": routes}]},
         "http_filters": [ROUTER],
     }
@@ -326,7 +336,8 @@ def _listener(name: str, layout: EnvoyLayout, port: int, tiers: list[Tier], fron
         "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]
     }
     if front and layout.tls_cert_file is not None and layout.tls_key_file is not None:
-        chain["transport_socket"] = _tls_transport_socket(layout.tls_cert_file, layout.tls_key_file)
+        alpn = ("h2",) if grpc else ("h2", "http/1.1")
+        chain["transport_socket"] = _tls_transport_socket(layout.tls_cert_file, layout.tls_key_file, alpn)
     return {"name": name, "address": _address(layout.host, port), "filter_chains": [chain]}
 
 
@@ -355,48 +366,9 @@ def _http_listener(layout: EnvoyLayout, web: Tier) -> dict[str, Any]:
     """Plain HTTP (HTTP/1.1 or h2c; TLS with the front door's certificate when it has one) to
     the web tier. Streams (Server-Sent Events) have no route timeout, only the idle timeout; a
     request is retried on another replica only when it never reached one."""
-    idle = _duration(layout.stream_idle_timeout_s)
-    route = {
-        "cluster": web.name,
-        "timeout": "0s",
-        "idle_timeout": idle,
-        "retry_policy": {
-            "retry_on": "connect-failure,refused-stream,reset-before-request",
-            "num_retries": 2,
-            "retry_host_predicate": [
-                {
-                    "name": "envoy.retry_host_predicates.previous_hosts",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-                    },
-                }
-            ],
-            "host_selection_retry_max_attempts": HOST_SELECTION_ATTEMPTS,
-            "retry_back_off": RETRY_BACK_OFF,
-        },
-    }
-    manager: dict[str, Any] = {
-        "@type": HCM_TYPE,
-        "stat_prefix": "http",
-        "codec_type": "AUTO",
-        "stream_idle_timeout": idle,
-        "route_config": {
-            "name": "http",
-            "virtual_hosts": [
-                {"name": "http", "domains": ["*"], "routes": [{"match": {"prefix": p}, "route": route} for p in WEB_PREFIXES]}
-            ],
-        },
-        "http_filters": [ROUTER],
-        **_front_door_options(layout),
-    }
-    if access_log := _access_log(layout):
-        manager["access_log"] = access_log
-    chain: dict[str, Any] = {
-        "filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]
-    }
-    if layout.tls_cert_file is not None and layout.tls_key_file is not None:
-        chain["transport_socket"] = _tls_transport_socket(layout.tls_cert_file, layout.tls_key_file, ("h2", "http/1.1"))
-    return {"name": "http", "address": _address(layout.host, layout.http_port), "filter_chains": [chain]}
+    route = _stream_route(web.name, _duration(layout.stream_idle_timeout_s), UNSENT)
+    routes = [{"match": {"prefix": prefix}, "route": route} for prefix in WEB_PREFIXES]
+    return _http_connection_listener("http", layout, layout.http_port, routes, front=True, grpc=False)
 
 
 def endpoints_path(endpoints_dir: Path, tier_name: str) -> Path:
