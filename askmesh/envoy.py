@@ -403,13 +403,33 @@ def write_endpoints(endpoints_dir: Path, tier_name: str, replicas: list[str], ve
     return path
 
 
-def _http_tier_options(tier: Tier) -> dict[str, Any]:
-    """What an HTTP tier's cluster has instead of a gRPC tier's: HTTP/1.1 (Envoy's default
-    upstream protocol), a health check on its path, and outlier detection on connection failures
-    only: its 5xx answers are about the tiers behind it (a 503 while the gateway restarts), and
-    ejecting every web replica for them would turn one clear error into Envoy's own 503."""
-    return {
-        "health_check": {"http_health_check": {"path": tier.health_path}},
+def _protocol_options(tier: Tier) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What a tier's cluster takes from its protocol: its keys (upstream protocol, outlier
+    detection), and its health check's kind.
+
+    A gRPC tier: HTTP/2, gRPC health checks, and ejection after repeated 5xx answers. An HTTP
+    tier: HTTP/1.1 (Envoy's default upstream protocol), a health check on its path, and ejection
+    on connection failures only: its 5xx answers are about the tiers behind it (a 503 while the
+    gateway restarts), and ejecting every web replica for them would turn one clear error into
+    Envoy's own 503."""
+    if tier.health_path is None:
+        grpc_keys = {
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            "outlier_detection": {
+                "consecutive_5xx": 5,
+                "consecutive_gateway_failure": 3,
+                "interval": "5s",
+                "base_ejection_time": "10s",
+                "max_ejection_percent": 50,
+            },
+        }
+        return grpc_keys, {"grpc_health_check": {"service_name": tier.health_service}}
+    http_keys = {
         "outlier_detection": {
             "split_external_local_origin_errors": True,
             "consecutive_local_origin_failure": 5,
@@ -420,11 +440,13 @@ def _http_tier_options(tier: Tier) -> dict[str, Any]:
             "max_ejection_percent": 50,
         },
     }
+    return http_keys, {"http_health_check": {"path": tier.health_path}}
 
 
 def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
     interval = _duration(layout.health_check_interval_s)
-    cluster: dict[str, Any] = {
+    protocol_keys, health_check = _protocol_options(tier)
+    return {
         "name": tier.name,
         "type": "EDS",
         "eds_cluster_config": {
@@ -441,12 +463,7 @@ def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
         "ignore_health_on_host_removal": True,
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
+        **protocol_keys,
         "health_checks": [
             {
                 "timeout": "1s",
@@ -456,16 +473,9 @@ def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
                 "no_traffic_interval": interval,
                 "unhealthy_threshold": 1,
                 "healthy_threshold": 1,
-                "grpc_health_check": {"service_name": tier.health_service},
+                **health_check,
             }
         ],
-        "outlier_detection": {
-            "consecutive_5xx": 5,
-            "consecutive_gateway_failure": 3,
-            "interval": "5s",
-            "base_ejection_time": "10s",
-            "max_ejection_percent": 50,
-        },
         # Sized for long LLM streams (each holds a request slot for its whole duration), with a
         # retry budget instead of the default 3 concurrent retries.
         "circuit_breakers": {
@@ -480,13 +490,6 @@ def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
             ]
         },
     }
-    if tier.health_path is not None:
-        http = _http_tier_options(tier)
-        del cluster["typed_extension_protocol_options"]
-        del cluster["health_checks"][0]["grpc_health_check"]
-        cluster["health_checks"][0].update(http["health_check"])
-        cluster["outlier_detection"] = http["outlier_detection"]
-    return cluster
 
 
 def render(layout: EnvoyLayout) -> dict[str, Any]:
