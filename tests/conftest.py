@@ -5,6 +5,7 @@ in-process gRPC servers on loopback ports for the contract tests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import time
@@ -143,6 +144,20 @@ async def retrieval_engine(tmp_path: Path) -> AsyncIterator[RetrievalEngine]:
     await engine.start()
     yield engine
     await engine.close()
+
+
+@contextlib.asynccontextmanager
+async def retriever_server(engine: RetrievalEngine) -> AsyncIterator[retriever_pb2_grpc.RetrieverStub]:
+    """`engine` behind the Retriever service on a real loopback server, and a stub that calls it."""
+    servicer = RetrieverServicer(engine)
+    runner = await start_in_process(
+        "retriever", "askmesh.v1.Retriever", lambda s: retriever_pb2_grpc.add_RetrieverServicer_to_server(servicer, s)
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
+            yield retriever_pb2_grpc.RetrieverStub(channel)
+    finally:
+        await runner.stop()
 
 
 class InProcessTiers:

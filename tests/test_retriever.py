@@ -14,8 +14,7 @@ from askmesh.runtime.errors import FailedPrecondition, InvalidArgument, NotFound
 from askmesh.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from services.retriever.config import RetrieverSettings
 from services.retriever.engine import RetrievalEngine
-from services.retriever.servicer import RetrieverServicer
-from tests.conftest import start_in_process
+from tests.conftest import retriever_server
 
 DIM = 8
 V = common_pb2.FilterValue
@@ -149,14 +148,9 @@ async def test_data_survives_a_restart(tmp_path: Path) -> None:
 
 @pytest.fixture
 async def retriever(retrieval_engine: RetrievalEngine) -> AsyncIterator[retriever_pb2_grpc.RetrieverStub]:
-    servicer = RetrieverServicer(retrieval_engine)
-    runner = await start_in_process(
-        "retriever", "askmesh.v1.Retriever", lambda s: retriever_pb2_grpc.add_RetrieverServicer_to_server(servicer, s)
-    )
     await load(retrieval_engine)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
-        yield retriever_pb2_grpc.RetrieverStub(channel)
-    await runner.stop()
+    async with retriever_server(retrieval_engine) as stub:
+        yield stub
 
 
 async def test_search_upsert_delete_over_grpc(retriever: retriever_pb2_grpc.RetrieverStub) -> None:

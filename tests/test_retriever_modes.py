@@ -20,8 +20,7 @@ from askmesh.v1 import common_pb2, retriever_pb2, retriever_pb2_grpc
 from services.retriever import modes
 from services.retriever.config import RetrieverSettings
 from services.retriever.engine import EMBEDDING_MODEL_PROPERTY, SCHEMA_PROPERTY, RetrievalEngine, alias_name, collection_name
-from services.retriever.servicer import RetrieverServicer
-from tests.conftest import start_in_process
+from tests.conftest import retriever_server
 
 DIM = 8
 DENSE, KEYWORD, HYBRID = common_pb2.SEARCH_MODE_DENSE, common_pb2.SEARCH_MODE_KEYWORD, common_pb2.SEARCH_MODE_HYBRID
@@ -273,14 +272,9 @@ async def test_an_old_collection_searches_densely_refuses_keyword_and_gains_it_b
 
 @pytest.fixture
 async def retriever(retrieval_engine: RetrievalEngine) -> AsyncIterator[retriever_pb2_grpc.RetrieverStub]:
-    servicer = RetrieverServicer(retrieval_engine)
-    runner = await start_in_process(
-        "retriever", "askmesh.v1.Retriever", lambda s: retriever_pb2_grpc.add_RetrieverServicer_to_server(servicer, s)
-    )
     await load(retrieval_engine)
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{runner.port}") as channel:
-        yield retriever_pb2_grpc.RetrieverStub(channel)
-    await runner.stop()
+    async with retriever_server(retrieval_engine) as stub:
+        yield stub
 
 
 def request(**values: object) -> retriever_pb2.SearchRequest:
