@@ -477,20 +477,16 @@ def _time(stamp: timestamp_pb2.Timestamp) -> str:
     return datetime.fromtimestamp(stamp.seconds).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _name(enum: object, value: int, prefix: str) -> str:
-    return enum.Name(value).removeprefix(prefix).lower()  # type: ignore[attr-defined, no-any-return]
-
-
 def _kb_state(kb: knowledge_pb2.KnowledgeBase) -> str:
-    return _name(knowledge_pb2.KnowledgeBaseState, kb.state, "KNOWLEDGE_BASE_STATE_")
+    return client.enum_word(knowledge_pb2.KnowledgeBaseState, kb.state, "KNOWLEDGE_BASE_STATE_")
 
 
 def _task_state(task: ingestion_pb2.Task) -> str:
-    return _name(ingestion_pb2.TaskState, task.state, "TASK_STATE_")
+    return client.enum_word(ingestion_pb2.TaskState, task.state, "TASK_STATE_")
 
 
 def _task_stage(task: ingestion_pb2.Task) -> str:
-    return _name(ingestion_pb2.TaskStage, task.stage, "TASK_STAGE_")
+    return client.enum_word(ingestion_pb2.TaskStage, task.stage, "TASK_STAGE_")
 
 
 def _task_counts(task: ingestion_pb2.Task) -> tuple[int, int, str]:
@@ -654,7 +650,7 @@ def kb_show(name: str, address: Address = "127.0.0.1:50051") -> None:
     grid = Table(show_header=False, box=None, padding=(0, 2))
     grid.add_column(style="bold")
     grid.add_column(overflow="fold")
-    fields = ", ".join(f"{f.name}:{_name(common_pb2.MetadataType, f.type, 'METADATA_TYPE_')}" for f in kb.metadata_schema)
+    fields = ", ".join(f"{f.name}:{client.enum_word(common_pb2.MetadataType, f.type, 'METADATA_TYPE_')}" for f in kb.metadata_schema)
     chunking = f"{kb.chunking.chunk_size} characters, overlap {kb.chunking.chunk_overlap}"
     for key, value in (
         ("name", kb.name),
@@ -667,7 +663,7 @@ def kb_show(name: str, address: Address = "127.0.0.1:50051") -> None:
         ("dimension", str(kb.dimension)),
         ("generation", str(kb.generation)),
         ("chunking", chunking),
-        ("search mode", _name(common_pb2.SearchMode, kb.search_mode, "SEARCH_MODE_")),
+        ("search mode", client.enum_word(common_pb2.SearchMode, kb.search_mode, "SEARCH_MODE_")),
         ("metadata fields", fields or "(none)"),
         ("created", _time(kb.created_at)),
         ("updated", _time(kb.updated_at)),
@@ -859,7 +855,7 @@ def tasks_command(
     for task in found:
         total, done, unit = _task_counts(task)
         _add_row(
-            table, task.id, _name(ingestion_pb2.TaskKind, task.kind, "TASK_KIND_"), task.knowledge_base, task.document_id,
+            table, task.id, client.enum_word(ingestion_pb2.TaskKind, task.kind, "TASK_KIND_"), task.knowledge_base, task.document_id,
             task.file_name, _task_state(task), _task_stage(task), f"{done}/{total} {unit}" if total else "",
             f"{task.attempts} of {task.max_attempts}" if task.attempts else "", task.error, _time(task.updated_at),
         )

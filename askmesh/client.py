@@ -382,6 +382,11 @@ def list_documents(
 SUPPORTED_FILE_SUFFIXES = (".pdf", ".docx", ".md", ".markdown", ".html", ".htm", ".txt")
 # Far below the message limit (DEFAULT_MAX_MESSAGE_BYTES) whatever a file holds.
 UPLOAD_PART_BYTES = 256 * 1024
+def enum_word(enum: object, value: int, prefix: str) -> str:
+    """An enum value as the word people read: TaskState RUNNING, say, as "running"."""
+    return enum.Name(value).removeprefix(prefix).lower()  # type: ignore[attr-defined, no-any-return]
+
+
 TERMINAL_TASK_STATES = frozenset(
     {ingestion_pb2.TASK_STATE_SUCCEEDED, ingestion_pb2.TASK_STATE_FAILED, ingestion_pb2.TASK_STATE_CANCELLED}
 )

@@ -27,7 +27,7 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 
-from askmesh.client import TERMINAL_TASK_STATES
+from askmesh.client import TERMINAL_TASK_STATES, enum_word
 from askmesh.runtime.errors import AskmeshError, InvalidArgument, NotFound, shown
 from askmesh.v1 import common_pb2, embedder_pb2, gateway_pb2, ingestion_pb2, knowledge_pb2
 from services.web.errors import error_body, error_field
@@ -294,10 +294,6 @@ def models_json(knowledge_bases: list[knowledge_pb2.KnowledgeBase]) -> dict[str,
 
 # -- the page's own JSON -------------------------------------------------------------------------
 
-def _enum_word(name: str, prefix: str) -> str:
-    return name.removeprefix(prefix).lower()
-
-
 def task_json(task: ingestion_pb2.Task) -> dict[str, Any]:
     """An ingestion task for the page: its state and stage as words, its progress, and whether
     it has ended."""
@@ -307,8 +303,8 @@ def task_json(task: ingestion_pb2.Task) -> dict[str, Any]:
         "knowledge_base": task.knowledge_base,
         "document_id": task.document_id,
         "file_name": task.file_name,
-        "state": _enum_word(ingestion_pb2.TaskState.Name(task.state), "TASK_STATE_"),
-        "stage": _enum_word(ingestion_pb2.TaskStage.Name(task.stage), "TASK_STAGE_"),
+        "state": enum_word(ingestion_pb2.TaskState, task.state, "TASK_STATE_"),
+        "stage": enum_word(ingestion_pb2.TaskStage, task.stage, "TASK_STAGE_"),
         "progress": {
             "bytes": progress.bytes,
             "documents_total": progress.documents_total,
