@@ -80,12 +80,16 @@ class LoadedModel:
         return info
 
 
+def never_reach_a_hub() -> None:
+    """Before sentence-transformers is imported: every model is a local folder."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
 def load_model(path: Path, name: str, backend: str, settings: EmbedderSettings) -> LoadedModel:
     """Loads a sentence-transformers folder and encodes one text with it. Blocking: run it in a
     worker thread. Raises whatever the loader raises."""
-    # Never reach a model hub: the model is a local folder.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    never_reach_a_hub()
     from sentence_transformers import SentenceTransformer
 
     started = time.perf_counter()

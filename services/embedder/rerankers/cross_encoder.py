@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 from askmesh.runtime.errors import Unavailable
 from askmesh.v1 import common_pb2
 from services.embedder.config import EmbedderSettings
+from services.embedder.models import never_reach_a_hub
 from services.embedder.rerankers.base import WARM_UP_QUERY, WARM_UP_TEXTS, Scores
 
 if TYPE_CHECKING:
@@ -35,9 +35,7 @@ def load_cross_encoder(path: Path, device: str, max_length: int | None) -> Cross
     """The model at `path`, checked to be a one-label cross-encoder. Blocking."""
     if not path.is_dir():
         raise FileNotFoundError(f"reranker_model_path: {path} is not a folder (a cross-encoder saved with save_pretrained)")
-    # Never reach a model hub: the model is a local folder.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    never_reach_a_hub()
     from sentence_transformers import CrossEncoder
 
     model = CrossEncoder(str(path), device=device, local_files_only=True, max_length=max_length)
