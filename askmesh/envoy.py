@@ -403,9 +403,9 @@ def write_endpoints(endpoints_dir: Path, tier_name: str, replicas: list[str], ve
     return path
 
 
-def _protocol_options(tier: Tier) -> tuple[dict[str, Any], dict[str, Any]]:
-    """What a tier's cluster takes from its protocol: its keys (upstream protocol, outlier
-    detection), and its health check's kind.
+def _protocol_options(tier: Tier) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """What a tier's cluster takes from its protocol: its upstream protocol's keys, its health
+    check's kind, and its outlier detection.
 
     A gRPC tier: HTTP/2, gRPC health checks, and ejection after repeated 5xx answers. An HTTP
     tier: HTTP/1.1 (Envoy's default upstream protocol), a health check on its path, and ejection
@@ -413,39 +413,37 @@ def _protocol_options(tier: Tier) -> tuple[dict[str, Any], dict[str, Any]]:
     gateway restarts), and ejecting every web replica for them would turn one clear error into
     Envoy's own 503."""
     if tier.health_path is None:
-        grpc_keys = {
+        http2 = {
             "typed_extension_protocol_options": {
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
                     "explicit_http_config": {"http2_protocol_options": {}},
                 }
-            },
-            "outlier_detection": {
-                "consecutive_5xx": 5,
-                "consecutive_gateway_failure": 3,
-                "interval": "5s",
-                "base_ejection_time": "10s",
-                "max_ejection_percent": 50,
-            },
+            }
         }
-        return grpc_keys, {"grpc_health_check": {"service_name": tier.health_service}}
-    http_keys = {
-        "outlier_detection": {
-            "split_external_local_origin_errors": True,
-            "consecutive_local_origin_failure": 5,
-            "enforcing_consecutive_5xx": 0,
-            "enforcing_consecutive_gateway_failure": 0,
+        on_5xx = {
+            "consecutive_5xx": 5,
+            "consecutive_gateway_failure": 3,
             "interval": "5s",
             "base_ejection_time": "10s",
             "max_ejection_percent": 50,
-        },
+        }
+        return http2, {"grpc_health_check": {"service_name": tier.health_service}}, on_5xx
+    on_connection_failures = {
+        "split_external_local_origin_errors": True,
+        "consecutive_local_origin_failure": 5,
+        "enforcing_consecutive_5xx": 0,
+        "enforcing_consecutive_gateway_failure": 0,
+        "interval": "5s",
+        "base_ejection_time": "10s",
+        "max_ejection_percent": 50,
     }
-    return http_keys, {"http_health_check": {"path": tier.health_path}}
+    return {}, {"http_health_check": {"path": tier.health_path}}, on_connection_failures
 
 
 def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
     interval = _duration(layout.health_check_interval_s)
-    protocol_keys, health_check = _protocol_options(tier)
+    upstream_protocol, health_check, outlier_detection = _protocol_options(tier)
     return {
         "name": tier.name,
         "type": "EDS",
@@ -463,7 +461,7 @@ def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
         "ignore_health_on_host_removal": True,
         "connect_timeout": "1s",
         "lb_policy": "LEAST_REQUEST",
-        **protocol_keys,
+        **upstream_protocol,
         "health_checks": [
             {
                 "timeout": "1s",
@@ -476,6 +474,7 @@ def _cluster(tier: Tier, layout: EnvoyLayout) -> dict[str, Any]:
                 **health_check,
             }
         ],
+        "outlier_detection": outlier_detection,
         # Sized for long LLM streams (each holds a request slot for its whole duration), with a
         # retry budget instead of the default 3 concurrent retries.
         "circuit_breakers": {
